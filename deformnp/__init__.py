@@ -1,0 +1,57 @@
+"""deformnp: deformable convolution, RoI pooling and deformable attention in NumPy + Numba.
+
+Public surface (see README.md and SPEC):
+
+* ``Tensor``, ``tensor``, ``no_grad``, ``enable_grad``: the tape-based autograd engine;
+* ``gradcheck``: finite-difference verification of any function of Tensors;
+* ``functional``: generic differentiable ops with ``torch.nn.functional``'s names;
+* ``ops``: the deformable op family (and their array-level forward/backward pairs);
+* ``nn``, ``optim``: layers and optimizers; ``cuda``: device helpers.
+
+Importing deformnp compiles nothing: ``ops``, ``nn``, ``optim`` and ``cuda`` load on first use and
+Numba kernels compile (or load from the on-disk cache) on first call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import functional
+from .function import Function, enable_grad, is_grad_enabled, no_grad, set_grad_enabled
+from .gradcheck import GradcheckError, gradcheck
+from .tensor import Tensor, tensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Tensor",
+    "tensor",
+    "Function",
+    "no_grad",
+    "enable_grad",
+    "set_grad_enabled",
+    "is_grad_enabled",
+    "gradcheck",
+    "GradcheckError",
+    "functional",
+    "ops",
+    "nn",
+    "optim",
+    "cuda",
+    "__version__",
+]
+
+_LAZY = ("ops", "nn", "optim", "cuda", "registry")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'deformnp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,189 @@
+"""The ``Function`` base class of the autograd engine, grad mode, and sum-to-shape.
+
+A differentiable operation is a subclass of :class:`Function` with two static methods::
+
+    class Mul(Function):
+        @staticmethod
+        def forward(ctx, a, b):          # plain arrays in, a plain array out
+            ctx.save_for_backward(a, b)
+            return a * b
+
+        @staticmethod
+        def backward(ctx, grad):         # one gradient per positional input of forward
+            a, b = ctx.saved_tensors
+            return grad * b, grad * a
+
+``Mul.apply(x, y)`` unwraps Tensors to arrays, runs ``forward`` and, when grad mode is on and
+some input requires grad, records a node (the Function, its context and its parent Tensors) on
+the output. ``Tensor.backward`` replays those nodes in reverse topological order. Gradients that a
+``backward`` returns in a broadcast shape are summed back to the input's shape by the engine, in
+one place (:func:`sum_to_shape`), so no op has to think about broadcasting in its backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "Function",
+    "Context",
+    "no_grad",
+    "enable_grad",
+    "is_grad_enabled",
+    "set_grad_enabled",
+    "sum_to_shape",
+]
+
+
+class _GradMode(threading.local):
+    enabled: bool = True
+
+
+_grad_mode = _GradMode()
+
+
+def is_grad_enabled() -> bool:
+    """True when operations are being recorded for backward."""
+    return _grad_mode.enabled
+
+
+class set_grad_enabled:
+    """Context manager (and decorator) that sets grad mode on or off."""
+
+    def __init__(self, mode: bool) -> None:
+        self.mode = bool(mode)
+        self.prev = _grad_mode.enabled
+
+    def __enter__(self) -> None:
+        self.prev = _grad_mode.enabled
+        _grad_mode.enabled = self.mode
+
+    def __exit__(self, *exc: object) -> None:
+        _grad_mode.enabled = self.prev
+
+    def __call__(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self.__class__(self.mode):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+class no_grad(set_grad_enabled):
+    """Disable recording, as a context manager (``with no_grad():``) or a decorator."""
+
+    def __init__(self) -> None:
+        super().__init__(False)
+
+    def __call__(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with no_grad():
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+class enable_grad(set_grad_enabled):
+    """Re-enable recording inside a ``no_grad`` block."""
+
+    def __init__(self) -> None:
+        super().__init__(True)
+
+    def __call__(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with enable_grad():
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+def sum_to_shape(grad: Any, shape: tuple[int, ...]) -> Any:
+    """Sum a gradient computed in a broadcast shape back to ``shape`` (NumPy broadcasting rules)."""
+    shape = tuple(shape)
+    if grad.shape == shape:
+        return grad
+    ndiff = grad.ndim - len(shape)
+    if ndiff < 0:
+        raise ValueError(f"sum_to_shape: gradient of shape {grad.shape} cannot reduce to {shape}")
+    axes = list(range(ndiff))
+    for i, n in enumerate(shape):
+        if n == 1 and grad.shape[ndiff + i] != 1:
+            axes.append(ndiff + i)
+    if axes:
+        grad = grad.sum(axis=tuple(axes), keepdims=True)
+    return grad.reshape(shape)
+
+
+class Context:
+    """Per-call scratch space handed to ``forward`` and ``backward``.
+
+    ``save_for_backward(*arrays)`` keeps arrays for the backward pass (read back as
+    ``saved_tensors``); any other attribute may be set freely. ``needs_input_grad`` is a tuple of
+    booleans, one per positional input of ``forward``.
+    """
+
+    def __init__(self, needs_input_grad: tuple[bool, ...]) -> None:
+        self.needs_input_grad = needs_input_grad
+        self._saved: tuple | None = ()
+
+    def save_for_backward(self, *arrays: Any) -> None:
+        self._saved = arrays
+
+    @property
+    def saved_tensors(self) -> tuple:
+        if self._saved is None:
+            raise RuntimeError(
+                "Trying to backward through the graph a second time (or directly access saved "
+                "tensors after they have already been freed). Specify retain_graph=True when "
+                "calling backward() the first time."
+            )
+        return self._saved
+
+    def release(self) -> None:
+        self._saved = None
+        self.__dict__ = {"needs_input_grad": self.needs_input_grad, "_saved": None}
+
+
+class Node:
+    """One recorded application of a Function: what ``backward`` replays."""
+
+    __slots__ = ("fn", "ctx", "parents", "freed")
+
+    def __init__(self, fn: type[Function], ctx: Context, parents: tuple) -> None:
+        self.fn = fn
+        self.ctx = ctx
+        self.parents = parents  # one entry per positional input: a Tensor or None
+        self.freed = False
+
+
+class Function:
+    """Base class of differentiable operations; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx: Context, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *args: Any, **kwargs: Any) -> Any:
+        from .tensor import Tensor
+
+        tensors = tuple(a if isinstance(a, Tensor) else None for a in args)
+        needs = tuple(t is not None and t.requires_grad for t in tensors)
+        record = _grad_mode.enabled and any(needs)
+        ctx = Context(needs if record else (False,) * len(args))
+        raw = [a.data if isinstance(a, Tensor) else a for a in args]
+        out = cls.forward(ctx, *raw, **kwargs)
+        result = Tensor._wrap(out, requires_grad=record)
+        if record:
+            result._node = Node(cls, ctx, tensors)
+        return result

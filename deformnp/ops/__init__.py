@@ -1,0 +1,8 @@
+"""The deformable op family (SPEC sections 4-9).
+
+Every op takes Tensors or plain arrays and returns a Tensor; gradients flow to every input with
+``requires_grad``. Each op also has an array-level pair ``<op>_forward`` / ``<op>_backward`` that
+takes and returns plain arrays (NumPy, or CUDA device arrays), for wrapping in other frameworks.
+"""
+
+from __future__ import annotations

@@ -1,0 +1,317 @@
+"""``Tensor``: an array with an optional gradient and a link to the op that produced it.
+
+The engine is deliberately small (in the spirit of micrograd and early tinygrad):
+
+* a Tensor wraps an array (``.data``: a NumPy array, or a CUDA device array, see
+  ``Tensor.to``) and, when it was produced by a recorded op, the node of that op;
+* ``backward()`` walks the recorded nodes from this tensor in reverse topological order,
+  calls each op's ``backward`` and accumulates the gradients of its inputs (a tensor used twice
+  gets the sum), then frees the graph unless ``retain_graph=True``;
+* leaves that require grad accumulate into ``.grad`` across backward calls until zeroed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from .function import sum_to_shape
+
+__all__ = ["Tensor", "tensor"]
+
+_FLOATS = (np.float32, np.float64)
+
+
+def _is_cuda_array(a: Any) -> bool:
+    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+
+
+class Tensor:
+    """An n-dimensional array that can record the operations applied to it.
+
+    Create one with :func:`deformnp.tensor` (or ``Tensor(data, dtype=None, requires_grad=False)``).
+    ``data`` keeps its dtype: float32 stays float32, float64 stays float64; Python floats and
+    lists of floats become NumPy's default float64. Only floating tensors can require grad.
+    """
+
+    __slots__ = ("data", "grad", "requires_grad", "_node", "_retain_grad", "__weakref__")
+    __array_ufunc__ = None  # make `ndarray op Tensor` defer to Tensor's reflected operators
+
+    def __init__(self, data: Any, dtype: Any = None, requires_grad: bool = False) -> None:
+        if isinstance(data, Tensor):
+            data = data.data
+        if _is_cuda_array(data):
+            if dtype is not None and np.dtype(dtype) != data.dtype:
+                raise TypeError("Tensor: cannot change the dtype of a CUDA array on creation")
+        else:
+            data = np.asarray(data, dtype=dtype)
+        self.data = data
+        self.grad: Any = None
+        self._node = None
+        self._retain_grad = False
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_(True)
+
+    @classmethod
+    def _wrap(cls, data: Any, requires_grad: bool = False) -> Tensor:
+        t = cls.__new__(cls)
+        if not _is_cuda_array(data):
+            data = np.asarray(data)
+        t.data = data
+        t.grad = None
+        t._node = None
+        t._retain_grad = False
+        t.requires_grad = requires_grad
+        return t
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.data.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.data.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.data.shape, dtype=np.int64))
+
+    def numel(self) -> int:
+        return self.size
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.data.shape[0]
+
+    @property
+    def device(self) -> str:
+        """``"cpu"`` or ``"cuda"``."""
+        return "cuda" if _is_cuda_array(self.data) else "cpu"
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._node is None
+
+    @property
+    def T(self) -> Tensor:
+        return self.permute(*reversed(range(self.ndim)))
+
+    # ------------------------------------------------------------------ conversion
+    def numpy(self) -> np.ndarray:
+        """The data as a NumPy array (copied to the host if the tensor lives on CUDA)."""
+        if self.device == "cuda":
+            return self.data.copy_to_host()
+        return self.data
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def item(self) -> float | int | bool:
+        a = self.numpy()
+        if a.size != 1:
+            raise ValueError(
+                f"item(): only one-element tensors can be converted, got shape {a.shape}"
+            )
+        return a.reshape(()).item()
+
+    def tolist(self) -> Any:
+        return self.numpy().tolist()
+
+    def detach(self) -> Tensor:
+        """A new tensor sharing the data, cut from the graph."""
+        return Tensor._wrap(self.data, requires_grad=False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> Tensor:
+        if requires_grad and self.dtype.type not in _FLOATS:
+            raise TypeError(
+                f"requires_grad_: only float32 and float64 tensors can require grad, got {self.dtype}"
+            )
+        if not requires_grad and self._node is not None:
+            raise RuntimeError("requires_grad_: cannot turn off requires_grad on a non-leaf tensor")
+        self.requires_grad = bool(requires_grad)
+        return self
+
+    def retain_grad(self) -> Tensor:
+        """Also keep ``.grad`` for this non-leaf tensor on backward."""
+        self._retain_grad = True
+        return self
+
+    def to(self, target: Any) -> Tensor:
+        """``to("cuda")`` / ``to("cpu")`` moves the data (differentiably); ``to(np.float64)`` casts."""
+        if isinstance(target, str) and target in ("cpu", "cuda"):
+            if target == self.device:
+                return self
+            from .functional import to_device
+
+            return to_device(self, target)
+        return self.astype(target)
+
+    def cpu(self) -> Tensor:
+        return self.to("cpu")
+
+    def cuda(self) -> Tensor:
+        return self.to("cuda")
+
+    def float(self) -> Tensor:
+        return self.astype(np.float32)
+
+    def double(self) -> Tensor:
+        return self.astype(np.float64)
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, grad: Any = None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
+
+        ``grad`` is the gradient of some scalar with respect to this tensor (an array-like of this
+        tensor's shape); it may be omitted for a one-element tensor. The graph is freed afterwards
+        unless ``retain_graph`` is True.
+        """
+        if not self.requires_grad:
+            raise RuntimeError(
+                "backward: this tensor does not require grad and has no recorded graph"
+            )
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(
+                    f"backward: grad can be implicitly created only for one-element tensors, "
+                    f"this one has shape {self.shape}"
+                )
+            grad = _ones_like(self.data)
+        else:
+            grad = _as_grad(grad, self)
+
+        order = self._topological_order()
+        grads: dict[int, Any] = {id(self): grad}
+        for t in reversed(order):
+            g = grads.pop(id(t), None)
+            if g is None:
+                continue
+            node = t._node
+            if node is None or t._retain_grad:
+                t.grad = g if t.grad is None else t.grad + g
+            if node is None:
+                continue
+            if node.freed:
+                raise RuntimeError(
+                    "backward: trying to backward through the graph a second time; specify "
+                    "retain_graph=True when calling backward() the first time"
+                )
+            in_grads = node.fn.backward(node.ctx, g)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+            if len(in_grads) < len(node.parents):
+                raise RuntimeError(
+                    f"{node.fn.__name__}.backward returned {len(in_grads)} gradients, "
+                    f"expected {len(node.parents)}"
+                )
+            for p, pg in zip(node.parents, in_grads, strict=False):
+                if p is None or pg is None or not p.requires_grad:
+                    continue
+                pg = sum_to_shape(pg, p.shape)
+                if pg.dtype != p.dtype:
+                    pg = pg.astype(p.dtype)
+                key = id(p)
+                if key in grads:
+                    grads[key] = grads[key] + pg
+                else:
+                    grads[key] = pg
+            if not retain_graph:
+                node.freed = True
+                node.ctx.release()
+
+    def _topological_order(self) -> list[Tensor]:
+        order: list[Tensor] = []
+        seen: set[int] = set()
+        stack: list[tuple[Tensor, bool]] = [(self, False)]
+        while stack:
+            t, expanded = stack.pop()
+            if expanded:
+                order.append(t)
+                continue
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            stack.append((t, True))
+            if t._node is not None:
+                for p in t._node.parents:
+                    if p is not None and p.requires_grad and id(p) not in seen:
+                        stack.append((p, False))
+        return order
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    # ------------------------------------------------------------------ printing
+    def __repr__(self) -> str:
+        body = np.array2string(self.numpy(), separator=", ", prefix="tensor(")
+        extra = ""
+        if self.dtype != np.float64:
+            extra += f", dtype={self.dtype}"
+        if self.device != "cpu":
+            extra += f", device='{self.device}'"
+        if self._node is not None:
+            extra += f", grad_fn=<{self._node.fn.__name__}>"
+        elif self.requires_grad:
+            extra += ", requires_grad=True"
+        return f"tensor({body}{extra})"
+
+    def __bool__(self) -> bool:
+        return bool(self.item())
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    # Arithmetic operators and methods are attached at the bottom of functional.py.
+
+
+def _ones_like(a: Any) -> Any:
+    if _is_cuda_array(a):
+        from .cuda import ones_like
+
+        return ones_like(a)
+    return np.ones_like(a)
+
+
+def _as_grad(grad: Any, t: Tensor) -> Any:
+    if isinstance(grad, Tensor):
+        grad = grad.data
+    if t.device == "cuda":
+        if not _is_cuda_array(grad):
+            from .cuda import to_device
+
+            grad = to_device(np.ascontiguousarray(np.asarray(grad, dtype=t.dtype)))
+    else:
+        if _is_cuda_array(grad):
+            grad = grad.copy_to_host()
+        grad = np.asarray(grad, dtype=t.dtype)
+    if tuple(grad.shape) != t.shape:
+        raise ValueError(f"backward: grad has shape {tuple(grad.shape)}, expected {t.shape}")
+    return grad
+
+
+def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    """Create a Tensor (a leaf) from array-like ``data``; see :class:`Tensor`."""
+    return Tensor(data, dtype=dtype, requires_grad=requires_grad)
+
+
+def as_tensor_args(*items: Iterable) -> tuple[Tensor, ...]:
+    return tuple(x if isinstance(x, Tensor) else Tensor(x) for x in items)
