@@ -1,0 +1,1 @@
+"""Naive loop references in float64, written straight from SPEC.md (one module per op family)."""
