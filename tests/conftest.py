@@ -1,16 +1,23 @@
 """Shared pytest configuration.
 
-Hypothesis runs few examples with no deadline (Numba compiles on first call), so the whole suite
-stays fast on a 2-core CI machine.
+* The CUDA kernels are tested on every run: unless ``DEFORMNP_REAL_GPU=1`` is set, Numba's CUDA
+  simulator is switched on here, before Numba is imported, so a machine without a GPU (CI)
+  exercises every CUDA kernel against the CPU kernels on tiny shapes. On a GPU machine,
+  ``DEFORMNP_REAL_GPU=1 python -m pytest`` runs the same tests on the real device.
+* Hypothesis runs few examples with no deadline (Numba compiles on first call), so the whole suite
+  stays fast on a 2-core CI machine.
 """
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, settings
+if os.environ.get("DEFORMNP_REAL_GPU") != "1":
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "deformnp",
