@@ -51,56 +51,78 @@ def is_grad_enabled() -> bool:
 
 
 class set_grad_enabled:
-    """Context manager (and decorator) that sets grad mode on or off."""
+    """Set grad mode on or off: as a function call, a context manager, or a decorator.
+
+    As in torch, ``set_grad_enabled(False)`` takes effect when called (so it also works as a plain
+    function call); used with ``with`` the previous mode is restored on exit, and used as a
+    decorator the mode applies only while the decorated function runs.
+    """
 
     def __init__(self, mode: bool) -> None:
-        self.mode = bool(mode)
         self.prev = _grad_mode.enabled
+        self.mode = bool(mode)
+        _grad_mode.enabled = self.mode
 
     def __enter__(self) -> None:
-        self.prev = _grad_mode.enabled
-        _grad_mode.enabled = self.mode
+        pass
 
     def __exit__(self, *exc: object) -> None:
         _grad_mode.enabled = self.prev
 
     def __call__(self, fn: Callable) -> Callable:
+        _grad_mode.enabled = self.prev  # decorating must not change the current mode
+        mode = self.mode
+
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with self.__class__(self.mode):
+            with set_grad_enabled(mode):
                 return fn(*args, **kwargs)
 
         return wrapper
 
 
-class no_grad(set_grad_enabled):
+class _Switch:
+    """Base of ``no_grad`` / ``enable_grad``: a context manager and a decorator (with or without
+    parentheses: ``@no_grad()`` and ``@no_grad`` both work)."""
+
+    _mode: bool = True
+
+    def __new__(cls, orig_func: Callable | None = None) -> Any:
+        if orig_func is None:
+            return super().__new__(cls)
+        return cls()(orig_func)
+
+    def __init__(self, orig_func: Callable | None = None) -> None:
+        self.prev: list[bool] = []
+
+    def __enter__(self) -> None:
+        self.prev.append(_grad_mode.enabled)
+        _grad_mode.enabled = self._mode
+
+    def __exit__(self, *exc: object) -> None:
+        _grad_mode.enabled = self.prev.pop()
+
+    def __call__(self, fn: Callable) -> Callable:
+        cls = type(self)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with cls():
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+class no_grad(_Switch):
     """Disable recording, as a context manager (``with no_grad():``) or a decorator."""
 
-    def __init__(self) -> None:
-        super().__init__(False)
-
-    def __call__(self, fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with no_grad():
-                return fn(*args, **kwargs)
-
-        return wrapper
+    _mode = False
 
 
-class enable_grad(set_grad_enabled):
-    """Re-enable recording inside a ``no_grad`` block."""
+class enable_grad(_Switch):
+    """Re-enable recording inside a ``no_grad`` block (context manager or decorator)."""
 
-    def __init__(self) -> None:
-        super().__init__(True)
-
-    def __call__(self, fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with enable_grad():
-                return fn(*args, **kwargs)
-
-        return wrapper
+    _mode = True
 
 
 def sum_to_shape(grad: Any, shape: tuple[int, ...]) -> Any:
@@ -113,8 +135,13 @@ def sum_to_shape(grad: Any, shape: tuple[int, ...]) -> Any:
         raise ValueError(f"sum_to_shape: gradient of shape {grad.shape} cannot reduce to {shape}")
     axes = list(range(ndiff))
     for i, n in enumerate(shape):
-        if n == 1 and grad.shape[ndiff + i] != 1:
+        g = grad.shape[ndiff + i]
+        if n == 1 and g != 1:
             axes.append(ndiff + i)
+        elif n != g:
+            raise ValueError(
+                f"sum_to_shape: gradient of shape {grad.shape} cannot reduce to {shape}"
+            )
     if axes:
         grad = grad.sum(axis=tuple(axes), keepdims=True)
     return grad.reshape(shape)
@@ -183,7 +210,10 @@ class Function:
         ctx = Context(needs if record else (False,) * len(args))
         raw = [a.data if isinstance(a, Tensor) else a for a in args]
         out = cls.forward(ctx, *raw, **kwargs)
-        result = Tensor._wrap(out, requires_grad=record)
-        if record:
+        result = Tensor._wrap(out)
+        # Only floating outputs are differentiable (an integer or boolean result, e.g. a cast or
+        # an argmax, is a constant of the graph, as in torch).
+        if record and result.dtype.kind == "f":
+            result.requires_grad = True
             result._node = Node(cls, ctx, tensors)
         return result

@@ -12,7 +12,7 @@ The engine is deliberately small (in the spirit of micrograd and early tinygrad)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -201,7 +201,9 @@ class Tensor:
                 continue
             node = t._node
             if node is None or t._retain_grad:
-                t.grad = g if t.grad is None else t.grad + g
+                # A fresh array: the gradient an op returned may be a read-only broadcast view or
+                # shared with another input (``a + b`` hands the same array to both).
+                t.grad = _owned(g) if t.grad is None else t.grad + g
             if node is None:
                 continue
             if node.freed:
@@ -220,7 +222,13 @@ class Tensor:
             for p, pg in zip(node.parents, in_grads, strict=False):
                 if p is None or pg is None or not p.requires_grad:
                     continue
-                pg = sum_to_shape(pg, p.shape)
+                try:
+                    pg = sum_to_shape(pg, p.shape)
+                except ValueError:
+                    raise RuntimeError(
+                        f"{node.fn.__name__}.backward returned a gradient of shape "
+                        f"{tuple(pg.shape)} for an input of shape {p.shape}"
+                    ) from None
                 if pg.dtype != p.dtype:
                     pg = pg.astype(p.dtype)
                 key = id(p)
@@ -280,7 +288,33 @@ class Tensor:
     def __hash__(self) -> int:
         return id(self)
 
+    def __iter__(self) -> Iterator[Tensor]:
+        if self.ndim == 0:
+            raise TypeError("iteration over a 0-d tensor")
+        for i in range(self.data.shape[0]):
+            yield self[i]
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        """In-place assignment into the data, allowed only where no gradient can be affected."""
+        if self.requires_grad or self._node is not None:
+            raise RuntimeError(
+                "__setitem__: in-place assignment to a tensor that requires grad is not "
+                "supported; build the result with where/masked_fill/cat instead"
+            )
+        if isinstance(value, Tensor):
+            value = value.data
+        if isinstance(index, Tensor):
+            index = index.data
+        self.data[index] = value
+
     # Arithmetic operators and methods are attached at the bottom of functional.py.
+
+
+def _owned(g: Any) -> Any:
+    """A writeable, contiguous copy of a host gradient (device arrays are kept as they are)."""
+    if _is_cuda_array(g):
+        return g
+    return np.array(g, order="C", copy=True)
 
 
 def _ones_like(a: Any) -> Any:
@@ -309,7 +343,15 @@ def _as_grad(grad: Any, t: Tensor) -> Any:
 
 
 def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    """Create a Tensor (a leaf) from array-like ``data``; see :class:`Tensor`."""
+    """Create a Tensor (a leaf) from array-like ``data``, copying it as ``torch.tensor`` does.
+
+    ``Tensor(array)`` wraps without copying; ``tensor(array)`` owns its data, so updating it in
+    place (an optimizer step) never changes the caller's array. See :class:`Tensor`.
+    """
+    if isinstance(data, Tensor):
+        data = data.data
+    if not _is_cuda_array(data):
+        data = np.array(data, dtype=dtype, copy=True)
     return Tensor(data, dtype=dtype, requires_grad=requires_grad)
 
 
