@@ -6,3 +6,10 @@ takes and returns plain arrays (NumPy, or CUDA device arrays), for wrapping in o
 """
 
 from __future__ import annotations
+
+from .attention import ms_deform_attn, ms_deform_attn_backward, ms_deform_attn_forward
+from .bilinear import (
+    bilinear_interpolate,
+    bilinear_interpolate_backward,
+    bilinear_interpolate_forward,
+)

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 
-from numba import njit
+import numpy as np
+from numba import njit, prange
 
 _ZERO_PLAN_F = (0.0, 0.0, 0.0, 0.0)
 _ZERO_PLAN_I = (0, 0, 0, 0)
@@ -123,3 +124,177 @@ def plan_value(v, base, idx, w):
         + w[2] * v[base + idx[2]]
         + w[3] * v[base + idx[3]]
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# bilinear_interpolate kernels (SPEC section 4): input (N, C, H, W), points (N, P, 2) as (y, x)
+# pixel coordinates, output (N, C, P). Used by ``deformnp.ops.bilinear_interpolate`` and, after
+# its coordinate transform, by ``grid_sample``.
+#
+# Parallelism and determinism:
+#
+# * forward and the points gradient: ``prange`` over tasks (n, block of _BLOCK points); a task
+#   computes the plans of its points once, then walks the channels, so each input plane is read
+#   for a run of nearby points. It writes only its own outputs / point gradients (owner computes,
+#   channel sums in a fixed order).
+# * input gradient: ``prange`` over tasks (n, block of channels); a task owns those input planes
+#   and scatters into them point by point in a fixed order, computing each point's plan once for
+#   the block. The blocking depends on the shapes only, and the order of the additions into any
+#   plane element never depends on it, so the gradient is bit-identical with any thread count.
+#
+# Coordinates are float64 (the op converts float32 points), plans are float64, sums run in
+# float64 and are rounded to the data dtype when stored.
+# ---------------------------------------------------------------------------------------------
+
+_BLOCK = 64  # points per forward / points-gradient task
+
+
+@njit(inline="always", cache=True)
+def plan_of(rule, y, x, H, W):
+    """The plan of rule 0 (zero-fade) or 1 (clamp) at (y, x)."""
+    if rule == 0:
+        return zero_fade_plan(y, x, H, W)
+    return clamp_plan(y, x, H, W)
+
+
+@njit(parallel=True, cache=True)
+def _bilinear_forward(inp, pts, rule, out):
+    """out[n, c, p] = sample(inp[n, c], pts[n, p, 0], pts[n, p, 1]) under ``rule``."""
+    N, C, H, W = inp.shape
+    P = pts.shape[1]
+    HW = H * W
+    v = inp.reshape(-1)
+    o = out.reshape(-1)
+    nblk = (P + _BLOCK - 1) // _BLOCK
+    for task in prange(N * nblk):
+        n = task // nblk
+        p0 = (task - n * nblk) * _BLOCK
+        p1 = min(p0 + _BLOCK, P)
+        idx = np.empty((_BLOCK, 4), np.int64)
+        w = np.empty((_BLOCK, 4), np.float64)
+        for p in range(p0, p1):
+            pi, pw, pcy, pcx = plan_of(rule, pts[n, p, 0], pts[n, p, 1], H, W)
+            j = p - p0
+            for k in range(4):
+                idx[j, k] = pi[k]
+                w[j, k] = pw[k]
+        for c in range(C):
+            base = (n * C + c) * HW
+            obase = (n * C + c) * P
+            for p in range(p0, p1):
+                j = p - p0
+                o[obase + p] = (
+                    w[j, 0] * v[base + idx[j, 0]]
+                    + w[j, 1] * v[base + idx[j, 1]]
+                    + w[j, 2] * v[base + idx[j, 2]]
+                    + w[j, 3] * v[base + idx[j, 3]]
+                )
+
+
+@njit(parallel=True, cache=True)
+def _bilinear_backward_input(gout, pts, rule, cblock, gin):
+    """gin[n, c] = sum_p w_p * gout[n, c, p] scattered at p's corners (gin zeroed by the caller)."""
+    N, C, H, W = gin.shape
+    P = pts.shape[1]
+    HW = H * W
+    g = gout.reshape(-1)
+    gi = gin.reshape(-1)
+    ncb = (C + cblock - 1) // cblock
+    for task in prange(N * ncb):
+        n = task // ncb
+        c0 = (task - n * ncb) * cblock
+        c1 = min(c0 + cblock, C)
+        for p in range(P):
+            idx, w, cy, cx = plan_of(rule, pts[n, p, 0], pts[n, p, 1], H, W)
+            if w[0] == 0.0 and w[1] == 0.0 and w[2] == 0.0 and w[3] == 0.0:
+                continue
+            for c in range(c0, c1):
+                base = (n * C + c) * HW
+                gv = g[(n * C + c) * P + p]
+                for k in range(4):
+                    gi[base + idx[k]] += w[k] * gv
+
+
+@njit(parallel=True, cache=True)
+def _bilinear_backward_points(gout, inp, pts, rule, gpts):
+    """gpts[n, p] = sum_c gout[n, c, p] * (d sample / dy, d sample / dx) (owner computes)."""
+    N, C, H, W = inp.shape
+    P = pts.shape[1]
+    HW = H * W
+    v = inp.reshape(-1)
+    g = gout.reshape(-1)
+    nblk = (P + _BLOCK - 1) // _BLOCK
+    for task in prange(N * nblk):
+        n = task // nblk
+        p0 = (task - n * nblk) * _BLOCK
+        p1 = min(p0 + _BLOCK, P)
+        idx = np.empty((_BLOCK, 4), np.int64)
+        cyb = np.empty((_BLOCK, 4), np.float64)
+        cxb = np.empty((_BLOCK, 4), np.float64)
+        accy = np.zeros(_BLOCK, np.float64)
+        accx = np.zeros(_BLOCK, np.float64)
+        for p in range(p0, p1):
+            pi, pw, pcy, pcx = plan_of(rule, pts[n, p, 0], pts[n, p, 1], H, W)
+            j = p - p0
+            for k in range(4):
+                idx[j, k] = pi[k]
+                cyb[j, k] = pcy[k]
+                cxb[j, k] = pcx[k]
+        for c in range(C):
+            base = (n * C + c) * HW
+            gbase = (n * C + c) * P
+            for p in range(p0, p1):
+                j = p - p0
+                gv = g[gbase + p]
+                v0 = v[base + idx[j, 0]]
+                v1 = v[base + idx[j, 1]]
+                v2 = v[base + idx[j, 2]]
+                v3 = v[base + idx[j, 3]]
+                accy[j] += gv * (cyb[j, 0] * v0 + cyb[j, 1] * v1 + cyb[j, 2] * v2 + cyb[j, 3] * v3)
+                accx[j] += gv * (cxb[j, 0] * v0 + cxb[j, 1] * v1 + cxb[j, 2] * v2 + cxb[j, 3] * v3)
+        for p in range(p0, p1):
+            gpts[n, p, 0] = accy[p - p0]
+            gpts[n, p, 1] = accx[p - p0]
+
+
+BORDERS = {"zero": 0, "clamp": 1}
+
+
+def _channel_block(N: int, C: int) -> int:
+    """Channels per input-gradient task: enough tasks to share out, plans amortised over a block.
+
+    Depends on the shapes only (never on the thread count)."""
+    cb = 16
+    while cb > 1 and N * ((C + cb - 1) // cb) < 16:
+        cb //= 2
+    return cb
+
+
+def bilinear_interpolate_forward(input, points, border):
+    """Array-level forward: input (N, C, H, W), points (N, P, 2) float64 (y, x) -> (N, C, P)."""
+    N, C, H, W = input.shape
+    P = points.shape[1]
+    out = np.zeros((N, C, P), dtype=input.dtype)
+    if out.size and H * W:
+        _bilinear_forward(input, np.ascontiguousarray(points, np.float64), BORDERS[border], out)
+    return out
+
+
+def bilinear_interpolate_backward(grad_out, input, points, border, needs=(True, True)):
+    """Array-level backward: (grad_input, grad_points); grad_points has points' dtype."""
+    N, C, H, W = input.shape
+    P = points.shape[1]
+    rule = BORDERS[border]
+    pts = np.ascontiguousarray(points, np.float64)
+    grad_out = np.ascontiguousarray(grad_out, input.dtype)
+    g_in = g_pts = None
+    if needs[0]:
+        g_in = np.zeros(input.shape, dtype=input.dtype)
+        if grad_out.size and g_in.size:
+            _bilinear_backward_input(grad_out, pts, rule, _channel_block(N, C), g_in)
+    if needs[1]:
+        g64 = np.zeros((N, P, 2), dtype=np.float64)
+        if N * P and C * H * W:
+            _bilinear_backward_points(grad_out, input, pts, rule, g64)
+        g_pts = g64.astype(points.dtype, copy=False)
+    return g_in, g_pts
