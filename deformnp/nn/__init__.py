@@ -2,4 +2,27 @@
 
 from __future__ import annotations
 
+import sys as _sys
+
+from .. import functional  # deformnp.nn.functional is deformnp.functional, as in torch
+from . import init
+from .layers import (
+    GELU,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Identity,
+    LayerNorm,
+    LeakyReLU,
+    Linear,
+    ModuleList,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Tanh,
+)
 from .module import Module, Parameter
+
+_sys.modules[__name__ + ".functional"] = functional
