@@ -208,9 +208,8 @@ class Sigmoid(Function):
 class ReLU(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
-        mask = a > 0
-        ctx.save_for_backward(mask)
-        return np.where(mask, a, 0).astype(a.dtype, copy=False)
+        ctx.save_for_backward(a > 0)
+        return np.maximum(a, 0).astype(a.dtype, copy=False)  # NaN stays NaN, as in torch
 
     @staticmethod
     def backward(ctx: Context, grad: Any) -> Any:
@@ -245,16 +244,19 @@ class Where(Function):
 
 
 class Maximum(Function):
+    """Elementwise max (``sign=1``) or min (``sign=-1``); ties split the gradient evenly (torch)."""
+
     @staticmethod
-    def forward(ctx: Context, a: Any, b: Any) -> Any:
-        pick_a = a >= b
-        ctx.save_for_backward(pick_a)
-        return np.where(pick_a, a, b)
+    def forward(ctx: Context, a: Any, b: Any, sign: int) -> Any:
+        share_a = np.where(a == b, 0.5, np.where((a > b) if sign > 0 else (a < b), 1.0, 0.0))
+        ctx.save_for_backward(share_a)
+        return np.maximum(a, b) if sign > 0 else np.minimum(a, b)
 
     @staticmethod
     def backward(ctx: Context, grad: Any) -> tuple:
-        (pick_a,) = ctx.saved_tensors
-        return grad * pick_a, grad * ~pick_a
+        (share_a,) = ctx.saved_tensors
+        share_a = share_a.astype(grad.dtype, copy=False)
+        return grad * share_a, grad * (1 - share_a), None
 
 
 def add(input: Any, other: Any) -> Tensor:
@@ -327,7 +329,11 @@ def masked_fill(input: Any, mask: Any, value: float) -> Tensor:
 
 
 def maximum(input: Any, other: Any) -> Tensor:
-    return Maximum.apply(*_pair_operands(input, other))
+    return Maximum.apply(*_pair_operands(input, other), 1)
+
+
+def minimum(input: Any, other: Any) -> Tensor:
+    return Maximum.apply(*_pair_operands(input, other), -1)
 
 
 # ---------------------------------------------------------------------------- reductions
@@ -395,7 +401,11 @@ def mean(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:
 
 
 def max(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: A001
-    """Maximum over ``dim`` (all elements when None). Returns values only."""
+    """Maximum over ``dim`` (all elements when None). Returns values only (use :func:`argmax`
+    for the indices); ties share the gradient evenly. ``max(a, b)`` with a Tensor or array ``b``
+    is the elementwise :func:`maximum`, as in torch."""
+    if isinstance(dim, (Tensor, np.ndarray)):
+        return maximum(input, dim)
     x = _t(input)
     if x.size == 0:
         raise ValueError("max: expected a non-empty tensor")
@@ -403,6 +413,9 @@ def max(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: 
 
 
 def min(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: A001
+    """Minimum over ``dim``; see :func:`max`."""
+    if isinstance(dim, (Tensor, np.ndarray)):
+        return minimum(input, dim)
     x = _t(input)
     if x.size == 0:
         raise ValueError("min: expected a non-empty tensor")
@@ -415,6 +428,28 @@ def var(input: Any, dim: Any = None, keepdim: bool = False, unbiased: bool = Tru
     n = x.size if dims is None else int(np.prod([x.shape[d] for d in dims]))
     centred = x - mean(x, dims, keepdim=True)
     return sum(centred * centred, dims, keepdim=keepdim) / (n - 1 if unbiased else n)
+
+
+def std(input: Any, dim: Any = None, keepdim: bool = False, unbiased: bool = True) -> Tensor:
+    return sqrt(var(input, dim, keepdim=keepdim, unbiased=unbiased))
+
+
+def argmax(input: Any, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """Index of the (first) maximum, int64, not differentiable; over all elements when None."""
+    a = _t(input).data
+    if dim is None:
+        return Tensor._wrap(np.asarray(np.argmax(a), dtype=np.int64))
+    d = _norm_dim(dim, a.ndim, "argmax")
+    return Tensor._wrap(np.argmax(a, axis=d, keepdims=keepdim).astype(np.int64))
+
+
+def argmin(input: Any, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """Index of the (first) minimum; see :func:`argmax`."""
+    a = _t(input).data
+    if dim is None:
+        return Tensor._wrap(np.asarray(np.argmin(a), dtype=np.int64))
+    d = _norm_dim(dim, a.ndim, "argmin")
+    return Tensor._wrap(np.argmin(a, axis=d, keepdims=keepdim).astype(np.int64))
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -452,16 +487,31 @@ class Expand(Function):
         return grad, None  # summed back to the input's shape by the engine
 
 
+def _is_basic_index(index: Any) -> bool:
+    """True for indices that never select an element twice (ints, slices, None, ..., masks)."""
+    items = index if isinstance(index, tuple) else (index,)
+    for i in items:
+        if i is None or i is Ellipsis or isinstance(i, (slice, int, np.integer, bool, np.bool_)):
+            continue
+        if isinstance(i, np.ndarray) and i.dtype == np.bool_:
+            continue
+        return False
+    return True
+
+
 class GetItem(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, index: Any) -> Any:
-        ctx.shape, ctx.dtype, ctx.index = a.shape, a.dtype, index
+        ctx.shape, ctx.index = a.shape, index
         return np.asarray(a[index])
 
     @staticmethod
     def backward(ctx: Context, grad: Any) -> tuple:
         out = np.zeros(ctx.shape, dtype=grad.dtype)
-        np.add.at(out, ctx.index, grad)  # handles repeated integer-array indices
+        if _is_basic_index(ctx.index):
+            out[ctx.index] = grad  # each element selected at most once
+        else:
+            np.add.at(out, ctx.index, grad)  # repeated integer-array indices add up
         return out, None
 
 
@@ -649,21 +699,61 @@ def bmm(input: Any, mat2: Any) -> Tensor:
     return matmul(a, b)
 
 
+def _parse_einsum(equation: str, shapes: list[tuple[int, ...]]) -> tuple[list[str], str]:
+    """Split an explicit einsum equation into operand and output subscripts, with ``...``
+    replaced by explicit letters (right-aligned, as NumPy broadcasts ellipsis dimensions)."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq:
+        raise ValueError(
+            f"einsum: only explicit equations ('ij,jk->ik') are supported, got {equation!r}"
+        )
+    ins_s, out = eq.split("->")
+    ins = ins_s.split(",")
+    if len(ins) != len(shapes):
+        raise ValueError(
+            f"einsum: equation {equation!r} names {len(ins)} operands, got {len(shapes)}"
+        )
+    if "..." in eq:
+        free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+        n_ell = 0
+        for k, (sub, shape) in enumerate(zip(ins, shapes)):
+            if "..." in sub:
+                n = len(shape) - (len(sub) - 3)
+                n_ell = builtins.max(n_ell, n)
+                ins[k] = sub.replace("...", "".join(free[len(free) - n :]) if n else "")
+        out = out.replace("...", "".join(free[len(free) - n_ell :]) if n_ell else "")
+    for sub, shape in zip(ins, shapes):
+        if len(sub) != len(shape):
+            raise ValueError(
+                f"einsum: subscripts {sub!r} do not match an operand of shape {tuple(shape)}"
+            )
+        if len(set(sub)) != len(sub):
+            raise ValueError(
+                f"einsum: repeated subscripts within one operand ({sub!r}, a diagonal) are not "
+                "supported"
+            )
+    if len(set(out)) != len(out):
+        raise ValueError(f"einsum: repeated output subscripts ({out!r}) are not supported")
+    return ins, out
+
+
 def einsum(equation: str, *operands: Any) -> Tensor:
-    """Differentiable ``np.einsum`` for explicit equations without repeated output indices."""
+    """Differentiable ``np.einsum`` for explicit equations (``"bcm,bcn->bmn"``, ``...`` allowed);
+    a subscript may not repeat within one operand or in the output."""
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
     ops = [_t(o) for o in operands]
-    return Einsum.apply(equation, *ops)
+    ins, out = _parse_einsum(equation, [o.shape for o in ops])
+    return Einsum.apply(",".join(ins) + "->" + out, *ops)
 
 
 class Einsum(Function):
     @staticmethod
     def forward(ctx: Context, equation: str, *arrays: Any) -> Any:
-        if "->" not in equation:
-            raise ValueError("einsum: only explicit equations ('ij,jk->ik') are supported")
-        ins, out = equation.replace(" ", "").split("->")
+        ins, out = equation.split("->")
         ctx.ins, ctx.out = ins.split(","), out
         ctx.save_for_backward(*arrays)
-        return np.einsum(equation, *arrays, optimize=True)
+        return np.asarray(np.einsum(equation, *arrays, optimize=len(arrays) > 2))
 
     @staticmethod
     def backward(ctx: Context, grad: Any) -> tuple:
@@ -674,9 +764,17 @@ class Einsum(Function):
                 grads.append(None)
                 continue
             others = [s for j, s in enumerate(ctx.ins) if j != i]
-            eq = ",".join([ctx.out, *others]) + "->" + sub_i
+            # Subscripts of operand i that appear nowhere else were summed out in forward: the
+            # gradient is constant along them, so compute it without them and broadcast.
+            seen = set(ctx.out).union(*others)
+            keep = "".join(c for c in sub_i if c in seen)
+            eq = ",".join([ctx.out, *others]) + "->" + keep
             g = np.einsum(eq, grad, *[a for j, a in enumerate(arrays) if j != i], optimize=True)
-            grads.append(np.broadcast_to(g, arrays[i].shape))
+            g = np.asarray(g)
+            sizes = dict(zip(keep, g.shape))
+            g = g.reshape([sizes.get(c, 1) for c in sub_i])
+            # size-1 dims that einsum broadcast are summed back by the engine
+            grads.append(np.broadcast_to(g, np.broadcast_shapes(g.shape, arrays[i].shape)))
         return tuple(grads)
 
 
@@ -760,6 +858,696 @@ def gelu(input: Any, approximate: str = "none") -> Tensor:
     return GELU.apply(_t(input), approximate)
 
 
+# ---------------------------------------------------------------------------- random state
+
+_generator = np.random.default_rng()
+
+
+def default_generator() -> np.random.Generator:
+    """The module-level NumPy generator used by :func:`dropout` and ``deformnp.nn.init``."""
+    return _generator
+
+
+def manual_seed(seed: int) -> np.random.Generator:
+    """Reseed the generator shared by :func:`dropout` and ``deformnp.nn.init`` (as torch's
+    global generator is shared by dropout and initialisation); returns it."""
+    global _generator
+    _generator = np.random.default_rng(seed)
+    return _generator
+
+
+# ---------------------------------------------------------------------------- validation helpers
+# (deformnp.ops._common has twins of these; functional cannot import it, since importing
+# deformnp.ops loads every op family and those import this module.)
+
+
+def _host_float(op: str, name: str, x: Any) -> np.ndarray:
+    a = x.data if isinstance(x, Tensor) else x
+    if hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray):
+        raise NotImplementedError(f"{op}: {name} is a CUDA array; {op} runs on the CPU only")
+    a = np.asarray(a)
+    if a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{op}: {name} must be float32 or float64, got {a.dtype}")
+    return a
+
+
+def _one_dtype(op: str, **arrays: Any) -> None:
+    given = {n: a.dtype for n, a in arrays.items() if a is not None}
+    if len(set(given.values())) > 1:
+        desc = ", ".join(f"{n} {d}" for n, d in given.items())
+        raise TypeError(f"{op}: inputs must share one float dtype, got {desc}")
+
+
+def _int_pair(op: str, name: str, v: Any, minimum: int) -> tuple[int, int]:
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        out = (int(v), int(v))
+    else:
+        try:
+            out = tuple(int(i) for i in v)
+        except TypeError:
+            raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}") from None
+        if len(out) != 2:
+            raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+    if out[0] < minimum or out[1] < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {v!r}")
+    return out  # type: ignore[return-value]
+
+
+def _reduce(op: str, loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return mean(loss)
+    if reduction == "sum":
+        return sum(loss)
+    if reduction == "none":
+        return loss
+    raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# ---------------------------------------------------------------------------- conv2d
+
+
+def _conv_window(i: int, j: int, dil: tuple, stride: tuple, out_hw: tuple) -> tuple:
+    """Rows and columns of the padded input that kernel tap (i, j) reads for every output pixel:
+    ``oy*sh + i*dh`` for ``oy`` in ``[0, Hout)`` (likewise x)."""
+    (dh, dw), (sh, sw), (ho, wo) = dil, stride, out_hw
+    return (
+        slice(i * dh, i * dh + sh * (ho - 1) + 1, sh),
+        slice(j * dw, j * dw + sw * (wo - 1) + 1, sw),
+    )
+
+
+def _zero_pad(x: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
+    top, bottom, left, right = pad
+    if not (top or bottom or left or right):
+        return x
+    n, c, h, w = x.shape
+    xp = np.zeros((n, c, h + top + bottom, w + left + right), x.dtype)
+    xp[:, :, top : top + h, left : left + w] = x
+    return xp
+
+
+class Conv2d(Function):
+    """2-D cross-correlation (torch's conv2d), NCHW; ``pad`` is (top, bottom, left, right).
+
+    General groups: im2col (one copy per kernel tap (i, j) into a column buffer of shape
+    ``(N, C, kh, kw, L)``), then one BLAS matmul per image and group; backward is the two
+    transposed matmuls and col2im, which adds the column buffer back tap by tap (a fixed order,
+    no scatter: deterministic). With stride 1 the columns are taken over the *padded* width
+    (``L = Hout * Wp``): each tap is then one contiguous slice of the flattened padded image,
+    which copies several times faster than a strided window; the ``Wp - Wout`` extra columns per
+    row are computed and dropped (their output gradient is zero, so they add nothing backward).
+    Depthwise groups (one input channel per group, as in DAT's offset network) skip the matmul:
+    each tap is a broadcast multiply-add over the whole map, far faster than many 1-row matmuls.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Context,
+        x: Any,
+        w: Any,
+        b: Any,
+        stride: tuple,
+        pad: tuple,
+        dilation: tuple,
+        groups: int,
+        out_hw: tuple,
+    ) -> Any:
+        n, c, h, wd = x.shape
+        o, cg, kh, kw = w.shape
+        ho, wo = out_hw
+        top, bottom, left, right = pad
+        hp, wp = h + top + bottom, wd + left + right
+        ctx.meta = (x.shape, stride, pad, dilation, groups, out_hw)
+        everything = (slice(None), slice(None))
+        if cg == 1 and groups > 1:  # depthwise: out channel co reads input channel co // m
+            m = o // c
+            xp = _zero_pad(x, pad)
+            w4 = w.reshape(c, m, kh, kw)
+            out = np.zeros((n, c, m, ho, wo), x.dtype)
+            tmp = np.empty((n, c, m, ho, wo), x.dtype)
+            for i in range(kh):
+                for j in range(kw):
+                    win = xp[everything + _conv_window(i, j, dilation, stride, out_hw)]
+                    np.multiply(win[:, :, None], w4[None, :, :, i, j, None, None], out=tmp)
+                    out += tmp
+            out = out.reshape(n, o, ho, wo)
+            ctx.save_for_backward(xp if ctx.needs_input_grad[1] else None, w)
+        else:
+            if kh == kw == 1 and pad == (0, 0, 0, 0):
+                row = wo
+                cols = np.ascontiguousarray(x[:, :, :: stride[0], :: stride[1]])
+            elif stride == (1, 1):
+                row = wp  # columns over the padded width, see the class docstring
+                length = ho * wp
+                flat = np.zeros((n, c, _flat_size(hp, wp, kh, kw, dilation, length)), x.dtype)
+                flat[:, :, : hp * wp].reshape(n, c, hp, wp)[
+                    :, :, top : top + h, left : left + wd
+                ] = x
+                cols = np.empty((n, c, kh, kw, length), x.dtype)
+                for i in range(kh):
+                    for j in range(kw):
+                        off = i * dilation[0] * wp + j * dilation[1]
+                        cols[:, :, i, j] = flat[:, :, off : off + length]
+            else:
+                row = wo
+                xp = _zero_pad(x, pad)
+                cols = np.empty((n, c, kh, kw, ho, wo), x.dtype)
+                for i in range(kh):
+                    for j in range(kw):
+                        cols[:, :, i, j] = xp[
+                            everything + _conv_window(i, j, dilation, stride, out_hw)
+                        ]
+            cols = cols.reshape(n, groups, cg * kh * kw, ho * row)
+            out = np.matmul(w.reshape(groups, o // groups, cg * kh * kw), cols)
+            out = out.reshape(n, o, ho, row)
+            if row != wo:
+                out = np.ascontiguousarray(out[..., :wo])
+            ctx.row = row
+            ctx.save_for_backward(cols if ctx.needs_input_grad[1] else None, w)
+        if b is not None:
+            out += b.reshape(o, 1, 1)
+        return out
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> tuple:
+        saved, w = ctx.saved_tensors
+        (n, c, h, wd), stride, pad, dilation, groups, out_hw = ctx.meta
+        o, cg, kh, kw = w.shape
+        ho, wo = out_hw
+        top, bottom, left, right = pad
+        hp, wp = h + top + bottom, wd + left + right
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        everything = (slice(None), slice(None))
+        gx = gw = gb = None
+        if need_b:
+            gb = grad.sum(axis=(0, 2, 3))
+        if cg == 1 and groups > 1:
+            m = o // c
+            g5 = grad.reshape(n, c, m, ho, wo)
+            w4 = w.reshape(c, m, kh, kw)
+            if need_x:
+                gxp = np.zeros((n, c, hp, wp), grad.dtype)
+            if need_w:
+                gw = np.empty((c, m, kh, kw), grad.dtype)
+            for i in range(kh):
+                for j in range(kw):
+                    window = everything + _conv_window(i, j, dilation, stride, out_hw)
+                    if need_x:
+                        if m == 1:
+                            gxp[window] += grad * w4[None, :, 0, i, j, None, None]
+                        else:
+                            gxp[window] += np.einsum("ncqhw,cq->nchw", g5, w4[:, :, i, j])
+                    if need_w:
+                        gw[:, :, i, j] = np.einsum("ncqhw,nchw->cq", g5, saved[window])
+            if need_w:
+                gw = gw.reshape(o, 1, kh, kw)
+        else:
+            row = ctx.row
+            length = ho * row
+            k = cg * kh * kw
+            if row != wo:  # zero gradient for the dropped columns
+                go = np.zeros((n, o, ho, row), grad.dtype)
+                go[..., :wo] = grad
+            else:
+                go = grad
+            go = go.reshape(n, groups, o // groups, length)
+            if need_w:
+                # (N, g, O/g, L) @ (N, g, L, K), summed over the batch
+                gw = np.matmul(go, saved.transpose(0, 1, 3, 2)).sum(axis=0).reshape(o, cg, kh, kw)
+            if need_x:
+                wt = w.reshape(groups, o // groups, k).transpose(0, 2, 1)
+                gcols = np.matmul(wt, go).reshape(n, c, kh, kw, length)
+                if kh == kw == 1 and pad == (0, 0, 0, 0):
+                    gxp = np.zeros((n, c, h, wd), grad.dtype)
+                    gxp[:, :, :: stride[0], :: stride[1]] = gcols[:, :, 0, 0].reshape(n, c, ho, wo)
+                elif stride == (1, 1):  # col2im over the flattened padded image
+                    flat = np.zeros(
+                        (n, c, _flat_size(hp, wp, kh, kw, dilation, length)), grad.dtype
+                    )
+                    for i in range(kh):
+                        for j in range(kw):
+                            off = i * dilation[0] * wp + j * dilation[1]
+                            flat[:, :, off : off + length] += gcols[:, :, i, j]
+                    gxp = flat[:, :, : hp * wp].reshape(n, c, hp, wp)
+                else:  # col2im: one strided add per tap, in a fixed order
+                    gxp = np.zeros((n, c, hp, wp), grad.dtype)
+                    gcols = gcols.reshape(n, c, kh, kw, ho, wo)
+                    for i in range(kh):
+                        for j in range(kw):
+                            gxp[everything + _conv_window(i, j, dilation, stride, out_hw)] += gcols[
+                                :, :, i, j
+                            ]
+        if need_x:
+            gx = gxp[:, :, top : top + h, left : left + wd]
+        return gx, gw, gb, None, None, None, None, None
+
+
+def _flat_size(hp: int, wp: int, kh: int, kw: int, dilation: tuple, length: int) -> int:
+    """Length of the flattened padded image plus the slack that the last tap's slice of
+    ``length`` elements reads past the end (the dropped columns of the last row)."""
+    last = (kh - 1) * dilation[0] * wp + (kw - 1) * dilation[1]
+    return builtins.max(hp * wp, last + length)
+
+
+def _conv_padding(
+    padding: Any, ksize: tuple[int, int], dilation: tuple[int, int], stride: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) from an int, a pair, or torch's "valid" / "same"."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError("conv2d: padding='same' is not supported for strided convolutions")
+            # torch puts the odd pixel of an even kernel's padding at the bottom / right
+            th, tw = dilation[0] * (ksize[0] - 1), dilation[1] * (ksize[1] - 1)
+            return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        raise ValueError(
+            f"conv2d: padding must be an int, a pair, 'valid' or 'same', got {padding!r}"
+        )
+    ph, pw = _int_pair("conv2d", "padding", padding, 0)
+    return (ph, ph, pw, pw)
+
+
+def conv2d(
+    input: Any,
+    weight: Any,
+    bias: Any = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> Tensor:
+    """2-D convolution (cross-correlation) with torch.nn.functional.conv2d's semantics.
+
+    ``input`` (N, C, H, W) or unbatched (C, H, W); ``weight`` (O, C/groups, kh, kw); ``bias``
+    (O,) or None; ``stride``, ``padding``, ``dilation`` an int or (h, w); ``padding`` may also be
+    ``"valid"`` or ``"same"`` (stride 1; an odd total goes to the bottom/right, as torch). Output
+    (N, O, Hout, Wout), ``Hout = (H + 2*ph - dh*(kh-1) - 1) // sh + 1``. float32 or float64, one
+    dtype for all arrays. Gradients for input, weight and bias (explicit backward, see
+    :class:`Conv2d`).
+    """
+    op = "conv2d"
+    x = _host_float(op, "input", input)
+    w = _host_float(op, "weight", weight)
+    b = None if bias is None else _host_float(op, "bias", bias)
+    _one_dtype(op, input=x, weight=w, bias=b)
+    if x.ndim not in (3, 4):
+        raise ValueError(
+            f"{op}: input must be 4-d (N, C, H, W) or 3-d (C, H, W), got shape {x.shape}"
+        )
+    if w.ndim != 4:
+        raise ValueError(
+            f"{op}: weight must be 4-d (out_channels, in_channels/groups, kh, kw), got shape {w.shape}"
+        )
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    groups = int(groups)
+    o, cg, kh, kw = w.shape
+    c = x.shape[-3]
+    if c != cg * groups:
+        raise ValueError(
+            f"{op}: input has {c} channels, expected weight.shape[1]*groups = {cg}*{groups} = "
+            f"{cg * groups}"
+        )
+    if o % groups:
+        raise ValueError(f"{op}: out_channels {o} is not divisible by groups {groups}")
+    if kh < 1 or kw < 1:
+        raise ValueError(f"{op}: weight has an empty kernel, shape {w.shape}")
+    if b is not None and b.shape != (o,):
+        raise ValueError(f"{op}: bias must have shape (out_channels,) = ({o},), got {b.shape}")
+    st = _int_pair(op, "stride", stride, 1)
+    dil = _int_pair(op, "dilation", dilation, 1)
+    pad = _conv_padding(padding, (kh, kw), dil, st)
+    h, wd = x.shape[-2:]
+    ho = (h + pad[0] + pad[1] - dil[0] * (kh - 1) - 1) // st[0] + 1
+    wo = (wd + pad[2] + pad[3] - dil[1] * (kw - 1) - 1) // st[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"{op}: output size is too small: input {h}x{wd} with padding {pad}, dilated kernel "
+            f"{dil[0] * (kh - 1) + 1}x{dil[1] * (kw - 1) + 1} and stride {st} gives {ho}x{wo}"
+        )
+    xt = _t(input)
+    unbatched = x.ndim == 3
+    if unbatched:
+        xt = unsqueeze(xt, 0)
+    out = Conv2d.apply(
+        xt, _t(weight), None if bias is None else _t(bias), st, pad, dil, groups, (ho, wo)
+    )
+    return squeeze(out, 0) if unbatched else out
+
+
+# ---------------------------------------------------------------------------- linear
+
+
+class Linear(Function):
+    @staticmethod
+    def forward(ctx: Context, x: Any, w: Any, b: Any) -> Any:
+        ctx.save_for_backward(x, w)
+        out = np.matmul(x, w.T)
+        if b is not None:
+            out += b
+        return out
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> tuple:
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        rows = int(np.prod(grad.shape[:-1], dtype=np.int64))
+        g2 = grad.reshape(rows, w.shape[0])
+        gx = np.matmul(grad, w) if need_x else None
+        gw = g2.T @ x.reshape(rows, w.shape[1]) if need_w else None
+        gb = g2.sum(axis=0) if need_b else None
+        return gx, gw, gb
+
+
+def linear(input: Any, weight: Any, bias: Any = None) -> Tensor:
+    """``input @ weight.T + bias`` (torch.nn.functional.linear): input (*, in), weight
+    (out, in), bias (out,) or None; output (*, out)."""
+    op = "linear"
+    x = _host_float(op, "input", input)
+    w = _host_float(op, "weight", weight)
+    b = None if bias is None else _host_float(op, "bias", bias)
+    _one_dtype(op, input=x, weight=w, bias=b)
+    if w.ndim != 2:
+        raise ValueError(
+            f"{op}: weight must be 2-d (out_features, in_features), got shape {w.shape}"
+        )
+    if x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"{op}: input's last dimension must be in_features = {w.shape[1]}, got shape {x.shape}"
+        )
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(
+            f"{op}: bias must have shape (out_features,) = ({w.shape[0]},), got {b.shape}"
+        )
+    return Linear.apply(_t(input), _t(weight), None if bias is None else _t(bias))
+
+
+# ---------------------------------------------------------------------------- layer_norm
+
+
+class LayerNorm(Function):
+    @staticmethod
+    def forward(ctx: Context, x: Any, w: Any, b: Any, axes: tuple, eps: float) -> Any:
+        mu = x.mean(axis=axes, keepdims=True)
+        xc = x - mu
+        var_ = (xc * xc).mean(axis=axes, keepdims=True)
+        rstd = (1.0 / np.sqrt(var_ + eps)).astype(x.dtype, copy=False)
+        xhat = xc * rstd
+        ctx.axes = axes
+        ctx.save_for_backward(xhat, rstd, w)
+        out = xhat if w is None else xhat * w
+        if b is not None:
+            out = out + b
+        return out
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> tuple:
+        xhat, rstd, w = ctx.saved_tensors
+        axes = ctx.axes
+        lead = tuple(range(grad.ndim - len(axes)))
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = gb = None
+        if need_x:
+            gxhat = grad if w is None else grad * w
+            gx = rstd * (
+                gxhat
+                - gxhat.mean(axis=axes, keepdims=True)
+                - xhat * (gxhat * xhat).mean(axis=axes, keepdims=True)
+            )
+        if need_w:
+            gw = (grad * xhat).sum(axis=lead)
+        if need_b:
+            gb = grad.sum(axis=lead)
+        return gx, gw, gb, None, None
+
+
+def layer_norm(
+    input: Any,
+    normalized_shape: Any,
+    weight: Any = None,
+    bias: Any = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Normalize over the trailing ``normalized_shape`` dims (biased variance, as torch), then
+    scale by ``weight`` and shift by ``bias`` (each of shape ``normalized_shape`` or None)."""
+    op = "layer_norm"
+    x = _host_float(op, "input", input)
+    ns = (
+        (int(normalized_shape),)
+        if isinstance(normalized_shape, (int, np.integer))
+        else tuple(int(s) for s in normalized_shape)
+    )
+    if not ns or x.shape[x.ndim - len(ns) :] != ns or len(ns) > x.ndim:
+        raise ValueError(
+            f"{op}: input's trailing dimensions must equal normalized_shape {ns}, got shape {x.shape}"
+        )
+    w = None if weight is None else _host_float(op, "weight", weight)
+    b = None if bias is None else _host_float(op, "bias", bias)
+    _one_dtype(op, input=x, weight=w, bias=b)
+    for name, a in (("weight", w), ("bias", b)):
+        if a is not None and a.shape != ns:
+            raise ValueError(f"{op}: {name} must have shape normalized_shape {ns}, got {a.shape}")
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    axes = tuple(range(x.ndim - len(ns), x.ndim))
+    return LayerNorm.apply(
+        _t(input),
+        None if weight is None else _t(weight),
+        None if bias is None else _t(bias),
+        axes,
+        float(eps),
+    )
+
+
+# ---------------------------------------------------------------------------- dropout, pad
+
+
+def dropout(
+    input: Any,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    generator: np.random.Generator | None = None,
+) -> Tensor:
+    """Zero each element with probability ``p`` and scale the rest by ``1/(1-p)`` when
+    ``training``; the identity otherwise. ``generator`` defaults to the module-level generator
+    (see :func:`manual_seed`). ``inplace`` is accepted for torch compatibility and ignored."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    x = _t(input)
+    if not training or p == 0.0:
+        return x
+    if x.dtype.kind != "f":
+        raise TypeError(f"dropout: input must be float32 or float64, got {x.dtype}")
+    if p == 1.0:
+        return mul(x, Tensor._wrap(np.zeros(x.shape, x.dtype)))
+    rng = _generator if generator is None else generator
+    keep = rng.random(x.shape) >= p
+    scale = np.asarray(1.0 / (1.0 - p), dtype=x.dtype)
+    return mul(x, Tensor._wrap(keep * scale))
+
+
+class Pad(Function):
+    @staticmethod
+    def forward(ctx: Context, a: Any, widths: tuple, value: float) -> Any:
+        shape = tuple(s + lo + hi for s, (lo, hi) in zip(a.shape, widths))
+        out = np.full(shape, value, dtype=a.dtype)
+        src, dst = [], []  # the part of the input that survives cropping, and where it lands
+        for s, (lo, hi) in zip(a.shape, widths):
+            start, stop = builtins.max(-lo, 0), s - builtins.max(-hi, 0)
+            n = builtins.max(stop - start, 0)
+            src.append(slice(start, start + n))
+            dst.append(slice(builtins.max(lo, 0), builtins.max(lo, 0) + n))
+        ctx.shape, ctx.src, ctx.dst = a.shape, tuple(src), tuple(dst)
+        out[tuple(dst)] = a[tuple(src)]
+        return out
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> tuple:
+        g = np.zeros(ctx.shape, grad.dtype)
+        g[ctx.src] = grad[ctx.dst]
+        return g, None, None
+
+
+def pad(input: Any, pad: Sequence[int], mode: str = "constant", value: float = 0.0) -> Tensor:
+    """torch.nn.functional.pad, constant mode: ``pad`` lists (before, after) pairs starting from
+    the last dimension, ``(left, right, top, bottom, ...)``; negative widths crop."""
+    x = _t(input)
+    if mode != "constant":
+        raise ValueError(f"pad: only mode='constant' is supported, got {mode!r}")
+    pad = [int(v) for v in pad]
+    if len(pad) % 2 or len(pad) // 2 > x.ndim:
+        raise ValueError(
+            f"pad: pad must have an even length of at most 2*ndim = {2 * x.ndim}, got {len(pad)}"
+        )
+    widths = [(0, 0)] * x.ndim
+    for k in range(len(pad) // 2):
+        widths[x.ndim - 1 - k] = (pad[2 * k], pad[2 * k + 1])
+    for d, (s, (lo, hi)) in enumerate(zip(x.shape, widths)):
+        if s + lo + hi < 0:
+            raise ValueError(f"pad: padding {lo, hi} of dim {d} (size {s}) gives a negative size")
+    return Pad.apply(x, tuple(widths), value)
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def mse_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:
+    """Mean (or sum, or elementwise) squared error; ``input`` and ``target`` must have one shape
+    (torch broadcasts with a warning; deformnp refuses, which catches (N,1)-vs-(N,) bugs)."""
+    x, t = _pair_operands(input, target)
+    if x.shape != t.shape:
+        raise ValueError(f"mse_loss: input has shape {x.shape} but target has shape {t.shape}")
+    d = x - t
+    return _reduce("mse_loss", d * d, reduction)
+
+
+def l1_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:
+    """Mean (or sum, or elementwise) absolute error; shapes must match (see :func:`mse_loss`)."""
+    x, t = _pair_operands(input, target)
+    if x.shape != t.shape:
+        raise ValueError(f"l1_loss: input has shape {x.shape} but target has shape {t.shape}")
+    return _reduce("l1_loss", abs(x - t), reduction)
+
+
+def nll_loss(
+    input: Any,
+    target: Any,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Negative log-likelihood of class indices, given log-probabilities ``input`` of shape
+    (N, C), (N, C, d1, ...) or (C,); see :func:`cross_entropy` for the rest."""
+    return _class_loss("nll_loss", _t(input), target, weight, ignore_index, reduction, 0.0)
+
+
+def cross_entropy(
+    input: Any,
+    target: Any,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """torch.nn.functional.cross_entropy over logits ``input`` (N, C), (N, C, d1, ...) or (C,).
+
+    ``target`` holds class indices (int32/int64, the input's shape without the class dim) or
+    class probabilities (float, the input's shape). ``weight`` (C,) rescales classes;
+    ``ignore_index`` marks targets that contribute nothing; with ``reduction="mean"`` index
+    targets are averaged over the summed weights of the non-ignored targets, probability targets
+    over the number of samples (as torch). ``label_smoothing`` mixes the target with the uniform
+    distribution.
+    """
+    x = _t(input)
+    if x.ndim < 1:
+        raise ValueError("cross_entropy: input must have a class dimension, got a 0-d tensor")
+    logp = log_softmax(x, 1 if x.ndim > 1 else 0)
+    return _class_loss(
+        "cross_entropy", logp, target, weight, ignore_index, reduction, label_smoothing
+    )
+
+
+def _class_loss(
+    op: str,
+    logp: Tensor,
+    target: Any,
+    weight: Any,
+    ignore_index: int,
+    reduction: str,
+    eps: float,
+) -> Tensor:
+    if logp.dtype.kind != "f":
+        raise TypeError(f"{op}: input must be float32 or float64, got {logp.dtype}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {eps}")
+    cdim = 1 if logp.ndim > 1 else 0
+    n_cls = logp.shape[cdim]
+    bshape = [1] * logp.ndim
+    bshape[cdim] = n_cls
+    w = None
+    if weight is not None:
+        w = _host_float(op, "weight", weight)
+        if w.shape != (n_cls,):
+            raise ValueError(f"{op}: weight must have shape (C,) = ({n_cls},), got {w.shape}")
+        w = w.astype(logp.dtype, copy=False)
+    t_raw = target.data if isinstance(target, Tensor) else np.asarray(target)
+    if t_raw.dtype.kind == "f":  # class probabilities
+        if t_raw.shape != logp.shape:
+            raise ValueError(
+                f"{op}: probability target must have the input's shape {logp.shape}, got {t_raw.shape}"
+            )
+        t = target if isinstance(target, Tensor) else Tensor._wrap(t_raw.astype(logp.dtype))
+        if eps:
+            t = t * (1.0 - eps) + eps / n_cls
+        if w is not None:
+            t = t * Tensor._wrap(w.reshape(bshape))
+        loss = neg(sum(logp * t, cdim))
+        if reduction == "mean":  # over the number of samples, as torch
+            n_samples = np.asarray(logp.size // n_cls if n_cls else 0, dtype=logp.dtype)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return sum(loss) / Tensor._wrap(n_samples)
+        return sum(loss) if reduction == "sum" else loss
+    if t_raw.dtype.kind not in "iu":
+        raise TypeError(
+            f"{op}: target must hold class indices (int) or probabilities (float), got {t_raw.dtype}"
+        )
+    expect = logp.shape[:cdim] + logp.shape[cdim + 1 :]
+    if t_raw.shape != expect:
+        raise ValueError(
+            f"{op}: target must have shape {expect} (the input's shape without the class dim), "
+            f"got {t_raw.shape}"
+        )
+    valid = t_raw != ignore_index
+    bad = valid & ((t_raw < 0) | (t_raw >= n_cls))
+    if np.any(bad):
+        v = int(t_raw[bad].reshape(-1)[0])
+        raise ValueError(
+            f"{op}: target value {v} is out of range [0, {n_cls}) (ignore_index {ignore_index})"
+        )
+    tc = np.where(valid, t_raw, 0).astype(np.int64)
+    # loss per sample = -sum_c A[c] * logp[c] with a constant coefficient array A (one-hot times
+    # the class weight, plus the smoothing mass), so one multiply-and-sum carries the gradient.
+    coef = np.zeros(logp.shape, logp.dtype)
+    np.put_along_axis(coef, np.expand_dims(tc, cdim), 1.0, axis=cdim)
+    wc = np.ones(n_cls, logp.dtype) if w is None else w
+    wt = wc[tc] * valid  # weight of each sample's target class, 0 where ignored
+    coef *= np.expand_dims(wt, cdim)
+    if eps:
+        coef = (1.0 - eps) * coef + (eps / n_cls) * wc.reshape(bshape) * np.expand_dims(valid, cdim)
+    loss = neg(sum(logp * Tensor._wrap(coef.astype(logp.dtype, copy=False)), cdim))
+    if reduction == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return sum(loss) / Tensor._wrap(np.asarray(wt.sum(), dtype=logp.dtype))
+    return sum(loss) if reduction == "sum" else loss
+
+
+# ---------------------------------------------------------------------------- more activations
+
+
+def leaky_relu(input: Any, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+    x = _t(input)
+    return where(x.data > 0, x, x * negative_slope)
+
+
+def silu(input: Any, inplace: bool = False) -> Tensor:
+    x = _t(input)
+    return x * sigmoid(x)
+
+
+def softplus(input: Any, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    """``log(1 + exp(beta*x)) / beta``, linear where ``beta*x > threshold`` (torch)."""
+    x = _t(input)
+    bx = x * beta
+    # log(1 + e^z) = max(z, 0) + log(1 + e^-|z|), stable for every z
+    soft = (relu(bx) + log(exp(neg(abs(bx))) + 1.0)) / beta
+    return where(bx.data > threshold, x, soft)
+
+
 # ---------------------------------------------------------------------------- devices
 
 
@@ -825,7 +1613,8 @@ def _attach() -> None:
     T.add, T.sub, T.mul, T.div, T.pow, T.matmul = add, sub, mul, div, pow, matmul
     T.exp, T.log, T.sqrt, T.abs, T.neg = exp, log, sqrt, abs, neg
     T.tanh, T.sigmoid, T.relu, T.clamp = tanh, sigmoid, relu, clamp
-    T.sum, T.mean, T.max, T.min, T.var = sum, mean, max, min, var
+    T.sum, T.mean, T.max, T.min, T.var, T.std = sum, mean, max, min, var, std
+    T.argmax, T.argmin, T.maximum, T.minimum = argmax, argmin, maximum, minimum
     T.reshape = reshape
     T.view = reshape
     T.permute, T.transpose, T.flatten = permute, transpose, flatten
@@ -854,3 +1643,88 @@ class Cast(Function):
 
 
 _attach()
+
+
+# ---------------------------------------------------------------------------- registry (CLI)
+
+
+def _conv2d_check_cases() -> list:
+    """Tiny float64 gradchecks for ``python -m deformnp check``: a grouped, strided, dilated,
+    padded convolution with a non-square kernel, and a depthwise one with channel multiplier 2."""
+    from .registry import CheckCase
+
+    rng = np.random.default_rng(0)
+
+    def leaf(*shape: int) -> Tensor:
+        return Tensor(rng.standard_normal(shape), requires_grad=True)
+
+    def grouped(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return conv2d(x, w, b, stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
+
+    def depthwise(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return conv2d(x, w, b, stride=2, padding=2, groups=3)
+
+    names = ("input", "weight", "bias")
+    return [
+        CheckCase(grouped, (leaf(2, 4, 5, 6), leaf(6, 2, 3, 2), leaf(6)), names),
+        CheckCase(depthwise, (leaf(1, 3, 6, 5), leaf(6, 1, 5, 5), leaf(6)), names),
+    ]
+
+
+def _conv2d_bench_case(device: str) -> Any:
+    """SPEC-style size: input (4, 64, 32, 32), weight (64, 64, 3, 3), padding 1, float32."""
+    if device != "cpu":
+        return None
+    from .registry import BenchCase
+
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal((4, 64, 32, 32)).astype(np.float32)
+    w_np = (rng.standard_normal((64, 64, 3, 3)) * 0.05).astype(np.float32)
+    b_np = rng.standard_normal(64).astype(np.float32)
+    g_np = rng.standard_normal((4, 64, 32, 32)).astype(np.float32)
+    x, w, b = (Tensor(a, requires_grad=True) for a in (x_np, w_np, b_np))
+
+    def forward() -> Any:
+        from .function import no_grad
+
+        with no_grad():
+            return conv2d(x, w, b, padding=1)
+
+    def forward_backward() -> Any:
+        for t in (x, w, b):
+            t.grad = None
+        conv2d(x, w, b, padding=1).backward(g_np)
+
+    case = BenchCase(
+        "input (4, 64, 32, 32), weight (64, 64, 3, 3), padding 1", forward, forward_backward
+    )
+    try:
+        import numba
+        import torch
+    except ImportError:
+        return case
+    torch.set_num_threads(numba.get_num_threads())
+    tx, tw, tb = (torch.from_numpy(a.copy()).requires_grad_() for a in (x_np, w_np, b_np))
+    tg = torch.from_numpy(g_np)
+
+    def torch_forward() -> Any:
+        with torch.no_grad():
+            return torch.nn.functional.conv2d(tx, tw, tb, padding=1)
+
+    def torch_forward_backward() -> Any:
+        for t in (tx, tw, tb):
+            t.grad = None
+        torch.nn.functional.conv2d(tx, tw, tb, padding=1).backward(tg)
+
+    case.torch_forward = torch_forward
+    case.torch_forward_backward = torch_forward_backward
+    return case
+
+
+def _register() -> None:
+    from .registry import register_op
+
+    register_op("conv2d", check=_conv2d_check_cases, bench=_conv2d_bench_case)
+
+
+_register()

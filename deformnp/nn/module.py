@@ -14,7 +14,10 @@ __all__ = ["Module", "Parameter"]
 
 
 class Parameter(Tensor):
-    """A leaf Tensor that a Module registers as trainable (``requires_grad`` is True by default)."""
+    """A leaf Tensor that a Module registers as trainable (``requires_grad`` is True by default).
+
+    The data is copied, so a Parameter never shares memory with the array it was made from.
+    """
 
     def __init__(self, data: Any, requires_grad: bool = True) -> None:
         if isinstance(data, Tensor):
@@ -28,11 +31,15 @@ class Parameter(Tensor):
         return "Parameter containing:\n" + super().__repr__()
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 class Module:
     """Base class of layers. Assign Parameters and Modules as attributes to register them.
 
-    Names follow torch's dotted style (``"block.0.weight"``), so a torch ``state_dict`` converted
-    to NumPy arrays loads by name with :meth:`load_state_dict`.
+    Names follow torch's dotted style (``"block.0.weight"``), so a torch ``state_dict`` (torch
+    tensors or NumPy arrays) loads by name with :meth:`load_state_dict`.
     """
 
     training: bool
@@ -41,6 +48,7 @@ class Module:
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_non_persistent", set())
         object.__setattr__(self, "training", True)
 
     # ------------------------------------------------------------ registration
@@ -49,60 +57,153 @@ class Module:
             raise AttributeError(
                 f"{type(self).__name__}: call super().__init__() before assigning attributes"
             )
-        for d in (self._parameters, self._modules, self._buffers):
-            d.pop(name, None)
         if isinstance(value, Parameter):
+            self._modules.pop(name, None)
+            self._buffers.pop(name, None)
             self._parameters[name] = value
         elif isinstance(value, Module):
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
             self._modules[name] = value
+        elif name in self._parameters:
+            if value is not None:
+                raise TypeError(
+                    f"{type(self).__name__}: cannot assign {type(value).__name__} as parameter "
+                    f"{name!r} (Parameter or None expected)"
+                )
+            self._parameters[name] = None
+        elif name in self._modules:
+            if value is not None:
+                raise TypeError(
+                    f"{type(self).__name__}: cannot assign {type(value).__name__} as child module "
+                    f"{name!r} (Module or None expected)"
+                )
+            self._modules[name] = None
+        elif name in self._buffers:
+            if value is not None and not isinstance(value, (np.ndarray, Tensor)):
+                raise TypeError(
+                    f"{type(self).__name__}: cannot assign {type(value).__name__} as buffer "
+                    f"{name!r} (an array, a Tensor or None expected)"
+                )
+            self._buffers[name] = value
         object.__setattr__(self, name, value)
 
+    def __delattr__(self, name: str) -> None:
+        for d in (self._parameters, self._modules, self._buffers):
+            d.pop(name, None)
+        self._non_persistent.discard(name)
+        object.__delattr__(self, name)
+
+    def _check_name(self, kind: str, name: str) -> None:
+        if not isinstance(name, str) or not name or "." in name:
+            raise KeyError(f"{kind} name must be a non-empty string without '.', got {name!r}")
+
     def register_parameter(self, name: str, param: Parameter | None) -> None:
+        """Register ``param`` under ``name`` (``None`` registers an absent optional parameter)."""
+        self._check_name("parameter", name)
+        if param is not None and not isinstance(param, Parameter):
+            raise TypeError(
+                f"register_parameter: {name!r} must be a Parameter or None, got "
+                f"{type(param).__name__}"
+            )
+        self._modules.pop(name, None)
+        self._buffers.pop(name, None)
         self._parameters[name] = param
         object.__setattr__(self, name, param)
 
-    def register_buffer(self, name: str, array: Any) -> None:
-        """Non-trainable state saved in the state dict (e.g. a fixed table)."""
+    def register_buffer(self, name: str, array: Any, persistent: bool = True) -> None:
+        """Non-trainable state (an array, a Tensor or None); persistent buffers are saved in the
+        state dict."""
+        self._check_name("buffer", name)
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
         self._buffers[name] = array
+        if persistent:
+            self._non_persistent.discard(name)
+        else:
+            self._non_persistent.add(name)
         object.__setattr__(self, name, array)
 
     def add_module(self, name: str, module: Module | None) -> None:
+        self._check_name("module", name)
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(
+                f"add_module: {name!r} must be a Module or None, got {type(module).__name__}"
+            )
+        self._parameters.pop(name, None)
+        self._buffers.pop(name, None)
         self._modules[name] = module
         object.__setattr__(self, name, module)
 
+    register_module = add_module
+
     # ------------------------------------------------------------ traversal
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+    def named_modules(
+        self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, Module]]:
+        """This module and every submodule, by dotted name (each module once, as torch)."""
+        if memo is None:
+            memo = set()
+        if remove_duplicate:
+            if id(self) in memo:
+                return
+            memo.add(id(self))
         yield prefix, self
         for name, m in self._modules.items():
             if m is not None:
-                yield from m.named_modules(f"{prefix}.{name}" if prefix else name)
+                yield from m.named_modules(memo, _join(prefix, name), remove_duplicate)
 
     def modules(self) -> Iterator[Module]:
         for _, m in self.named_modules():
             yield m
 
-    def children(self) -> Iterator[Module]:
-        for m in self._modules.values():
-            if m is not None:
-                yield m
-
-    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+    def named_children(self) -> Iterator[tuple[str, Module]]:
         seen: set[int] = set()
-        for mod_name, m in self.named_modules(prefix):
+        for name, m in self._modules.items():
+            if m is not None and id(m) not in seen:
+                seen.add(id(m))
+                yield name, m
+
+    def children(self) -> Iterator[Module]:
+        for _, m in self.named_children():
+            yield m
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True
+    ) -> Iterator[tuple[str, Parameter]]:
+        """Parameters by dotted name; a parameter shared by two modules is listed once."""
+        seen: set[int] = set()
+        mods = self.named_modules(prefix=prefix) if recurse else iter([(prefix, self)])
+        for mod_name, m in mods:
             for name, p in m._parameters.items():
                 if p is None or id(p) in seen:
                     continue
                 seen.add(id(p))
-                yield (f"{mod_name}.{name}" if mod_name else name), p
+                yield _join(mod_name, name), p
 
-    def parameters(self) -> Iterator[Parameter]:
-        for _, p in self.named_parameters():
+    def parameters(self, recurse: bool = True) -> Iterator[Parameter]:
+        for _, p in self.named_parameters(recurse=recurse):
             yield p
 
-    def named_buffers(self) -> Iterator[tuple[str, Any]]:
-        for mod_name, m in self.named_modules():
+    def named_buffers(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Any]]:
+        mods = self.named_modules(prefix=prefix) if recurse else iter([(prefix, self)])
+        for mod_name, m in mods:
             for name, b in m._buffers.items():
-                yield (f"{mod_name}.{name}" if mod_name else name), b
+                if b is not None:
+                    yield _join(mod_name, name), b
+
+    def buffers(self, recurse: bool = True) -> Iterator[Any]:
+        for _, b in self.named_buffers(recurse=recurse):
+            yield b
+
+    def get_submodule(self, target: str) -> Module:
+        m: Module = self
+        for part in target.split(".") if target else []:
+            child = m._modules.get(part)
+            if child is None:
+                raise AttributeError(f"get_submodule: {type(m).__name__} has no submodule {part!r}")
+            m = child
+        return m
 
     def apply(self, fn: Callable[[Module], Any]) -> Module:
         for m in self.children():
@@ -111,53 +212,61 @@ class Module:
         return self
 
     # ------------------------------------------------------------ state
-    def state_dict(self) -> OrderedDict[str, np.ndarray]:
-        """Parameters and buffers by dotted name, as NumPy arrays (copies)."""
-        out: OrderedDict[str, np.ndarray] = OrderedDict()
-        for mod_name, m in self.named_modules():
+    def _state_entries(self) -> Iterator[tuple[str, Module, str, str]]:
+        """(dotted key, owner, attribute, "param" | "buffer") of everything in the state dict.
+
+        Like torch, a module reachable under two names is saved under both."""
+        for mod_name, m in self.named_modules(remove_duplicate=False):
             for name, p in m._parameters.items():
                 if p is not None:
-                    out[f"{mod_name}.{name}" if mod_name else name] = np.array(p.numpy())
+                    yield _join(mod_name, name), m, name, "param"
             for name, b in m._buffers.items():
-                value = b.numpy() if isinstance(b, Tensor) else b
-                out[f"{mod_name}.{name}" if mod_name else name] = np.array(value)
+                if b is not None and name not in m._non_persistent:
+                    yield _join(mod_name, name), m, name, "buffer"
+
+    def state_dict(self) -> OrderedDict[str, np.ndarray]:
+        """Parameters and persistent buffers by dotted name, as NumPy arrays (copies)."""
+        out: OrderedDict[str, np.ndarray] = OrderedDict()
+        for key, m, name, kind in self._state_entries():
+            value = m._parameters[name] if kind == "param" else m._buffers[name]
+            out[key] = np.array(value.numpy() if isinstance(value, Tensor) else value)
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Module:
         """Copy arrays into parameters and buffers by name (values may be torch tensors).
 
-        With ``strict`` a missing or unexpected key, or a shape mismatch, raises ``KeyError`` /
-        ``ValueError`` naming the key.
+        Values are cast to each parameter's dtype. With ``strict``, missing or unexpected keys
+        raise ``KeyError`` listing them; a shape mismatch raises ``ValueError`` naming the key
+        (always, as torch). Nothing is modified unless every key checks out.
         """
-        targets: dict[str, tuple[Module, str, str]] = {}
-        for mod_name, m in self.named_modules():
-            for name, p in m._parameters.items():
-                if p is not None:
-                    targets[f"{mod_name}.{name}" if mod_name else name] = (m, name, "param")
-            for name in m._buffers:
-                targets[f"{mod_name}.{name}" if mod_name else name] = (m, name, "buffer")
+        targets = {key: (m, name, kind) for key, m, name, kind in self._state_entries()}
         missing = [k for k in targets if k not in state_dict]
         unexpected = [k for k in state_dict if k not in targets]
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        staged = []
         for key, (m, name, kind) in targets.items():
             if key not in state_dict:
                 continue
             value = state_dict[key]
-            if hasattr(value, "detach"):  # a torch tensor
+            if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
                 value = value.detach().cpu().numpy()
+            elif isinstance(value, Tensor):
+                value = value.numpy()
             value = np.asarray(value)
-            if kind == "param":
-                p = m._parameters[name]
-                if tuple(value.shape) != p.shape:
-                    raise ValueError(
-                        f"load_state_dict: {key} has shape {tuple(value.shape)}, expected {p.shape}"
-                    )
-                src = value.astype(p.dtype)
-                p.data = src if p.device == "cpu" else _to_device(src)
+            old = m._parameters[name] if kind == "param" else m._buffers[name]
+            shape = tuple(old.shape)
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"load_state_dict: {key} has shape {tuple(value.shape)}, expected {shape}"
+                )
+            staged.append((m, name, old, value))
+        for m, name, old, value in staged:
+            if isinstance(old, Tensor):
+                src = np.array(value, dtype=old.dtype)
+                old.data = src if old.device == "cpu" else _to_device(src)
             else:
-                old = m._buffers[name]
-                arr = value.astype(old.dtype) if isinstance(old, np.ndarray) else value
+                arr = np.array(value, dtype=old.dtype if isinstance(old, np.ndarray) else None)
                 m._buffers[name] = arr
                 object.__setattr__(m, name, arr)
         return self
@@ -165,15 +274,18 @@ class Module:
     # ------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> Module:
         for m in self.modules():
-            object.__setattr__(m, "training", mode)
+            object.__setattr__(m, "training", bool(mode))
         return self
 
     def eval(self) -> Module:
         return self.train(False)
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.parameters():
-            p.grad = None
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad = p.grad * 0
 
     def requires_grad_(self, requires_grad: bool = True) -> Module:
         for p in self.parameters():
@@ -181,10 +293,31 @@ class Module:
         return self
 
     def to(self, target: Any) -> Module:
-        """Move (``"cpu"``/``"cuda"``) or cast (a float dtype) every parameter in place."""
-        for p in self.parameters():
-            p.data = p.to(target).data if not isinstance(target, str) else _move(p.data, target)
-            p.grad = None
+        """Move (``"cpu"``/``"cuda"``) or cast (a float dtype) every parameter and floating
+        buffer in place."""
+        for m in self.modules():
+            for p in m._parameters.values():
+                if p is None:
+                    continue
+                if isinstance(target, str):
+                    p.data = _move(p.data, target)
+                elif p.dtype != np.dtype(target):
+                    p.data = p.data.astype(target)
+                p.grad = None
+            for name, b in list(m._buffers.items()):
+                if b is None:
+                    continue
+                if isinstance(target, str):
+                    if isinstance(b, Tensor):
+                        b.data = _move(b.data, target)
+                    else:
+                        m._buffers[name] = _move(b, target)
+                        object.__setattr__(m, name, m._buffers[name])
+                elif isinstance(b, Tensor) and b.dtype.kind == "f":
+                    b.data = b.data.astype(target)
+                elif isinstance(b, np.ndarray) and b.dtype.kind == "f":
+                    m._buffers[name] = b.astype(target)
+                    object.__setattr__(m, name, m._buffers[name])
         return self
 
     def double(self) -> Module:
@@ -192,6 +325,12 @@ class Module:
 
     def float(self) -> Module:
         return self.to(np.float32)
+
+    def cpu(self) -> Module:
+        return self.to("cpu")
+
+    def cuda(self) -> Module:
+        return self.to("cuda")
 
     # ------------------------------------------------------------ calling
     def forward(self, *args: Any, **kwargs: Any) -> Any:
