@@ -6,6 +6,7 @@ import sys as _sys
 
 from .. import functional  # deformnp.nn.functional is deformnp.functional, as in torch
 from . import init
+from .attention import DeformableAttention2d, LayerNormProxy, MSDeformAttn
 from .layers import (
     GELU,
     Conv2d,

@@ -48,9 +48,12 @@ The array-level pair, for wrapping in other frameworks (a ``torch.autograd.Funct
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
+import numba
 import numpy as np
 
 from ..function import Context, Function
@@ -72,20 +75,36 @@ _MIN_QUERIES_PER_CHUNK = 128
 
 
 def _kernels(device: str) -> ModuleType:
-    """The kernel module for ``device`` ("cpu"; "cuda" once the CUDA kernels exist)."""
+    """The kernel module for ``device`` ("cpu" or "cuda")."""
     if device == "cpu":
         from ..kernels.cpu import attention
 
         return attention
     if device == "cuda":
-        try:
-            from ..kernels.cuda import attention as cuda_attention  # type: ignore[attr-defined]
-        except ImportError:
-            raise NotImplementedError(
-                f"{_OP}: no CUDA kernel yet; move the inputs to the CPU"
-            ) from None
+        from ..kernels.cuda import attention as cuda_attention
+
         return cuda_attention
-    raise ValueError(f"{_OP}: unknown device {device!r}")
+    raise ValueError(f"{_OP}: unsupported device {device!r}")
+
+
+# Below this much work (sampling points times (channels + 8)) the kernels run on the calling
+# thread alone: waking Numba's worker threads costs from tens of microseconds on an idle machine
+# to milliseconds on a loaded one, far more than a tiny problem takes (gradchecks and small
+# layers make thousands of such calls). Results do not depend on it (see _n_chunks).
+_SERIAL_WORK = 1 << 17
+
+
+@contextmanager
+def _threads_for(work: int) -> Iterator[None]:
+    prev = numba.get_num_threads()
+    if work >= _SERIAL_WORK or prev == 1:
+        yield
+        return
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
 
 
 def _n_chunks(N: int, M: int, Lq: int) -> int:
@@ -178,13 +197,18 @@ def _forward(value: Any, shapes: np.ndarray, starts: np.ndarray, loc: Any, attn:
     N, S, M, D = value.shape
     Lq = loc.shape[1]
     if device != "cpu":
-        return _kernels(device).ms_deform_attn_forward(value, shapes, starts, loc, attn)
+        from ..cuda import to_device
+
+        return _kernels(device).ms_deform_attn_forward(
+            value, to_device(shapes), to_device(starts), loc, attn
+        )
     out = np.zeros((N, Lq, M * D), dtype=value.dtype)
     if out.size == 0 or loc.shape[3] == 0 or loc.shape[4] == 0 or S == 0:
         return out
-    return _kernels(device).ms_deform_attn_forward(
-        _host(value), shapes, starts, _host(loc), _host(attn), out
-    )
+    with _threads_for(loc.size // 2 * (D + 8)):
+        return _kernels(device).ms_deform_attn_forward(
+            _host(value), shapes, starts, _host(loc), _host(attn), out
+        )
 
 
 def _backward(
@@ -198,8 +222,10 @@ def _backward(
     device: str,
 ) -> tuple[Any, Any, Any]:
     if device != "cpu":
+        from ..cuda import to_device
+
         return _kernels(device).ms_deform_attn_backward(
-            grad_output, value, shapes, starts, loc, attn, needs
+            grad_output, value, to_device(shapes), to_device(starts), loc, attn, needs
         )
     N, S, M, D = value.shape
     Lq = loc.shape[1]
@@ -215,21 +241,22 @@ def _backward(
         value, loc, attn = _host(value), _host(loc), _host(attn)
         n_chunks = _n_chunks(N, M, Lq) if need_value else 1
         extra = np.zeros((n_chunks - 1, value.size if need_value else 0), dtype)
-        _kernels(device).ms_deform_attn_backward(
-            g,
-            value,
-            shapes,
-            starts,
-            loc,
-            attn,
-            n_chunks,
-            need_value,
-            need_loc_attn,
-            grad_value if need_value else np.zeros((0, 0, 0, 0), dtype),
-            extra,
-            grad_loc if need_loc_attn else np.zeros((0, 0, 0, 0, 0, 0), dtype),
-            grad_attn if need_loc_attn else np.zeros((0, 0, 0, 0, 0), dtype),
-        )
+        with _threads_for(loc.size // 2 * (2 * D + 8)):
+            _kernels(device).ms_deform_attn_backward(
+                g,
+                value,
+                shapes,
+                starts,
+                loc,
+                attn,
+                n_chunks,
+                need_value,
+                need_loc_attn,
+                grad_value if need_value else np.zeros((0, 0, 0, 0), dtype),
+                extra,
+                grad_loc if need_loc_attn else np.zeros((0, 0, 0, 0, 0, 0), dtype),
+                grad_attn if need_loc_attn else np.zeros((0, 0, 0, 0, 0), dtype),
+            )
     return (
         grad_value,
         grad_loc if needs[1] else None,
@@ -410,6 +437,29 @@ def _check_cases() -> list[CheckCase]:
     return cases
 
 
+def call_with_parameters(module: Any, tensors: tuple, fn: Any, *args: Any) -> Any:
+    """Run ``fn(*args)`` with ``module``'s parameters (in ``named_parameters`` order) replaced by
+    ``tensors``, then put the originals back: lets gradcheck, which checks copies of its inputs,
+    differentiate a layer with respect to its parameters."""
+    slots = []
+    for name, _ in module.named_parameters():
+        owner = module
+        *path, leaf = name.split(".")
+        for part in path:
+            owner = owner._modules[part]
+        slots.append((owner, leaf))
+    saved = [owner._parameters[leaf] for owner, leaf in slots]
+    try:
+        for (owner, leaf), t in zip(slots, tensors):
+            owner._parameters[leaf] = t
+            object.__setattr__(owner, leaf, t)
+        return fn(*args)
+    finally:
+        for (owner, leaf), p in zip(slots, saved):
+            owner._parameters[leaf] = p
+            object.__setattr__(owner, leaf, p)
+
+
 def _layer_check_cases() -> list[CheckCase]:
     """Gradchecks of the layers' parameters (tiny dims, float64)."""
     from ..nn.attention import DeformableAttention2d, MSDeformAttn
@@ -418,29 +468,31 @@ def _layer_check_cases() -> list[CheckCase]:
     cases: list[CheckCase] = []
     shapes, starts = level_layout([(3, 3), (2, 2)])
     S = int(shapes.prod(axis=1).sum())
-    layer = MSDeformAttn(d_model=4, n_levels=2, n_heads=2, n_points=2).double()
-    # small random offsets so sampling points leave the reference points (off the kinks with
-    # probability one; the gradcheck perturbation is far smaller than any distance to a kink)
+    layer = MSDeformAttn(d_model=4, n_levels=2, n_heads=2, n_points=2, dtype=np.float64)
+    # small random weights so sampling points leave the reference points (off the kinks with
+    # probability one; the gradcheck step is far smaller than any distance to a kink)
     for p in layer.parameters():
         p.data = p.data + 0.05 * rng.standard_normal(p.shape)
     query = Tensor(rng.standard_normal((1, 3, 4)))
     ref = Tensor(rng.uniform(0.2, 0.8, (1, 3, 2, 2)))
     feats = Tensor(rng.standard_normal((1, S, 4)), requires_grad=True)
-    params = tuple(layer.parameters())
+    params = tuple(Tensor(p.data.copy(), requires_grad=True) for p in layer.parameters())
     names = tuple(n for n, _ in layer.named_parameters())
 
-    def msda(feats: Tensor, *_: Tensor) -> Tensor:
-        return layer(query, ref, feats, shapes, starts)
+    def msda(feats: Tensor, *ps: Tensor) -> Tensor:
+        return call_with_parameters(layer, ps, layer, query, ref, feats, shapes, starts)
 
     cases.append(CheckCase(msda, (feats, *params), ("input_flatten", *names)))
 
-    dat = DeformableAttention2d(4, 2, n_groups=1, stride=2, kernel_size=3, q_size=4).double()
-    x = Tensor(rng.standard_normal((1, 4, 4, 4)), requires_grad=True)
-    dparams = tuple(dat.parameters())
+    dat = DeformableAttention2d(2, 2, stride=2, kernel_size=3, q_size=3, dtype=np.float64)
+    for p in dat.parameters():
+        p.data = p.data + 0.1 * rng.standard_normal(p.shape)
+    x = Tensor(rng.standard_normal((1, 2, 3, 3)), requires_grad=True)
+    dparams = tuple(Tensor(p.data.copy(), requires_grad=True) for p in dat.parameters())
     dnames = tuple(n for n, _ in dat.named_parameters())
 
-    def dat_fn(x: Tensor, *_: Tensor) -> Tensor:
-        return dat(x)[0]
+    def dat_fn(x: Tensor, *ps: Tensor) -> Tensor:
+        return call_with_parameters(dat, ps, dat, x)[0]
 
     cases.append(CheckCase(dat_fn, (x, *dparams), ("x", *dnames)))
     return cases
