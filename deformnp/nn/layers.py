@@ -354,11 +354,11 @@ class Sequential(Module):
         keys = list(self._modules)
         for k in keys[idx] if isinstance(idx, slice) else [self._index(int(idx))]:
             delattr(self, k)
-        # renumber so that names stay "0", "1", ... as torch does
-        items = list(self._modules.items())
-        for k, _ in items:
+        # renumber the rest "0", "1", ... as torch does
+        rest = list(self._modules.values())
+        for k in list(self._modules):
             delattr(self, k)
-        for i, (k, m) in enumerate(items):
+        for i, m in enumerate(rest):
             self.add_module(str(i), m)
 
     def __len__(self) -> int:
