@@ -216,6 +216,42 @@ CASES = [
         lambda a, b, c: np.einsum("ij,jk,k->i", a, b, c),
         (normal(2, 3), normal(3, 4), normal(4)),
     ),
+    (
+        "einsum_outer",
+        lambda a, b: F.einsum("i,j->ji", a, b),
+        lambda a, b: np.einsum("i,j->ji", a, b),
+        (normal(3), normal(4)),
+    ),
+    (
+        "einsum_dot",
+        lambda a, b: F.einsum("i,i->", a, b),
+        lambda a, b: np.einsum("i,i->", a, b),
+        (normal(3), normal(3)),
+    ),
+    (
+        "einsum_hadamard",
+        lambda a, b: F.einsum("ij,ij->ji", a, b),
+        lambda a, b: np.einsum("ij,ij->ji", a, b),
+        (normal(2, 3), normal(2, 3)),
+    ),
+    (
+        "einsum_lone_letters",
+        lambda a, b: F.einsum("bij,bkl->bk", a, b),
+        lambda a, b: np.einsum("bij,bkl->bk", a, b),
+        (normal(2, 3, 2), normal(2, 4, 3)),
+    ),
+    (
+        "einsum_attention",
+        lambda q, k: F.einsum("bhdm,bhdn->bhmn", q, k),
+        lambda q, k: np.einsum("bhdm,bhdn->bhmn", q, k),
+        (normal(2, 2, 3, 4), normal(2, 2, 3, 5)),
+    ),
+    (
+        "einsum_broadcast_size1",
+        lambda a, b: F.einsum("ij,ij->ij", a, b),
+        lambda a, b: np.einsum("ij,ij->ij", a, b),
+        (normal(1, 3), normal(4, 3)),
+    ),
     ("softmax", lambda a: F.softmax(a, -1), lambda a: _softmax(a, -1), (normal(3, 4),)),
     ("softmax_dim0", lambda a: a.softmax(0), lambda a: _softmax(a, 0), (normal(3, 4),)),
     (
@@ -559,6 +595,8 @@ def test_getitem_with_tensor_index():
         ),
         (lambda: F.einsum("ii->i", np.ones((2, 2))), ValueError, "repeated subscripts"),
         (lambda: F.einsum("ij->i", np.ones((2, 2, 2))), ValueError, "do not match an operand"),
+        (lambda: F.einsum("ij->ik", np.ones((2, 2))), ValueError, r"output subscripts \['k'\]"),
+        (lambda: F.einsum("ij,jk->ik", np.ones((2, 2))), ValueError, "names 2 operands, got 1"),
         (
             lambda: F.linear(np.ones((2, 3)), np.ones((4, 5))),
             ValueError,
