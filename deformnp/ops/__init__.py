@@ -13,3 +13,5 @@ from .bilinear import (
     bilinear_interpolate_backward,
     bilinear_interpolate_forward,
 )
+from .deform_conv import deform_conv2d, deform_conv2d_backward, deform_conv2d_forward
+from .grid_sample import grid_sample, grid_sample_backward, grid_sample_forward
