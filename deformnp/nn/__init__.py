@@ -7,6 +7,7 @@ import sys as _sys
 from .. import functional  # deformnp.nn.functional is deformnp.functional, as in torch
 from . import init
 from .attention import DeformableAttention2d, LayerNormProxy, MSDeformAttn
+from .deform_conv import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
 from .layers import (
     GELU,
     Conv2d,
