@@ -987,6 +987,77 @@ def _zero_pad(x: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
     return xp
 
 
+def _tap_span(k: int, dil: int, stride: int, pad_before: int, size: int, out: int) -> tuple:
+    """For kernel tap ``k`` along one axis: the output range ``[lo, hi)`` whose input coordinate
+    ``o*stride - pad_before + k*dil`` lies inside ``[0, size)``, and the input slice it reads."""
+    off = k * dil - pad_before
+    lo = builtins.max(0, -(off // stride))  # the smallest o with o*stride + off >= 0
+    hi = builtins.min(out, (size - 1 - off) // stride + 1)
+    if hi <= lo:
+        return lo, lo, slice(0, 0)
+    start = lo * stride + off
+    return lo, hi, slice(start, start + (hi - lo - 1) * stride + 1, stride)
+
+
+def _depthwise_taps(x_shape: tuple, kernel: tuple, stride: tuple, pad: tuple, dilation: tuple,
+                    out_hw: tuple) -> list:  # fmt: skip
+    """(i, j, output window, input window) for every kernel tap that reads inside the image."""
+    _, _, h, w = x_shape
+    taps = []
+    for i in range(kernel[0]):
+        ylo, yhi, ys = _tap_span(i, dilation[0], stride[0], pad[0], h, out_hw[0])
+        for j in range(kernel[1]):
+            xlo, xhi, xs = _tap_span(j, dilation[1], stride[1], pad[2], w, out_hw[1])
+            if yhi > ylo and xhi > xlo:
+                taps.append((i, j, (slice(ylo, yhi), slice(xlo, xhi)), (ys, xs)))
+    return taps
+
+
+def _depthwise_forward(x_nhwc: Any, w: Any, taps: list, out_hw: tuple) -> Any:
+    """Depthwise conv (one input channel per group, ``m = O // C`` outputs per channel) as one
+    multiply-add per kernel tap over the part of the output that tap sees: no padding, no
+    matmul. Works channels-last (input ``(N, H, W, C)``), so NumPy's inner loops run over the
+    channels rather than over a short, strided output row; returns NCHW."""
+    n, _, _, c = x_nhwc.shape
+    m = w.shape[0] // c
+    wt = w.reshape(c, m, *w.shape[2:]).transpose(2, 3, 1, 0)  # (kh, kw, m, C)
+    out = np.zeros((n, *out_hw, m, c), x_nhwc.dtype)
+    for i, j, (oy, ox), (iy, ix) in taps:
+        out[:, oy, ox] += x_nhwc[:, iy, ix, None, :] * wt[i, j]
+    # (N, Ho, Wo, m, C) -> (N, C, m, Ho, Wo): output channel c*m + q
+    return np.ascontiguousarray(out.transpose(0, 4, 3, 1, 2)).reshape(n, c * m, *out_hw)
+
+
+def _depthwise_backward(
+    grad: Any, x_shape: tuple, x_nhwc: Any, w: Any, taps: list, need_x: bool, need_w: bool
+) -> tuple:
+    """Gradients of :func:`_depthwise_forward` (channels-last, taps in a fixed order:
+    deterministic); ``x_nhwc`` is needed only for the weight gradient. Returns the input
+    gradient in NCHW and the weight gradient (O, 1, kh, kw)."""
+    n, c, h, wd = x_shape
+    m = w.shape[0] // c
+    kh, kw = w.shape[2:]
+    wt = w.reshape(c, m, kh, kw).transpose(2, 3, 1, 0)  # (kh, kw, m, C)
+    gt = grad.reshape(n, c, m, *grad.shape[2:]).transpose(0, 3, 4, 2, 1)  # (N, Ho, Wo, m, C)
+    gt = np.ascontiguousarray(gt)
+    gx = np.zeros((n, h, wd, c), grad.dtype) if need_x else None
+    gw = np.zeros((kh, kw, m, c), grad.dtype) if need_w else None
+    for i, j, (oy, ox), (iy, ix) in taps:
+        go = gt[:, oy, ox]
+        if need_x:
+            if m == 1:
+                gx[:, iy, ix] += go[:, :, :, 0] * wt[i, j, 0]
+            else:
+                gx[:, iy, ix] += np.einsum("nhwqc,qc->nhwc", go, wt[i, j])
+        if need_w:
+            gw[i, j] = np.einsum("nhwqc,nhwc->qc", go, x_nhwc[:, iy, ix])
+    if need_x:
+        gx = gx.transpose(0, 3, 1, 2)
+    if need_w:
+        gw = np.ascontiguousarray(gw.transpose(3, 2, 0, 1)).reshape(c * m, 1, kh, kw)
+    return gx, gw
+
+
 class Conv2d(Function):
     """2-D cross-correlation (torch's conv2d), NCHW; ``pad`` is (top, bottom, left, right).
 
@@ -997,8 +1068,9 @@ class Conv2d(Function):
     (``L = Hout * Wp``): each tap is then one contiguous slice of the flattened padded image,
     which copies several times faster than a strided window; the ``Wp - Wout`` extra columns per
     row are computed and dropped (their output gradient is zero, so they add nothing backward).
-    Depthwise groups (one input channel per group, as in DAT's offset network) skip the matmul:
-    each tap is a broadcast multiply-add over the whole map, far faster than many 1-row matmuls.
+    Depthwise groups (one input channel per group, as in DAT's offset network) skip the matmul
+    and the padding: each tap is a broadcast multiply-add over the part of the output it sees
+    (:func:`_depthwise_forward`), far faster than many one-row matmuls.
     """
 
     @staticmethod
@@ -1021,18 +1093,11 @@ class Conv2d(Function):
         ctx.meta = (x.shape, stride, pad, dilation, groups, out_hw)
         everything = (slice(None), slice(None))
         if cg == 1 and groups > 1:  # depthwise: out channel co reads input channel co // m
-            m = o // c
-            xp = _zero_pad(x, pad)
-            w4 = w.reshape(c, m, kh, kw)
-            out = np.zeros((n, c, m, ho, wo), x.dtype)
-            tmp = np.empty((n, c, m, ho, wo), x.dtype)
-            for i in range(kh):
-                for j in range(kw):
-                    win = xp[everything + _conv_window(i, j, dilation, stride, out_hw)]
-                    np.multiply(win[:, :, None], w4[None, :, :, i, j, None, None], out=tmp)
-                    out += tmp
-            out = out.reshape(n, o, ho, wo)
-            ctx.save_for_backward(xp if ctx.needs_input_grad[1] else None, w)
+            taps = _depthwise_taps(x.shape, (kh, kw), stride, pad, dilation, out_hw)
+            x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+            out = _depthwise_forward(x_nhwc, w, taps, out_hw)
+            ctx.taps = taps
+            ctx.save_for_backward(x_nhwc if ctx.needs_input_grad[1] else None, w)
         else:
             if kh == kw == 1 and pad == (0, 0, 0, 0):
                 row = wo
@@ -1083,62 +1148,41 @@ class Conv2d(Function):
         if need_b:
             gb = grad.sum(axis=(0, 2, 3))
         if cg == 1 and groups > 1:
-            m = o // c
-            g5 = grad.reshape(n, c, m, ho, wo)
-            w4 = w.reshape(c, m, kh, kw)
-            if need_x:
-                gxp = np.zeros((n, c, hp, wp), grad.dtype)
-            if need_w:
-                gw = np.empty((c, m, kh, kw), grad.dtype)
-            for i in range(kh):
-                for j in range(kw):
-                    window = everything + _conv_window(i, j, dilation, stride, out_hw)
-                    if need_x:
-                        if m == 1:
-                            gxp[window] += grad * w4[None, :, 0, i, j, None, None]
-                        else:
-                            gxp[window] += np.einsum("ncqhw,cq->nchw", g5, w4[:, :, i, j])
-                    if need_w:
-                        gw[:, :, i, j] = np.einsum("ncqhw,nchw->cq", g5, saved[window])
-            if need_w:
-                gw = gw.reshape(o, 1, kh, kw)
+            gx, gw = _depthwise_backward(grad, (n, c, h, wd), saved, w, ctx.taps, need_x, need_w)
+            return gx, gw, gb, None, None, None, None, None
+        row = ctx.row
+        length = ho * row
+        k = cg * kh * kw
+        if row != wo:  # zero gradient for the dropped columns
+            go = np.zeros((n, o, ho, row), grad.dtype)
+            go[..., :wo] = grad
         else:
-            row = ctx.row
-            length = ho * row
-            k = cg * kh * kw
-            if row != wo:  # zero gradient for the dropped columns
-                go = np.zeros((n, o, ho, row), grad.dtype)
-                go[..., :wo] = grad
-            else:
-                go = grad
-            go = go.reshape(n, groups, o // groups, length)
-            if need_w:
-                # (N, g, O/g, L) @ (N, g, L, K), summed over the batch
-                gw = np.matmul(go, saved.transpose(0, 1, 3, 2)).sum(axis=0).reshape(o, cg, kh, kw)
-            if need_x:
-                wt = w.reshape(groups, o // groups, k).transpose(0, 2, 1)
-                gcols = np.matmul(wt, go).reshape(n, c, kh, kw, length)
-                if kh == kw == 1 and pad == (0, 0, 0, 0):
-                    gxp = np.zeros((n, c, h, wd), grad.dtype)
-                    gxp[:, :, :: stride[0], :: stride[1]] = gcols[:, :, 0, 0].reshape(n, c, ho, wo)
-                elif stride == (1, 1):  # col2im over the flattened padded image
-                    flat = np.zeros(
-                        (n, c, _flat_size(hp, wp, kh, kw, dilation, length)), grad.dtype
-                    )
-                    for i in range(kh):
-                        for j in range(kw):
-                            off = i * dilation[0] * wp + j * dilation[1]
-                            flat[:, :, off : off + length] += gcols[:, :, i, j]
-                    gxp = flat[:, :, : hp * wp].reshape(n, c, hp, wp)
-                else:  # col2im: one strided add per tap, in a fixed order
-                    gxp = np.zeros((n, c, hp, wp), grad.dtype)
-                    gcols = gcols.reshape(n, c, kh, kw, ho, wo)
-                    for i in range(kh):
-                        for j in range(kw):
-                            gxp[everything + _conv_window(i, j, dilation, stride, out_hw)] += gcols[
-                                :, :, i, j
-                            ]
+            go = grad
+        go = go.reshape(n, groups, o // groups, length)
+        if need_w:
+            # (N, g, O/g, L) @ (N, g, L, K), summed over the batch
+            gw = np.matmul(go, saved.transpose(0, 1, 3, 2)).sum(axis=0).reshape(o, cg, kh, kw)
         if need_x:
+            wt = w.reshape(groups, o // groups, k).transpose(0, 2, 1)
+            gcols = np.matmul(wt, go).reshape(n, c, kh, kw, length)
+            if kh == kw == 1 and pad == (0, 0, 0, 0):
+                gxp = np.zeros((n, c, h, wd), grad.dtype)
+                gxp[:, :, :: stride[0], :: stride[1]] = gcols[:, :, 0, 0].reshape(n, c, ho, wo)
+            elif stride == (1, 1):  # col2im over the flattened padded image
+                flat = np.zeros((n, c, _flat_size(hp, wp, kh, kw, dilation, length)), grad.dtype)
+                for i in range(kh):
+                    for j in range(kw):
+                        off = i * dilation[0] * wp + j * dilation[1]
+                        flat[:, :, off : off + length] += gcols[:, :, i, j]
+                gxp = flat[:, :, : hp * wp].reshape(n, c, hp, wp)
+            else:  # col2im: one strided add per tap, in a fixed order
+                gxp = np.zeros((n, c, hp, wp), grad.dtype)
+                gcols = gcols.reshape(n, c, kh, kw, ho, wo)
+                for i in range(kh):
+                    for j in range(kw):
+                        gxp[everything + _conv_window(i, j, dilation, stride, out_hw)] += gcols[
+                            :, :, i, j
+                        ]
             gx = gxp[:, :, top : top + h, left : left + wd]
         return gx, gw, gb, None, None, None, None, None
 

@@ -33,6 +33,19 @@ CONFIGS = [
     ("depthwise_multiplier2", (1, 3, 6, 5), (6, 1, 3, 2), {"groups": 3, "padding": (1, 0)}),
     ("depthwise_5x5_stride3", (2, 2, 9, 8), (2, 1, 5, 5), {"groups": 2, "stride": 3, "padding": 2}),
     ("depthwise_dilated", (1, 2, 7, 7), (2, 1, 3, 3), {"groups": 2, "dilation": 2, "padding": 2}),
+    (
+        "depthwise_taps_outside",
+        (1, 2, 1, 2),
+        (2, 1, 5, 5),
+        {"groups": 2, "stride": 3, "padding": 2},
+    ),
+    (
+        "depthwise_no_tap_inside",
+        (1, 2, 1, 1),
+        (2, 1, 1, 1),
+        {"groups": 2, "stride": 2, "padding": 1},
+    ),
+    ("taps_outside", (1, 2, 1, 2), (3, 2, 5, 5), {"stride": 3, "padding": 2}),
     ("pointwise", (2, 3, 4, 5), (4, 3, 1, 1), {}),
     ("pointwise_stride2", (2, 3, 5, 5), (4, 3, 1, 1), {"stride": 2}),
     ("pointwise_padded", (1, 3, 3, 3), (2, 3, 1, 1), {"padding": 1}),
@@ -142,12 +155,24 @@ def test_backward_is_deterministic(xs, ws, kw):
         np.testing.assert_array_equal(first, second)
 
 
-def test_only_requested_gradients_are_computed():
-    x, w, b = _data((1, 2, 4, 4), (3, 2, 3, 3))
-    xt = dn.tensor(x)
-    wt = dn.tensor(w, requires_grad=True)
-    F.conv2d(xt, wt, b, padding=1).sum().backward()
-    assert xt.grad is None and wt.grad.shape == w.shape
+@pytest.mark.parametrize("groups", [1, 2])  # general and depthwise paths
+@pytest.mark.parametrize("wanted", ["input", "weight", "bias"])
+def test_only_requested_gradients_are_computed(groups, wanted):
+    x, w, b = _data((1, 2, 4, 4), (4, 2 // groups, 3, 3))
+    ts = {
+        "input": dn.tensor(x, requires_grad=wanted == "input"),
+        "weight": dn.tensor(w, requires_grad=wanted == "weight"),
+        "bias": dn.tensor(b, requires_grad=wanted == "bias"),
+    }
+    r = np.random.default_rng(3).standard_normal((1, 4, 4, 4))
+    F.conv2d(ts["input"], ts["weight"], ts["bias"], padding=1, groups=groups).backward(r)
+    full = [dn.tensor(a, requires_grad=True) for a in (x, w, b)]
+    F.conv2d(*full, padding=1, groups=groups).backward(r)
+    for k, (name, t) in enumerate(ts.items()):
+        if name == wanted:
+            np.testing.assert_array_equal(t.grad, full[k].grad)
+        else:
+            assert t.grad is None
 
 
 def test_empty_batch_gives_empty_output_and_zero_grads():
