@@ -13,12 +13,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import special as _special
 
 from .function import Context, Function
 from .tensor import Tensor
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _scipy_special() -> Any:
+    """scipy.special, imported on first use (it is the slowest part of ``import deformnp``)."""
+    from scipy import special
+
+    return special
 
 
 def _t(x: Any, like: Tensor | None = None) -> Tensor:
@@ -195,7 +201,7 @@ class Tanh(Function):
 class Sigmoid(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
-        out = _special.expit(a).astype(a.dtype, copy=False)
+        out = _scipy_special().expit(a).astype(a.dtype, copy=False)
         ctx.save_for_backward(out)
         return out
 
@@ -876,7 +882,9 @@ class GELU(Function):
             k = math.sqrt(2.0 / math.pi)
             inner = k * (a + 0.044715 * a**3)
             return (0.5 * a * (1.0 + np.tanh(inner))).astype(a.dtype, copy=False)
-        return (0.5 * a * (1.0 + _special.erf(a / math.sqrt(2.0)))).astype(a.dtype, copy=False)
+        return (0.5 * a * (1.0 + _scipy_special().erf(a / math.sqrt(2.0)))).astype(
+            a.dtype, copy=False
+        )
 
     @staticmethod
     def backward(ctx: Context, grad: Any) -> tuple:
@@ -886,7 +894,7 @@ class GELU(Function):
             t = np.tanh(k * (a + 0.044715 * a**3))
             d = 0.5 * (1 + t) + 0.5 * a * (1 - t * t) * k * (1 + 3 * 0.044715 * a * a)
         else:
-            cdf = 0.5 * (1.0 + _special.erf(a / math.sqrt(2.0)))
+            cdf = 0.5 * (1.0 + _scipy_special().erf(a / math.sqrt(2.0)))
             pdf = np.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
             d = cdf + a * pdf
         return (grad * d).astype(grad.dtype, copy=False), None

@@ -13,7 +13,6 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import special as _special
 
 from .. import functional as _functional
 from ..tensor import Tensor
@@ -125,6 +124,8 @@ def trunc_normal_(
 ) -> Any:
     """Fill with N(mean, std^2) truncated to [a, b] (bounds in absolute units, as torch), by the
     inverse-CDF method."""
+    from scipy import special as _special  # imported on first use: slow to import
+
     lo = _special.ndtr((a - mean) / std)
     hi = _special.ndtr((b - mean) / std)
     u = _rng(generator).uniform(lo, hi, _array(tensor).shape)
