@@ -1567,14 +1567,15 @@ def _class_loss(
         w = _host_float(op, "weight", weight)
         if w.shape != (n_cls,):
             raise ValueError(f"{op}: weight must have shape (C,) = ({n_cls},), got {w.shape}")
-        w = w.astype(logp.dtype, copy=False)
+        _one_dtype(op, input=logp.data, weight=w)
     t_raw = target.data if isinstance(target, Tensor) else np.asarray(target)
     if t_raw.dtype.kind == "f":  # class probabilities
         if t_raw.shape != logp.shape:
             raise ValueError(
                 f"{op}: probability target must have the input's shape {logp.shape}, got {t_raw.shape}"
             )
-        t = target if isinstance(target, Tensor) else Tensor._wrap(t_raw.astype(logp.dtype))
+        _one_dtype(op, input=logp.data, target=t_raw)
+        t = target if isinstance(target, Tensor) else Tensor._wrap(t_raw)
         if eps:
             t = t * (1.0 - eps) + eps / n_cls
         if w is not None:

@@ -482,6 +482,18 @@ def test_cross_entropy_all_ignored_is_nan():
             "target must hold class indices",
         ),
         (
+            (normal(4, 3).astype(np.float32), np.array([0, 1, 2, 1])),
+            {"weight": np.ones(3)},
+            TypeError,
+            "cross_entropy: inputs must share one float dtype, got input float32, weight float64",
+        ),
+        (
+            (normal(4, 3).astype(np.float32), np.full((4, 3), 1 / 3)),
+            {},
+            TypeError,
+            "cross_entropy: inputs must share one float dtype, got input float32, target float64",
+        ),
+        (
             (normal(4, 3), np.array([0, 1, 2, 1])),
             {"label_smoothing": 1.5},
             ValueError,
