@@ -185,6 +185,28 @@ class Abs(Function):
         return grad * np.sign(ctx.saved_tensors[0])
 
 
+class Sin(Function):
+    @staticmethod
+    def forward(ctx: Context, a: Any) -> Any:
+        ctx.save_for_backward(a)
+        return np.sin(a)
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> Any:
+        return grad * np.cos(ctx.saved_tensors[0])
+
+
+class Cos(Function):
+    @staticmethod
+    def forward(ctx: Context, a: Any) -> Any:
+        ctx.save_for_backward(a)
+        return np.cos(a)
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> Any:
+        return -grad * np.sin(ctx.saved_tensors[0])
+
+
 class Tanh(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
@@ -303,6 +325,14 @@ def sqrt(input: Any) -> Tensor:
 
 def abs(input: Any) -> Tensor:  # noqa: A001 - torch's name
     return Abs.apply(_t(input))
+
+
+def sin(input: Any) -> Tensor:
+    return Sin.apply(_t(input))
+
+
+def cos(input: Any) -> Tensor:
+    return Cos.apply(_t(input))
 
 
 def tanh(input: Any) -> Tensor:
@@ -663,6 +693,69 @@ def chunk(input: Any, chunks: int, dim: int = 0) -> tuple[Tensor, ...]:
     x = _t(input)
     n = x.shape[_norm_dim(dim, x.ndim, "chunk")]
     return split(x, -(-n // int(chunks)) if n else 1, dim)
+
+
+class Repeat(Function):
+    @staticmethod
+    def forward(ctx: Context, a: Any, reps: tuple) -> Any:
+        ctx.shape = a.shape
+        return np.tile(a, reps)
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> tuple:
+        # view the tiled gradient as (r0, n0, r1, n1, ...) and sum over the repeats
+        lead = grad.ndim - len(ctx.shape)
+        shape = list(grad.shape[:lead])
+        for r_n, n in zip(grad.shape[lead:], ctx.shape):
+            shape += [r_n // n if n else 0, n]
+        g = grad.reshape(shape).sum(axis=tuple(range(lead)) + tuple(range(lead, len(shape), 2)))
+        return g, None
+
+
+def repeat(input: Any, *sizes: Any) -> Tensor:
+    """torch's ``Tensor.repeat``: tile the tensor ``sizes[d]`` times along each dim (extra
+    leading sizes add dims)."""
+    x = _t(input)
+    reps = _shape_arg(sizes)
+    if len(reps) < x.ndim:
+        raise ValueError(
+            f"repeat: number of repeat sizes ({len(reps)}) can not be smaller than the number of "
+            f"dimensions ({x.ndim})"
+        )
+    if any(r < 0 for r in reps):
+        raise ValueError(f"repeat: sizes must be >= 0, got {reps}")
+    return Repeat.apply(x, reps)
+
+
+class Flip(Function):
+    @staticmethod
+    def forward(ctx: Context, a: Any, dims: tuple) -> Any:
+        ctx.dims = dims
+        return np.flip(a, dims).copy()
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> tuple:
+        return np.flip(grad, ctx.dims), None
+
+
+def flip(input: Any, dims: Any) -> Tensor:
+    x = _t(input)
+    return Flip.apply(x, _norm_dims(dims, x.ndim, "flip") or ())
+
+
+class Copy(Function):
+    @staticmethod
+    def forward(ctx: Context, a: Any) -> Any:
+        return np.array(a, copy=True)
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> Any:
+        return grad
+
+
+def clone(input: Any) -> Tensor:
+    """A differentiable copy (torch's ``clone``)."""
+    return Copy.apply(_t(input))
 
 
 # ---------------------------------------------------------------------------- matmul
@@ -1715,6 +1808,8 @@ def _attach() -> None:
     T.unsqueeze, T.squeeze, T.expand = unsqueeze, squeeze, expand
     T.softmax, T.log_softmax, T.masked_fill = softmax, log_softmax, masked_fill
     T.split, T.chunk = split, chunk
+    T.repeat, T.flip, T.clone, T.sin, T.cos = repeat, flip, clone, sin, cos
+    T.contiguous = lambda s: s  # NumPy handles any layout; kept so ported code runs
 
     def astype(self: Tensor, dtype: Any) -> Tensor:
         dtype = np.dtype(dtype)

@@ -70,6 +70,12 @@ CASES = [
     ("sqrt", F.sqrt, np.sqrt, (positive(3, 2),)),
     ("abs", F.abs, np.abs, (away_from_zero(3, 2),)),
     ("tanh", F.tanh, np.tanh, (normal(3, 2),)),
+    ("sin", F.sin, np.sin, (normal(3, 2),)),
+    ("cos", lambda a: a.cos(), np.cos, (normal(3, 2),)),
+    ("repeat", lambda a: a.repeat(2, 1, 3), lambda a: np.tile(a, (2, 1, 3)), (normal(2, 3),)),
+    ("repeat_same_rank", lambda a: a.repeat((3, 2)), lambda a: np.tile(a, (3, 2)), (normal(2, 3),)),
+    ("flip", lambda a: a.flip((0, -1)), lambda a: a[::-1, :, ::-1], (normal(2, 3, 4),)),
+    ("clone", lambda a: a.clone() * a.contiguous(), lambda a: a * a, (normal(3),)),
     ("sigmoid", F.sigmoid, special.expit, (normal(3, 2),)),
     ("relu", F.relu, lambda a: np.maximum(a, 0), (away_from_zero(3, 4),)),
     (
@@ -666,6 +672,7 @@ def test_getitem_with_tensor_index():
             "pad: only mode='constant'",
         ),
         (lambda: F.pad(np.ones((2, 2)), (-2, -1)), ValueError, "gives a negative size"),
+        (lambda: F.repeat(np.ones((2, 2)), 2), ValueError, "can not be smaller than"),
     ],
 )
 def test_validation_messages(call, err, match):
