@@ -31,7 +31,10 @@ y0 = y1 = H - 1 and y = H - 1. The position derivative is zero inside the clampe
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -259,6 +262,26 @@ def _bilinear_backward_points(gout, inp, pts, rule, gpts):
 
 BORDERS = {"zero": 0, "clamp": 1}
 
+# Below this much work (samples times channels) the parallel kernels run on the calling thread
+# alone: waking Numba's worker threads costs tens of microseconds on an idle machine and
+# milliseconds on a loaded one, far more than a tiny problem takes (gradchecks and small layers
+# make thousands of such calls). No result depends on the thread count.
+SERIAL_WORK = 1 << 17
+
+
+@contextmanager
+def threads_for(work: int) -> Iterator[None]:
+    """Run the enclosed kernels on one thread when ``work`` is below SERIAL_WORK."""
+    prev = numba.get_num_threads()
+    if work >= SERIAL_WORK or prev == 1:
+        yield
+        return
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
+
 
 def _channel_block(N: int, C: int) -> int:
     """Channels per input-gradient task: enough tasks to share out, plans amortised over a block.
@@ -276,7 +299,8 @@ def bilinear_interpolate_forward(input, points, border):
     P = points.shape[1]
     out = np.zeros((N, C, P), dtype=input.dtype)
     if out.size and H * W:
-        _bilinear_forward(input, np.ascontiguousarray(points, np.float64), BORDERS[border], out)
+        with threads_for(out.size):
+            _bilinear_forward(input, np.ascontiguousarray(points, np.float64), BORDERS[border], out)
     return out
 
 
@@ -288,13 +312,14 @@ def bilinear_interpolate_backward(grad_out, input, points, border, needs=(True, 
     pts = np.ascontiguousarray(points, np.float64)
     grad_out = np.ascontiguousarray(grad_out, input.dtype)
     g_in = g_pts = None
-    if needs[0]:
-        g_in = np.zeros(input.shape, dtype=input.dtype)
-        if grad_out.size and g_in.size:
-            _bilinear_backward_input(grad_out, pts, rule, _channel_block(N, C), g_in)
-    if needs[1]:
-        g64 = np.zeros((N, P, 2), dtype=np.float64)
-        if N * P and C * H * W:
-            _bilinear_backward_points(grad_out, input, pts, rule, g64)
-        g_pts = g64.astype(points.dtype, copy=False)
+    with threads_for(grad_out.size):
+        if needs[0]:
+            g_in = np.zeros(input.shape, dtype=input.dtype)
+            if grad_out.size and g_in.size:
+                _bilinear_backward_input(grad_out, pts, rule, _channel_block(N, C), g_in)
+        if needs[1]:
+            g64 = np.zeros((N, P, 2), dtype=np.float64)
+            if N * P and C * H * W:
+                _bilinear_backward_points(grad_out, input, pts, rule, g64)
+            g_pts = g64.astype(points.dtype, copy=False)
     return g_in, g_pts

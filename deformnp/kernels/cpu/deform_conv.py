@@ -47,7 +47,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .bilinear import zero_fade_plan
+from .bilinear import threads_for, zero_fade_plan
 
 # Largest columns matrix (elements) per chunk of batch items: 2**23 elements is 32 MB in
 # float32; a chunk always holds at least one batch item.
@@ -330,11 +330,30 @@ def deform_conv2d_forward(
 ) -> Any:
     """out (B, Cout, Hout, Wout); arguments validated and C-contiguous, mask/bias may be None."""
     B, Cin, H, W, Cout, cin_g, kh, kw, Hout, Wout, G, g = _geometry(input, offset, weight)
+    out = np.zeros((B, Cout, Hout, Wout), dtype=input.dtype)
+    if out.size and H * W:
+        return _forward(input, offset, weight, bias, stride, padding, dilation, mask, out)
+    if bias is not None:
+        out += bias.reshape(1, Cout, 1, 1)
+    return out
+
+
+def _forward(
+    input: Any,
+    offset: Any,
+    weight: Any,
+    bias: Any,
+    stride: tuple,
+    padding: tuple,
+    dilation: tuple,
+    mask: Any,
+    out: Any,
+) -> Any:
+    B, Cin, H, W, Cout, cin_g, kh, kw, Hout, Wout, G, g = _geometry(input, offset, weight)
     K = kh * kw
     HW = Hout * Wout
     dtype = input.dtype
-    out = np.zeros((B, Cout, Hout, Wout), dtype=dtype)
-    if out.size and H * W:
+    with threads_for(B * HW * K * Cin):
         msk = _mask_or_ones(mask, B, G, K, Hout, Wout, dtype)
         inp_t = np.ascontiguousarray(input.transpose(0, 2, 3, 1))
         wm = _weight_matrix(weight)
@@ -392,6 +411,24 @@ def deform_conv2d_backward(
         g_b = np.ascontiguousarray(grad_out.sum(axis=(0, 2, 3)), dtype=dtype)
     if B * Cout * HW == 0 or H * W == 0 or not (need_in or need_off or need_w or need_m):
         return g_in, g_off, g_w, g_b, g_m
+    with threads_for(B * HW * K * Cin):
+        _backward(
+            grad_out, input, offset, weight, mask, stride, padding, dilation,
+            need_in, need_off, need_w, need_m, g_in, g_off, g_w, g_m,
+        )  # fmt: skip
+    return g_in, g_off, g_w, g_b, g_m
+
+
+def _backward(
+    grad_out: Any, input: Any, offset: Any, weight: Any, mask: Any, stride: tuple,
+    padding: tuple, dilation: tuple, need_in: bool, need_off: bool, need_w: bool, need_m: bool,
+    g_in: Any, g_off: Any, g_w: Any, g_m: Any,
+) -> None:  # fmt: skip
+    """The chunked backward of deform_conv2d_backward, writing into the given gradients."""
+    B, Cin, H, W, Cout, cin_g, kh, kw, Hout, Wout, G, g = _geometry(input, offset, weight)
+    K = kh * kw
+    HW = Hout * Wout
+    dtype = input.dtype
     msk = _mask_or_ones(mask, B, G, K, Hout, Wout, dtype)
     inp_t = np.ascontiguousarray(input.transpose(0, 2, 3, 1))
     wm = _weight_matrix(weight)
@@ -441,4 +478,3 @@ def deform_conv2d_backward(
         g_in[...] = gin_t.transpose(0, 3, 1, 2)
     if need_w:
         g_w[...] = gwm.reshape(Cout, kh, kw, cin_g).transpose(0, 3, 1, 2)
-    return g_in, g_off, g_w, g_b, g_m

@@ -95,7 +95,8 @@ def grid_sample_forward(input: Any, grid_: Any, padding_mode: str, align_corners
     out = np.zeros((N, C, Hout, Wout), dtype=input.dtype)
     if out.size and Hin * Win:
         pts, _, _ = _points(grid_, Hin, Win, padding_mode, align_corners)
-        _bil._bilinear_forward(input, pts, 0, out.reshape(N, C, Hout * Wout))
+        with _bil.threads_for(out.size):
+            _bil._bilinear_forward(input, pts, 0, out.reshape(N, C, Hout * Wout))
     return out
 
 
@@ -117,16 +118,17 @@ def grid_sample_backward(
     if live:
         pts, dy, dx = _points(grid_, Hin, Win, padding_mode, align_corners)
         go = np.ascontiguousarray(grad_out, input.dtype).reshape(N, C, P)
-    if needs[0]:
-        g_in = np.zeros(input.shape, dtype=input.dtype)
-        if live:
-            _bil._bilinear_backward_input(go, pts, 0, _bil._channel_block(N, C), g_in)
-    if needs[1]:
-        g_grid = np.zeros(grid_.shape, dtype=grid_.dtype)
-        if live:
-            gp = np.zeros((N, P, 2), dtype=np.float64)
-            _bil._bilinear_backward_points(go, input, pts, 0, gp)
-            flat = g_grid.reshape(N, P, 2)
-            flat[..., 0] = gp[..., 1] * dx
-            flat[..., 1] = gp[..., 0] * dy
+    with _bil.threads_for(grad_out.size):
+        if needs[0]:
+            g_in = np.zeros(input.shape, dtype=input.dtype)
+            if live:
+                _bil._bilinear_backward_input(go, pts, 0, _bil._channel_block(N, C), g_in)
+        if needs[1]:
+            g_grid = np.zeros(grid_.shape, dtype=grid_.dtype)
+            if live:
+                gp = np.zeros((N, P, 2), dtype=np.float64)
+                _bil._bilinear_backward_points(go, input, pts, 0, gp)
+                flat = g_grid.reshape(N, P, 2)
+                flat[..., 0] = gp[..., 1] * dx
+                flat[..., 1] = gp[..., 0] * dy
     return g_in, g_grid
