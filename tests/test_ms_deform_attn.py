@@ -795,3 +795,16 @@ def test_msdeformattn_init_matches_deformable_detr_bias():
         grid[:, :, i, :] *= i + 1
     ours = MSDeformAttn().sampling_offsets.bias.numpy()
     np.testing.assert_allclose(ours, grid.view(-1).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_msdeformattn_sampling_at_initialisation(rng):
+    # freshly initialised: offsets are the bias grid in pixels of each level, weights uniform
+    m = MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=3)
+    query, ref, _, shapes, _, _ = _msda_inputs(rng, dtype=np.float32)
+    loc, w = m.sampling(query, ref, shapes)
+    assert loc.shape == (2, 4, 2, 2, 3, 2) and w.shape == (2, 4, 2, 2, 3)
+    np.testing.assert_allclose(w.numpy(), 1 / 6, rtol=1e-6)
+    bias = m.sampling_offsets.bias.numpy().reshape(2, 2, 3, 2)
+    norm = np.array([[5, 4], [3, 2]], np.float32)  # (W_l, H_l)
+    expected = ref[:, :, None, :, None, :] + bias[None, None] / norm[None, None, None, :, None, :]
+    np.testing.assert_allclose(loc.numpy(), expected, rtol=1e-6, atol=1e-7)

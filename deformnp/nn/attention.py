@@ -129,7 +129,7 @@ class MSDeformAttn(Module):
         input_flatten = _tensor(input_flatten)
         shapes = index_array(name, "input_spatial_shapes", _raw(input_spatial_shapes))
         starts = index_array(name, "input_level_start_index", _raw(input_level_start_index))
-        M, L, P, C = self.n_heads, self.n_levels, self.n_points, self.d_model
+        M, L, C = self.n_heads, self.n_levels, self.d_model
         if query.ndim != 3 or query.shape[2] != C:
             raise ValueError(f"{name}: query must be (N, Lq, {C}), got shape {query.shape}")
         if input_flatten.ndim != 3 or input_flatten.shape[2] != C:
@@ -174,6 +174,15 @@ class MSDeformAttn(Module):
                 )
             value = F.masked_fill(value, mask[..., None], 0.0)
         value = value.reshape(N, S, M, C // M)
+        locations, weights = self._sampling(query, reference_points, shapes)
+        out = ms_deform_attn(value, shapes, starts, locations, weights)
+        return self.output_proj(out)
+
+    def _sampling(
+        self, query: Tensor, reference_points: Tensor, shapes: np.ndarray
+    ) -> tuple[Tensor, Tensor]:
+        N, Lq, _ = query.shape
+        M, L, P = self.n_heads, self.n_levels, self.n_points
         offsets = self.sampling_offsets(query).reshape(N, Lq, M, L, P, 2)
         weights = self.attention_weights(query).reshape(N, Lq, M, L * P)
         weights = F.softmax(weights, -1).reshape(N, Lq, M, L, P)
@@ -186,8 +195,16 @@ class MSDeformAttn(Module):
         else:
             ref = reference_points.astype(dtype).reshape(N, Lq, 1, L, 1, 4)
             locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
-        out = ms_deform_attn(value, shapes, starts, locations, weights)
-        return self.output_proj(out)
+        return locations, weights
+
+    def sampling(
+        self, query: Any, reference_points: Any, input_spatial_shapes: Any
+    ) -> tuple[Tensor, Tensor]:
+        """The sampling locations (N, Lq, n_heads, n_levels, n_points, 2) as normalized (x, y)
+        and their softmaxed attention weights (N, Lq, n_heads, n_levels, n_points) that
+        ``forward`` uses for these queries: for plotting where the attention looks."""
+        shapes = index_array("MSDeformAttn", "input_spatial_shapes", _raw(input_spatial_shapes))
+        return self._sampling(_tensor(query), _tensor(reference_points), shapes)
 
     def extra_repr(self) -> str:
         return (
