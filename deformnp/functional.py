@@ -1227,10 +1227,12 @@ class Conv2d(Function):
             cols = cols.reshape(n, groups, cg * kh * kw, ho * row)
             out = np.matmul(w.reshape(groups, o // groups, cg * kh * kw), cols)
             out = out.reshape(n, o, ho, row)
-            if row != wo:
-                out = np.ascontiguousarray(out[..., :wo])
             ctx.row = row
             ctx.save_for_backward(cols if ctx.needs_input_grad[1] else None, w)
+            if row != wo:  # drop the extra columns, adding the bias in the same pass
+                if b is None:
+                    return np.ascontiguousarray(out[..., :wo])
+                return out[..., :wo] + b.reshape(o, 1, 1)
         if b is not None:
             out += b.reshape(o, 1, 1)
         return out
