@@ -427,14 +427,7 @@ def _check_cases() -> list[CheckCase]:
     def fn(value: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
         return ms_deform_attn(value, shapes, starts, loc, attn)
 
-    cases = [
-        CheckCase(fn, (value, loc, attn), ("value", "sampling_locations", "attention_weights"))
-    ]
-    try:
-        cases += _layer_check_cases()
-    except ImportError:  # the layers need deformnp.nn's generic layers
-        pass
-    return cases
+    return [CheckCase(fn, (value, loc, attn), ("value", "sampling_locations", "attention_weights"))]
 
 
 def call_with_parameters(module: Any, tensors: tuple, fn: Any, *args: Any) -> Any:
@@ -460,12 +453,11 @@ def call_with_parameters(module: Any, tensors: tuple, fn: Any, *args: Any) -> An
             object.__setattr__(owner, leaf, p)
 
 
-def _layer_check_cases() -> list[CheckCase]:
-    """Gradchecks of the layers' parameters (tiny dims, float64)."""
-    from ..nn.attention import DeformableAttention2d, MSDeformAttn
+def _msdeformattn_check_cases() -> list[CheckCase]:
+    """Gradcheck of nn.MSDeformAttn's input and parameters (tiny dims, float64)."""
+    from ..nn.attention import MSDeformAttn
 
     rng = np.random.default_rng(1)
-    cases: list[CheckCase] = []
     shapes, starts = level_layout([(3, 3), (2, 2)])
     S = int(shapes.prod(axis=1).sum())
     layer = MSDeformAttn(d_model=4, n_levels=2, n_heads=2, n_points=2, dtype=np.float64)
@@ -482,8 +474,14 @@ def _layer_check_cases() -> list[CheckCase]:
     def msda(feats: Tensor, *ps: Tensor) -> Tensor:
         return call_with_parameters(layer, ps, layer, query, ref, feats, shapes, starts)
 
-    cases.append(CheckCase(msda, (feats, *params), ("input_flatten", *names)))
+    return [CheckCase(msda, (feats, *params), ("input_flatten", *names))]
 
+
+def _dat_check_cases() -> list[CheckCase]:
+    """Gradcheck of nn.DeformableAttention2d's input and parameters (tiny dims, float64)."""
+    from ..nn.attention import DeformableAttention2d
+
+    rng = np.random.default_rng(2)
     dat = DeformableAttention2d(2, 2, stride=2, kernel_size=3, q_size=3, dtype=np.float64)
     for p in dat.parameters():
         p.data = p.data + 0.1 * rng.standard_normal(p.shape)
@@ -494,8 +492,7 @@ def _layer_check_cases() -> list[CheckCase]:
     def dat_fn(x: Tensor, *ps: Tensor) -> Tensor:
         return call_with_parameters(dat, ps, dat, x)[0]
 
-    cases.append(CheckCase(dat_fn, (x, *dparams), ("x", *dnames)))
-    return cases
+    return [CheckCase(dat_fn, (x, *dparams), ("x", *dnames))]
 
 
 SPEC13_LEVELS = ((32, 32), (16, 16), (8, 8), (4, 4))
@@ -598,3 +595,5 @@ def _bench_case(device: str) -> BenchCase | None:
 
 
 register_op(_OP, check=_check_cases, bench=_bench_case)
+register_op("nn.MSDeformAttn", check=_msdeformattn_check_cases)
+register_op("nn.DeformableAttention2d", check=_dat_check_cases)
