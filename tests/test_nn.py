@@ -322,3 +322,20 @@ def test_calculate_gain_and_fan_errors():
         init.kaiming_uniform_(np.zeros((2, 2)), mode="fan")
     with pytest.raises(TypeError, match="float32 or float64"):
         init.zeros_(np.zeros(3, np.int64))
+
+
+def test_deepcopy_and_pickle_give_independent_modules():
+    import copy
+    import pickle
+
+    block = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3))
+    clones = nn.ModuleList([copy.deepcopy(block) for _ in range(2)])  # DETR's _get_clones
+    assert [n for n, _ in clones.named_parameters()][:2] == ["0.0.weight", "0.0.bias"]
+    clones[0][0].weight.data[...] = 0
+    assert np.abs(block[0].weight.numpy()).sum() > 0
+    assert clones[1][0].weight is clones[1]._modules["0"]._parameters["weight"]
+    back = pickle.loads(pickle.dumps(block))
+    assert isinstance(back[0].weight, nn.Parameter) and back[0].weight.requires_grad
+    for (k, v), (k2, v2) in zip(block.state_dict().items(), back.state_dict().items()):
+        assert k == k2
+        np.testing.assert_array_equal(v, v2)
