@@ -3,6 +3,14 @@
 Each op is a :class:`~deformnp.function.Function` whose forward and backward sit side by side.
 Gradients returned in a broadcast shape are summed back by the engine (``sum_to_shape``).
 Every function here accepts Tensors, NumPy arrays or Python scalars and returns a Tensor.
+
+Contents: elementwise math and activations (``relu``, ``gelu``, ``silu``, ``softplus``, ...),
+reductions, shape ops and indexing, ``matmul``/``einsum``, ``softmax``/``log_softmax``, and the
+layer ops ``conv2d``, ``linear``, ``layer_norm``, ``dropout``, ``pad`` and the losses
+``mse_loss``, ``l1_loss``, ``nll_loss``, ``cross_entropy``. The layer ops validate their inputs
+(float32/float64, one dtype, shapes) with messages that name the op and the argument; the
+elementwise ops follow NumPy's type promotion. ``manual_seed`` seeds dropout and ``nn.init``.
+NumPy only: CUDA arrays are refused by the layer ops (``NotImplementedError``).
 """
 
 from __future__ import annotations
