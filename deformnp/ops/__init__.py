@@ -15,3 +15,23 @@ from .bilinear import (
 )
 from .deform_conv import deform_conv2d, deform_conv2d_backward, deform_conv2d_forward
 from .grid_sample import grid_sample, grid_sample_backward, grid_sample_forward
+from .roi import (
+    deform_ps_roi_pool,
+    deform_ps_roi_pool_backward,
+    deform_ps_roi_pool_forward,
+    deform_roi_pool,
+    deform_roi_pool_backward,
+    deform_roi_pool_forward,
+    ps_roi_align,
+    ps_roi_align_backward,
+    ps_roi_align_forward,
+    ps_roi_pool,
+    ps_roi_pool_backward,
+    ps_roi_pool_forward,
+    roi_align,
+    roi_align_backward,
+    roi_align_forward,
+    roi_pool,
+    roi_pool_backward,
+    roi_pool_forward,
+)

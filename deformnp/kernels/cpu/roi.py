@@ -1,0 +1,1061 @@
+"""CPU kernels of the RoI pooling family (SPEC sections 7 and 8).
+
+Module API (the same names as ``kernels/cuda/roi.py``; ``rois`` is always the validated (K, 5)
+array (batch_index, x1, y1, x2, y2) in the input's dtype, ``output_size`` a pair):
+
+    align_forward(mode, input, rois, offset, output_size, spatial_scale, sampling_ratio,
+                  aligned, gamma=0.0) -> out
+    align_backward(mode, grad_out, input, rois, offset, output_size, spatial_scale,
+                   sampling_ratio, aligned, gamma=0.0, needs=(True, True)) -> (g_in, g_off)
+        mode: "roi_align", "ps_roi_align" or "deform_roi_pool"
+    pool_forward(mode, input, rois, output_size, spatial_scale) -> (out, argmax or None)
+    pool_backward(mode, grad_out, input_shape, dtype, rois, argmax, output_size,
+                  spatial_scale) -> g_in
+        mode: "roi_pool" or "ps_roi_pool"
+    deform_ps_forward(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size,
+                      part_size, sample_per_part, trans_std) -> out
+    deform_ps_backward(grad_out, input, rois, offset, ...same..., needs) -> (g_in, g_off)
+
+How the work is laid out:
+
+* The per-RoI geometry (bin starts and sizes, sampling grids, integer pooling bins) is computed
+  once in NumPy, in the formulas' own words (``align_geometry``, ``pool_bins``,
+  ``deform_ps_geometry``).
+* Every averaging op is then a weighted sum over a *tap table*: for each bin (and, for
+  ``deform_ps_roi_pool``, each class) the distinct pixels its samples touch, each with the summed
+  weight of the shared ``clamp_plan`` corners that hit it divided by the bin's sample count (and,
+  for offset gradients, the summed d/dy and d/dx coefficients times d(coordinate)/d(offset)).
+  Tap tables are built by two float64 kernels (``_align_taps``, ``_dps_taps``; ps_roi_pool's
+  are its bins' pixels); this is the only place the ops sample. The consumers are a handful of
+  generic gather/scatter kernels, so Numba compiles little.
+* roi_align and deform_roi_pool (the benchmarked ops) gather on a channels-last copy of the
+  feature map, so each tap is one contiguous, vectorised loop over the channels. The
+  position-sensitive ops, which read one channel per bin, gather on NCHW through a channel map.
+* Parallelism and determinism: forwards and offset gradients ``prange`` over RoIs (each task
+  writes only its RoI's outputs; channel sums in a fixed order). Input gradients are owner
+  computed: a task owns (image b, block of channels) or one input plane and scatters into it from
+  image b's RoIs in increasing order, so the order of the additions into any gradient element
+  never depends on the thread count: gradients are bit-identical with any number of threads.
+
+Coordinates, plans and tap weights are float64. roi_align / deform_roi_pool / roi_pool run in
+the data dtype (sums in float64, rounded when stored; the channels-last input gradient
+accumulates in the data dtype); the position-sensitive ops run on a float64 copy and round their
+results. Indices are int64 throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+from .bilinear import clamp_plan, threads_for
+
+MODES = {"roi_align": 0, "ps_roi_align": 1, "deform_roi_pool": 2}
+
+# ============================================================================ geometry (NumPy)
+
+
+def c_round(v: np.ndarray) -> np.ndarray:
+    """C's ``round``: half away from zero (NumPy's ``round`` is half to even)."""
+    t = np.trunc(v)
+    with np.errstate(invalid="ignore"):
+        return t + np.where(np.abs(v - t) >= 0.5, np.sign(v), 0.0)
+
+
+def _grid(extent: np.ndarray, n: int, sampling_ratio: int) -> np.ndarray:
+    """Samples per bin along one axis: sampling_ratio if > 0, else ceil(extent / n) (>= 0)."""
+    if sampling_ratio > 0:
+        return np.full(extent.shape, sampling_ratio, np.int64)
+    with np.errstate(invalid="ignore"):
+        g = np.ceil(extent / n)
+    g = np.where(np.isfinite(g) & (g > 0), g, 0.0)
+    return g.astype(np.int64)
+
+
+def align_geometry(
+    mode: str,
+    rois: np.ndarray,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    gamma: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Geometry of the RoI Align family (SPEC 7 and 8), float64 for every dtype.
+
+    Returns ``fgeo`` (K, 6) = (start_y, start_x, bin_h, bin_w, gamma*roi_h, gamma*roi_w) and
+    ``igeo`` (K, 3) = (batch index, gh, gw). roi_align: o = 0.5 if aligned else 0 and, when not
+    aligned, roi_w = max(roi_w, 1); ps_roi_align and deform_roi_pool: always o = 0.5, no minimum.
+    """
+    PH, PW = output_size
+    r = np.asarray(rois, np.float64)
+    s = float(spatial_scale)
+    o = 0.5 if (aligned or mode != "roi_align") else 0.0
+    x1 = r[:, 1] * s - o
+    y1 = r[:, 2] * s - o
+    x2 = r[:, 3] * s - o
+    y2 = r[:, 4] * s - o
+    roi_w = x2 - x1
+    roi_h = y2 - y1
+    if mode == "roi_align" and not aligned:
+        roi_w = np.maximum(roi_w, 1.0)
+        roi_h = np.maximum(roi_h, 1.0)
+    fgeo = np.stack([y1, x1, roi_h / PH, roi_w / PW, gamma * roi_h, gamma * roi_w], axis=1)
+    igeo = np.stack(
+        [
+            r[:, 0].astype(np.int64),
+            _grid(roi_h, PH, sampling_ratio),
+            _grid(roi_w, PW, sampling_ratio),
+        ],
+        axis=1,
+    )
+    return np.ascontiguousarray(fgeo), np.ascontiguousarray(igeo)
+
+
+def pool_bins(
+    mode: str,
+    rois: np.ndarray,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    H: int,
+    W: int,
+    dtype: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Integer bins of roi_pool / ps_roi_pool (SPEC 7), as torchvision computes them.
+
+    start = round(x1*s), end = round(x2*s); roi_w = max(end - start + 1, 1) (roi_pool) or
+    max(end - start, 1) (ps_roi_pool); bin_w = roi_w / PW; bin pw covers columns
+    [floor(pw*bin_w) + start, ceil((pw+1)*bin_w) + start) clipped to [0, W] (likewise rows).
+    The products and bin sizes are computed in the input's dtype, like torchvision, so float32
+    bins match it bin for bin. Non-finite boxes give empty bins.
+
+    Returns (batch (K,), hs (K, PH), he (K, PH), ws (K, PW), we (K, PW)), int64.
+    """
+    PH, PW = output_size
+    dt = np.dtype(dtype)
+    r = np.asarray(rois, dt)
+    s = dt.type(spatial_scale)
+    extra = 1 if mode == "roi_pool" else 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        starts = c_round(r[:, 1:5] * s).astype(np.float64)
+    finite = np.all(np.isfinite(starts), axis=1)
+    # keep the integer arithmetic in range for absurd boxes (they are clipped to the map anyway)
+    starts = np.clip(np.where(np.isfinite(starts), starts, 0.0), -(2.0**52), 2.0**52)
+    sw, sh, ew, eh = (starts[:, i] for i in range(4))
+    roi_w = np.maximum(ew - sw + extra, 1.0)
+    roi_h = np.maximum(eh - sh + extra, 1.0)
+    bin_h = roi_h.astype(dt) / dt.type(PH)
+    bin_w = roi_w.astype(dt) / dt.type(PW)
+    ph = np.arange(PH, dtype=dt)
+    pw = np.arange(PW, dtype=dt)
+    hs = np.floor(ph[None, :] * bin_h[:, None]).astype(np.float64) + sh[:, None]
+    he = np.ceil((ph[None, :] + 1) * bin_h[:, None]).astype(np.float64) + sh[:, None]
+    ws = np.floor(pw[None, :] * bin_w[:, None]).astype(np.float64) + sw[:, None]
+    we = np.ceil((pw[None, :] + 1) * bin_w[:, None]).astype(np.float64) + sw[:, None]
+    hs, he = (np.clip(a, 0, H).astype(np.int64) for a in (hs, he))
+    ws, we = (np.clip(a, 0, W).astype(np.int64) for a in (ws, we))
+    he[~finite] = 0
+    hs[~finite] = 0
+    batch = r[:, 0].astype(np.int64)
+    return batch, hs, he, ws, we
+
+
+def by_image(batch: np.ndarray, B: int) -> tuple[np.ndarray, np.ndarray]:
+    """RoIs grouped by image: ``order[starts[b]:starts[b+1]]`` are image b's RoIs, increasing."""
+    order = np.argsort(batch, kind="stable").astype(np.int64)
+    starts = np.searchsorted(batch[order], np.arange(B + 1)).astype(np.int64)
+    return order, starts
+
+
+def channel_block(B: int, C: int, cb: int = 32) -> int:
+    """Channels per input-gradient task: enough tasks to share out (shapes only, not threads)."""
+    while cb > 1 and B * ((C + cb - 1) // cb) < 16:
+        cb //= 2
+    return cb
+
+
+def deform_ps_geometry(
+    rois: np.ndarray,
+    spatial_scale: float,
+    group_size: int,
+    pooled_size: int,
+    part_size: int,
+    sample_per_part: int,
+    dtype: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Geometry of Deformable-ConvNets' DeformablePSROIPooling (SPEC 8).
+
+    The box is rounded first (C round), then start = round(x1)*s - 0.5, end = (round(x2) + 1)*s -
+    0.5, roi_w = max(end - start, 0.1), bin_w = roi_w / pooled_size, sub-bin = bin_w /
+    sample_per_part (likewise y); float64. The part cell of bin ph is floor(ph / pooled_size *
+    part_size) and its group cell floor(ph * group_size / pooled_size) clamped to [0, group_size
+    - 1], computed in the input's dtype as the anchor does.
+
+    Returns fgeo (K, 8) = (start_h, start_w, bin_h, bin_w, sub_h, sub_w, roi_h, roi_w), batch
+    (K,), and the part (P,) and group (P,) cells of the bins, int64.
+    """
+    r = np.asarray(rois, np.float64)
+    s = float(spatial_scale)
+    x1, y1, x2, y2 = (c_round(r[:, i]) for i in range(1, 5))
+    start_w = x1 * s - 0.5
+    start_h = y1 * s - 0.5
+    end_w = (x2 + 1.0) * s - 0.5
+    end_h = (y2 + 1.0) * s - 0.5
+    roi_w = np.fmax(end_w - start_w, 0.1)
+    roi_h = np.fmax(end_h - start_h, 0.1)
+    bin_w = roi_w / pooled_size
+    bin_h = roi_h / pooled_size
+    sub_h = bin_h / sample_per_part
+    sub_w = bin_w / sample_per_part
+    fgeo = np.stack([start_h, start_w, bin_h, bin_w, sub_h, sub_w, roi_h, roi_w], axis=1)
+    dt = np.dtype(dtype).type
+    p = np.arange(pooled_size).astype(dt)
+    part = np.floor(p / dt(pooled_size) * dt(part_size)).astype(np.int64)
+    part = np.clip(part, 0, part_size - 1)  # a no-op for valid sizes; keeps reads in bounds
+    group = np.floor(p * dt(group_size) / dt(pooled_size)).astype(np.int64)
+    group = np.clip(group, 0, group_size - 1)
+    batch = r[:, 0].astype(np.int64)
+    return np.ascontiguousarray(fgeo), batch, part, group
+
+
+def inverse_channel_map(cmap: np.ndarray, C: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each input channel cin, the (co, q) pairs with cmap[co, q] == cin, in increasing
+    order: ``co[ofs[cin]:ofs[cin+1]]``, ``q[...]``."""
+    NB = cmap.shape[1]
+    flat = cmap.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    ofs = np.searchsorted(flat[order], np.arange(C + 1)).astype(np.int64)
+    return ofs, (order // NB).astype(np.int64), (order % NB).astype(np.int64)
+
+
+def ps_channel_map(Cout: int, NB: int) -> np.ndarray:
+    """Position-sensitive ops: output channel co at bin q = ph*PW + pw reads channel co*NB + q."""
+    return np.arange(Cout * NB, dtype=np.int64).reshape(Cout, NB)
+
+
+# ============================================================================ tap tables
+
+_SLOTS = 32  # size of the direct-mapped table that finds a bin's earlier tap of the same pixel
+
+
+@njit(inline="always", cache=True)
+def _merge(idx, w, cy, cx, coefs, slot, ti, tw, tcy, tcx, t0, n):
+    """Add one plan's corners to the taps ti/tw(/tcy/tcx)[t0:t0+n]; returns the new n.
+
+    A corner whose pixel p is already a tap of the bin (found through slot[p % _SLOTS], which
+    the caller resets to -1 for each bin) is summed into that tap, else appended; a corner with
+    nothing to contribute (zero weight, and zero coefficients when ``coefs``) is dropped. Merging
+    only regroups the terms of the sums (a slot collision just leaves two taps of one pixel).
+    """
+    for j in range(4):
+        if w[j] == 0.0 and not (coefs and (cy[j] != 0.0 or cx[j] != 0.0)):
+            continue
+        p = idx[j]
+        h = p % _SLOTS
+        t = slot[h]
+        if t >= 0 and ti[t] == p:
+            tw[t] += w[j]
+            if coefs:
+                tcy[t] += cy[j]
+                tcx[t] += cx[j]
+        else:
+            t = t0 + n
+            slot[h] = t
+            ti[t] = p
+            tw[t] = w[j]
+            if coefs:
+                tcy[t] = cy[j]
+                tcx[t] = cx[j]
+            n += 1
+    return n
+
+
+@njit(inline="always", cache=True)
+def _align_bin(fgeo, igeo, off, has_off, k, ph, pw, H, W, coefs, slot, si, sw, scy, scx):
+    """Taps of bin (ph, pw) of RoI k (RoI Align family, SPEC 7 and 8) into si/sw/scy/scx[:n].
+
+    y = start_y + ph*bin_h + (iy + 0.5)*bin_h/gh, x likewise, for iy < gh, ix < gw; with an
+    offset, start_x += gamma*roi_w*offset[k, 0, ph, pw] and start_y += gamma*roi_h*offset[k, 1,
+    ph, pw] first. Each sample is the shared ``clamp_plan``.
+    """
+    gh = igeo[k, 1]
+    gw = igeo[k, 2]
+    bh = fgeo[k, 2]
+    bw = fgeo[k, 3]
+    sy = fgeo[k, 0]
+    sx = fgeo[k, 1]
+    if has_off:
+        sy = sy + fgeo[k, 4] * off[k, 1, ph, pw]
+        sx = sx + fgeo[k, 5] * off[k, 0, ph, pw]
+    ys = sy + ph * bh
+    xs = sx + pw * bw
+    slot[:] = -1
+    n = 0
+    for iy in range(gh):
+        y = ys + (iy + 0.5) * bh / gh
+        for ix in range(gw):
+            x = xs + (ix + 0.5) * bw / gw
+            idx, w, cy, cx = clamp_plan(y, x, H, W)
+            n = _merge(idx, w, cy, cx, coefs, slot, si, sw, scy, scx, 0, n)
+    return n
+
+
+@njit(parallel=True, cache=True)
+def _align_taps(fgeo, igeo, off, has_off, PW, H, W, coefs, fill, ntap, tofs, ti, tw, tcy, tcx):
+    """Tap table of the RoI Align family: set s = k*PH*PW + ph*PW + pw.
+
+    Pass 1 (``fill`` False) counts the taps into ntap[s]; pass 2 writes them at tofs[s]:
+    weights / count (count = max(gh*gw, 1)) and, when ``coefs``, the d/dy and d/dx coefficients
+    times gamma*roi_h / count and gamma*roi_w / count: d out / d offset[k, 1|0, ph, pw].
+    """
+    K = igeo.shape[0]
+    NB = ntap.shape[0] // max(K, 1)
+    for k in prange(K):
+        cap = max(4 * igeo[k, 1] * igeo[k, 2], 1)
+        count = float(max(igeo[k, 1] * igeo[k, 2], 1))
+        si = np.empty(cap, np.int64)
+        sw = np.empty(cap, np.float64)
+        scy = np.empty(cap if coefs else 1, np.float64)
+        scx = np.empty(cap if coefs else 1, np.float64)
+        slot = np.empty(_SLOTS, np.int64)
+        for q in range(NB):
+            ph = q // PW
+            pw = q - ph * PW
+            n = _align_bin(fgeo, igeo, off, has_off, k, ph, pw, H, W, coefs, slot, si, sw, scy, scx)
+            s = k * NB + q
+            if not fill:
+                ntap[s] = n
+                continue
+            t0 = tofs[s]
+            for t in range(n):
+                ti[t0 + t] = si[t]
+                tw[t0 + t] = sw[t] / count
+                if coefs:
+                    tcy[t0 + t] = scy[t] * fgeo[k, 4] / count
+                    tcx[t0 + t] = scx[t] * fgeo[k, 5] / count
+
+
+@njit(parallel=True, cache=True)
+def _dps_taps(
+    fgeo,
+    off,
+    has_off,
+    trans_std,
+    part,
+    spp,
+    ncls,
+    PW,
+    H,
+    W,
+    coefs,
+    fill,
+    ntap,
+    tofs,
+    ti,
+    tw,
+    tcy,
+    tcx,
+):
+    """Tap table of deform_ps_roi_pool: set s = (k*ncls + cls)*PH*PW + ph*PW + pw.
+
+    Bin (ph, pw) of class cls starts at hstart = ph*bin_h + start_h, then += ty*roi_h (wstart
+    likewise with tx*roi_w), (tx, ty) = offset[k, 2*cls (+1), part_h, part_w] * trans_std.
+    Samples at the sub-bin starts (hstart + ih*sub_h, wstart + iw*sub_w); a sample with
+    w < -0.5 or w > W - 0.5 (h likewise, or NaN) is skipped; the others are clamped to [0, H-1]
+    x [0, W-1] and interpolated, which is exactly ``clamp_plan`` on that range. Weights are
+    divided by the number n of valid samples; coefficients are times trans_std*roi_h|w / n.
+    """
+    K = fgeo.shape[0]
+    NB = ntap.shape[0] // max(K * ncls, 1)
+    for k in prange(K):
+        cap = 4 * spp * spp
+        si = np.empty(cap, np.int64)
+        sw = np.empty(cap, np.float64)
+        scy = np.empty(cap if coefs else 1, np.float64)
+        scx = np.empty(cap if coefs else 1, np.float64)
+        slot = np.empty(_SLOTS, np.int64)
+        for cls in range(ncls):
+            for q in range(NB):
+                ph = q // PW
+                pw = q - ph * PW
+                tx = 0.0
+                ty = 0.0
+                if has_off:
+                    tx = off[k, 2 * cls, part[ph], part[pw]] * trans_std
+                    ty = off[k, 2 * cls + 1, part[ph], part[pw]] * trans_std
+                hstart = ph * fgeo[k, 2] + fgeo[k, 0]
+                hstart += ty * fgeo[k, 6]
+                wstart = pw * fgeo[k, 3] + fgeo[k, 1]
+                wstart += tx * fgeo[k, 7]
+                slot[:] = -1
+                n = 0
+                nvalid = 0
+                for ih in range(spp):
+                    for iw in range(spp):
+                        w = wstart + iw * fgeo[k, 5]
+                        h = hstart + ih * fgeo[k, 4]
+                        if not (w >= -0.5 and w <= W - 0.5 and h >= -0.5 and h <= H - 0.5):
+                            continue
+                        nvalid += 1
+                        idx, wt, cy, cx = clamp_plan(h, w, H, W)
+                        n = _merge(idx, wt, cy, cx, coefs, slot, si, sw, scy, scx, 0, n)
+                s = (k * ncls + cls) * NB + q
+                if not fill:
+                    ntap[s] = n
+                    continue
+                t0 = tofs[s]
+                for t in range(n):
+                    ti[t0 + t] = si[t]
+                    tw[t0 + t] = sw[t] / nvalid
+                    if coefs:
+                        tcy[t0 + t] = scy[t] * trans_std * fgeo[k, 6] / nvalid
+                        tcx[t0 + t] = scx[t] * trans_std * fgeo[k, 7] / nvalid
+
+
+@njit(parallel=True, cache=True)
+def _box_taps(hs, he, ws, we, W, fill, ntap, tofs, ti, tw):
+    """Tap table of ps_roi_pool: every pixel of bin [hs, he) x [ws, we), weight 1 / its area."""
+    K, PH = hs.shape
+    PW = ws.shape[1]
+    for k in prange(K):
+        for ph in range(PH):
+            for pw in range(PW):
+                s = (k * PH + ph) * PW + pw
+                nh = he[k, ph] - hs[k, ph]
+                nw = we[k, pw] - ws[k, pw]
+                if nh <= 0 or nw <= 0:
+                    if not fill:
+                        ntap[s] = 0
+                    continue
+                if not fill:
+                    ntap[s] = nh * nw
+                    continue
+                area = float(nh * nw)
+                t = tofs[s]
+                for h in range(hs[k, ph], he[k, ph]):
+                    for w in range(ws[k, pw], we[k, pw]):
+                        ti[t] = h * W + w
+                        tw[t] = 1.0 / area
+                        t += 1
+
+
+def _table(build, args: tuple, nsets: int, coefs: bool) -> tuple:
+    """Run a two-pass tap-table builder: (tofs, ti, tw, tcy, tcx)."""
+    ntap = np.zeros(nsets, np.int64)
+    one_i = np.zeros(1, np.int64)
+    one_f = np.zeros(1, np.float64)
+    extra = (coefs,) if build is not _box_taps else ()
+    tail = (one_f, one_f) if build is not _box_taps else ()
+    build(*args, *extra, False, ntap, one_i, one_i, one_f, *tail)
+    tofs = np.zeros(nsets + 1, np.int64)
+    np.cumsum(ntap, out=tofs[1:])
+    T = max(int(tofs[-1]), 1)
+    ti = np.zeros(T, np.int64)
+    tw = np.zeros(T, np.float64)
+    tcy = np.zeros(T if coefs else 1, np.float64)
+    tcx = np.zeros(T if coefs else 1, np.float64)
+    tail = (tcy, tcx) if build is not _box_taps else ()
+    build(*args, *extra, True, ntap, tofs, ti, tw, *tail)
+    return tofs, ti, tw, tcy, tcx
+
+
+# ============================================================================ gathers and scatters
+
+
+@njit(parallel=True, cache=True)
+def _gather_nhwc(xh, batch, tofs, ti, tw, out):
+    """out[k, c, ph, pw] = sum over the taps (p, w) of set k*PH*PW + ph*PW + pw of
+    w * xh[batch[k], p, c] (channels-last input, one contiguous loop over c per tap; the sum
+    runs in the data dtype)."""
+    B, H, W, C = xh.shape
+    K, _, PH, PW = out.shape
+    NB = PH * PW
+    HW = H * W
+    xf = xh.reshape(-1)
+    for k in prange(K):
+        b = batch[k]
+        acc = np.empty(C, xh.dtype)
+        for q in range(NB):
+            ph = q // PW
+            pw = q - ph * PW
+            acc[:] = 0.0
+            s = k * NB + q
+            for t in range(tofs[s], tofs[s + 1]):
+                base = (b * HW + ti[t]) * C
+                row = xf[base : base + C]  # a slice: the loop below vectorises
+                wt = xf.dtype.type(tw[t])
+                for c in range(C):
+                    acc[c] += wt * row[c]
+            for c in range(C):
+                out[k, c, ph, pw] = acc[c]
+
+
+@njit(parallel=True, cache=True)
+def _scatter_nhwc(gout, tofs, ti, tw, order, starts, cb, gin):
+    """gin[b, c, p] = sum of w * gout[k, c, ph, pw] over every tap (p, w) of every bin of image
+    b's RoIs k, added in increasing k. A task owns (image b, a block of cb channels): it
+    accumulates in a private channels-last (H*W, cb) buffer in the data dtype, then writes its
+    channels of gin (NCHW)."""
+    K, C, PH, PW = gout.shape
+    B, _, H, W = gin.shape
+    NB = PH * PW
+    HW = H * W
+    nblk = (C + cb - 1) // cb
+    for task in prange(B * nblk):
+        b = task // nblk
+        c0 = (task - b * nblk) * cb
+        nc = min(c0 + cb, C) - c0
+        acc = np.zeros(HW * nc, gout.dtype)
+        g = np.empty(nc, gout.dtype)
+        for r in range(starts[b], starts[b + 1]):
+            k = order[r]
+            for q in range(NB):
+                s = k * NB + q
+                if tofs[s + 1] == tofs[s]:
+                    continue
+                ph = q // PW
+                pw = q - ph * PW
+                for c in range(nc):
+                    g[c] = gout[k, c0 + c, ph, pw]
+                for t in range(tofs[s], tofs[s + 1]):
+                    base = ti[t] * nc
+                    row = acc[base : base + nc]
+                    wt = acc.dtype.type(tw[t])
+                    for c in range(nc):
+                        row[c] += wt * g[c]
+        for c in range(nc):
+            for p in range(HW):
+                gin[b, c0 + c, p // W, p % W] = acc[p * nc + c]
+
+
+@njit(parallel=True, cache=True)
+def _gather_cmap(x, batch, tofs, ti, tw, cmap, cec, ncls, out):
+    """out[k, co, ph, pw] = sum over the taps (p, w) of set (k*ncls + co//cec)*NB + q of
+    w * x[batch[k], cmap[co, q], p], q = ph*PW + pw (NCHW input)."""
+    B, C, H, W = x.shape
+    K, Cout, PH, PW = out.shape
+    NB = PH * PW
+    HW = H * W
+    xf = x.reshape(-1)
+    for k in prange(K):
+        b = batch[k]
+        for co in range(Cout):
+            for q in range(NB):
+                s = (k * ncls + co // cec) * NB + q
+                base = (b * C + cmap[co, q]) * HW
+                acc = 0.0
+                for t in range(tofs[s], tofs[s + 1]):
+                    acc += tw[t] * xf[base + ti[t]]
+                out[k, co, q // PW, q % PW] = acc
+
+
+@njit(parallel=True, cache=True)
+def _scatter_cmap(gout, tofs, ti, tw, order, starts, inv_ofs, inv_co, inv_q, cec, ncls, gin):
+    """The adjoint of ``_gather_cmap``: a task owns one input plane (b, cin) and adds, for image
+    b's RoIs k in increasing order and every (co, q) reading cin, w * gout[k, co, q] at each tap."""
+    B, C, H, W = gin.shape
+    K, Cout, PH, PW = gout.shape
+    NB = PH * PW
+    HW = H * W
+    gf = gin.reshape(-1)
+    for task in prange(B * C):
+        b = task // C
+        cin = task - b * C
+        base = task * HW
+        for r in range(starts[b], starts[b + 1]):
+            k = order[r]
+            for e in range(inv_ofs[cin], inv_ofs[cin + 1]):
+                co = inv_co[e]
+                q = inv_q[e]
+                g = gout[k, co, q // PW, q % PW]
+                s = (k * ncls + co // cec) * NB + q
+                for t in range(tofs[s], tofs[s + 1]):
+                    gf[base + ti[t]] += tw[t] * g
+
+
+@njit(parallel=True, cache=True)
+def _dots(xh, gout, batch, tofs, ti, tcy, tcx, cmap, cec, ncls, dots):
+    """Offset gradients per tap set s = (k*ncls + cls)*NB + q: dots[s] = sum over the class's
+    channels co of gout[k, co, q] * sum over taps (p, cy, cx) of (cy, cx) * xh[b, p, cmap[co, q]]
+    (channels-last input); a task owns one RoI."""
+    B, H, W, C = xh.shape
+    K, Cout, PH, PW = gout.shape
+    NB = PH * PW
+    HW = H * W
+    xf = xh.reshape(-1)
+    for k in prange(K):
+        b = batch[k]
+        g = np.empty(cec, np.float64)
+        for cls in range(ncls):
+            c0 = cls * cec
+            for q in range(NB):
+                s = (k * ncls + cls) * NB + q
+                if tofs[s + 1] == tofs[s]:
+                    continue
+                ph = q // PW
+                pw = q - ph * PW
+                for i in range(cec):
+                    g[i] = gout[k, c0 + i, ph, pw]
+                ay = 0.0
+                ax = 0.0
+                for t in range(tofs[s], tofs[s + 1]):
+                    base = (b * HW + ti[t]) * C
+                    d = 0.0
+                    for i in range(cec):
+                        d += g[i] * xf[base + cmap[c0 + i, q]]
+                    ay += tcy[t] * d
+                    ax += tcx[t] * d
+                dots[s, 0] = ay
+                dots[s, 1] = ax
+
+
+# ============================================================================ RoI max pooling
+
+
+@njit(parallel=True, cache=True)
+def _pool_forward_nhwc(xh, batch, hs, he, ws, we, out, argmax):
+    """Max over each bin [hs, he) x [ws, we), the first maximum in row-major order winning (NaN
+    counts as the maximum, the first NaN wins: numpy.argmax over the bin); empty bin: 0, -1.
+    Channels-last input: each pixel is one contiguous loop over the channels."""
+    B, H, W, C = xh.shape
+    K, _, PH, PW = out.shape
+    HW = H * W
+    xf = xh.reshape(-1)
+    for k in prange(K):
+        b = batch[k]
+        m = np.empty(C, xh.dtype)
+        a = np.empty(C, argmax.dtype)
+        for ph in range(PH):
+            for pw in range(PW):
+                h0 = hs[k, ph]
+                h1 = he[k, ph]
+                w0 = ws[k, pw]
+                w1 = we[k, pw]
+                if h1 <= h0 or w1 <= w0:
+                    for c in range(C):
+                        out[k, c, ph, pw] = 0.0
+                        argmax[k, c, ph, pw] = -1
+                    continue
+                p0 = h0 * W + w0
+                base = (b * HW + p0) * C
+                m[:] = xf[base : base + C]
+                a[:] = p0
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        p = h * W + w
+                        if p == p0:
+                            continue
+                        base = (b * HW + p) * C
+                        row = xf[base : base + C]  # a slice: the loop below vectorises
+                        for c in range(C):
+                            v = row[c]
+                            mc = m[c]
+                            take = v > mc or (v != v and mc == mc)
+                            m[c] = v if take else mc
+                            a[c] = p if take else a[c]
+                for c in range(C):
+                    out[k, c, ph, pw] = m[c]
+                    argmax[k, c, ph, pw] = a[c]
+
+
+@njit(parallel=True, cache=True)
+def _argmax_scatter(gout, argmax, order, starts, gin):
+    """gin[b, c, argmax] += gout over image b's RoIs in increasing order; a task owns a plane."""
+    B, C, H, W = gin.shape
+    K, _, PH, PW = gout.shape
+    HW = H * W
+    gf = gin.reshape(-1)
+    for t in prange(B * C):
+        b = t // C
+        c = t - b * C
+        base = t * HW
+        for r in range(starts[b], starts[b + 1]):
+            k = order[r]
+            for ph in range(PH):
+                for pw in range(PW):
+                    a = argmax[k, c, ph, pw]
+                    if a >= 0:
+                        gf[base + a] += gout[k, c, ph, pw]
+
+
+# ============================================================================ module API
+
+
+def _nhwc(x: np.ndarray, dtype: Any = None) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=dtype)
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float64)
+
+
+def _offset64(offset: Any, shape: tuple) -> tuple[np.ndarray, bool]:
+    if offset is None:
+        return np.zeros(shape, np.float64), False
+    return _f64(offset), True
+
+
+def _align_setup(
+    mode, input, rois, offset, output_size, spatial_scale, sampling_ratio, aligned, gamma, coefs
+):
+    B, C, H, W = input.shape
+    PH, PW = output_size
+    K = rois.shape[0]
+    fgeo, igeo = align_geometry(
+        mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma
+    )
+    off, has_off = _offset64(offset, (1, 2, PH, PW))
+    table = _table(_align_taps, (fgeo, igeo, off, has_off, PW, H, W), K * PH * PW, coefs)
+    return np.ascontiguousarray(igeo[:, 0]), table
+
+
+def _align_forward(
+    mode: str,
+    input: np.ndarray,
+    rois: np.ndarray,
+    offset: np.ndarray | None,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    gamma: float = 0.0,
+) -> np.ndarray:
+    """roi_align / ps_roi_align / deform_roi_pool forward (SPEC 7, 8) -> (K, C', PH, PW)."""
+    B, Cin, H, W = input.shape
+    PH, PW = output_size
+    K = rois.shape[0]
+    Cout = Cin // (PH * PW) if mode == "ps_roi_align" else Cin
+    out = np.zeros((K, Cout, PH, PW), input.dtype)
+    if out.size == 0 or H * W == 0:
+        return out
+    batch, (tofs, ti, tw, _, _) = _align_setup(
+        mode, input, rois, offset, output_size, spatial_scale, sampling_ratio, aligned, gamma, False
+    )
+    if mode == "ps_roi_align":
+        out64 = np.zeros(out.shape, np.float64)
+        cmap = ps_channel_map(Cout, PH * PW)
+        _gather_cmap(_f64(input), batch, tofs, ti, tw, cmap, Cout, 1, out64)
+        out[...] = out64
+    else:
+        _gather_nhwc(_nhwc(input), batch, tofs, ti, tw, out)
+    return out
+
+
+def _align_backward(
+    mode: str,
+    grad_out: np.ndarray,
+    input: np.ndarray,
+    rois: np.ndarray,
+    offset: np.ndarray | None,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    gamma: float = 0.0,
+    needs: tuple = (True, True),
+) -> tuple[Any, Any]:
+    """(grad_input, grad_offset); grad_offset only for deform_roi_pool with an offset."""
+    B, C, H, W = input.shape
+    PH, PW = output_size
+    K = rois.shape[0]
+    NB = PH * PW
+    has_off = offset is not None
+    need_in = bool(needs[0])
+    need_off = has_off and len(needs) > 1 and bool(needs[1])
+    g_in = np.zeros(input.shape, input.dtype) if need_in else None
+    g_off = np.zeros(offset.shape, offset.dtype) if need_off else None
+    if K == 0 or input.size == 0 or not (need_in or need_off):
+        return g_in, g_off
+    grad_out = np.ascontiguousarray(grad_out, input.dtype)
+    batch, (tofs, ti, tw, tcy, tcx) = _align_setup(
+        mode,
+        input,
+        rois,
+        offset,
+        output_size,
+        spatial_scale,
+        sampling_ratio,
+        aligned,
+        gamma,
+        need_off,
+    )
+    order, starts = by_image(batch, B)
+    if mode == "ps_roi_align":
+        Cout = grad_out.shape[1]
+        g64 = np.zeros(input.shape, np.float64)
+        inv = inverse_channel_map(ps_channel_map(Cout, NB), C)
+        _scatter_cmap(_f64(grad_out), tofs, ti, tw, order, starts, *inv, Cout, 1, g64)
+        g_in[...] = g64
+        return g_in, None
+    if need_in:
+        _scatter_nhwc(grad_out, tofs, ti, tw, order, starts, channel_block(B, C), g_in)
+    if need_off:
+        dots = np.zeros((K * NB, 2), np.float64)
+        cmap = np.repeat(np.arange(C, dtype=np.int64)[:, None], NB, axis=1)
+        _dots(_nhwc(input, np.float64), _f64(grad_out), batch, tofs, ti, tcy, tcx, cmap, C, 1, dots)
+        g_off[:, 0] = dots[:, 1].reshape(K, PH, PW)
+        g_off[:, 1] = dots[:, 0].reshape(K, PH, PW)
+    return g_in, g_off
+
+
+def argmax_dtype(H: int, W: int) -> Any:
+    return np.int32 if H * W < 2**31 else np.int64
+
+
+def _pool_forward(
+    mode: str,
+    input: np.ndarray,
+    rois: np.ndarray,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+) -> tuple[np.ndarray, Any]:
+    """roi_pool (returns (out, argmax): flat indices into the H*W plane, -1 for an empty bin,
+    int32 when H*W < 2**31 else int64) or ps_roi_pool (returns (out, None))."""
+    B, Cin, H, W = input.shape
+    PH, PW = output_size
+    K = rois.shape[0]
+    ps = mode == "ps_roi_pool"
+    Cout = Cin // (PH * PW) if ps else Cin
+    if K * Cout * PH * PW == 0 or H * W == 0:
+        out = np.zeros((K, Cout, PH, PW), input.dtype)
+        return out, (None if ps else np.full(out.shape, -1, argmax_dtype(H, W)))
+    out = np.empty((K, Cout, PH, PW), input.dtype)
+    argmax = None if ps else np.empty((K, Cout, PH, PW), argmax_dtype(H, W))
+    batch, hs, he, ws, we = pool_bins(mode, rois, output_size, spatial_scale, H, W, input.dtype)
+    if ps:
+        tofs, ti, tw, _, _ = _table(_box_taps, (hs, he, ws, we, W), K * PH * PW, False)
+        out64 = np.zeros(out.shape, np.float64)
+        _gather_cmap(
+            _f64(input), batch, tofs, ti, tw, ps_channel_map(Cout, PH * PW), Cout, 1, out64
+        )
+        out[...] = out64
+    else:
+        _pool_forward_nhwc(_nhwc(input), batch, hs, he, ws, we, out, argmax)
+    return out, argmax
+
+
+def _pool_backward_api(
+    mode: str,
+    grad_out: np.ndarray,
+    input_shape: tuple,
+    dtype: Any,
+    rois: np.ndarray,
+    argmax: Any,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+) -> np.ndarray:
+    """Gradient of roi_pool (to each bin's argmax) or ps_roi_pool (spread over the bin)."""
+    B, C, H, W = input_shape
+    PH, PW = output_size
+    K = rois.shape[0]
+    g_in = np.zeros(tuple(input_shape), dtype)
+    if K == 0 or g_in.size == 0:
+        return g_in
+    batch, hs, he, ws, we = pool_bins(mode, rois, output_size, spatial_scale, H, W, dtype)
+    order, starts = by_image(batch, B)
+    if mode == "ps_roi_pool":
+        Cout = grad_out.shape[1]
+        tofs, ti, tw, _, _ = _table(_box_taps, (hs, he, ws, we, W), K * PH * PW, False)
+        inv = inverse_channel_map(ps_channel_map(Cout, PH * PW), C)
+        g64 = np.zeros(g_in.shape, np.float64)
+        _scatter_cmap(_f64(grad_out), tofs, ti, tw, order, starts, *inv, Cout, 1, g64)
+        g_in[...] = g64
+    else:
+        grad_out = np.ascontiguousarray(grad_out, dtype)
+        _argmax_scatter(grad_out, np.ascontiguousarray(argmax), order, starts, g_in)
+    return g_in
+
+
+def _dps_setup(
+    input,
+    rois,
+    offset,
+    spatial_scale,
+    output_dim,
+    group_size,
+    pooled_size,
+    part_size,
+    sample_per_part,
+    trans_std,
+    coefs,
+):
+    B, C, H, W = input.shape
+    K = rois.shape[0]
+    P = pooled_size
+    fgeo, batch, part, group = deform_ps_geometry(
+        rois, spatial_scale, group_size, P, part_size, sample_per_part, input.dtype
+    )
+    off, has_off = _offset64(offset, (1, 2, part_size, part_size))
+    ncls = off.shape[1] // 2 if has_off else 1
+    cec = output_dim // ncls
+    table = _table(
+        _dps_taps,
+        (fgeo, off, has_off, float(trans_std), part, sample_per_part, ncls, P, H, W),
+        K * ncls * P * P,
+        coefs,
+    )
+    ch = np.arange(output_dim, dtype=np.int64)[:, None] * group_size + group[None, :]
+    cmap = ((ch[:, :, None] * group_size) + group[None, None, :]).reshape(output_dim, P * P)
+    return batch, part, ncls, cec, np.ascontiguousarray(cmap), table
+
+
+def _deform_ps_forward(
+    input: np.ndarray,
+    rois: np.ndarray,
+    offset: np.ndarray | None,
+    spatial_scale: float,
+    output_dim: int,
+    group_size: int,
+    pooled_size: int,
+    part_size: int,
+    sample_per_part: int,
+    trans_std: float,
+) -> np.ndarray:
+    """deform_ps_roi_pool forward -> (K, output_dim, pooled_size, pooled_size)."""
+    B, C, H, W = input.shape
+    K = rois.shape[0]
+    out = np.zeros((K, output_dim, pooled_size, pooled_size), input.dtype)
+    if out.size == 0 or H * W == 0:
+        return out
+    batch, part, ncls, cec, cmap, (tofs, ti, tw, _, _) = _dps_setup(
+        input,
+        rois,
+        offset,
+        spatial_scale,
+        output_dim,
+        group_size,
+        pooled_size,
+        part_size,
+        sample_per_part,
+        trans_std,
+        False,
+    )
+    out64 = np.zeros(out.shape, np.float64)
+    _gather_cmap(_f64(input), batch, tofs, ti, tw, cmap, cec, ncls, out64)
+    out[...] = out64
+    return out
+
+
+def _deform_ps_backward(
+    grad_out: np.ndarray,
+    input: np.ndarray,
+    rois: np.ndarray,
+    offset: np.ndarray | None,
+    spatial_scale: float,
+    output_dim: int,
+    group_size: int,
+    pooled_size: int,
+    part_size: int,
+    sample_per_part: int,
+    trans_std: float,
+    needs: tuple = (True, True),
+) -> tuple[Any, Any]:
+    """(grad_input, grad_offset) of deform_ps_roi_pool; grad_offset None without an offset."""
+    B, C, H, W = input.shape
+    K = rois.shape[0]
+    P = pooled_size
+    has_off = offset is not None
+    need_in = bool(needs[0])
+    need_off = has_off and len(needs) > 1 and bool(needs[1])
+    g_in = np.zeros(input.shape, input.dtype) if need_in else None
+    g_off = np.zeros(offset.shape, offset.dtype) if need_off else None
+    if K == 0 or input.size == 0 or not (need_in or need_off):
+        return g_in, g_off
+    g64 = _f64(grad_out)
+    batch, part, ncls, cec, cmap, (tofs, ti, tw, tcy, tcx) = _dps_setup(
+        input,
+        rois,
+        offset,
+        spatial_scale,
+        output_dim,
+        group_size,
+        pooled_size,
+        part_size,
+        sample_per_part,
+        trans_std,
+        need_off,
+    )
+    if need_in:
+        order, starts = by_image(batch, B)
+        gi64 = np.zeros(input.shape, np.float64)
+        inv = inverse_channel_map(cmap, C)
+        _scatter_cmap(g64, tofs, ti, tw, order, starts, *inv, cec, ncls, gi64)
+        g_in[...] = gi64
+    if need_off:
+        dots = np.zeros((K * ncls * P * P, 2), np.float64)
+        _dots(_nhwc(input, np.float64), g64, batch, tofs, ti, tcy, tcx, cmap, cec, ncls, dots)
+        # sum the bins of each part cell into the offset, in bin order (np.add.at is sequential)
+        k, cls, ph, pw = np.unravel_index(np.arange(K * ncls * P * P), (K, ncls, P, P))
+        go = np.zeros(offset.shape, np.float64)
+        np.add.at(go, (k, 2 * cls, part[ph], part[pw]), dots[:, 1])
+        np.add.at(go, (k, 2 * cls + 1, part[ph], part[pw]), dots[:, 0])
+        g_off[...] = go
+    return g_in, g_off
+
+
+# Small calls (gradchecks, tiny layers) run on the calling thread: see ``threads_for``. The work
+# measure is the number of (RoI, channel, bin) triples; no result depends on the thread count.
+
+
+def _work(rois: np.ndarray, C: int, output_size: tuple) -> int:
+    return int(rois.shape[0]) * int(C) * int(output_size[0]) * int(output_size[1])
+
+
+def align_forward(mode, input, rois, offset, output_size, *args, **kwargs):
+    with threads_for(_work(rois, input.shape[1], output_size)):
+        return _align_forward(mode, input, rois, offset, output_size, *args, **kwargs)
+
+
+def align_backward(mode, grad_out, input, rois, offset, output_size, *args, **kwargs):
+    with threads_for(_work(rois, input.shape[1], output_size)):
+        return _align_backward(mode, grad_out, input, rois, offset, output_size, *args, **kwargs)
+
+
+def pool_forward(mode, input, rois, output_size, spatial_scale):
+    with threads_for(_work(rois, input.shape[1], output_size)):
+        return _pool_forward(mode, input, rois, output_size, spatial_scale)
+
+
+def pool_backward(mode, grad_out, input_shape, dtype, rois, argmax, output_size, spatial_scale):
+    with threads_for(_work(rois, input_shape[1], output_size)):
+        return _pool_backward_api(
+            mode, grad_out, input_shape, dtype, rois, argmax, output_size, spatial_scale
+        )
+
+
+def deform_ps_forward(
+    input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, *args
+):
+    with threads_for(_work(rois, output_dim, (pooled_size, pooled_size))):
+        return _deform_ps_forward(
+            input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, *args
+        )
+
+
+def deform_ps_backward(
+    grad_out,
+    input,
+    rois,
+    offset,
+    spatial_scale,
+    output_dim,
+    group_size,
+    pooled_size,
+    *args,
+    **kwargs,
+):
+    with threads_for(_work(rois, output_dim, (pooled_size, pooled_size))):
+        return _deform_ps_backward(
+            grad_out,
+            input,
+            rois,
+            offset,
+            spatial_scale,
+            output_dim,
+            group_size,
+            pooled_size,
+            *args,
+            **kwargs,
+        )
