@@ -26,5 +26,14 @@ from .layers import (
     Tanh,
 )
 from .module import Module, Parameter
+from .roi import (
+    DeformRoIPool,
+    DeformRoIPoolPack,
+    ModulatedDeformRoIPoolPack,
+    PSRoIAlign,
+    PSRoIPool,
+    RoIAlign,
+    RoIPool,
+)
 
 _sys.modules[__name__ + ".functional"] = functional
