@@ -130,26 +130,102 @@ def plan_value(v, base, idx, w):
 
 
 # ---------------------------------------------------------------------------------------------
+# Channel-run helpers shared by the sampling kernels: with channels-last data, the four corners
+# of a plan are four contiguous runs of channels, and these loops vectorize.
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def combine4(out, r0, r1, r2, r3, w0, w1, w2, w3):
+    """out[c] = w0*r0[c] + w1*r1[c] + w2*r2[c] + w3*r3[c] (a sample's value for a channel run)."""
+    for c in range(out.shape[0]):
+        out[c] = w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c]
+
+
+@njit(cache=True)
+def fill_zero(out):
+    for c in range(out.shape[0]):
+        out[c] = 0.0
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def dot4(g, r0, r1, r2, r3):
+    """(g.r0, g.r1, g.r2, g.r3) over a channel run, summed in float64. Reassociation lets the
+    compiler vectorize the sums; the compiled order is fixed, so results are reproducible."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for c in range(g.shape[0]):
+        gc = np.float64(g[c])
+        s0 += gc * r0[c]
+        s1 += gc * r1[c]
+        s2 += gc * r2[c]
+        s3 += gc * r3[c]
+    return s0, s1, s2, s3
+
+
+@njit(cache=True)
+def axpy(r, w, g):
+    """r[c] += w * g[c] (one corner of a sample scattering a channel run)."""
+    for c in range(r.shape[0]):
+        r[c] += w * g[c]
+
+
+_TILE = 16  # positions per transpose task row
+
+
+@njit(parallel=True, cache=True)
+def to_channels_last(src, dst):
+    """dst[n, p, c] = src[n, c, p]: (N, C, P) -> (N, P, C), tasks over (n, tile of p)."""
+    N, C, P = src.shape
+    nt = (P + _TILE - 1) // _TILE
+    for t in prange(N * nt):
+        n = t // nt
+        p0 = (t - n * nt) * _TILE
+        p1 = min(p0 + _TILE, P)
+        for c in range(C):
+            for p in range(p0, p1):
+                dst[n, p, c] = src[n, c, p]
+
+
+@njit(parallel=True, cache=True)
+def from_channels_last(src, dst):
+    """dst[n, c, p] = src[n, p, c]: (N, P, C) -> (N, C, P), tasks over (n, tile of p)."""
+    N, P, C = src.shape
+    nt = (P + _TILE - 1) // _TILE
+    for t in prange(N * nt):
+        n = t // nt
+        p0 = (t - n * nt) * _TILE
+        p1 = min(p0 + _TILE, P)
+        for c in range(C):
+            for p in range(p0, p1):
+                dst[n, c, p] = src[n, p, c]
+
+
+# ---------------------------------------------------------------------------------------------
 # bilinear_interpolate kernels (SPEC section 4): input (N, C, H, W), points (N, P, 2) as (y, x)
 # pixel coordinates, output (N, C, P). Used by ``deformnp.ops.bilinear_interpolate`` and, after
 # its coordinate transform, by ``grid_sample``.
 #
+# The kernels work channels-last: the input is copied to (N, H, W, C) and the output / output
+# gradient live as (N, P, C), so each corner of a plan is a contiguous run of C values.
+#
 # Parallelism and determinism:
 #
-# * forward and the points gradient: ``prange`` over tasks (n, block of _BLOCK points); a task
-#   computes the plans of its points once, then walks the channels, so each input plane is read
-#   for a run of nearby points. It writes only its own outputs / point gradients (owner computes,
-#   channel sums in a fixed order).
-# * input gradient: ``prange`` over tasks (n, block of channels); a task owns those input planes
-#   and scatters into them point by point in a fixed order, computing each point's plan once for
-#   the block. The blocking depends on the shapes only, and the order of the additions into any
-#   plane element never depends on it, so the gradient is bit-identical with any thread count.
+# * forward: ``prange`` over points; a point computes its plan once and writes its own (P, C)
+#   row.
+# * backward, pass 1 (``_sample_backward_points``): ``prange`` over points; a point computes its
+#   plan once, stores it for pass 2, and (owner computes) its own gradient from four dot
+#   products over the channels, in a fixed order.
+# * backward, pass 2 (``_sample_backward_input``): ``prange`` over tasks (n, block of channels);
+#   a task owns those channels of the input gradient of image n and scatters into them point by
+#   point in a fixed order, so the blocking (which may follow the thread count) never changes a
+#   sum: the gradient is bit-identical with any thread count.
 #
-# Coordinates are float64 (the op converts float32 points), plans are float64, sums run in
-# float64 and are rounded to the data dtype when stored.
+# Coordinates are float64 (the op converts float32 points) and plans are float64; the plans'
+# weights are rounded to the data dtype for the channel loops.
 # ---------------------------------------------------------------------------------------------
-
-_BLOCK = 64  # points per forward / points-gradient task
 
 
 @njit(inline="always", cache=True)
@@ -160,104 +236,110 @@ def plan_of(rule, y, x, H, W):
     return clamp_plan(y, x, H, W)
 
 
+_BLOCK = 32  # points per forward task
+
+
 @njit(parallel=True, cache=True)
-def _bilinear_forward(inp, pts, rule, out):
-    """out[n, c, p] = sample(inp[n, c], pts[n, p, 0], pts[n, p, 1]) under ``rule``."""
-    N, C, H, W = inp.shape
+def _sample_forward(inp_t, pts, rule, out):
+    """out[n, c, p] = sample(channel c of inp_t[n], pts[n, p]); inp_t is channels-last
+    (N, H, W, C), out (N, C, P). A task samples a block of points into a (block, C) buffer
+    (contiguous channel runs) and stores it transposed."""
+    N, H, W, C = inp_t.shape
     P = pts.shape[1]
-    HW = H * W
-    v = inp.reshape(-1)
+    v = inp_t.reshape(-1)
     o = out.reshape(-1)
     nblk = (P + _BLOCK - 1) // _BLOCK
     for task in prange(N * nblk):
         n = task // nblk
         p0 = (task - n * nblk) * _BLOCK
         p1 = min(p0 + _BLOCK, P)
-        idx = np.empty((_BLOCK, 4), np.int64)
-        w = np.empty((_BLOCK, 4), np.float64)
+        buf = np.empty((_BLOCK, C), out.dtype)
+        wv = np.empty(4, out.dtype)  # the plan's weights in the data dtype
+        base = n * H * W
         for p in range(p0, p1):
             pi, pw, pcy, pcx = plan_of(rule, pts[n, p, 0], pts[n, p, 1], H, W)
-            j = p - p0
+            dst = buf[p - p0]
+            if pw[0] == 0.0 and pw[1] == 0.0 and pw[2] == 0.0 and pw[3] == 0.0:
+                fill_zero(dst)
+                continue
             for k in range(4):
-                idx[j, k] = pi[k]
-                w[j, k] = pw[k]
+                wv[k] = pw[k]
+            combine4(
+                dst,
+                v[(base + pi[0]) * C : (base + pi[0] + 1) * C],
+                v[(base + pi[1]) * C : (base + pi[1] + 1) * C],
+                v[(base + pi[2]) * C : (base + pi[2] + 1) * C],
+                v[(base + pi[3]) * C : (base + pi[3] + 1) * C],
+                wv[0], wv[1], wv[2], wv[3],
+            )  # fmt: skip
         for c in range(C):
-            base = (n * C + c) * HW
-            obase = (n * C + c) * P
+            ob = (n * C + c) * P
             for p in range(p0, p1):
-                j = p - p0
-                o[obase + p] = (
-                    w[j, 0] * v[base + idx[j, 0]]
-                    + w[j, 1] * v[base + idx[j, 1]]
-                    + w[j, 2] * v[base + idx[j, 2]]
-                    + w[j, 3] * v[base + idx[j, 3]]
-                )
+                o[ob + p] = buf[p - p0, c]
 
 
 @njit(parallel=True, cache=True)
-def _bilinear_backward_input(gout, pts, rule, cblock, gin):
-    """gin[n, c] = sum_p w_p * gout[n, c, p] scattered at p's corners (gin zeroed by the caller)."""
-    N, C, H, W = gin.shape
+def _sample_backward_points(inp_t, gout_t, pts, rule, need_pts, pidx, pwts, gpts):
+    """Per point (owner): its plan into pidx / pwts (for the input gradient) and, with
+    ``need_pts``, gpts[n, p] = sum_c gout[n, p, c] * (d sample / dy, d sample / dx)."""
+    N, H, W, C = inp_t.shape
     P = pts.shape[1]
+    v = inp_t.reshape(-1)
+    g = gout_t.reshape(-1)
+    for t in prange(N * P):
+        n = t // P
+        p = t - n * P
+        pi, pw, pcy, pcx = plan_of(rule, pts[n, p, 0], pts[n, p, 1], H, W)
+        for k in range(4):
+            pidx[n, p, k] = pi[k]
+            pwts[n, p, k] = pw[k]
+        if need_pts:
+            base = n * H * W
+            d0, d1, d2, d3 = dot4(
+                g[t * C : (t + 1) * C],
+                v[(base + pi[0]) * C : (base + pi[0] + 1) * C],
+                v[(base + pi[1]) * C : (base + pi[1] + 1) * C],
+                v[(base + pi[2]) * C : (base + pi[2] + 1) * C],
+                v[(base + pi[3]) * C : (base + pi[3] + 1) * C],
+            )
+            gpts[n, p, 0] = pcy[0] * d0 + pcy[1] * d1 + pcy[2] * d2 + pcy[3] * d3
+            gpts[n, p, 1] = pcx[0] * d0 + pcx[1] * d1 + pcx[2] * d2 + pcx[3] * d3
+
+
+@njit(parallel=True, cache=True)
+def _sample_backward_input(gout_t, pidx, pwts, cblock, gin):
+    """gin[n, c] = sum over points p (in order) of w * gout_t[n, p, c] scattered at p's corners.
+    Tasks own (n, block of channels): they scatter into a channels-last buffer of their block,
+    then store it into gin (N, C, H, W)."""
+    N, C, H, W = gin.shape
+    P = pidx.shape[1]
     HW = H * W
-    g = gout.reshape(-1)
+    g = gout_t.reshape(-1)
     gi = gin.reshape(-1)
     ncb = (C + cblock - 1) // cblock
     for task in prange(N * ncb):
         n = task // ncb
         c0 = (task - n * ncb) * cblock
         c1 = min(c0 + cblock, C)
+        cb = c1 - c0
+        acc = np.zeros(HW * cb, gin.dtype)
         for p in range(P):
-            idx, w, cy, cx = plan_of(rule, pts[n, p, 0], pts[n, p, 1], H, W)
-            if w[0] == 0.0 and w[1] == 0.0 and w[2] == 0.0 and w[3] == 0.0:
+            if (
+                pwts[n, p, 0] == 0.0
+                and pwts[n, p, 1] == 0.0
+                and pwts[n, p, 2] == 0.0
+                and pwts[n, p, 3] == 0.0
+            ):
                 continue
-            for c in range(c0, c1):
-                base = (n * C + c) * HW
-                gv = g[(n * C + c) * P + p]
-                for k in range(4):
-                    gi[base + idx[k]] += w[k] * gv
-
-
-@njit(parallel=True, cache=True)
-def _bilinear_backward_points(gout, inp, pts, rule, gpts):
-    """gpts[n, p] = sum_c gout[n, c, p] * (d sample / dy, d sample / dx) (owner computes)."""
-    N, C, H, W = inp.shape
-    P = pts.shape[1]
-    HW = H * W
-    v = inp.reshape(-1)
-    g = gout.reshape(-1)
-    nblk = (P + _BLOCK - 1) // _BLOCK
-    for task in prange(N * nblk):
-        n = task // nblk
-        p0 = (task - n * nblk) * _BLOCK
-        p1 = min(p0 + _BLOCK, P)
-        idx = np.empty((_BLOCK, 4), np.int64)
-        cyb = np.empty((_BLOCK, 4), np.float64)
-        cxb = np.empty((_BLOCK, 4), np.float64)
-        accy = np.zeros(_BLOCK, np.float64)
-        accx = np.zeros(_BLOCK, np.float64)
-        for p in range(p0, p1):
-            pi, pw, pcy, pcx = plan_of(rule, pts[n, p, 0], pts[n, p, 1], H, W)
-            j = p - p0
+            row = (n * P + p) * C
+            gv = g[row + c0 : row + c1]
             for k in range(4):
-                idx[j, k] = pi[k]
-                cyb[j, k] = pcy[k]
-                cxb[j, k] = pcx[k]
-        for c in range(C):
-            base = (n * C + c) * HW
-            gbase = (n * C + c) * P
-            for p in range(p0, p1):
-                j = p - p0
-                gv = g[gbase + p]
-                v0 = v[base + idx[j, 0]]
-                v1 = v[base + idx[j, 1]]
-                v2 = v[base + idx[j, 2]]
-                v3 = v[base + idx[j, 3]]
-                accy[j] += gv * (cyb[j, 0] * v0 + cyb[j, 1] * v1 + cyb[j, 2] * v2 + cyb[j, 3] * v3)
-                accx[j] += gv * (cxb[j, 0] * v0 + cxb[j, 1] * v1 + cxb[j, 2] * v2 + cxb[j, 3] * v3)
-        for p in range(p0, p1):
-            gpts[n, p, 0] = accy[p - p0]
-            gpts[n, p, 1] = accx[p - p0]
+                s = pidx[n, p, k] * cb
+                axpy(acc[s : s + cb], pwts[n, p, k], gv)
+        for c in range(c0, c1):
+            ob = (n * C + c) * HW
+            for q in range(HW):
+                gi[ob + q] = acc[q * cb + c - c0]
 
 
 BORDERS = {"zero": 0, "clamp": 1}
@@ -283,43 +365,66 @@ def threads_for(work: int) -> Iterator[None]:
         numba.set_num_threads(prev)
 
 
-def _channel_block(N: int, C: int) -> int:
-    """Channels per input-gradient task: enough tasks to share out, plans amortised over a block.
+def channel_block(tasks: int, C: int) -> int:
+    """Channels per input-gradient task: about two tasks per thread over ``tasks`` images, in
+    blocks of at least 16 channels. No result depends on it."""
+    ncb = max(1, min(C // 16, -(-2 * numba.get_num_threads() // max(1, tasks))))
+    return max(1, -(-C // ncb))
 
-    Depends on the shapes only (never on the thread count)."""
-    cb = 16
-    while cb > 1 and N * ((C + cb - 1) // cb) < 16:
-        cb //= 2
-    return cb
+
+def channels_last(a):
+    """(N, C, ...) -> a new C-contiguous (N, prod(...), C) array (parallel transpose)."""
+    N, C = a.shape[:2]
+    src = np.ascontiguousarray(a).reshape(N, C, -1)
+    dst = np.empty((N, src.shape[2], C), dtype=a.dtype)
+    if dst.size:
+        to_channels_last(src, dst)
+    return dst
+
+
+def sample_forward(input, pts, rule):
+    """input (N, C, H, W), pts (N, P, 2) float64 (y, x) -> (N, C, P) under rule 0/1."""
+    N, C, H, W = input.shape
+    P = pts.shape[1]
+    if N * C * P == 0 or H * W == 0:
+        return np.zeros((N, C, P), dtype=input.dtype)
+    with threads_for(N * C * P):
+        out = np.empty((N, C, P), dtype=input.dtype)
+        _sample_forward(channels_last(input).reshape(N, H, W, C), pts, rule, out)
+        return out
+
+
+def sample_backward(grad_out, input, pts, rule, needs=(True, True)):
+    """(grad_input (N, C, H, W) or None, grad_points (N, P, 2) float64 or None)."""
+    N, C, H, W = input.shape
+    P = pts.shape[1]
+    g_in = np.zeros(input.shape, dtype=input.dtype) if needs[0] else None
+    g_pts = np.zeros((N, P, 2), dtype=np.float64) if needs[1] else None
+    if N * C * P == 0 or H * W == 0 or not (needs[0] or needs[1]):
+        return g_in, g_pts
+    with threads_for(N * C * P):
+        inp_t = channels_last(input).reshape(N, H, W, C)
+        gout_t = channels_last(grad_out.reshape(N, C, P))
+        pidx = np.empty((N, P, 4), np.int64)
+        pwts = np.empty((N, P, 4), input.dtype)
+        gp = g_pts if needs[1] else np.empty((1, 1, 2), np.float64)
+        _sample_backward_points(inp_t, gout_t, pts, rule, bool(needs[1]), pidx, pwts, gp)
+        if needs[0]:
+            _sample_backward_input(gout_t, pidx, pwts, channel_block(N, C), g_in)
+    return g_in, g_pts
 
 
 def bilinear_interpolate_forward(input, points, border):
-    """Array-level forward: input (N, C, H, W), points (N, P, 2) float64 (y, x) -> (N, C, P)."""
-    N, C, H, W = input.shape
-    P = points.shape[1]
-    out = np.zeros((N, C, P), dtype=input.dtype)
-    if out.size and H * W:
-        with threads_for(out.size):
-            _bilinear_forward(input, np.ascontiguousarray(points, np.float64), BORDERS[border], out)
-    return out
+    """Array-level forward: input (N, C, H, W), points (N, P, 2) (y, x) -> (N, C, P)."""
+    pts = np.ascontiguousarray(points, np.float64)
+    return sample_forward(input, pts, BORDERS[border])
 
 
 def bilinear_interpolate_backward(grad_out, input, points, border, needs=(True, True)):
     """Array-level backward: (grad_input, grad_points); grad_points has points' dtype."""
-    N, C, H, W = input.shape
-    P = points.shape[1]
-    rule = BORDERS[border]
     pts = np.ascontiguousarray(points, np.float64)
     grad_out = np.ascontiguousarray(grad_out, input.dtype)
-    g_in = g_pts = None
-    with threads_for(grad_out.size):
-        if needs[0]:
-            g_in = np.zeros(input.shape, dtype=input.dtype)
-            if grad_out.size and g_in.size:
-                _bilinear_backward_input(grad_out, pts, rule, _channel_block(N, C), g_in)
-        if needs[1]:
-            g64 = np.zeros((N, P, 2), dtype=np.float64)
-            if N * P and C * H * W:
-                _bilinear_backward_points(grad_out, input, pts, rule, g64)
-            g_pts = g64.astype(points.dtype, copy=False)
+    g_in, g_pts = sample_backward(grad_out, input, pts, BORDERS[border], tuple(needs))
+    if g_pts is not None:
+        g_pts = g_pts.astype(points.dtype, copy=False)
     return g_in, g_pts

@@ -47,49 +47,20 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .bilinear import threads_for, zero_fade_plan
+from .bilinear import (
+    axpy,
+    channels_last,
+    combine4,
+    dot4,
+    fill_zero,
+    from_channels_last,
+    threads_for,
+    zero_fade_plan,
+)
 
 # Largest columns matrix (elements) per chunk of batch items: 2**23 elements is 32 MB in
 # float32; a chunk always holds at least one batch item.
 COLS_BUDGET = 1 << 23
-
-
-@njit(cache=True)
-def _combine4(out, r0, r1, r2, r3, w0, w1, w2, w3):
-    """out[c] = w0*r0[c] + w1*r1[c] + w2*r2[c] + w3*r3[c]: a sample's value for a run of
-    channels (contiguous slices, so the loop vectorizes)."""
-    for c in range(out.shape[0]):
-        out[c] = w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c]
-
-
-@njit(cache=True)
-def _fill_zero(out):
-    for c in range(out.shape[0]):
-        out[c] = 0.0
-
-
-@njit(fastmath={"reassoc", "contract"}, cache=True)
-def _dot4(g, r0, r1, r2, r3):
-    """(g.r0, g.r1, g.r2, g.r3) over a run of channels, summed in float64. Reassociation lets the
-    compiler vectorize the sums; the compiled order is fixed, so results are reproducible."""
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    for c in range(g.shape[0]):
-        gc = np.float64(g[c])
-        s0 += gc * r0[c]
-        s1 += gc * r1[c]
-        s2 += gc * r2[c]
-        s3 += gc * r3[c]
-    return s0, s1, s2, s3
-
-
-@njit(cache=True)
-def _axpy(r, w, g):
-    """r[c] += w * g[c] (one corner of a sample scattering a run of channels)."""
-    for c in range(r.shape[0]):
-        r[c] += w * g[c]
 
 
 @njit(parallel=True, cache=True)
@@ -132,9 +103,9 @@ def _im2col(inp_t, off, msk, b0, nb, kh, kw, sh, sw, ph, pw, dh, dw, cin_g, runs
                         d = row + runs[og, r, 2]
                         dst = cf[d + c : d + ce]
                         if zero:
-                            _fill_zero(dst)
+                            fill_zero(dst)
                         else:
-                            _combine4(
+                            combine4(
                                 dst,
                                 v[(base + pi[0]) * Cin + c : (base + pi[0]) * Cin + ce],
                                 v[(base + pi[1]) * Cin + c : (base + pi[1]) * Cin + ce],
@@ -207,11 +178,9 @@ def _backward_points(
                         r2 = v[(base + pi[2]) * Cin + c : (base + pi[2]) * Cin + ce]
                         r3 = v[(base + pi[3]) * Cin + c : (base + pi[3]) * Cin + ce]
                         if need_cols:
-                            _combine4(
-                                cf[d + c : d + ce], r0, r1, r2, r3, wv[0], wv[1], wv[2], wv[3]
-                            )
+                            combine4(cf[d + c : d + ce], r0, r1, r2, r3, wv[0], wv[1], wv[2], wv[3])
                         if need_sums:
-                            e0, e1, e2, e3 = _dot4(gc[d + c : d + ce], r0, r1, r2, r3)
+                            e0, e1, e2, e3 = dot4(gc[d + c : d + ce], r0, r1, r2, r3)
                             d0 += e0
                             d1 += e1
                             d2 += e2
@@ -265,7 +234,7 @@ def _col2im(gcols, pidx, pwts, b0, nb, kh, kw, cin_g, runs, cblock, gin_t):
                     g = gc[d + c : d + ce]
                     for t in range(4):
                         s = (base + pidx[bl, og, k, q, t]) * Cin
-                        _axpy(gi[s + c : s + ce], pwts[bl, og, k, q, t], g)
+                        axpy(gi[s + c : s + ce], pwts[bl, og, k, q, t], g)
 
 
 def _geometry(input: Any, offset: Any, weight: Any) -> tuple[int, ...]:
@@ -355,7 +324,7 @@ def _forward(
     dtype = input.dtype
     with threads_for(B * HW * K * Cin):
         msk = _mask_or_ones(mask, B, G, K, Hout, Wout, dtype)
-        inp_t = np.ascontiguousarray(input.transpose(0, 2, 3, 1))
+        inp_t = channels_last(input).reshape(B, H, W, Cin)
         wm = _weight_matrix(weight)
         runs = channel_runs(Cin, G, cin_g, K)
         cout_g = Cout // g
@@ -375,7 +344,7 @@ def _forward(
                     out_t[:, grp * cout_g : (grp + 1) * cout_g] = (
                         cols[:, grp * kc : (grp + 1) * kc] @ wm[grp * cout_g : (grp + 1) * cout_g].T
                     )
-            out[b0 : b0 + nb] = out_t.reshape(nb, Hout, Wout, Cout).transpose(0, 3, 1, 2)
+            from_channels_last(out_t.reshape(nb, HW, Cout), out[b0 : b0 + nb].reshape(nb, Cout, HW))
     if bias is not None:
         out += bias.reshape(1, Cout, 1, 1)
     return out
@@ -430,7 +399,7 @@ def _backward(
     HW = Hout * Wout
     dtype = input.dtype
     msk = _mask_or_ones(mask, B, G, K, Hout, Wout, dtype)
-    inp_t = np.ascontiguousarray(input.transpose(0, 2, 3, 1))
+    inp_t = channels_last(input).reshape(B, H, W, Cin)
     wm = _weight_matrix(weight)
     runs = channel_runs(Cin, G, cin_g, K)
     gwm = np.zeros_like(wm) if need_w else None
@@ -443,9 +412,7 @@ def _backward(
     step = chunk_size(Cin, K, HW)
     for b0 in range(0, B, step):
         nb = min(step, B - b0)
-        go_t = np.ascontiguousarray(
-            grad_out[b0 : b0 + nb].reshape(nb, Cout, HW).transpose(0, 2, 1)
-        ).reshape(nb * HW, Cout)
+        go_t = channels_last(grad_out[b0 : b0 + nb]).reshape(nb * HW, Cout)
         cols = np.empty((nb * HW, Cin * K), dtype) if need_w else np.empty((1, 1), dtype)
         gcols = np.empty((1, 1), dtype)
         if need_in or need_sums:
@@ -475,6 +442,6 @@ def _backward(
                     @ cols[:, grp * kc : (grp + 1) * kc]
                 )
     if need_in:
-        g_in[...] = gin_t.transpose(0, 3, 1, 2)
+        from_channels_last(gin_t.reshape(B, H * W, Cin), g_in.reshape(B, Cin, H * W))
     if need_w:
         g_w[...] = gwm.reshape(Cout, kh, kw, cin_g).transpose(0, 3, 1, 2)

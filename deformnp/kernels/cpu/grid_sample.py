@@ -92,12 +92,10 @@ def grid_sample_forward(input: Any, grid_: Any, padding_mode: str, align_corners
     """out (N, C, Hout, Wout) = input sampled at the grid (bilinear, ``padding_mode``)."""
     N, C, Hin, Win = input.shape
     Hout, Wout = grid_.shape[1:3]
-    out = np.zeros((N, C, Hout, Wout), dtype=input.dtype)
-    if out.size and Hin * Win:
+    if N * C * Hout * Wout and Hin * Win:
         pts, _, _ = _points(grid_, Hin, Win, padding_mode, align_corners)
-        with _bil.threads_for(out.size):
-            _bil._bilinear_forward(input, pts, 0, out.reshape(N, C, Hout * Wout))
-    return out
+        return _bil.sample_forward(input, pts, 0).reshape(N, C, Hout, Wout)
+    return np.zeros((N, C, Hout, Wout), dtype=input.dtype)
 
 
 def grid_sample_backward(
@@ -113,22 +111,16 @@ def grid_sample_backward(
     Hout, Wout = grid_.shape[1:3]
     P = Hout * Wout
     g_in = g_grid = None
-    live = grad_out.size and Hin * Win
-    pts = dy = dx = None
-    if live:
+    if grad_out.size and Hin * Win:
         pts, dy, dx = _points(grid_, Hin, Win, padding_mode, align_corners)
         go = np.ascontiguousarray(grad_out, input.dtype).reshape(N, C, P)
-    with _bil.threads_for(grad_out.size):
-        if needs[0]:
-            g_in = np.zeros(input.shape, dtype=input.dtype)
-            if live:
-                _bil._bilinear_backward_input(go, pts, 0, _bil._channel_block(N, C), g_in)
+        g_in, gp = _bil.sample_backward(go, input, pts, 0, tuple(needs))
         if needs[1]:
-            g_grid = np.zeros(grid_.shape, dtype=grid_.dtype)
-            if live:
-                gp = np.zeros((N, P, 2), dtype=np.float64)
-                _bil._bilinear_backward_points(go, input, pts, 0, gp)
-                flat = g_grid.reshape(N, P, 2)
-                flat[..., 0] = gp[..., 1] * dx
-                flat[..., 1] = gp[..., 0] * dy
+            g_grid = np.empty(grid_.shape, dtype=grid_.dtype)
+            flat = g_grid.reshape(N, P, 2)
+            flat[..., 0] = gp[..., 1] * dx
+            flat[..., 1] = gp[..., 0] * dy
+    else:
+        g_in = np.zeros(input.shape, dtype=input.dtype) if needs[0] else None
+        g_grid = np.zeros(grid_.shape, dtype=grid_.dtype) if needs[1] else None
     return g_in, g_grid
