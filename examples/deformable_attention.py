@@ -154,7 +154,7 @@ class DATRegressor(nn.Module):
         super().__init__()
         self.embed = nn.Conv2d(3, 16, 1)
         self.attn = nn.DeformableAttention2d(
-            16, 2, n_groups=1, stride=4, kernel_size=5, q_size=SIZE, offset_range_factor=2.0
+            16, 2, n_groups=1, stride=4, kernel_size=9, q_size=SIZE, offset_range_factor=2.0
         )
         self.head = nn.Linear(16, 2)
 
