@@ -169,7 +169,7 @@ def _rois(op: str, boxes: Any, inp: Any) -> np.ndarray:
         where = (
             f"box {k} (of the list form, image {int(idx[k])})"
             if isinstance(boxes, (list, tuple))
-            else f"boxes[{k}, 0] = {idx[k]!r}"
+            else f"boxes[{k}, 0] = {float(idx[k])}"
         )
         raise ValueError(
             f"{op}: {where} is not a batch index of input (batch size {B}): expected an integer "

@@ -389,3 +389,51 @@ def deform_ps_roi_pool_grad(x, rois, offset, grad, s, D, gs, P, part=None, spp=4
                             go[k, 2 * cls, qh, qw] += g * trans_std * roi_w * vx
                             go[k, 2 * cls + 1, qh, qw] += g * trans_std * roi_h * vy
     return gi, go
+
+
+# ---------------------------------------------------------------------------- test inputs
+
+
+def random_boxes(rng, K, B, H, W, scale=1.0, dtype=np.float64):
+    """K boxes (batch, x1, y1, x2, y2) in image coordinates (feature map H x W seen at
+    ``scale``): mostly inside, some partly or entirely outside, some tiny or degenerate."""
+    Wi, Hi = W / scale, H / scale
+    x1 = rng.uniform(-0.3 * Wi, 1.1 * Wi, K)
+    y1 = rng.uniform(-0.3 * Hi, 1.1 * Hi, K)
+    w = rng.uniform(0.0, 0.8 * Wi, K) * rng.choice([0.05, 1.0, 1.0, 1.0], K)
+    h = rng.uniform(0.0, 0.8 * Hi, K) * rng.choice([0.05, 1.0, 1.0, 1.0], K)
+    return np.stack([rng.integers(0, B, K), x1, y1, x1 + w, y1 + h], axis=1).astype(dtype)
+
+
+def align_points(rois, offset, PH, PW, s, ratio, gamma):
+    """Sample points (y, x) of every bin of deform_roi_pool (aligned, no minimum size), as a list
+    indexed [k][ph][pw] of lists of points."""
+    return [
+        [
+            [
+                _align_samples(
+                    roi,
+                    ph,
+                    pw,
+                    PH,
+                    PW,
+                    s,
+                    ratio,
+                    0.5,
+                    False,
+                    gamma * offset[k, 0, ph, pw],
+                    gamma * offset[k, 1, ph, pw],
+                )[0]
+                for pw in range(PW)
+            ]
+            for ph in range(PH)
+        ]
+        for k, roi in enumerate(rois)
+    ]
+
+
+def off_kinks(v: float, n: int, margin: float = 0.1) -> bool:
+    """True when v's fractional part is in [margin, 1 - margin] and v is at least ``margin`` away
+    from the border lines -1, 0, n-1, n (SPEC 12: central differences are valid there)."""
+    f = v - math.floor(v)
+    return margin <= f <= 1 - margin and all(abs(v - b) >= margin for b in (-1, 0, n - 1, n))

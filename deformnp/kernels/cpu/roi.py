@@ -89,6 +89,13 @@ def align_geometry(
     ``igeo`` (K, 3) = (batch index, gh, gw). roi_align: o = 0.5 if aligned else 0 and, when not
     aligned, roi_w = max(roi_w, 1); ps_roi_align and deform_roi_pool: always o = 0.5, no minimum.
     """
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite boxes sample nothing
+        return _align_geometry(
+            mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma
+        )
+
+
+def _align_geometry(mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma):
     PH, PW = output_size
     r = np.asarray(rois, np.float64)
     s = float(spatial_scale)
@@ -196,6 +203,15 @@ def deform_ps_geometry(
     Returns fgeo (K, 8) = (start_h, start_w, bin_h, bin_w, sub_h, sub_w, roi_h, roi_w), batch
     (K,), and the part (P,) and group (P,) cells of the bins, int64.
     """
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite boxes sample nothing
+        return _deform_ps_geometry(
+            rois, spatial_scale, group_size, pooled_size, part_size, sample_per_part, dtype
+        )
+
+
+def _deform_ps_geometry(
+    rois, spatial_scale, group_size, pooled_size, part_size, sample_per_part, dtype
+):
     r = np.asarray(rois, np.float64)
     s = float(spatial_scale)
     x1, y1, x2, y2 = (c_round(r[:, i]) for i in range(1, 5))

@@ -1,0 +1,241 @@
+"""ps_roi_align and ps_roi_pool (SPEC 7): naive reference, gradcheck, edge cases, property tests,
+torchvision parity (and the documented ps_roi_pool difference at the last row and column)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import roi as ref
+
+import deformnp as dn
+from deformnp import ops
+
+B, H, W = 2, 7, 9
+PH, PW = 2, 3
+CIN = 2 * PH * PW  # two output channels
+
+
+# ------------------------------------------------------------------ matches the reference
+
+
+@pytest.mark.parametrize("ratio", [-1, 0, 1, 2])
+def test_ps_roi_align_matches_reference(rng, ratio):
+    x = rng.standard_normal((B, CIN, H, W))
+    boxes = ref.random_boxes(rng, 8, B, H, W, scale=0.5)
+    out = ops.ps_roi_align(x, boxes, (PH, PW), 0.5, ratio)
+    assert isinstance(out, dn.Tensor) and out.shape == (8, 2, PH, PW)
+    expected = ref.ps_roi_align(x, boxes, PH, PW, 0.5, ratio)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
+    grad = rng.standard_normal(out.shape)
+    (g,) = ops.ps_roi_align_backward(grad, x, boxes, (PH, PW), 0.5, ratio)
+    expected_g = ref.ps_roi_align_grad(x.shape, boxes, grad, PH, PW, 0.5, ratio)
+    np.testing.assert_allclose(g, expected_g, rtol=1e-12, atol=1e-12)
+
+
+def test_ps_roi_pool_matches_reference(rng):
+    x = rng.standard_normal((B, CIN, H, W))
+    boxes = ref.random_boxes(rng, 8, B, H, W, scale=0.5)
+    out = ops.ps_roi_pool(x, boxes, (PH, PW), 0.5)
+    assert isinstance(out, dn.Tensor) and out.shape == (8, 2, PH, PW)
+    np.testing.assert_allclose(
+        out.numpy(), ref.ps_roi_pool(x, boxes, PH, PW, 0.5), rtol=1e-12, atol=1e-12
+    )
+    grad = rng.standard_normal(out.shape)
+    (g,) = ops.ps_roi_pool_backward(grad, x, boxes, (PH, PW), 0.5)
+    expected_g = ref.ps_roi_pool_grad(x.shape, boxes, grad, PH, PW, 0.5)
+    np.testing.assert_allclose(g, expected_g, rtol=1e-12, atol=1e-12)
+
+
+def test_float32(rng):
+    x = rng.standard_normal((B, CIN, H, W)).astype(np.float32)
+    boxes = ref.random_boxes(rng, 6, B, H, W, dtype=np.float32)
+    b64 = boxes.astype(np.float64)
+    a = ops.ps_roi_align_forward(x, boxes, (PH, PW), 1.0, 2)
+    p = ops.ps_roi_pool_forward(x, boxes, (PH, PW), 1.0)
+    assert a.dtype == p.dtype == np.float32
+    np.testing.assert_allclose(a, ref.ps_roi_align(x, b64, PH, PW, 1.0, 2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        p, ref.ps_roi_pool(x, boxes, PH, PW, 1.0, np.float32), rtol=1e-5, atol=1e-5
+    )
+    grad = rng.standard_normal(a.shape).astype(np.float32)
+    (ga,) = ops.ps_roi_align_backward(grad, x, boxes, (PH, PW), 1.0, 2)
+    (gp,) = ops.ps_roi_pool_backward(grad, x, boxes, (PH, PW), 1.0)
+    assert ga.dtype == gp.dtype == np.float32
+    np.testing.assert_allclose(
+        ga, ref.ps_roi_align_grad(x.shape, b64, grad, PH, PW, 1.0, 2), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        gp,
+        ref.ps_roi_pool_grad(x.shape, boxes, grad, PH, PW, 1.0, np.float32),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_autograd_matches_array_level(rng):
+    x = dn.tensor(rng.standard_normal((B, CIN, H, W)), requires_grad=True)
+    boxes = ref.random_boxes(rng, 5, B, H, W)
+    for fwd, bwd, op, extra in [
+        (ops.ps_roi_align_forward, ops.ps_roi_align_backward, ops.ps_roi_align, (2,)),
+        (ops.ps_roi_pool_forward, ops.ps_roi_pool_backward, ops.ps_roi_pool, ()),
+    ]:
+        x.grad = None
+        out = op(x, boxes, (PH, PW), 1.0, *extra)
+        grad = rng.standard_normal(out.shape)
+        out.backward(grad)
+        np.testing.assert_array_equal(out.numpy(), fwd(x.data, boxes, (PH, PW), 1.0, *extra))
+        np.testing.assert_array_equal(x.grad, bwd(grad, x.data, boxes, (PH, PW), 1.0, *extra)[0])
+
+
+# ------------------------------------------------------------------ gradcheck
+
+
+def test_gradcheck_input(rng):
+    # both ops are linear in the input: no kinks, any boxes will do
+    x = dn.tensor(rng.standard_normal((2, 8, 5, 6)), requires_grad=True)
+    boxes = ref.random_boxes(rng, 4, 2, 5, 6)
+    assert dn.gradcheck(lambda t: ops.ps_roi_align(t, boxes, 2, 1.0, 2), (x,))
+    assert dn.gradcheck(lambda t: ops.ps_roi_pool(t, boxes, 2, 1.0), (x,))
+
+
+# ------------------------------------------------------------------ edge cases
+
+
+def test_no_boxes_and_boxes_outside(rng):
+    x = rng.standard_normal((1, CIN, H, W))
+    assert ops.ps_roi_align_forward(x, np.zeros((0, 5)), (PH, PW)).shape == (0, 2, PH, PW)
+    assert ops.ps_roi_pool_forward(x, [], (PH, PW)).shape == (0, 2, PH, PW)
+    boxes = np.array([[0, 40.0, 40, 60, 60], [0, -30, -30, -12, -12], [0, np.nan, 0, 3, 3]])
+    for fwd, bwd in [
+        (ops.ps_roi_align_forward, ops.ps_roi_align_backward),
+        (ops.ps_roi_pool_forward, ops.ps_roi_pool_backward),
+    ]:
+        out = fwd(x, boxes, (PH, PW))
+        np.testing.assert_array_equal(out, 0.0)
+        np.testing.assert_array_equal(bwd(np.ones_like(out), x, boxes, (PH, PW))[0], 0.0)
+
+
+def test_ps_roi_align_empty_grid_is_zero(rng):
+    # an inverted box has an empty adaptive grid: 0 (torchvision divides 0 by 0)
+    x = rng.standard_normal((1, CIN, H, W))
+    out = ops.ps_roi_align_forward(x, np.array([[0, 5.0, 5, 2, 2]]), (PH, PW), 1.0, -1)
+    np.testing.assert_array_equal(out, 0.0)
+
+
+# ------------------------------------------------------------------ property tests
+
+
+@given(st.data())
+def test_property_matches_reference(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    b = data.draw(st.integers(1, 2))
+    h, w = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
+    ph, pw = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    cout = data.draw(st.integers(1, 2))
+    k = data.draw(st.integers(0, 4))
+    ratio = data.draw(st.integers(-1, 3))
+    scale = data.draw(st.sampled_from([0.5, 1.0, 1.7]))
+    x = rng.standard_normal((b, cout * ph * pw, h, w))
+    boxes = ref.random_boxes(rng, k, b, h, w, scale)
+    a = ops.ps_roi_align_forward(x, boxes, (ph, pw), scale, ratio)
+    np.testing.assert_allclose(
+        a, ref.ps_roi_align(x, boxes, ph, pw, scale, ratio), rtol=1e-12, atol=1e-12
+    )
+    p = ops.ps_roi_pool_forward(x, boxes, (ph, pw), scale)
+    np.testing.assert_allclose(p, ref.ps_roi_pool(x, boxes, ph, pw, scale), rtol=1e-12, atol=1e-12)
+    grad = rng.standard_normal(a.shape)
+    np.testing.assert_allclose(
+        ops.ps_roi_align_backward(grad, x, boxes, (ph, pw), scale, ratio)[0],
+        ref.ps_roi_align_grad(x.shape, boxes, grad, ph, pw, scale, ratio),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(
+        ops.ps_roi_pool_backward(grad, x, boxes, (ph, pw), scale)[0],
+        ref.ps_roi_pool_grad(x.shape, boxes, grad, ph, pw, scale),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+# ------------------------------------------------------------------ torchvision parity
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("ratio", [-1, 2])
+def test_torchvision_ps_roi_align_parity(rng, dtype, ratio):
+    torch = pytest.importorskip("torch")
+    tvo = pytest.importorskip("torchvision.ops")
+    x = rng.standard_normal((2, 3 * PH * PW, 11, 13)).astype(dtype)
+    boxes = ref.random_boxes(rng, 24, 2, 11, 13, scale=0.25, dtype=dtype)
+    keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 4] > boxes[:, 2])  # torchvision: 0/0 = NaN
+    boxes = boxes[keep] if ratio <= 0 else boxes
+    tx = torch.from_numpy(x).requires_grad_(True)
+    expected = tvo.ps_roi_align(tx, torch.from_numpy(boxes), (PH, PW), 0.25, ratio)
+    out = ops.ps_roi_align_forward(x, boxes, (PH, PW), 0.25, ratio)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(out, expected.detach().numpy(), rtol=tol, atol=tol)
+    grad = rng.standard_normal(out.shape).astype(dtype)
+    (tg,) = torch.autograd.grad(expected, tx, torch.from_numpy(grad))
+    (g,) = ops.ps_roi_align_backward(grad, x, boxes, (PH, PW), 0.25, ratio)
+    np.testing.assert_allclose(g, tg.numpy(), rtol=tol, atol=tol)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_torchvision_ps_roi_pool_parity(rng, dtype):
+    torch = pytest.importorskip("torch")
+    tvo = pytest.importorskip("torchvision.ops")
+    h, w, s = 11, 13, 0.5
+    x = rng.standard_normal((2, 3 * PH * PW, h, w)).astype(dtype)
+    tx = torch.from_numpy(x).requires_grad_(True)
+    # boxes whose bins stay off the last row and column: there the two agree exactly
+    K = 20
+    x1 = rng.uniform(0, 10, K)
+    y1 = rng.uniform(0, 8, K)
+    boxes = np.stack(
+        [
+            rng.integers(0, 2, K),
+            x1,
+            y1,
+            rng.uniform(x1, 2 * (w - 2) - 1),
+            rng.uniform(y1, 2 * (h - 2) - 1),
+        ],
+        axis=1,
+    ).astype(dtype)
+    expected = tvo.ps_roi_pool(tx, torch.from_numpy(boxes), (PH, PW), s)
+    out = ops.ps_roi_pool_forward(x, boxes, (PH, PW), s)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(out, expected.detach().numpy(), rtol=tol, atol=tol)
+    grad = rng.standard_normal(out.shape).astype(dtype)
+    (tg,) = torch.autograd.grad(expected, tx, torch.from_numpy(grad))
+    (g,) = ops.ps_roi_pool_backward(grad, x, boxes, (PH, PW), s)
+    np.testing.assert_allclose(g, tg.numpy(), rtol=tol, atol=tol)
+
+
+@pytest.mark.torch
+def test_torchvision_ps_roi_pool_last_row_difference(rng):
+    # torchvision's forward clips the bins to H-1 and W-1 (the last row and column are never
+    # pooled) while its backward clips to H and W; deformnp uses H and W in both, so its forward
+    # differs from torchvision's exactly in the bins that reach the last row or column, and its
+    # backward equals torchvision's
+    torch = pytest.importorskip("torch")
+    tvo = pytest.importorskip("torchvision.ops")
+    x = rng.standard_normal((1, PH * PW, 6, 6))
+    boxes = np.array([[0, 0.0, 0.0, 6.0, 6.0]])
+    tx = torch.from_numpy(x).requires_grad_(True)
+    expected = tvo.ps_roi_pool(tx, torch.from_numpy(boxes), (PH, PW), 1.0)
+    out = ops.ps_roi_pool_forward(x, boxes, (PH, PW), 1.0)
+    # bins of the last bin row / column reach row 5 / column 5
+    last = np.zeros((PH, PW), bool)
+    last[-1, :] = last[:, -1] = True
+    np.testing.assert_allclose(out[0, 0][~last], expected.detach().numpy()[0, 0][~last], rtol=1e-12)
+    assert np.all(out[0, 0][last] != expected.detach().numpy()[0, 0][last])
+    grad = rng.standard_normal(out.shape)
+    (tg,) = torch.autograd.grad(expected, tx, torch.from_numpy(grad))
+    np.testing.assert_allclose(
+        ops.ps_roi_pool_backward(grad, x, boxes, (PH, PW), 1.0)[0], tg.numpy(), rtol=1e-12
+    )
