@@ -154,7 +154,9 @@ def test_deform_roi_pool_validation():
         ops.deform_roi_pool(X, BOX, np.zeros((2, 2, 3, 3), np.float32), 3)
     with pytest.raises(TypeError, match=r"deform_roi_pool: gamma must be a real number, got None"):
         ops.deform_roi_pool(X, BOX, None, 3, 1.0, 0, None)
-    with pytest.raises(ValueError, match=r"deform_roi_pool: boxes\[1, 0\] = 9.0 is not a batch index"):
+    with pytest.raises(
+        ValueError, match=r"deform_roi_pool: boxes\[1, 0\] = 9.0 is not a batch index"
+    ):
         ops.deform_roi_pool(X, BOX * [9, 1, 1, 1, 1], None, 3)
 
 
