@@ -40,15 +40,20 @@ def _cuda() -> Any:
 
 
 def is_cuda_array(a: Any) -> bool:
-    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+    """True for arrays that live on a CUDA device: anything exposing
+    ``__cuda_array_interface__`` (numba device arrays, CuPy, PyTorch CUDA tensors) and, under
+    Numba's CUDA simulator, its stand-in device arrays (which do not expose the interface)."""
+    if isinstance(a, np.ndarray):
+        return False
+    return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
 
 
 def as_device_array(a: Any) -> Any:
     """A numba device array viewing ``a`` (any ``__cuda_array_interface__`` object), no copy."""
     cuda = _cuda()
-    if cuda.is_cuda_array(a) and not isinstance(a, cuda.cudadrv.devicearray.DeviceNDArray):
-        return cuda.as_cuda_array(a)
-    return a
+    if type(a).__name__ in ("DeviceNDArray", "FakeCUDAArray", "MappedNDArray"):
+        return a
+    return cuda.as_cuda_array(a)
 
 
 def to_device(a: np.ndarray) -> Any:
@@ -60,25 +65,21 @@ def move(a: Any, device: str) -> Any:
     if device == "cuda":
         return as_device_array(a) if is_cuda_array(a) else to_device(np.asarray(a))
     if device == "cpu":
-        return a.copy_to_host() if is_cuda_array(a) else a
+        return as_device_array(a).copy_to_host() if is_cuda_array(a) else a
     raise ValueError(f"to: device must be 'cpu' or 'cuda', got {device!r}")
 
 
 def zeros(shape: tuple, dtype: Any) -> Any:
-    cuda = _cuda()
-    out = cuda.device_array(shape, dtype=dtype)
-    if out.size:
-        _fill(out, 0)
-    return out
+    """A zero-filled device array."""
+    _cuda()
+    from .kernels.cuda._launch import zeros as _zeros
+
+    return _zeros(shape, dtype)
 
 
 def ones_like(a: Any) -> Any:
-    out = _cuda().device_array(a.shape, dtype=a.dtype)
-    if out.size:
-        _fill(out, 1)
-    return out
+    """A device array of ones with ``a``'s shape and dtype."""
+    _cuda()
+    from .kernels.cuda._launch import full
 
-
-def _fill(out: Any, value: float) -> None:
-    # Copying a host array keeps this simple and works under the simulator too.
-    out.copy_to_device(np.full(out.shape, value, dtype=out.dtype))
+    return full(a.shape, 1, a.dtype)

@@ -22,7 +22,10 @@ def raw(x: Any) -> Any:
 
 
 def is_device_array(a: Any) -> bool:
-    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+    """True for CUDA arrays (see :func:`deformnp.cuda.is_cuda_array`)."""
+    from ..cuda import is_cuda_array
+
+    return is_cuda_array(a)
 
 
 def device_of(op: str, **arrays: Any) -> str:
