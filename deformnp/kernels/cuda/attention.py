@@ -43,6 +43,8 @@ def _forward(val, shapes, starts, loc, attn, out, N, S, M, D, Lq, L, P):
         for l in range(L):
             H = shapes[2 * l]
             W = shapes[2 * l + 1]
+            if H * W == 0:
+                continue  # an empty level contributes nothing (and has no pixel to read)
             base = ((n * S + starts[l]) * M + m) * D + d
             for p in range(P):
                 a = (((n * Lq + q) * M + m) * L + l) * P + p
@@ -65,6 +67,8 @@ def _backward_value(gout, shapes, starts, loc, attn, gval, N, S, M, D, Lq, L, P)
         for l in range(L):
             H = shapes[2 * l]
             W = shapes[2 * l + 1]
+            if H * W == 0:
+                continue
             base = ((n * S + starts[l]) * M + m) * D + d
             for p in range(P):
                 a = (((n * Lq + q) * M + m) * L + l) * P + p
@@ -86,6 +90,11 @@ def _backward_points(gout, val, shapes, starts, loc, attn, gloc, gattn, N, S, M,
         n = a // (P * L * M * Lq)
         H = shapes[2 * l]
         W = shapes[2 * l + 1]
+        if H * W == 0:
+            gattn[a] = 0.0
+            gloc[2 * a] = 0.0
+            gloc[2 * a + 1] = 0.0
+            continue
         idx, w, cy, cx = zero_fade_plan(loc[2 * a + 1] * H - 0.5, loc[2 * a] * W - 0.5, H, W)
         ga = 0.0
         gy = 0.0

@@ -87,6 +87,8 @@ def _bilinear_backward_points(gout, inp, pts, gpts, N, C, H, W, P, rule):
 def bilinear_interpolate_forward(input: Any, points: Any, border: str) -> Any:
     N, C, H, W = (int(s) for s in input.shape)
     P = int(points.shape[1])
+    if H * W == 0:
+        return zeros((N, C, P), input.dtype)
     out = empty((N, C, P), input.dtype)
     if out.size:
         _bilinear_forward[grid(out.size)](
@@ -104,7 +106,7 @@ def bilinear_interpolate_backward(
     g_in = g_pts = None
     if needs[0]:
         g_in = zeros(input.shape, input.dtype)
-        if grad_out.size and g_in.size:
+        if grad_out.size and H * W:
             _bilinear_backward_input[grid(grad_out.size)](
                 flat(grad_out), flat(points), flat(g_in), N, C, H, W, P, rule
             )

@@ -60,7 +60,7 @@ def _forward(
         b = t // (Cout * Hout * Wout)
         grp = co // cout_g
         acc = 0.0
-        for cl in range(cin_g):
+        for cl in range(cin_g if H * W > 0 else 0):  # an empty map samples nothing
             c = grp * cin_g + cl
             og = c // c_per_og
             base = (b * Cin + c) * H * W
@@ -302,7 +302,7 @@ def deform_conv2d_backward(
     g_off = zeros(offset.shape, dt)
     g_msk = zeros(mask.shape, dt) if mask is not None else None
     dummy = flat(weight)
-    n_points = B * G * kh * kw * Hout * Wout
+    n_points = B * G * kh * kw * Hout * Wout if input.size else 0
     if n_points and (needs[0] or needs[1] or needs[4]):
         _backward_points[grid(n_points)](
             flat(grad_out),
@@ -320,7 +320,7 @@ def deform_conv2d_backward(
     g_w = g_b = None
     if needs[2]:
         g_w = zeros(weight.shape, dt)
-        if g_w.size and B * Hout * Wout:
+        if g_w.size and B * Hout * Wout and input.size:
             _backward_weight[grid(g_w.size)](
                 flat(grad_out),
                 flat(input),

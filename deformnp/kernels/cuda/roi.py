@@ -191,6 +191,8 @@ def align_forward(
     m = MODES[mode]
     Cout = Cin // (PH * PW) if m == 1 else Cin
     K = int(rois.shape[0])
+    if H * W == 0:
+        return zeros((K, Cout, PH, PW), input.dtype)
     out = empty((K, Cout, PH, PW), input.dtype)
     if out.size:
         has_off = offset is not None
@@ -239,7 +241,7 @@ def align_backward(
     g_in = g_off = None
     if needs[0]:
         g_in = zeros(input.shape, input.dtype)
-        if grad_out.size:
+        if grad_out.size and H * W:
             _align_backward_input[grid(grad_out.size)](
                 flat(grad_out),
                 flat(rois),
@@ -261,7 +263,7 @@ def align_backward(
             )
     if has_off and len(needs) > 1 and needs[1]:
         g_off = zeros(offset.shape, offset.dtype)
-        if K * PH * PW:
+        if K * PH * PW and H * W:
             _deform_backward_offset[grid(K * PH * PW)](
                 flat(grad_out),
                 flat(input),
