@@ -1219,10 +1219,11 @@ class Conv2d(Function):
                     :, :, top : top + h, left : left + wd
                 ] = x
                 cols = np.empty((n, c, kh, kw, length), x.dtype)
-                for i in range(kh):
-                    for j in range(kw):
-                        off = i * dilation[0] * wp + j * dilation[1]
-                        cols[:, :, i, j] = flat[:, :, off : off + length]
+                for chunk in _image_chunks(n, c * length * x.itemsize):
+                    for i in range(kh):  # a few images at a time: the source stays in cache
+                        for j in range(kw):
+                            off = i * dilation[0] * wp + j * dilation[1]
+                            cols[chunk, :, i, j] = flat[chunk, :, off : off + length]
             else:
                 row = wo
                 xp = _zero_pad(x, pad)
@@ -1232,15 +1233,20 @@ class Conv2d(Function):
                         cols[:, :, i, j] = xp[
                             everything + _conv_window(i, j, dilation, stride, out_hw)
                         ]
-            cols = cols.reshape(n, groups, cg * kh * kw, ho * row)
-            out = np.matmul(w.reshape(groups, o // groups, cg * kh * kw), cols)
-            out = out.reshape(n, o, ho, row)
+            og, k = o // groups, cg * kh * kw
+            cols = cols.reshape(n, groups, k, ho * row)
             ctx.row = row
             ctx.save_for_backward(cols if ctx.needs_input_grad[1] else None, w)
-            if row != wo:  # drop the extra columns, adding the bias in the same pass
-                if b is None:
-                    return np.ascontiguousarray(out[..., :wo])
-                return out[..., :wo] + b.reshape(o, 1, 1)
+            # (L, K) @ (K, O/g) per image and group: BLAS runs this tall-skinny product faster
+            # than (O/g, K) @ (K, L); the transpose back to NCHW is the pass that also drops
+            # the extra columns and adds the bias.
+            out = np.matmul(cols.transpose(0, 1, 3, 2), w.reshape(groups, og, k).transpose(0, 2, 1))
+            out = out.transpose(0, 1, 3, 2).reshape(n, groups, og, ho, row)[..., :wo]
+            if b is None:
+                out = np.ascontiguousarray(out)
+            else:
+                out = out + b.reshape(groups, og, 1, 1)
+            return out.reshape(n, o, ho, wo)
         if b is not None:
             out += b.reshape(o, 1, 1)
         return out
@@ -1271,20 +1277,23 @@ class Conv2d(Function):
             go = grad
         go = go.reshape(n, groups, o // groups, length)
         if need_w:
-            # (N, g, O/g, L) @ (N, g, L, K), summed over the batch
-            gw = np.matmul(go, saved.transpose(0, 1, 3, 2)).sum(axis=0).reshape(o, cg, kh, kw)
+            # (N, g, K, L) @ (N, g, L, O/g), summed over the batch: faster in BLAS than the
+            # transposed product (N, g, O/g, L) @ (N, g, L, K)
+            gw_t = np.matmul(saved, go.transpose(0, 1, 3, 2)).sum(axis=0)  # (g, K, O/g)
+            gw = np.ascontiguousarray(gw_t.transpose(0, 2, 1)).reshape(o, cg, kh, kw)
         if need_x:
-            wt = w.reshape(groups, o // groups, k).transpose(0, 2, 1)
+            wt = np.ascontiguousarray(w.reshape(groups, o // groups, k).transpose(0, 2, 1))
             gcols = np.matmul(wt, go).reshape(n, c, kh, kw, length)
             if kh == kw == 1 and pad == (0, 0, 0, 0):
                 gxp = np.zeros((n, c, h, wd), grad.dtype)
                 gxp[:, :, :: stride[0], :: stride[1]] = gcols[:, :, 0, 0].reshape(n, c, ho, wo)
             elif stride == (1, 1):  # col2im over the flattened padded image
                 flat = np.zeros((n, c, _flat_size(hp, wp, kh, kw, dilation, length)), grad.dtype)
-                for i in range(kh):
-                    for j in range(kw):
-                        off = i * dilation[0] * wp + j * dilation[1]
-                        flat[:, :, off : off + length] += gcols[:, :, i, j]
+                for chunk in _image_chunks(n, c * length * grad.itemsize):
+                    for i in range(kh):  # a few images at a time: the sum stays in cache
+                        for j in range(kw):
+                            off = i * dilation[0] * wp + j * dilation[1]
+                            flat[chunk, :, off : off + length] += gcols[chunk, :, i, j]
                 gxp = flat[:, :, : hp * wp].reshape(n, c, hp, wp)
             else:  # col2im: one strided add per tap, in a fixed order
                 gxp = np.zeros((n, c, hp, wp), grad.dtype)
@@ -1296,6 +1305,12 @@ class Conv2d(Function):
                         ]
             gx = gxp[:, :, top : top + h, left : left + wd]
         return gx, gw, gb, None, None, None, None, None
+
+
+def _image_chunks(n: int, bytes_per_image: int, budget: int = 1 << 18) -> list[slice]:
+    """Batch slices of about ``budget`` bytes (at least one image each)."""
+    step = builtins.max(1, budget // builtins.max(1, bytes_per_image))
+    return [slice(i, i + step) for i in range(0, n, step)]
 
 
 def _flat_size(hp: int, wp: int, kh: int, kw: int, dilation: tuple, length: int) -> int:
