@@ -113,16 +113,30 @@ def _analytic_and_numeric(
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """For each checked input: d(sum(out * w))/d(input) from backward and from central differences.
 
-    The checked inputs are replaced by fresh contiguous leaf copies, so the caller's tensors (and
-    their ``.grad``) are left untouched and non-leaf or non-contiguous inputs work too.
+    The inputs themselves are perturbed (and restored), so ``fn`` may also reach them through a
+    closure (``gradcheck(lambda x, w: layer(x), (x, layer.weight))`` checks the layer's weight).
+    Their ``.grad`` is restored afterwards; a non-contiguous input's data is swapped for a
+    contiguous copy while checking, and a non-leaf input is treated as a leaf (its graph is
+    neither used nor consumed).
     """
     rng = np.random.default_rng(seed)
-    inputs = tuple(
-        Tensor(np.array(t.data, dtype=np.float64, order="C", copy=True), requires_grad=True)
-        if i in checked
-        else t
-        for i, t in enumerate(inputs)
-    )
+    tensors = {id(inputs[i]): inputs[i] for i in checked}
+    state = {k: (t.data, t.grad, t._node) for k, t in tensors.items()}
+    try:
+        for t in tensors.values():
+            if not (t.data.flags.c_contiguous and t.data.flags.writeable):
+                t.data = np.array(t.data, order="C", copy=True)
+            t.grad = None
+            t._node = None
+        return _compare(fn, inputs, checked, eps, rng)
+    finally:
+        for k, t in tensors.items():
+            t.data, t.grad, t._node = state[k]
+
+
+def _compare(
+    fn: Callable[..., Any], inputs: tuple, checked: list[int], eps: float, rng: Any
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     outs = _outputs(fn(*inputs))
     weights = [rng.standard_normal(o.shape) for o in outs]
 
@@ -146,9 +160,8 @@ def _analytic_and_numeric(
     for i in checked:
         t = inputs[i]
         a = np.zeros(t.shape) if t.grad is None else np.array(t.grad, dtype=np.float64)
-        x = t.data
-        flat = x.reshape(-1)  # a view of the contiguous copy: perturb in place
-        numeric = np.zeros(x.size)
+        flat = t.data.reshape(-1)  # a view of the contiguous data: perturb in place
+        numeric = np.zeros(flat.size)
         for j in range(flat.size):
             orig = flat[j]
             flat[j] = orig + eps
@@ -157,7 +170,7 @@ def _analytic_and_numeric(
             fm = scalar()
             flat[j] = orig
             numeric[j] = (fp - fm) / (2 * eps)
-        result[i] = (a, numeric.reshape(x.shape))
+        result[i] = (a, numeric.reshape(t.shape))
     return result
 
 

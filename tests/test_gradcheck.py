@@ -114,8 +114,30 @@ def test_callers_tensors_are_left_untouched():
 def test_non_contiguous_and_non_leaf_inputs_work():
     base = dn.tensor(np.random.default_rng(1).standard_normal((3, 4)), requires_grad=True)
     t = dn.Tensor(base.data.T, requires_grad=True)  # non-contiguous
+    data = t.data
     assert dn.gradcheck(lambda x: x.tanh(), (t,))
-    assert dn.gradcheck(lambda x: x * x, (base * 2,))  # non-leaf
+    assert t.data is data
+    h = base * 2  # non-leaf: checked as a leaf, its own graph left alone
+    assert dn.gradcheck(lambda x: x * x, (h,))
+    assert base.grad is None and h.grad is None
+    (h * 3).sum().backward()  # the graph behind h is still usable
+    np.testing.assert_allclose(base.grad, 6.0)
+
+
+def test_inputs_reached_through_a_closure_are_checked():
+    """gradcheck perturbs the inputs themselves, so a function that uses a module's parameter
+    through the module (not through its argument) is still checked for that parameter."""
+    w = dn.tensor(np.random.default_rng(2).standard_normal((2, 3)), requires_grad=True)
+    x = dn.tensor(np.random.default_rng(3).standard_normal((4, 3)), requires_grad=True)
+
+    class Layer:
+        def __call__(self, x):
+            return _WrongSquare.apply(w, x[:2])
+
+    layer = Layer()
+    assert dn.gradcheck(lambda x: layer(x), (x,))  # x's gradient is right
+    with pytest.raises(GradcheckError, match="input 'weight'"):
+        dn.gradcheck(lambda x, _w: layer(x), (x, w), names=("x", "weight"))
 
 
 def test_refuses_float32_and_no_grad_inputs():
