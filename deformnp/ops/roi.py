@@ -633,7 +633,8 @@ def roi_pool_forward(
     return_argmax: bool = False,
 ) -> Any:
     """Array-level :func:`roi_pool` forward: (K, C, PH, PW), and with ``return_argmax`` also the
-    int64 argmax (flat index into the H*W plane of each bin's maximum, -1 for an empty bin)."""
+    argmax: the flat index into the H*W plane of each bin's maximum, -1 for an empty bin, in the
+    smallest of int16/int32/int64 that holds H*W - 1 (CPU)."""
     inp, p = _prep_pool("roi_pool", input, boxes, output_size, spatial_scale)
     out, argmax = _kernels(p.device).pool_forward(
         "roi_pool", inp, p.rois, p.output_size, p.spatial_scale

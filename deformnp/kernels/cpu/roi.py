@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -176,9 +177,12 @@ def by_image(batch: np.ndarray, B: int) -> tuple[np.ndarray, np.ndarray]:
     return order, starts
 
 
-def channel_block(B: int, C: int, cb: int = 32) -> int:
-    """Channels per input-gradient task: enough tasks to share out (shapes only, not threads)."""
-    while cb > 1 and B * ((C + cb - 1) // cb) < 16:
+def channel_block(B: int, C: int, cb: int = 128) -> int:
+    """Channels per input-gradient task: as many as possible (the per-tap work is a loop over
+    them) while leaving two tasks per thread. The blocking never changes a result: every gradient
+    element receives its terms in RoI order whatever the block size."""
+    tasks = max(4, 2 * numba.get_num_threads())
+    while cb > 8 and B * ((C + cb - 1) // cb) < tasks:
         cb //= 2
     return cb
 
@@ -677,23 +681,30 @@ def _pool_forward_nhwc(xh, batch, hs, he, ws, we, out, argmax):
 
 
 @njit(parallel=True, cache=True)
-def _argmax_scatter(gout, argmax, order, starts, gin):
-    """gin[b, c, argmax] += gout over image b's RoIs in increasing order; a task owns a plane."""
+def _argmax_scatter(gout, argmax, order, starts, cb, gin):
+    """gin[b, c, argmax[k, c, q]] += gout[k, c, q] over image b's RoIs k in increasing order; a
+    task owns (image b, a block of cb channels) and reads each RoI's block contiguously."""
     B, C, H, W = gin.shape
     K, _, PH, PW = gout.shape
+    NB = PH * PW
     HW = H * W
     gf = gin.reshape(-1)
-    for t in prange(B * C):
-        b = t // C
-        c = t - b * C
-        base = t * HW
+    go = gout.reshape(-1)
+    am = argmax.reshape(-1)
+    nblk = (C + cb - 1) // cb
+    for task in prange(B * nblk):
+        b = task // nblk
+        c0 = (task - b * nblk) * cb
+        c1 = min(c0 + cb, C)
         for r in range(starts[b], starts[b + 1]):
             k = order[r]
-            for ph in range(PH):
-                for pw in range(PW):
-                    a = argmax[k, c, ph, pw]
+            for c in range(c0, c1):
+                src = (k * C + c) * NB
+                dst = (b * C + c) * HW
+                for q in range(NB):
+                    a = am[src + q]
                     if a >= 0:
-                        gf[base + a] += gout[k, c, ph, pw]
+                        gf[dst + a] += go[src + q]
 
 
 # ============================================================================ module API
@@ -817,7 +828,9 @@ def _align_backward(
 
 
 def argmax_dtype(H: int, W: int) -> Any:
-    return np.int32 if H * W < 2**31 else np.int64
+    """The smallest signed integer type that holds the flat indices of an H x W plane."""
+    n = H * W
+    return np.int16 if n < 2**15 else np.int32 if n < 2**31 else np.int64
 
 
 def _pool_forward(
@@ -827,8 +840,8 @@ def _pool_forward(
     output_size: tuple[int, int],
     spatial_scale: float,
 ) -> tuple[np.ndarray, Any]:
-    """roi_pool (returns (out, argmax): flat indices into the H*W plane, -1 for an empty bin,
-    int32 when H*W < 2**31 else int64) or ps_roi_pool (returns (out, None))."""
+    """roi_pool (returns (out, argmax): flat indices into the H*W plane, -1 for an empty bin, in
+    the smallest of int16/int32/int64 that holds them) or ps_roi_pool (returns (out, None))."""
     B, Cin, H, W = input.shape
     PH, PW = output_size
     K = rois.shape[0]
@@ -880,7 +893,8 @@ def _pool_backward_api(
         g_in[...] = g64
     else:
         grad_out = np.ascontiguousarray(grad_out, dtype)
-        _argmax_scatter(grad_out, np.ascontiguousarray(argmax), order, starts, g_in)
+        cb = channel_block(B, C, 16)
+        _argmax_scatter(grad_out, np.ascontiguousarray(argmax), order, starts, cb, g_in)
     return g_in
 
 
