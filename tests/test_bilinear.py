@@ -12,6 +12,7 @@ from reference import bilinear as ref
 
 import deformnp as dn
 from deformnp import ops
+from deformnp.kernels.cpu.bilinear import SERIAL_WORK
 
 BORDERS = ["zero", "clamp"]
 
@@ -45,7 +46,9 @@ def test_matches_reference_float64(rng, border):
         [rng.uniform(-2, 8, (N, 60, 2)), np.repeat(special_points(H, W), N, 0)], axis=1
     )
     out = ops.bilinear_interpolate(x, pts, border)
-    assert isinstance(out, dn.Tensor) and out.dtype == np.float64 and out.shape == (N, C, pts.shape[1])
+    assert (
+        isinstance(out, dn.Tensor) and out.dtype == np.float64 and out.shape == (N, C, pts.shape[1])
+    )
     expected = ref.bilinear_interpolate(x, pts, border)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
 
@@ -273,11 +276,12 @@ def test_property_matches_reference(N, C, H, W, P, border, dtype, seed):
 
 @pytest.mark.parametrize("border", BORDERS)
 def test_backward_deterministic_across_runs_and_threads(rng, border):
-    N, C, H, W, P = 2, 40, 9, 9, 500
+    N, C, H, W, P = 2, 64, 9, 9, 1500  # N*C*P >= 2**17: runs on all threads by default
     x = rng.standard_normal((N, C, H, W)).astype(np.float32)
     pts = rng.uniform(-1.5, 9.5, (N, P, 2)).astype(np.float32)
-    pts[:, :250] = np.round(pts[:, :250] / 2) * 0.5 + 3  # many points on the same pixels
+    pts[:, :750] = np.round(pts[:, :750] / 2) * 0.5 + 3  # many points on the same pixels
     g = rng.standard_normal((N, C, P)).astype(np.float32)
+    assert N * C * P >= SERIAL_WORK
     a = ops.bilinear_interpolate_backward(g, x, pts, border)
     b = ops.bilinear_interpolate_backward(g, x, pts, border)
     before = numba.get_num_threads()

@@ -12,6 +12,7 @@ from reference import grid_sample as ref
 
 import deformnp as dn
 from deformnp import ops
+from deformnp.kernels.cpu.bilinear import SERIAL_WORK
 
 MODES = ["zeros", "border", "reflection"]
 
@@ -270,10 +271,12 @@ def test_property_matches_reference(
 
 
 def test_backward_deterministic_across_runs_and_threads(rng):
-    x = rng.standard_normal((2, 24, 8, 8)).astype(np.float32)
-    grid = rng.uniform(-1.2, 1.2, (2, 20, 20, 2)).astype(np.float32)
-    grid[:, :10] = np.round(grid[:, :10] * 4) / 4  # many points on the same pixels
-    go = rng.standard_normal((2, 24, 20, 20)).astype(np.float32)
+    # N*C*Hout*Wout >= 2**17: runs on all threads by default
+    x = rng.standard_normal((2, 32, 8, 8)).astype(np.float32)
+    grid = rng.uniform(-1.2, 1.2, (2, 48, 48, 2)).astype(np.float32)
+    grid[:, :24] = np.round(grid[:, :24] * 4) / 4  # many points on the same pixels
+    go = rng.standard_normal((2, 32, 48, 48)).astype(np.float32)
+    assert go.size >= SERIAL_WORK
     a = ops.grid_sample_backward(go, x, grid)
     b = ops.grid_sample_backward(go, x, grid)
     before = numba.get_num_threads()

@@ -208,13 +208,14 @@ def from_channels_last(src, dst):
 # pixel coordinates, output (N, C, P). Used by ``deformnp.ops.bilinear_interpolate`` and, after
 # its coordinate transform, by ``grid_sample``.
 #
-# The kernels work channels-last: the input is copied to (N, H, W, C) and the output / output
-# gradient live as (N, P, C), so each corner of a plan is a contiguous run of C values.
+# The kernels work channels-last: the input (and the output gradient) are copied to (N, H, W, C)
+# (and (N, P, C)) by a parallel transpose, so each corner of a plan is a contiguous run of C
+# values.
 #
 # Parallelism and determinism:
 #
-# * forward: ``prange`` over points; a point computes its plan once and writes its own (P, C)
-#   row.
+# * forward: ``prange`` over (n, block of points); a task computes each point's plan once,
+#   samples all channels into a (block, C) buffer and stores it into its own outputs.
 # * backward, pass 1 (``_sample_backward_points``): ``prange`` over points; a point computes its
 #   plan once, stores it for pass 2, and (owner computes) its own gradient from four dot
 #   products over the channels, in a fixed order.
