@@ -21,26 +21,29 @@ How the work is laid out:
 * The per-RoI geometry (bin starts and sizes, sampling grids, integer pooling bins) is computed
   once in NumPy, in the formulas' own words (``align_geometry``, ``pool_bins``,
   ``deform_ps_geometry``).
-* Every averaging op is then a weighted sum over a *tap table*: for each bin (and, for
+* Every sampling op is then a weighted sum over a *tap table*: for each bin (and, for
   ``deform_ps_roi_pool``, each class) the distinct pixels its samples touch, each with the summed
   weight of the shared ``clamp_plan`` corners that hit it divided by the bin's sample count (and,
   for offset gradients, the summed d/dy and d/dx coefficients times d(coordinate)/d(offset)).
-  Tap tables are built by two float64 kernels (``_align_taps``, ``_dps_taps``; ps_roi_pool's
-  are its bins' pixels); this is the only place the ops sample. The consumers are a handful of
-  generic gather/scatter kernels, so Numba compiles little.
-* roi_align and deform_roi_pool (the benchmarked ops) gather on a channels-last copy of the
-  feature map, so each tap is one contiguous, vectorised loop over the channels. The
-  position-sensitive ops, which read one channel per bin, gather on NCHW through a channel map.
-* Parallelism and determinism: forwards and offset gradients ``prange`` over RoIs (each task
-  writes only its RoI's outputs; channel sums in a fixed order). Input gradients are owner
-  computed: a task owns (image b, block of channels) or one input plane and scatters into it from
-  image b's RoIs in increasing order, so the order of the additions into any gradient element
-  never depends on the thread count: gradients are bit-identical with any number of threads.
+  Tap tables are built by two float64 kernels (``_align_taps``, ``_dps_taps``): the only place
+  the ops sample. The consumers are a handful of generic gather/scatter kernels, so Numba
+  compiles little. The pooling ops (roi_pool, ps_roi_pool) read their integer bins directly.
+* roi_align, deform_roi_pool and roi_pool (the benchmarked ops) work on a channels-last copy of
+  the feature map, so each tap (pixel) is one contiguous, vectorised loop over the channels. The
+  position-sensitive ops, which read one channel per bin, work plane by plane on NCHW: a task
+  owns an input plane and handles every output that reads it (forward) or scatters into it
+  (backward), so the plane stays in cache.
+* Parallelism and determinism: forwards and offset gradients ``prange`` over RoIs or planes,
+  each task writing only its own outputs (channel sums in a fixed order). Input gradients are
+  owner computed: a task owns (image b, block of channels) or one input plane and scatters into
+  it from image b's RoIs in increasing order, so the order of the additions into any gradient
+  element never depends on the thread count (or the blocking): gradients are bit-identical with
+  any number of threads.
 
 Coordinates, plans and tap weights are float64. roi_align / deform_roi_pool / roi_pool run in
-the data dtype (sums in float64, rounded when stored; the channels-last input gradient
-accumulates in the data dtype); the position-sensitive ops run on a float64 copy and round their
-results. Indices are int64 throughout.
+the data dtype (their channel loops accumulate in it); offset gradients sum in float64; the
+position-sensitive ops run on a float64 copy of their input and round their results. Indices are
+int64 throughout (roi_pool's argmax is stored in the smallest type holding H*W - 1).
 """
 
 from __future__ import annotations
@@ -52,8 +55,6 @@ import numpy as np
 from numba import njit, prange
 
 from .bilinear import clamp_plan, threads_for
-
-MODES = {"roi_align": 0, "ps_roi_align": 1, "deform_roi_pool": 2}
 
 # ============================================================================ geometry (NumPy)
 
@@ -323,8 +324,9 @@ def _align_bin(fgeo, igeo, off, has_off, k, ph, pw, H, W, coefs, slot, si, sw, s
 
 
 @njit(parallel=True, cache=True)
-def _align_taps(fgeo, igeo, off, has_off, PW, H, W, coefs, fill, ntap, tofs, ti, tw, tcy, tcx):
-    """Tap table of the RoI Align family: set s = k*PH*PW + ph*PW + pw.
+def _align_taps(fgeo, igeo, off, has_off, sl, PW, H, W, coefs, fill, ntap, tofs, ti, tw, tcy, tcx):
+    """Tap table of the RoI Align family: bin q = ph*PW + pw of RoI k is set s = k*sl[0] +
+    q*sl[2] (see ``set_layout``).
 
     Pass 1 (``fill`` False) counts the taps into ntap[s]; pass 2 writes them at tofs[s]:
     weights / count (count = max(gh*gw, 1)) and, when ``coefs``, the d/dy and d/dx coefficients
@@ -344,7 +346,7 @@ def _align_taps(fgeo, igeo, off, has_off, PW, H, W, coefs, fill, ntap, tofs, ti,
             ph = q // PW
             pw = q - ph * PW
             n = _align_bin(fgeo, igeo, off, has_off, k, ph, pw, H, W, coefs, slot, si, sw, scy, scx)
-            s = k * NB + q
+            s = k * sl[0] + q * sl[2]
             if not fill:
                 ntap[s] = n
                 continue
@@ -366,6 +368,7 @@ def _dps_taps(
     part,
     spp,
     ncls,
+    sl,
     PW,
     H,
     W,
@@ -378,7 +381,8 @@ def _dps_taps(
     tcy,
     tcx,
 ):
-    """Tap table of deform_ps_roi_pool: set s = (k*ncls + cls)*PH*PW + ph*PW + pw.
+    """Tap table of deform_ps_roi_pool: bin q = ph*PW + pw of class cls of RoI k is set
+    s = k*sl[0] + cls*sl[1] + q*sl[2] (see ``set_layout``).
 
     Bin (ph, pw) of class cls starts at hstart = ph*bin_h + start_h, then += ty*roi_h (wstart
     likewise with tx*roi_w), (tx, ty) = offset[k, 2*cls (+1), part_h, part_w] * trans_std.
@@ -421,7 +425,7 @@ def _dps_taps(
                         nvalid += 1
                         idx, wt, cy, cx = clamp_plan(h, w, H, W)
                         n = _merge(idx, wt, cy, cx, coefs, slot, si, sw, scy, scx, 0, n)
-                s = (k * ncls + cls) * NB + q
+                s = k * sl[0] + cls * sl[1] + q * sl[2]
                 if not fill:
                     ntap[s] = n
                     continue
@@ -434,31 +438,13 @@ def _dps_taps(
                         tcx[t0 + t] = scx[t] * trans_std * fgeo[k, 7] / nvalid
 
 
-@njit(parallel=True, cache=True)
-def _box_taps(hs, he, ws, we, W, fill, ntap, tofs, ti, tw):
-    """Tap table of ps_roi_pool: every pixel of bin [hs, he) x [ws, we), weight 1 / its area."""
-    K, PH = hs.shape
-    PW = ws.shape[1]
-    for k in prange(K):
-        for ph in range(PH):
-            for pw in range(PW):
-                s = (k * PH + ph) * PW + pw
-                nh = he[k, ph] - hs[k, ph]
-                nw = we[k, pw] - ws[k, pw]
-                if nh <= 0 or nw <= 0:
-                    if not fill:
-                        ntap[s] = 0
-                    continue
-                if not fill:
-                    ntap[s] = nh * nw
-                    continue
-                area = float(nh * nw)
-                t = tofs[s]
-                for h in range(hs[k, ph], he[k, ph]):
-                    for w in range(ws[k, pw], we[k, pw]):
-                        ti[t] = h * W + w
-                        tw[t] = 1.0 / area
-                        t += 1
+def set_layout(K: int, ncls: int, NB: int, bin_major: bool) -> np.ndarray:
+    """Strides (RoI, class, bin) of tap set ids. RoI-major keeps a RoI's sets together (the
+    channels-last kernels loop over RoIs); bin-major keeps a bin's sets together for all RoIs (the
+    plane-by-plane kernels of the position-sensitive ops read one bin for every RoI)."""
+    if bin_major:
+        return np.array([ncls, 1, K * ncls], np.int64)
+    return np.array([ncls * NB, NB, 1], np.int64)
 
 
 def _table(build, args: tuple, nsets: int, coefs: bool) -> tuple:
@@ -466,9 +452,7 @@ def _table(build, args: tuple, nsets: int, coefs: bool) -> tuple:
     ntap = np.zeros(nsets, np.int64)
     one_i = np.zeros(1, np.int64)
     one_f = np.zeros(1, np.float64)
-    extra = (coefs,) if build is not _box_taps else ()
-    tail = (one_f, one_f) if build is not _box_taps else ()
-    build(*args, *extra, False, ntap, one_i, one_i, one_f, *tail)
+    build(*args, coefs, False, ntap, one_i, one_i, one_f, one_f, one_f)
     tofs = np.zeros(nsets + 1, np.int64)
     np.cumsum(ntap, out=tofs[1:])
     T = max(int(tofs[-1]), 1)
@@ -476,8 +460,7 @@ def _table(build, args: tuple, nsets: int, coefs: bool) -> tuple:
     tw = np.zeros(T, np.float64)
     tcy = np.zeros(T if coefs else 1, np.float64)
     tcx = np.zeros(T if coefs else 1, np.float64)
-    tail = (tcy, tcx) if build is not _box_taps else ()
-    build(*args, *extra, True, ntap, tofs, ti, tw, *tail)
+    build(*args, coefs, True, ntap, tofs, ti, tw, tcy, tcx)
     return tofs, ti, tw, tcy, tcx
 
 
@@ -551,55 +534,69 @@ def _scatter_nhwc(gout, tofs, ti, tw, order, starts, cb, gin):
 
 
 @njit(parallel=True, cache=True)
-def _gather_cmap(x, batch, tofs, ti, tw, cmap, cec, ncls, out):
-    """out[k, co, ph, pw] = sum over the taps (p, w) of set (k*ncls + co//cec)*NB + q of
-    w * x[batch[k], cmap[co, q], p], q = ph*PW + pw (NCHW input)."""
+def _gather_cmap(x, tofs, ti, tw, sl, order, starts, inv_ofs, inv_co, inv_q, cec, out):
+    """out[k, co, ph, pw] = sum over the taps (p, w) of set k*sl[0] + (co//cec)*sl[1] + q*sl[2]
+    of w * x[batch[k], cmap[co, q], p], q = ph*PW + pw (NCHW input). A task owns one input plane
+    (b, cin): it computes every output that reads cin, for image b's RoIs, so the plane stays in
+    cache; each output reads exactly one plane, so it has exactly one writer."""
     B, C, H, W = x.shape
     K, Cout, PH, PW = out.shape
     NB = PH * PW
     HW = H * W
     xf = x.reshape(-1)
-    for k in prange(K):
-        b = batch[k]
-        for co in range(Cout):
-            for q in range(NB):
-                s = (k * ncls + co // cec) * NB + q
-                base = (b * C + cmap[co, q]) * HW
+    of = out.reshape(-1)
+    for task in prange(B * C):
+        b = task // C
+        cin = task - b * C
+        plane = xf[task * HW : (task + 1) * HW]
+        for e in range(inv_ofs[cin], inv_ofs[cin + 1]):
+            co = inv_co[e]
+            q = inv_q[e]
+            s_cq = (co // cec) * sl[1] + q * sl[2]
+            o_cq = co * NB + q
+            for r in range(starts[b], starts[b + 1]):
+                k = order[r]
+                s = k * sl[0] + s_cq
                 acc = 0.0
                 for t in range(tofs[s], tofs[s + 1]):
-                    acc += tw[t] * xf[base + ti[t]]
-                out[k, co, q // PW, q % PW] = acc
+                    acc += tw[t] * plane[ti[t]]
+                of[k * Cout * NB + o_cq] = acc
 
 
 @njit(parallel=True, cache=True)
-def _scatter_cmap(gout, tofs, ti, tw, order, starts, inv_ofs, inv_co, inv_q, cec, ncls, gin):
-    """The adjoint of ``_gather_cmap``: a task owns one input plane (b, cin) and adds, for image
-    b's RoIs k in increasing order and every (co, q) reading cin, w * gout[k, co, q] at each tap."""
+def _scatter_cmap(gout, tofs, ti, tw, sl, order, starts, inv_ofs, inv_co, inv_q, cec, gin):
+    """The adjoint of ``_gather_cmap``: a task owns one input plane (b, cin) and adds, for every
+    (co, q) reading cin and image b's RoIs k in increasing order, w * gout[k, co, q] at each tap
+    (the order of the additions into a gradient element: (co, q) pairs, then RoIs, then taps)."""
     B, C, H, W = gin.shape
     K, Cout, PH, PW = gout.shape
     NB = PH * PW
     HW = H * W
     gf = gin.reshape(-1)
+    go = gout.reshape(-1)
     for task in prange(B * C):
         b = task // C
         cin = task - b * C
-        base = task * HW
-        for r in range(starts[b], starts[b + 1]):
-            k = order[r]
-            for e in range(inv_ofs[cin], inv_ofs[cin + 1]):
-                co = inv_co[e]
-                q = inv_q[e]
-                g = gout[k, co, q // PW, q % PW]
-                s = (k * ncls + co // cec) * NB + q
+        plane = gf[task * HW : (task + 1) * HW]
+        for e in range(inv_ofs[cin], inv_ofs[cin + 1]):
+            co = inv_co[e]
+            q = inv_q[e]
+            s_cq = (co // cec) * sl[1] + q * sl[2]
+            o_cq = co * NB + q
+            for r in range(starts[b], starts[b + 1]):
+                k = order[r]
+                g = go[k * Cout * NB + o_cq]
+                s = k * sl[0] + s_cq
                 for t in range(tofs[s], tofs[s + 1]):
-                    gf[base + ti[t]] += tw[t] * g
+                    plane[ti[t]] += tw[t] * g
 
 
 @njit(parallel=True, cache=True)
-def _dots(xh, gout, batch, tofs, ti, tcy, tcx, cmap, cec, ncls, dots):
-    """Offset gradients per tap set s = (k*ncls + cls)*NB + q: dots[s] = sum over the class's
-    channels co of gout[k, co, q] * sum over taps (p, cy, cx) of (cy, cx) * xh[b, p, cmap[co, q]]
-    (channels-last input); a task owns one RoI."""
+def _dots(xh, gout, batch, tofs, ti, tcy, tcx, sl, cmap, cec, ncls, identity, dots):
+    """Offset gradients per tap set s = k*sl[0] + cls*sl[1] + q*sl[2]: dots[s] = sum over the class's
+    channels i of gout[k, c0 + i, q] * Y[i], Y = sum over the taps (p, cy, cx) of (cy, cx) *
+    xh[b, p, cmap[c0 + i, q]] (channels-last input; ``identity``: cmap[c, q] = c, a contiguous
+    loop). A task owns one RoI; sums in a fixed order."""
     B, H, W, C = xh.shape
     K, Cout, PH, PW = gout.shape
     NB = PH * PW
@@ -607,26 +604,39 @@ def _dots(xh, gout, batch, tofs, ti, tcy, tcx, cmap, cec, ncls, dots):
     xf = xh.reshape(-1)
     for k in prange(K):
         b = batch[k]
-        g = np.empty(cec, np.float64)
+        yy = np.empty(cec, np.float64)
+        yx = np.empty(cec, np.float64)
         for cls in range(ncls):
             c0 = cls * cec
             for q in range(NB):
-                s = (k * ncls + cls) * NB + q
+                s = k * sl[0] + cls * sl[1] + q * sl[2]
                 if tofs[s + 1] == tofs[s]:
                     continue
                 ph = q // PW
                 pw = q - ph * PW
-                for i in range(cec):
-                    g[i] = gout[k, c0 + i, ph, pw]
-                ay = 0.0
-                ax = 0.0
+                yy[:] = 0.0
+                yx[:] = 0.0
                 for t in range(tofs[s], tofs[s + 1]):
                     base = (b * HW + ti[t]) * C
-                    d = 0.0
-                    for i in range(cec):
-                        d += g[i] * xf[base + cmap[c0 + i, q]]
-                    ay += tcy[t] * d
-                    ax += tcx[t] * d
+                    cy = tcy[t]
+                    cx = tcx[t]
+                    if identity:
+                        row = xf[base + c0 : base + c0 + cec]  # a slice: vectorises
+                        for i in range(cec):
+                            v = row[i]
+                            yy[i] += cy * v
+                            yx[i] += cx * v
+                    else:
+                        for i in range(cec):
+                            v = xf[base + cmap[c0 + i, q]]
+                            yy[i] += cy * v
+                            yx[i] += cx * v
+                ay = 0.0
+                ax = 0.0
+                for i in range(cec):
+                    g = gout[k, c0 + i, ph, pw]
+                    ay += g * yy[i]
+                    ax += g * yx[i]
                 dots[s, 0] = ay
                 dots[s, 1] = ax
 
@@ -707,6 +717,66 @@ def _argmax_scatter(gout, argmax, order, starts, cb, gin):
                         gf[dst + a] += go[src + q]
 
 
+# ============================================================================ PS RoI average pooling
+
+
+@njit(parallel=True, cache=True)
+def _ps_pool_forward(x, hs, he, ws, we, order, starts, out):
+    """out[k, co, ph, pw] = mean of input plane (co*PH + ph)*PW + pw over the bin [hs, he) x
+    [ws, we) (0 when empty). A task owns one input plane (b, cin), which feeds exactly one
+    (co, ph, pw), and computes it for image b's RoIs."""
+    B, C, H, W = x.shape
+    K, Cout, PH, PW = out.shape
+    NB = PH * PW
+    for task in prange(B * C):
+        b = task // C
+        cin = task - b * C
+        co = cin // NB
+        ph = (cin // PW) % PH
+        pw = cin % PW
+        for r in range(starts[b], starts[b + 1]):
+            k = order[r]
+            h0 = hs[k, ph]
+            h1 = he[k, ph]
+            w0 = ws[k, pw]
+            w1 = we[k, pw]
+            if h1 <= h0 or w1 <= w0:
+                out[k, co, ph, pw] = 0.0
+                continue
+            acc = 0.0
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    acc += x[b, cin, h, w]
+            out[k, co, ph, pw] = acc / ((h1 - h0) * (w1 - w0))
+
+
+@njit(parallel=True, cache=True)
+def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
+    """The adjoint of ``_ps_pool_forward``: a task owns one input plane (b, cin) and spreads
+    gout[k, co, ph, pw] / area over the bin, for image b's RoIs in increasing order."""
+    B, C, H, W = gin.shape
+    K, Cout, PH, PW = gout.shape
+    NB = PH * PW
+    for task in prange(B * C):
+        b = task // C
+        cin = task - b * C
+        co = cin // NB
+        ph = (cin // PW) % PH
+        pw = cin % PW
+        for r in range(starts[b], starts[b + 1]):
+            k = order[r]
+            h0 = hs[k, ph]
+            h1 = he[k, ph]
+            w0 = ws[k, pw]
+            w1 = we[k, pw]
+            if h1 <= h0 or w1 <= w0:
+                continue
+            g = gout[k, co, ph, pw] / ((h1 - h0) * (w1 - w0))
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    gin[b, cin, h, w] += g
+
+
 # ============================================================================ module API
 
 
@@ -734,8 +804,9 @@ def _align_setup(
         mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma
     )
     off, has_off = _offset64(offset, (1, 2, PH, PW))
-    table = _table(_align_taps, (fgeo, igeo, off, has_off, PW, H, W), K * PH * PW, coefs)
-    return np.ascontiguousarray(igeo[:, 0]), table
+    sl = set_layout(K, 1, PH * PW, mode == "ps_roi_align")
+    table = _table(_align_taps, (fgeo, igeo, off, has_off, sl, PW, H, W), K * PH * PW, coefs)
+    return np.ascontiguousarray(igeo[:, 0]), sl, table
 
 
 def _align_forward(
@@ -757,13 +828,14 @@ def _align_forward(
     out = np.zeros((K, Cout, PH, PW), input.dtype)
     if out.size == 0 or H * W == 0:
         return out
-    batch, (tofs, ti, tw, _, _) = _align_setup(
+    batch, sl, (tofs, ti, tw, _, _) = _align_setup(
         mode, input, rois, offset, output_size, spatial_scale, sampling_ratio, aligned, gamma, False
     )
     if mode == "ps_roi_align":
         out64 = np.zeros(out.shape, np.float64)
-        cmap = ps_channel_map(Cout, PH * PW)
-        _gather_cmap(_f64(input), batch, tofs, ti, tw, cmap, Cout, 1, out64)
+        order, starts = by_image(batch, B)
+        inv = inverse_channel_map(ps_channel_map(Cout, PH * PW), Cin)
+        _gather_cmap(_f64(input), tofs, ti, tw, sl, order, starts, *inv, Cout, out64)
         out[...] = out64
     else:
         _gather_nhwc(_nhwc(input), batch, tofs, ti, tw, out)
@@ -796,7 +868,7 @@ def _align_backward(
     if K == 0 or input.size == 0 or not (need_in or need_off):
         return g_in, g_off
     grad_out = np.ascontiguousarray(grad_out, input.dtype)
-    batch, (tofs, ti, tw, tcy, tcx) = _align_setup(
+    batch, sl, (tofs, ti, tw, tcy, tcx) = _align_setup(
         mode,
         input,
         rois,
@@ -813,15 +885,15 @@ def _align_backward(
         Cout = grad_out.shape[1]
         g64 = np.zeros(input.shape, np.float64)
         inv = inverse_channel_map(ps_channel_map(Cout, NB), C)
-        _scatter_cmap(_f64(grad_out), tofs, ti, tw, order, starts, *inv, Cout, 1, g64)
+        _scatter_cmap(_f64(grad_out), tofs, ti, tw, sl, order, starts, *inv, Cout, g64)
         g_in[...] = g64
         return g_in, None
     if need_in:
         _scatter_nhwc(grad_out, tofs, ti, tw, order, starts, channel_block(B, C), g_in)
     if need_off:
         dots = np.zeros((K * NB, 2), np.float64)
-        cmap = np.repeat(np.arange(C, dtype=np.int64)[:, None], NB, axis=1)
-        _dots(_nhwc(input, np.float64), _f64(grad_out), batch, tofs, ti, tcy, tcx, cmap, C, 1, dots)
+        cmap = np.zeros((1, 1), np.int64)  # unused: identity
+        _dots(_nhwc(input), grad_out, batch, tofs, ti, tcy, tcx, sl, cmap, C, 1, True, dots)
         g_off[:, 0] = dots[:, 1].reshape(K, PH, PW)
         g_off[:, 1] = dots[:, 0].reshape(K, PH, PW)
     return g_in, g_off
@@ -854,11 +926,8 @@ def _pool_forward(
     argmax = None if ps else np.empty((K, Cout, PH, PW), argmax_dtype(H, W))
     batch, hs, he, ws, we = pool_bins(mode, rois, output_size, spatial_scale, H, W, input.dtype)
     if ps:
-        tofs, ti, tw, _, _ = _table(_box_taps, (hs, he, ws, we, W), K * PH * PW, False)
         out64 = np.zeros(out.shape, np.float64)
-        _gather_cmap(
-            _f64(input), batch, tofs, ti, tw, ps_channel_map(Cout, PH * PW), Cout, 1, out64
-        )
+        _ps_pool_forward(_f64(input), hs, he, ws, we, *by_image(batch, B), out64)
         out[...] = out64
     else:
         _pool_forward_nhwc(_nhwc(input), batch, hs, he, ws, we, out, argmax)
@@ -885,11 +954,8 @@ def _pool_backward_api(
     batch, hs, he, ws, we = pool_bins(mode, rois, output_size, spatial_scale, H, W, dtype)
     order, starts = by_image(batch, B)
     if mode == "ps_roi_pool":
-        Cout = grad_out.shape[1]
-        tofs, ti, tw, _, _ = _table(_box_taps, (hs, he, ws, we, W), K * PH * PW, False)
-        inv = inverse_channel_map(ps_channel_map(Cout, PH * PW), C)
         g64 = np.zeros(g_in.shape, np.float64)
-        _scatter_cmap(_f64(grad_out), tofs, ti, tw, order, starts, *inv, Cout, 1, g64)
+        _ps_pool_backward(_f64(grad_out), hs, he, ws, we, order, starts, g64)
         g_in[...] = g64
     else:
         grad_out = np.ascontiguousarray(grad_out, dtype)
@@ -920,15 +986,16 @@ def _dps_setup(
     off, has_off = _offset64(offset, (1, 2, part_size, part_size))
     ncls = off.shape[1] // 2 if has_off else 1
     cec = output_dim // ncls
+    sl = set_layout(K, ncls, P * P, True)
     table = _table(
         _dps_taps,
-        (fgeo, off, has_off, float(trans_std), part, sample_per_part, ncls, P, H, W),
+        (fgeo, off, has_off, float(trans_std), part, sample_per_part, ncls, sl, P, H, W),
         K * ncls * P * P,
         coefs,
     )
     ch = np.arange(output_dim, dtype=np.int64)[:, None] * group_size + group[None, :]
     cmap = ((ch[:, :, None] * group_size) + group[None, None, :]).reshape(output_dim, P * P)
-    return batch, part, ncls, cec, np.ascontiguousarray(cmap), table
+    return batch, part, ncls, cec, np.ascontiguousarray(cmap), sl, table
 
 
 def _deform_ps_forward(
@@ -949,7 +1016,7 @@ def _deform_ps_forward(
     out = np.zeros((K, output_dim, pooled_size, pooled_size), input.dtype)
     if out.size == 0 or H * W == 0:
         return out
-    batch, part, ncls, cec, cmap, (tofs, ti, tw, _, _) = _dps_setup(
+    batch, part, ncls, cec, cmap, sl, (tofs, ti, tw, _, _) = _dps_setup(
         input,
         rois,
         offset,
@@ -963,7 +1030,9 @@ def _deform_ps_forward(
         False,
     )
     out64 = np.zeros(out.shape, np.float64)
-    _gather_cmap(_f64(input), batch, tofs, ti, tw, cmap, cec, ncls, out64)
+    order, starts = by_image(batch, B)
+    inv = inverse_channel_map(cmap, C)
+    _gather_cmap(_f64(input), tofs, ti, tw, sl, order, starts, *inv, cec, out64)
     out[...] = out64
     return out
 
@@ -994,7 +1063,7 @@ def _deform_ps_backward(
     if K == 0 or input.size == 0 or not (need_in or need_off):
         return g_in, g_off
     g64 = _f64(grad_out)
-    batch, part, ncls, cec, cmap, (tofs, ti, tw, tcy, tcx) = _dps_setup(
+    batch, part, ncls, cec, cmap, sl, (tofs, ti, tw, tcy, tcx) = _dps_setup(
         input,
         rois,
         offset,
@@ -1011,13 +1080,16 @@ def _deform_ps_backward(
         order, starts = by_image(batch, B)
         gi64 = np.zeros(input.shape, np.float64)
         inv = inverse_channel_map(cmap, C)
-        _scatter_cmap(g64, tofs, ti, tw, order, starts, *inv, cec, ncls, gi64)
+        _scatter_cmap(g64, tofs, ti, tw, sl, order, starts, *inv, cec, gi64)
         g_in[...] = gi64
     if need_off:
         dots = np.zeros((K * ncls * P * P, 2), np.float64)
-        _dots(_nhwc(input, np.float64), g64, batch, tofs, ti, tcy, tcx, cmap, cec, ncls, dots)
+        g = np.ascontiguousarray(grad_out, input.dtype)
+        _dots(_nhwc(input), g, batch, tofs, ti, tcy, tcx, sl, cmap, cec, ncls, False, dots)
         # sum the bins of each part cell into the offset, in bin order (np.add.at is sequential)
-        k, cls, ph, pw = np.unravel_index(np.arange(K * ncls * P * P), (K, ncls, P, P))
+        # the sets are bin-major (see _dps_setup): s = (q*K + k)*ncls + cls
+        q, k, cls = np.unravel_index(np.arange(K * ncls * P * P), (P * P, K, ncls))
+        ph, pw = q // P, q % P
         go = np.zeros(offset.shape, np.float64)
         np.add.at(go, (k, 2 * cls, part[ph], part[pw]), dots[:, 1])
         np.add.at(go, (k, 2 * cls + 1, part[ph], part[pw]), dots[:, 0])
