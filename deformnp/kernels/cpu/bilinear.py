@@ -172,35 +172,34 @@ def axpy(r, w, g):
         r[c] += w * g[c]
 
 
-_TILE = 16  # positions per transpose task row
+# Layout transposes run serially (tiled; faster than NumPy's strided copy): a parallel region
+# for a memory-bound copy saves little and costs a thread wake-up (milliseconds when the machine
+# is busy).
+_TILE = 16  # positions per tile
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def to_channels_last(src, dst):
-    """dst[n, p, c] = src[n, c, p]: (N, C, P) -> (N, P, C), tasks over (n, tile of p)."""
+    """dst[n, p, c] = src[n, c, p]: (N, C, P) -> (N, P, C)."""
     N, C, P = src.shape
-    nt = (P + _TILE - 1) // _TILE
-    for t in prange(N * nt):
-        n = t // nt
-        p0 = (t - n * nt) * _TILE
-        p1 = min(p0 + _TILE, P)
-        for c in range(C):
-            for p in range(p0, p1):
-                dst[n, p, c] = src[n, c, p]
+    for n in range(N):
+        for p0 in range(0, P, _TILE):
+            p1 = min(p0 + _TILE, P)
+            for c in range(C):
+                for p in range(p0, p1):
+                    dst[n, p, c] = src[n, c, p]
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def from_channels_last(src, dst):
-    """dst[n, c, p] = src[n, p, c]: (N, P, C) -> (N, C, P), tasks over (n, tile of p)."""
+    """dst[n, c, p] = src[n, p, c]: (N, P, C) -> (N, C, P)."""
     N, P, C = src.shape
-    nt = (P + _TILE - 1) // _TILE
-    for t in prange(N * nt):
-        n = t // nt
-        p0 = (t - n * nt) * _TILE
-        p1 = min(p0 + _TILE, P)
-        for c in range(C):
-            for p in range(p0, p1):
-                dst[n, c, p] = src[n, p, c]
+    for n in range(N):
+        for p0 in range(0, P, _TILE):
+            p1 = min(p0 + _TILE, P)
+            for c in range(C):
+                for p in range(p0, p1):
+                    dst[n, c, p] = src[n, p, c]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +373,7 @@ def channel_block(tasks: int, C: int) -> int:
 
 
 def channels_last(a):
-    """(N, C, ...) -> a new C-contiguous (N, prod(...), C) array (parallel transpose)."""
+    """(N, C, ...) -> a new C-contiguous (N, prod(...), C) array."""
     N, C = a.shape[:2]
     src = np.ascontiguousarray(a).reshape(N, C, -1)
     dst = np.empty((N, src.shape[2], C), dtype=a.dtype)

@@ -30,8 +30,8 @@ Parallelism and determinism (bit-identical results for any thread count):
 * ``_im2col`` and ``_backward_points``: ``prange`` over (b, oy) rows; a row task writes only its
   own columns, plans and offset / mask gradients, summing over channels in a fixed order;
 * ``_col2im``: ``prange`` over (b, offset group, block of channels); a task owns those channels
-  of the (channels-last) input gradient and scatters into them in a fixed (k, oy, ox) order, so
-  the block size (a function of the shapes) does not change any sum;
+  of the input gradient, scatters into a channels-last buffer of them in a fixed (k, oy, ox)
+  order (so the block size, which may follow the thread count, changes no sum) and stores it;
 * GEMMs are BLAS calls whose partitioning does not depend on Numba's thread count; chunk results
   are accumulated in chunk order; the chunk size depends on the shapes only.
 
@@ -195,26 +195,29 @@ def _backward_points(
 
 
 @njit(parallel=True, cache=True)
-def _col2im(gcols, pidx, pwts, b0, nb, kh, kw, cin_g, runs, cblock, gin_t):
-    """gin_t[b, corner, c] += sum over (k, q) of m * w * grad_cols[q, column of (c, k)], for b in
-    [b0, b0 + nb); gin_t channels-last (B, H, W, Cin); tasks own (b, og, block of channels) and
-    add in (k, q, corner) order whatever the block, so the block size never changes a sum."""
-    B, H, W, Cin = gin_t.shape
+def _col2im(gcols, pidx, pwts, b0, nb, kh, kw, cin_g, runs, cblock, gin):
+    """gin[b, c] = sum over (k, q) of m * w * grad_cols[q, column of (c, k)] scattered at the
+    plan's corners, for b in [b0, b0 + nb); gin (B, Cin, H, W). Tasks own (b, og, block of
+    channels): they scatter into a channels-last buffer of their block in (k, q, corner) order
+    whatever the block (so the block size never changes a sum), then store it into gin."""
+    B, Cin, H, W = gin.shape
     G = pidx.shape[1]
     K = kh * kw
     HW = pidx.shape[3]
+    HWin = H * W
     cpg = Cin // G
     CK = Cin * K
     ncb = (cpg + cblock - 1) // cblock
     gc = gcols.reshape(-1)
-    gi = gin_t.reshape(-1)
+    gi = gin.reshape(-1)
     for task in prange(nb * G * ncb):
         bl = task // (G * ncb)
         rest = task - bl * (G * ncb)
         og = rest // ncb
         ca = og * cpg + (rest - og * ncb) * cblock
         cb = min(ca + cblock, (og + 1) * cpg)
-        base = (b0 + bl) * H * W
+        nc = cb - ca
+        acc = np.zeros(HWin * nc, gin.dtype)
         for k in range(K):
             for q in range(HW):
                 if (
@@ -233,8 +236,12 @@ def _col2im(gcols, pidx, pwts, b0, nb, kh, kw, cin_g, runs, cblock, gin_t):
                     d = row + runs[og, r, 2]
                     g = gc[d + c : d + ce]
                     for t in range(4):
-                        s = (base + pidx[bl, og, k, q, t]) * Cin
-                        axpy(gi[s + c : s + ce], pwts[bl, og, k, q, t], g)
+                        s = pidx[bl, og, k, q, t] * nc - ca
+                        axpy(acc[s + c : s + ce], pwts[bl, og, k, q, t], g)
+        for c in range(ca, cb):
+            ob = ((b0 + bl) * Cin + c) * HWin
+            for pix in range(HWin):
+                gi[ob + pix] = acc[pix * nc + c - ca]
 
 
 def _geometry(input: Any, offset: Any, weight: Any) -> tuple[int, ...]:
@@ -403,7 +410,6 @@ def _backward(
     wm = _weight_matrix(weight)
     runs = channel_runs(Cin, G, cin_g, K)
     gwm = np.zeros_like(wm) if need_w else None
-    gin_t = np.zeros((B, H, W, Cin), dtype) if need_in else None
     need_sums = need_off or need_m
     goff = g_off if need_off else np.zeros(offset.shape, dtype)
     gmsk = g_m if need_m else np.zeros(msk.shape, dtype)
@@ -434,14 +440,12 @@ def _backward(
             )  # fmt: skip
             if need_in:
                 cb = _channel_block(nb, G, Cin // G)
-                _col2im(gcols, pidx, pwts, b0, nb, kh, kw, cin_g, runs, cb, gin_t)
+                _col2im(gcols, pidx, pwts, b0, nb, kh, kw, cin_g, runs, cb, g_in)
         if need_w:
             for grp in range(g):
                 gwm[grp * cout_g : (grp + 1) * cout_g] += (
                     go_t[:, grp * cout_g : (grp + 1) * cout_g].T
                     @ cols[:, grp * kc : (grp + 1) * kc]
                 )
-    if need_in:
-        from_channels_last(gin_t.reshape(B, H * W, Cin), g_in.reshape(B, Cin, H * W))
     if need_w:
         g_w[...] = gwm.reshape(Cout, kh, kw, cin_g).transpose(0, 3, 1, 2)
