@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -1167,16 +1168,105 @@ def _depthwise_backward(
     return gx, gw
 
 
+class _ScratchPool(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+
+
+_SCRATCH = _ScratchPool()
+_SCRATCH_LIMIT = 1 << 28  # larger temporaries are allocated afresh, not kept
+
+
+def _scratch(slot: str, shape: tuple, dtype: Any) -> np.ndarray:
+    """An uninitialised array for a temporary that never leaves the function, from a per-thread
+    buffer kept for the next call. Allocating conv2d's multi-megabyte temporaries afresh each
+    time costs page faults (about a quarter of the forward+backward time at the benchmark size);
+    reusing them does not. ``slot`` names buffers that are alive at the same time."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes > _SCRATCH_LIMIT:
+        return np.empty(shape, dtype)
+    buf = _SCRATCH.buffers.get(slot)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(builtins.max(nbytes, 64), np.uint8)
+        _SCRATCH.buffers[slot] = buf
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _im2col(
+    x: Any,
+    kernel: tuple,
+    stride: tuple,
+    pad: tuple,
+    dilation: tuple,
+    out_hw: tuple,
+    transient: bool = False,
+) -> tuple:
+    """Column buffer ``(N, C, kh*kw, Hout*row)`` of the (padded) input, and ``row``: the number of
+    columns per output row (``Wout``, or the padded width ``Wp`` on the stride-1 path, where
+    each tap is one contiguous slice of the flattened padded image). ``transient``: the columns
+    are used and dropped by the caller (they may live in the scratch pool)."""
+    n, c, h, wd = x.shape
+    kh, kw = kernel
+    ho, wo = out_hw
+    top, bottom, left, right = pad
+    hp, wp = h + top + bottom, wd + left + right
+    if kh == kw == 1 and pad == (0, 0, 0, 0):
+        cols = np.ascontiguousarray(x[:, :, :: stride[0], :: stride[1]])
+        return cols.reshape(n, c, 1, ho * wo), wo
+    if stride == (1, 1):
+        length = ho * wp
+        flat = _scratch("flat", (n, c, _flat_size(hp, wp, kh, kw, dilation, length)), x.dtype)
+        flat.fill(0)
+        flat[:, :, : hp * wp].reshape(n, c, hp, wp)[:, :, top : top + h, left : left + wd] = x
+        shape = (n, c, kh, kw, length)
+        cols = _scratch("cols", shape, x.dtype) if transient else np.empty(shape, x.dtype)
+        for chunk in _image_chunks(n, c * length * x.itemsize):
+            for i in range(kh):  # a few images at a time: the source stays in cache
+                for j in range(kw):
+                    off = i * dilation[0] * wp + j * dilation[1]
+                    cols[chunk, :, i, j] = flat[chunk, :, off : off + length]
+        return cols.reshape(n, c, kh * kw, length), wp
+    xp = _zero_pad(x, pad)
+    cols = np.empty((n, c, kh, kw, ho, wo), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = xp[
+                (slice(None), slice(None)) + _conv_window(i, j, dilation, stride, out_hw)
+            ]
+    return cols.reshape(n, c, kh * kw, ho * wo), wo
+
+
+def _cols_times_weight(cols: Any, w: Any, b: Any, groups: int, out_hw: tuple, row: int) -> Any:
+    """The convolution output (N, O, Hout, Wout) from the column buffer: per image and group the
+    tall-skinny product (L, K) @ (K, O/g), which BLAS runs faster than (O/g, K) @ (K, L); the
+    transpose back to NCHW is the pass that also drops extra columns and adds the bias."""
+    n = cols.shape[0]
+    o, cg, kh, kw = w.shape
+    og, k = o // groups, cg * kh * kw
+    ho, wo = out_hw
+    cols = cols.reshape(n, groups, k, ho * row)
+    prod = _scratch("product", (n, groups, ho * row, og), cols.dtype)
+    np.matmul(cols.transpose(0, 1, 3, 2), w.reshape(groups, og, k).transpose(0, 2, 1), out=prod)
+    out = prod.transpose(0, 1, 3, 2).reshape(n, groups, og, ho, row)[..., :wo]
+    # a fresh array either way (the product lives in the scratch pool)
+    out = np.array(out, order="C") if b is None else out + b.reshape(groups, og, 1, 1)
+    return out.reshape(n, o, ho, wo)
+
+
 class Conv2d(Function):
     """2-D cross-correlation (torch's conv2d), NCHW; ``pad`` is (top, bottom, left, right).
 
-    General groups: im2col (one copy per kernel tap (i, j) into a column buffer of shape
-    ``(N, C, kh, kw, L)``), then one BLAS matmul per image and group; backward is the two
-    transposed matmuls and col2im, which adds the column buffer back tap by tap (a fixed order,
-    no scatter: deterministic). With stride 1 the columns are taken over the *padded* width
+    General groups: im2col (one copy per kernel tap (i, j) into a column buffer), then one BLAS
+    matmul per image and group. With stride 1 the columns are taken over the *padded* width
     (``L = Hout * Wp``): each tap is then one contiguous slice of the flattened padded image,
-    which copies several times faster than a strided window; the ``Wp - Wout`` extra columns per
-    row are computed and dropped (their output gradient is zero, so they add nothing backward).
+    which copies several times faster than a strided window; the ``Wp - Wout`` extra columns
+    per row are computed and dropped. Backward: the weight gradient is one matmul with the saved
+    columns; the input gradient is, for stride 1, the correlation of the output gradient with
+    the flipped, transposed kernel (the same im2col + matmul, no scatter), and otherwise the
+    transposed matmul followed by col2im, which adds the columns back tap by tap in a fixed
+    order. Everything is deterministic.
+
     Depthwise groups (one input channel per group, as in DAT's offset network) skip the matmul
     and the padding: each tap is a broadcast multiply-add over the part of the output it sees
     (:func:`_depthwise_forward`), far faster than many one-row matmuls.
@@ -1194,62 +1284,21 @@ class Conv2d(Function):
         groups: int,
         out_hw: tuple,
     ) -> Any:
-        n, c, h, wd = x.shape
         o, cg, kh, kw = w.shape
-        ho, wo = out_hw
-        top, bottom, left, right = pad
-        hp, wp = h + top + bottom, wd + left + right
         ctx.meta = (x.shape, stride, pad, dilation, groups, out_hw)
-        everything = (slice(None), slice(None))
         if cg == 1 and groups > 1:  # depthwise: out channel co reads input channel co // m
             taps = _depthwise_taps(x.shape, (kh, kw), stride, pad, dilation, out_hw)
             x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-            out = _depthwise_forward(x_nhwc, w, taps, out_hw)
             ctx.taps = taps
             ctx.save_for_backward(x_nhwc if ctx.needs_input_grad[1] else None, w)
-        else:
-            if kh == kw == 1 and pad == (0, 0, 0, 0):
-                row = wo
-                cols = np.ascontiguousarray(x[:, :, :: stride[0], :: stride[1]])
-            elif stride == (1, 1):
-                row = wp  # columns over the padded width, see the class docstring
-                length = ho * wp
-                flat = np.zeros((n, c, _flat_size(hp, wp, kh, kw, dilation, length)), x.dtype)
-                flat[:, :, : hp * wp].reshape(n, c, hp, wp)[
-                    :, :, top : top + h, left : left + wd
-                ] = x
-                cols = np.empty((n, c, kh, kw, length), x.dtype)
-                for chunk in _image_chunks(n, c * length * x.itemsize):
-                    for i in range(kh):  # a few images at a time: the source stays in cache
-                        for j in range(kw):
-                            off = i * dilation[0] * wp + j * dilation[1]
-                            cols[chunk, :, i, j] = flat[chunk, :, off : off + length]
-            else:
-                row = wo
-                xp = _zero_pad(x, pad)
-                cols = np.empty((n, c, kh, kw, ho, wo), x.dtype)
-                for i in range(kh):
-                    for j in range(kw):
-                        cols[:, :, i, j] = xp[
-                            everything + _conv_window(i, j, dilation, stride, out_hw)
-                        ]
-            og, k = o // groups, cg * kh * kw
-            cols = cols.reshape(n, groups, k, ho * row)
-            ctx.row = row
-            ctx.save_for_backward(cols if ctx.needs_input_grad[1] else None, w)
-            # (L, K) @ (K, O/g) per image and group: BLAS runs this tall-skinny product faster
-            # than (O/g, K) @ (K, L); the transpose back to NCHW is the pass that also drops
-            # the extra columns and adds the bias.
-            out = np.matmul(cols.transpose(0, 1, 3, 2), w.reshape(groups, og, k).transpose(0, 2, 1))
-            out = out.transpose(0, 1, 3, 2).reshape(n, groups, og, ho, row)[..., :wo]
-            if b is None:
-                out = np.ascontiguousarray(out)
-            else:
-                out = out + b.reshape(groups, og, 1, 1)
-            return out.reshape(n, o, ho, wo)
-        if b is not None:
-            out += b.reshape(o, 1, 1)
-        return out
+            out = _depthwise_forward(x_nhwc, w, taps, out_hw)
+            if b is not None:
+                out += b.reshape(o, 1, 1)
+            return out
+        cols, row = _im2col(x, (kh, kw), stride, pad, dilation, out_hw)
+        ctx.row = row
+        ctx.save_for_backward(cols if ctx.needs_input_grad[1] else None, w)
+        return _cols_times_weight(cols, w, b, groups, out_hw, row)
 
     @staticmethod
     def backward(ctx: Context, grad: Any) -> tuple:
@@ -1257,10 +1306,9 @@ class Conv2d(Function):
         (n, c, h, wd), stride, pad, dilation, groups, out_hw = ctx.meta
         o, cg, kh, kw = w.shape
         ho, wo = out_hw
+        og, k = o // groups, cg * kh * kw
         top, bottom, left, right = pad
-        hp, wp = h + top + bottom, wd + left + right
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        everything = (slice(None), slice(None))
         gx = gw = gb = None
         if need_b:
             gb = grad.sum(axis=(0, 2, 3))
@@ -1269,41 +1317,49 @@ class Conv2d(Function):
             return gx, gw, gb, None, None, None, None, None
         row = ctx.row
         length = ho * row
-        k = cg * kh * kw
-        if row != wo:  # zero gradient for the dropped columns
-            go = np.zeros((n, o, ho, row), grad.dtype)
-            go[..., :wo] = grad
-        else:
-            go = grad
-        go = go.reshape(n, groups, o // groups, length)
+        go = None
+        if need_w or (need_x and stride != (1, 1)):
+            if row != wo:  # zero gradient for the dropped columns
+                go = _scratch("grad", (n, o, ho, row), grad.dtype)
+                go[..., :wo] = grad
+                go[..., wo:] = 0
+            else:
+                go = grad
+            go = go.reshape(n, groups, og, length)
         if need_w:
             # (N, g, K, L) @ (N, g, L, O/g), summed over the batch: faster in BLAS than the
             # transposed product (N, g, O/g, L) @ (N, g, L, K)
-            gw_t = np.matmul(saved, go.transpose(0, 1, 3, 2)).sum(axis=0)  # (g, K, O/g)
-            gw = np.ascontiguousarray(gw_t.transpose(0, 2, 1)).reshape(o, cg, kh, kw)
-        if need_x:
-            wt = np.ascontiguousarray(w.reshape(groups, o // groups, k).transpose(0, 2, 1))
-            gcols = np.matmul(wt, go).reshape(n, c, kh, kw, length)
-            if kh == kw == 1 and pad == (0, 0, 0, 0):
-                gxp = np.zeros((n, c, h, wd), grad.dtype)
-                gxp[:, :, :: stride[0], :: stride[1]] = gcols[:, :, 0, 0].reshape(n, c, ho, wo)
-            elif stride == (1, 1):  # col2im over the flattened padded image
-                flat = np.zeros((n, c, _flat_size(hp, wp, kh, kw, dilation, length)), grad.dtype)
-                for chunk in _image_chunks(n, c * length * grad.itemsize):
-                    for i in range(kh):  # a few images at a time: the sum stays in cache
-                        for j in range(kw):
-                            off = i * dilation[0] * wp + j * dilation[1]
-                            flat[chunk, :, off : off + length] += gcols[chunk, :, i, j]
-                gxp = flat[:, :, : hp * wp].reshape(n, c, hp, wp)
-            else:  # col2im: one strided add per tap, in a fixed order
-                gxp = np.zeros((n, c, hp, wp), grad.dtype)
-                gcols = gcols.reshape(n, c, kh, kw, ho, wo)
-                for i in range(kh):
-                    for j in range(kw):
-                        gxp[everything + _conv_window(i, j, dilation, stride, out_hw)] += gcols[
-                            :, :, i, j
-                        ]
-            gx = gxp[:, :, top : top + h, left : left + wd]
+            gw_t = np.matmul(saved.reshape(n, groups, k, length), go.transpose(0, 1, 3, 2))
+            gw = np.ascontiguousarray(gw_t.sum(axis=0).transpose(0, 2, 1)).reshape(o, cg, kh, kw)
+        if not need_x:
+            return gx, gw, gb, None, None, None, None, None
+        if stride == (1, 1):
+            # gx[y, x] = sum_ij w[i, j] . grad[y + top - i*dh, x + left - j*dw]: a correlation
+            # of grad, padded by (kh-1)*dh - top etc. (negative amounts crop), with the kernel
+            # flipped and its in/out channels swapped within each group.
+            reach = ((kh - 1) * dilation[0], (kw - 1) * dilation[1])
+            amounts = (reach[0] - top, reach[0] - bottom, reach[1] - left, reach[1] - right)
+            crop = tuple(builtins.max(-a, 0) for a in amounts)
+            g_in = grad[:, :, crop[0] : ho - crop[1], crop[2] : wo - crop[3]]
+            g_pad = tuple(builtins.max(a, 0) for a in amounts)
+            w_t = w.reshape(groups, og, cg, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+            w_t = np.ascontiguousarray(w_t).reshape(c, og, kh, kw)
+            cols_g, row_g = _im2col(g_in, (kh, kw), (1, 1), g_pad, dilation, (h, wd), True)
+            gx = _cols_times_weight(cols_g, w_t, None, groups, (h, wd), row_g)
+            return gx, gw, gb, None, None, None, None, None
+        # strided: transposed product, then col2im one strided add per tap in a fixed order
+        wt = np.ascontiguousarray(w.reshape(groups, og, k).transpose(0, 2, 1))
+        gcols = np.matmul(wt, go).reshape(n, c, kh, kw, ho, wo)
+        if kh == kw == 1 and pad == (0, 0, 0, 0):
+            gx = np.zeros((n, c, h, wd), grad.dtype)
+            gx[:, :, :: stride[0], :: stride[1]] = gcols[:, :, 0, 0]
+            return gx, gw, gb, None, None, None, None, None
+        gxp = np.zeros((n, c, h + top + bottom, wd + left + right), grad.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                window = _conv_window(i, j, dilation, stride, out_hw)
+                gxp[(slice(None), slice(None)) + window] += gcols[:, :, i, j]
+        gx = gxp[:, :, top : top + h, left : left + wd]
         return gx, gw, gb, None, None, None, None, None
 
 
