@@ -351,3 +351,28 @@ def test_registered_check_cases_pass():
     assert len(cases) == 2
     for case in cases:
         assert dn.gradcheck(case.fn, case.inputs, names=case.names)
+
+
+@pytest.mark.parametrize(
+    "xs, ws, kw",
+    [
+        ((2, 4, 6, 6), (4, 4, 3, 3), {"padding": 1}),
+        ((2, 4, 6, 6), (2, 2, 3, 3), {"padding": 1, "groups": 2}),  # one output per group
+        ((2, 4, 6, 6), (3, 4, 1, 1), {}),
+    ],
+)
+def test_results_do_not_share_scratch_memory(xs, ws, kw):
+    """conv2d reuses per-thread scratch buffers for temporaries: nothing it returns may live
+    in them, so a later call must leave earlier outputs and gradients unchanged."""
+    x1, w1, _ = _data(xs, ws, seed=1)
+    x2, w2, _ = _data(xs, ws, seed=2)
+    t1 = [dn.tensor(a, requires_grad=True) for a in (x1, w1)]
+    out1 = F.conv2d(*t1, **kw)
+    out1.sum().backward()
+    kept = [out1.numpy().copy(), t1[0].grad.copy(), t1[1].grad.copy()]
+    t2 = [dn.tensor(a, requires_grad=True) for a in (x2, w2)]
+    out2 = F.conv2d(*t2, **kw)
+    (out2 * 3).sum().backward()
+    for a, b in zip(kept, [out1.numpy(), t1[0].grad, t1[1].grad]):
+        np.testing.assert_array_equal(a, b)
+    _close(out1.numpy(), _ref(x1, w1, None, kw), 1e-12)
