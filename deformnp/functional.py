@@ -1174,7 +1174,7 @@ class _ScratchPool(threading.local):
 
 
 _SCRATCH = _ScratchPool()
-_SCRATCH_LIMIT = 1 << 28  # larger temporaries are allocated afresh, not kept
+_SCRATCH_LIMIT = 1 << 26  # 64 MB: larger temporaries are allocated afresh, never kept
 
 
 def _scratch(slot: str, shape: tuple, dtype: Any) -> np.ndarray:
