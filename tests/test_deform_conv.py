@@ -546,3 +546,31 @@ def test_pack_layer_matches_mmcv_formula(rng):
     mask = 1 / (1 + np.exp(-mlogit))
     expected = ops.deform_conv2d(x, off, layer.weight.data, layer.bias.data, 2, 1, 1, mask).numpy()
     np.testing.assert_allclose(layer(dn.tensor(x)).numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_pack_v1_uses_predicted_offsets(rng):
+    layer = dn.nn.DeformConv2dPack(4, 2, (3, 2), padding=(1, 0), deform_groups=2, dtype=np.float64)
+    assert layer.bias is None  # mmcv's DeformConv2d has no bias
+    for p in (layer.conv_offset.weight, layer.conv_offset.bias):
+        p.data[...] = rng.uniform(-0.3, 0.3, p.shape)
+    x = rng.standard_normal((2, 4, 5, 6))
+    off = dn.functional.conv2d(
+        dn.tensor(x), layer.conv_offset.weight, layer.conv_offset.bias, 1, (1, 0), 1
+    ).numpy()
+    assert off.shape == (2, 2 * 2 * 6, 5, 5)
+    expected = ops.deform_conv2d(x, off, layer.weight.data, None, 1, (1, 0), 1).numpy()
+    np.testing.assert_allclose(layer(dn.tensor(x)).numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_pack_layer_validation():
+    with pytest.raises(
+        ValueError, match="DeformConv2dPack: in_channels 4 must be divisible by deform_groups 3"
+    ):
+        dn.nn.DeformConv2dPack(4, 4, 3, deform_groups=3)
+    with pytest.raises(
+        ValueError,
+        match="ModulatedDeformConv2dPack: out_channels 3 must be divisible by groups 2",
+    ):
+        dn.nn.ModulatedDeformConv2dPack(4, 3, 3, groups=2)
+    with pytest.raises(ValueError, match="DeformConv2d: groups must be >= 1, got 0"):
+        dn.nn.DeformConv2d(4, 4, 3, groups=0)
