@@ -165,7 +165,7 @@ def _validate(
         raise ValueError(
             f"{_OP}: value has S = {S} positions, but spatial_shapes give sum(H_l*W_l) = {total}"
         )
-    if loc.shape[-1] != 2:
+    if loc.shape[5] != 2:  # (device arrays allow no negative index)
         raise ValueError(
             f"{_OP}: sampling_locations must end in 2 coordinates (x, y), got shape "
             f"{tuple(loc.shape)}"
