@@ -207,11 +207,9 @@ def _grad_out(op: str, grad_out: Any, dtype: Any, shape: tuple) -> Any:
 
 
 def _to_device(rois: np.ndarray, device: str) -> Any:
-    if device == "cpu":
-        return rois
-    from numba import cuda
-
-    return cuda.to_device(rois)
+    """The validated (K, 5) RoIs as the kernels take them: a host array on every device (the CUDA
+    kernels derive the per-RoI geometry on the host and send only that to the device)."""
+    return rois
 
 
 @dataclass(frozen=True)

@@ -1,99 +1,68 @@
 """CUDA kernels of the RoI pooling family (SPEC sections 7 and 8), mirroring ``kernels/cpu/roi.py``.
 
-``rois`` is always the (K, 5) array (batch_index, x1, y1, x2, y2), validated on the host.
-One thread per output element (k, c, ph, pw) for the forwards and for the input gradients, which
-are scattered with atomic adds (not bit-reproducible). The offset gradient of ``deform_roi_pool``
-has one thread per (k, ph, pw) that sums over the channels in a fixed order (deterministic).
+The per-RoI geometry (bins, sampling grids, starts, part and group cells) is computed on the host
+by the very functions the CPU kernels use (``align_geometry``, ``pool_bins``,
+``deform_ps_geometry``), so both devices pool exactly the same bins; only those few numbers per
+RoI travel to the device. RoIs are validated on the host anyway (batch indices in range), so
+boxes given on the device are read back once per call (K x 5 numbers); feature maps, offsets,
+outputs and gradients stay on the device.
 
-The RoI Align-like ops share one kernel, ``mode``: 0 roi_align, 1 ps_roi_align, 2 deform_roi_pool.
+Threads: one per output element (k, c, ph, pw) for the forwards and the input gradients, which
+are scattered with atomic adds (not bit-reproducible from run to run). The offset gradients have
+one thread per offset element summing in a fixed order (deterministic).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+import numpy as np
 from numba import cuda
 
+from ..cpu import roi as _cpu
 from ._launch import SIMULATOR, empty, flat, grid, zeros
 from .bilinear import clamp_plan, plan_value, scatter_plan
 
 MODES = {"roi_align": 0, "ps_roi_align": 1, "deform_roi_pool": 2}
 
 
-@cuda.jit(device=True)
-def c_round(v):
-    """C's round: half away from zero."""
-    if v >= 0.0:
-        return math.floor(v + 0.5)
-    return -math.floor(-v + 0.5)
+def _host(a: Any) -> np.ndarray:
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def _dev(a: np.ndarray) -> Any:
+    return cuda.to_device(np.ascontiguousarray(a))
 
 
 # ---------------------------------------------------------------------------- RoI Align family
 
 
 @cuda.jit(device=True)
-def align_bin(rois, off, k, ph, pw, PH, PW, scale, sampling_ratio, aligned, gamma, mode, has_off):
-    """Geometry of bin (ph, pw) of RoI k: (y_start, x_start, bin_h, bin_w, gh, gw, roi_h, roi_w)."""
-    r = k * 5
-    o = 0.5 if (aligned or mode != 0) else 0.0
-    x1 = rois[r + 1] * scale - o
-    y1 = rois[r + 2] * scale - o
-    x2 = rois[r + 3] * scale - o
-    y2 = rois[r + 4] * scale - o
-    roi_w = x2 - x1
-    roi_h = y2 - y1
-    if mode == 0 and not aligned:
-        roi_w = max(roi_w, 1.0)
-        roi_h = max(roi_h, 1.0)
-    bin_h = roi_h / PH
-    bin_w = roi_w / PW
-    if sampling_ratio > 0:
-        gh = sampling_ratio
-        gw = sampling_ratio
-    else:
-        gh = int(math.ceil(roi_h / PH))
-        gw = int(math.ceil(roi_w / PW))
-    ys = y1 + ph * bin_h
-    xs = x1 + pw * bin_w
-    if mode == 2 and has_off:
-        xs += gamma * roi_w * off[((k * 2 + 0) * PH + ph) * PW + pw]
-        ys += gamma * roi_h * off[((k * 2 + 1) * PH + ph) * PW + pw]
-    return ys, xs, bin_h, bin_w, gh, gw, roi_h, roi_w
+def _bin_start(fgeo, off, has_off, k, ph, pw, PH, PW):
+    """(y, x) of the top-left corner of bin (ph, pw) of RoI k, shifted by its offset (deform)."""
+    sy = fgeo[k * 6 + 0]
+    sx = fgeo[k * 6 + 1]
+    if has_off:
+        sy = sy + fgeo[k * 6 + 4] * off[((k * 2 + 1) * PH + ph) * PW + pw]
+        sx = sx + fgeo[k * 6 + 5] * off[((k * 2 + 0) * PH + ph) * PW + pw]
+    return sy + ph * fgeo[k * 6 + 2], sx + pw * fgeo[k * 6 + 3]
 
 
 @cuda.jit(cache=not SIMULATOR)
-def _align_forward(
-    inp,
-    rois,
-    off,
-    out,
-    K,
-    Cout,
-    Cin,
-    H,
-    W,
-    PH,
-    PW,
-    scale,
-    sampling_ratio,
-    aligned,
-    gamma,
-    mode,
-    has_off,
-):
+def _align_forward(inp, fgeo, igeo, off, out, K, Cout, Cin, H, W, PH, PW, ps, has_off):
     total = K * Cout * PH * PW
     for t in range(cuda.grid(1), total, cuda.gridsize(1)):
         pw = t % PW
         ph = (t // PW) % PH
         c = (t // (PW * PH)) % Cout
         k = t // (PW * PH * Cout)
-        b = int(rois[k * 5])
-        cin = (c * PH + ph) * PW + pw if mode == 1 else c
-        ys, xs, bh, bw, gh, gw, rh, rw = align_bin(
-            rois, off, k, ph, pw, PH, PW, scale, sampling_ratio, aligned, gamma, mode, has_off
-        )
-        base = (b * Cin + cin) * H * W
+        cin = (c * PH + ph) * PW + pw if ps else c
+        gh = igeo[k * 3 + 1]
+        gw = igeo[k * 3 + 2]
+        bh = fgeo[k * 6 + 2]
+        bw = fgeo[k * 6 + 3]
+        ys, xs = _bin_start(fgeo, off, has_off, k, ph, pw, PH, PW)
+        base = (igeo[k * 3] * Cin + cin) * H * W
         acc = 0.0
         for iy in range(gh):
             y = ys + (iy + 0.5) * bh / gh
@@ -105,38 +74,21 @@ def _align_forward(
 
 
 @cuda.jit(cache=not SIMULATOR)
-def _align_backward_input(
-    gout,
-    rois,
-    off,
-    gin,
-    K,
-    Cout,
-    Cin,
-    H,
-    W,
-    PH,
-    PW,
-    scale,
-    sampling_ratio,
-    aligned,
-    gamma,
-    mode,
-    has_off,
-):
+def _align_backward_input(gout, fgeo, igeo, off, gin, K, Cout, Cin, H, W, PH, PW, ps, has_off):
     total = K * Cout * PH * PW
     for t in range(cuda.grid(1), total, cuda.gridsize(1)):
         pw = t % PW
         ph = (t // PW) % PH
         c = (t // (PW * PH)) % Cout
         k = t // (PW * PH * Cout)
-        b = int(rois[k * 5])
-        cin = (c * PH + ph) * PW + pw if mode == 1 else c
-        ys, xs, bh, bw, gh, gw, rh, rw = align_bin(
-            rois, off, k, ph, pw, PH, PW, scale, sampling_ratio, aligned, gamma, mode, has_off
-        )
+        cin = (c * PH + ph) * PW + pw if ps else c
+        gh = igeo[k * 3 + 1]
+        gw = igeo[k * 3 + 2]
+        bh = fgeo[k * 6 + 2]
+        bw = fgeo[k * 6 + 3]
+        ys, xs = _bin_start(fgeo, off, has_off, k, ph, pw, PH, PW)
         g = gout[t] / max(gh * gw, 1)
-        base = (b * Cin + cin) * H * W
+        base = (igeo[k * 3] * Cin + cin) * H * W
         for iy in range(gh):
             y = ys + (iy + 0.5) * bh / gh
             for ix in range(gw):
@@ -146,19 +98,18 @@ def _align_backward_input(
 
 
 @cuda.jit(cache=not SIMULATOR)
-def _deform_backward_offset(
-    gout, inp, rois, off, goff, K, C, H, W, PH, PW, scale, sampling_ratio, gamma
-):
+def _deform_backward_offset(gout, inp, fgeo, igeo, off, goff, K, C, H, W, PH, PW):
+    """d out / d offset[k, 0|1, ph, pw] = gamma*roi_w|h / count * sum_samples sum_c g * dV/dx|y."""
     total = K * PH * PW
     for t in range(cuda.grid(1), total, cuda.gridsize(1)):
         pw = t % PW
         ph = (t // PW) % PH
         k = t // (PW * PH)
-        b = int(rois[k * 5])
-        ys, xs, bh, bw, gh, gw, rh, rw = align_bin(
-            rois, off, k, ph, pw, PH, PW, scale, sampling_ratio, True, gamma, 2, True
-        )
-        count = max(gh * gw, 1)
+        gh = igeo[k * 3 + 1]
+        gw = igeo[k * 3 + 2]
+        bh = fgeo[k * 6 + 2]
+        bw = fgeo[k * 6 + 3]
+        ys, xs = _bin_start(fgeo, off, True, k, ph, pw, PH, PW)
         gy = 0.0
         gx = 0.0
         for iy in range(gh):
@@ -168,11 +119,27 @@ def _deform_backward_offset(
                 idx, w, cy, cx = clamp_plan(y, x, H, W)
                 for c in range(C):
                     g = gout[((k * C + c) * PH + ph) * PW + pw]
-                    base = (b * C + c) * H * W
+                    base = (igeo[k * 3] * C + c) * H * W
                     gy += g * plan_value(inp, base, idx, cy)
                     gx += g * plan_value(inp, base, idx, cx)
-        goff[((k * 2 + 0) * PH + ph) * PW + pw] = gamma * rw * gx / count
-        goff[((k * 2 + 1) * PH + ph) * PW + pw] = gamma * rh * gy / count
+        count = max(gh * gw, 1)
+        goff[((k * 2 + 0) * PH + ph) * PW + pw] = gx * fgeo[k * 6 + 5] / count
+        goff[((k * 2 + 1) * PH + ph) * PW + pw] = gy * fgeo[k * 6 + 4] / count
+
+
+def _align_setup(
+    mode: str,
+    rois: Any,
+    output_size: tuple,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    gamma: float,
+) -> tuple[Any, Any]:
+    fgeo, igeo = _cpu.align_geometry(
+        mode, _host(rois), output_size, spatial_scale, sampling_ratio, aligned, gamma
+    )
+    return _dev(fgeo), _dev(igeo)
 
 
 def align_forward(
@@ -186,35 +153,35 @@ def align_forward(
     aligned: bool,
     gamma: float = 0.0,
 ) -> Any:
+    """roi_align / ps_roi_align / deform_roi_pool forward -> (K, C', PH, PW)."""
     B, Cin, H, W = (int(s) for s in input.shape)
     PH, PW = output_size
-    m = MODES[mode]
-    Cout = Cin // (PH * PW) if m == 1 else Cin
+    ps = mode == "ps_roi_align"
+    Cout = Cin // (PH * PW) if ps else Cin
     K = int(rois.shape[0])
-    if H * W == 0:
+    if K * Cout * PH * PW == 0 or H * W == 0:
         return zeros((K, Cout, PH, PW), input.dtype)
+    fgeo, igeo = _align_setup(
+        mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma
+    )
     out = empty((K, Cout, PH, PW), input.dtype)
-    if out.size:
-        has_off = offset is not None
-        _align_forward[grid(out.size)](
-            flat(input),
-            flat(rois),
-            flat(offset) if has_off else flat(rois),
-            flat(out),
-            K,
-            Cout,
-            Cin,
-            H,
-            W,
-            PH,
-            PW,
-            float(spatial_scale),
-            int(sampling_ratio),
-            bool(aligned),
-            float(gamma),
-            m,
-            has_off,
-        )
+    has_off = offset is not None
+    _align_forward[grid(out.size)](
+        flat(input),
+        flat(fgeo),
+        flat(igeo),
+        flat(offset) if has_off else flat(fgeo),
+        flat(out),
+        K,
+        Cout,
+        Cin,
+        H,
+        W,
+        PH,
+        PW,
+        ps,
+        has_off,
+    )
     return out
 
 
@@ -234,149 +201,26 @@ def align_backward(
     """(grad_input, grad_offset); grad_offset only for deform_roi_pool with an offset."""
     B, Cin, H, W = (int(s) for s in input.shape)
     PH, PW = output_size
-    m = MODES[mode]
-    Cout = Cin // (PH * PW) if m == 1 else Cin
-    K = int(rois.shape[0])
-    has_off = offset is not None
-    g_in = g_off = None
-    if needs[0]:
-        g_in = zeros(input.shape, input.dtype)
-        if grad_out.size and H * W:
-            _align_backward_input[grid(grad_out.size)](
-                flat(grad_out),
-                flat(rois),
-                flat(offset) if has_off else flat(rois),
-                flat(g_in),
-                K,
-                Cout,
-                Cin,
-                H,
-                W,
-                PH,
-                PW,
-                float(spatial_scale),
-                int(sampling_ratio),
-                bool(aligned),
-                float(gamma),
-                m,
-                has_off,
-            )
-    if has_off and len(needs) > 1 and needs[1]:
-        g_off = zeros(offset.shape, offset.dtype)
-        if K * PH * PW and H * W:
-            _deform_backward_offset[grid(K * PH * PW)](
-                flat(grad_out),
-                flat(input),
-                flat(rois),
-                flat(offset),
-                flat(g_off),
-                K,
-                Cin,
-                H,
-                W,
-                PH,
-                PW,
-                float(spatial_scale),
-                int(sampling_ratio),
-                float(gamma),
-            )
-    return g_in, g_off
-
-
-# ---------------------------------------------------------------------------- RoI Pool family
-
-
-@cuda.jit(device=True)
-def pool_bin(rois, k, ph, pw, PH, PW, H, W, scale, ps):
-    """Bin (ph, pw) of RoI k as [hstart, hend) x [wstart, wend), clipped to [0, H] x [0, W]."""
-    r = k * 5
-    sw = c_round(rois[r + 1] * scale)
-    sh = c_round(rois[r + 2] * scale)
-    ew = c_round(rois[r + 3] * scale)
-    eh = c_round(rois[r + 4] * scale)
-    extra = 0 if ps else 1
-    roi_w = max(ew - sw + extra, 1)
-    roi_h = max(eh - sh + extra, 1)
-    bin_h = roi_h / PH
-    bin_w = roi_w / PW
-    hs = min(max(int(math.floor(ph * bin_h)) + sh, 0), H)
-    he = min(max(int(math.ceil((ph + 1) * bin_h)) + sh, 0), H)
-    ws = min(max(int(math.floor(pw * bin_w)) + sw, 0), W)
-    we = min(max(int(math.ceil((pw + 1) * bin_w)) + sw, 0), W)
-    return hs, he, ws, we
-
-
-@cuda.jit(cache=not SIMULATOR)
-def _pool_forward(inp, rois, out, argmax, K, Cout, Cin, H, W, PH, PW, scale, ps):
-    total = K * Cout * PH * PW
-    for t in range(cuda.grid(1), total, cuda.gridsize(1)):
-        pw = t % PW
-        ph = (t // PW) % PH
-        c = (t // (PW * PH)) % Cout
-        k = t // (PW * PH * Cout)
-        b = int(rois[k * 5])
-        cin = (c * PH + ph) * PW + pw if ps else c
-        hs, he, ws, we = pool_bin(rois, k, ph, pw, PH, PW, H, W, scale, ps)
-        base = (b * Cin + cin) * H * W
-        empty_bin = he <= hs or we <= ws
-        if ps:
-            acc = 0.0
-            for h in range(hs, he):
-                for w in range(ws, we):
-                    acc += inp[base + h * W + w]
-            out[t] = 0.0 if empty_bin else acc / ((he - hs) * (we - ws))
-        else:
-            best = -1
-            val = 0.0
-            for h in range(hs, he):
-                for w in range(ws, we):
-                    v = inp[base + h * W + w]
-                    if best < 0 or v > val:
-                        val = v
-                        best = h * W + w
-            out[t] = val
-            argmax[t] = best
-
-
-@cuda.jit(cache=not SIMULATOR)
-def _pool_backward(gout, rois, argmax, gin, K, Cout, Cin, H, W, PH, PW, scale, ps):
-    total = K * Cout * PH * PW
-    for t in range(cuda.grid(1), total, cuda.gridsize(1)):
-        pw = t % PW
-        ph = (t // PW) % PH
-        c = (t // (PW * PH)) % Cout
-        k = t // (PW * PH * Cout)
-        b = int(rois[k * 5])
-        cin = (c * PH + ph) * PW + pw if ps else c
-        base = (b * Cin + cin) * H * W
-        if ps:
-            hs, he, ws, we = pool_bin(rois, k, ph, pw, PH, PW, H, W, scale, ps)
-            if he > hs and we > ws:
-                g = gout[t] / ((he - hs) * (we - ws))
-                for h in range(hs, he):
-                    for w in range(ws, we):
-                        cuda.atomic.add(gin, base + h * W + w, g)
-        elif argmax[t] >= 0:
-            cuda.atomic.add(gin, base + argmax[t], gout[t])
-
-
-def pool_forward(
-    mode: str, input: Any, rois: Any, output_size: tuple, spatial_scale: float
-) -> tuple[Any, Any]:
-    """roi_pool (mode "roi_pool") or ps_roi_pool: returns (output, argmax); argmax is int64."""
-    B, Cin, H, W = (int(s) for s in input.shape)
-    PH, PW = output_size
-    ps = mode == "ps_roi_pool"
+    ps = mode == "ps_roi_align"
     Cout = Cin // (PH * PW) if ps else Cin
     K = int(rois.shape[0])
-    out = empty((K, Cout, PH, PW), input.dtype)
-    argmax = empty((K, Cout, PH, PW), "int64")
-    if out.size:
-        _pool_forward[grid(out.size)](
-            flat(input),
-            flat(rois),
-            flat(out),
-            flat(argmax),
+    has_off = offset is not None
+    need_off = has_off and len(needs) > 1 and bool(needs[1])
+    g_in = zeros(input.shape, input.dtype) if needs[0] else None
+    g_off = zeros(offset.shape, offset.dtype) if need_off else None
+    if K * Cout * PH * PW == 0 or H * W == 0 or not (needs[0] or need_off):
+        return g_in, g_off
+    fgeo, igeo = _align_setup(
+        mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma
+    )
+    off = flat(offset) if has_off else flat(fgeo)
+    if needs[0]:
+        _align_backward_input[grid(grad_out.size)](
+            flat(grad_out),
+            flat(fgeo),
+            flat(igeo),
+            off,
+            flat(g_in),
             K,
             Cout,
             Cin,
@@ -384,10 +228,132 @@ def pool_forward(
             W,
             PH,
             PW,
-            float(spatial_scale),
             ps,
+            has_off,
         )
-    return out, argmax
+    if need_off:
+        _deform_backward_offset[grid(K * PH * PW)](
+            flat(grad_out),
+            flat(input),
+            flat(fgeo),
+            flat(igeo),
+            off,
+            flat(g_off),
+            K,
+            Cin,
+            H,
+            W,
+            PH,
+            PW,
+        )
+    return g_in, g_off
+
+
+# ---------------------------------------------------------------------------- RoI Pool family
+
+
+@cuda.jit(cache=not SIMULATOR)
+def _pool_forward(inp, batch, hs, he, ws, we, out, argmax, K, Cout, Cin, H, W, PH, PW, ps):
+    total = K * Cout * PH * PW
+    for t in range(cuda.grid(1), total, cuda.gridsize(1)):
+        pw = t % PW
+        ph = (t // PW) % PH
+        c = (t // (PW * PH)) % Cout
+        k = t // (PW * PH * Cout)
+        cin = (c * PH + ph) * PW + pw if ps else c
+        h0 = hs[k * PH + ph]
+        h1 = he[k * PH + ph]
+        w0 = ws[k * PW + pw]
+        w1 = we[k * PW + pw]
+        base = (batch[k] * Cin + cin) * H * W
+        if h1 <= h0 or w1 <= w0:  # empty bin: 0 and no gradient
+            out[t] = 0.0
+            if not ps:
+                argmax[t] = -1
+            continue
+        if ps:  # average over the bin
+            acc = 0.0
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    acc += inp[base + h * W + w]
+            out[t] = acc / ((h1 - h0) * (w1 - w0))
+        else:  # max; the first maximum in row-major order wins, and so does the first NaN
+            best = h0 * W + w0
+            m = inp[base + best]
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    v = inp[base + h * W + w]
+                    if v > m or (v != v and m == m):
+                        m = v
+                        best = h * W + w
+            out[t] = m
+            argmax[t] = best
+
+
+@cuda.jit(cache=not SIMULATOR)
+def _pool_backward(gout, batch, hs, he, ws, we, argmax, gin, K, Cout, Cin, H, W, PH, PW, ps):
+    total = K * Cout * PH * PW
+    for t in range(cuda.grid(1), total, cuda.gridsize(1)):
+        pw = t % PW
+        ph = (t // PW) % PH
+        c = (t // (PW * PH)) % Cout
+        k = t // (PW * PH * Cout)
+        cin = (c * PH + ph) * PW + pw if ps else c
+        base = (batch[k] * Cin + cin) * H * W
+        if ps:
+            h0 = hs[k * PH + ph]
+            h1 = he[k * PH + ph]
+            w0 = ws[k * PW + pw]
+            w1 = we[k * PW + pw]
+            if h1 > h0 and w1 > w0:
+                g = gout[t] / ((h1 - h0) * (w1 - w0))
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        cuda.atomic.add(gin, base + h * W + w, g)
+        elif argmax[t] >= 0:
+            cuda.atomic.add(gin, base + argmax[t], gout[t])
+
+
+def _pool_setup(
+    mode: str, rois: Any, output_size: tuple, spatial_scale: float, H: int, W: int, dtype: Any
+) -> tuple:
+    batch, hs, he, ws, we = _cpu.pool_bins(
+        mode, _host(rois), output_size, spatial_scale, H, W, dtype
+    )
+    return tuple(_dev(a) for a in (batch, hs, he, ws, we))
+
+
+def pool_forward(
+    mode: str, input: Any, rois: Any, output_size: tuple, spatial_scale: float
+) -> tuple[Any, Any]:
+    """roi_pool -> (out, argmax) with argmax int64 flat plane indices (-1: empty bin);
+    ps_roi_pool -> (out, None)."""
+    B, Cin, H, W = (int(s) for s in input.shape)
+    PH, PW = output_size
+    ps = mode == "ps_roi_pool"
+    Cout = Cin // (PH * PW) if ps else Cin
+    K = int(rois.shape[0])
+    if K * Cout * PH * PW == 0 or H * W == 0:
+        out = zeros((K, Cout, PH, PW), input.dtype)
+        return out, (None if ps else _dev(np.full(out.shape, -1, np.int64)))
+    bins = _pool_setup(mode, rois, output_size, spatial_scale, H, W, input.dtype)
+    out = empty((K, Cout, PH, PW), input.dtype)
+    argmax = empty((K, Cout, PH, PW), np.int64) if not ps else empty((1,), np.int64)
+    _pool_forward[grid(out.size)](
+        flat(input),
+        *(flat(b) for b in bins),
+        flat(out),
+        flat(argmax),
+        K,
+        Cout,
+        Cin,
+        H,
+        W,
+        PH,
+        PW,
+        ps,
+    )
+    return out, (None if ps else argmax)
 
 
 def pool_backward(
@@ -400,26 +366,292 @@ def pool_backward(
     output_size: tuple,
     spatial_scale: float,
 ) -> Any:
+    """Gradient of roi_pool (to each bin's argmax) or ps_roi_pool (spread over the bin)."""
     B, Cin, H, W = (int(s) for s in input_shape)
     PH, PW = output_size
     ps = mode == "ps_roi_pool"
     Cout = Cin // (PH * PW) if ps else Cin
     K = int(rois.shape[0])
     g_in = zeros(tuple(input_shape), dtype)
-    if grad_out.size:
-        _pool_backward[grid(grad_out.size)](
-            flat(grad_out),
-            flat(rois),
-            flat(argmax),
+    if K * Cout * PH * PW == 0 or H * W == 0:
+        return g_in
+    bins = _pool_setup(mode, rois, output_size, spatial_scale, H, W, dtype)
+    am = flat(argmax) if argmax is not None else flat(bins[0])
+    _pool_backward[grid(grad_out.size)](
+        flat(grad_out), *(flat(b) for b in bins), am, flat(g_in), K, Cout, Cin, H, W, PH, PW, ps
+    )
+    return g_in
+
+
+# ---------------------------------------------------------------------------- deformable PS
+
+
+@cuda.jit(device=True)
+def _dps_bin(fgeo, part, off, has_off, trans_std, k, cls, ph, pw, ncls, PS, P):
+    """(hstart, wstart) of bin (ph, pw) of class cls of RoI k (Deformable-ConvNets, SPEC 8)."""
+    tx = 0.0
+    ty = 0.0
+    if has_off:
+        o = ((k * 2 * ncls + 2 * cls) * PS + part[ph]) * PS + part[pw]
+        tx = off[o] * trans_std
+        ty = off[o + PS * PS] * trans_std
+    hstart = ph * fgeo[k * 8 + 2] + fgeo[k * 8 + 0]
+    hstart += ty * fgeo[k * 8 + 6]
+    wstart = pw * fgeo[k * 8 + 3] + fgeo[k * 8 + 1]
+    wstart += tx * fgeo[k * 8 + 7]
+    return hstart, wstart
+
+
+@cuda.jit(device=True)
+def _dps_sample(fgeo, k, hstart, wstart, ih, iw, H, W):
+    """Sample (ih, iw) of a bin: (valid, h, w); samples outside [-0.5, size - 0.5] are skipped,
+    the others clamped and interpolated, which is ``clamp_plan`` on that range."""
+    w = wstart + iw * fgeo[k * 8 + 5]
+    h = hstart + ih * fgeo[k * 8 + 4]
+    valid = w >= -0.5 and w <= W - 0.5 and h >= -0.5 and h <= H - 0.5
+    return valid, h, w
+
+
+@cuda.jit(cache=not SIMULATOR)
+def _dps_forward(
+    inp,
+    fgeo,
+    batch,
+    part,
+    group,
+    off,
+    out,
+    K,
+    D,
+    C,
+    H,
+    W,
+    P,
+    PS,
+    gs,
+    spp,
+    ncls,
+    trans_std,
+    has_off,
+    gin_mode,
+    gout,
+):
+    """Forward (gin_mode False: out[t] = mean of the valid samples) or the input gradient
+    (gin_mode True: scatter gout[t] / n into ``out`` = grad_input, atomically)."""
+    cec = D // ncls
+    total = K * D * P * P
+    for t in range(cuda.grid(1), total, cuda.gridsize(1)):
+        pw = t % P
+        ph = (t // P) % P
+        co = (t // (P * P)) % D
+        k = t // (P * P * D)
+        cls = co // cec
+        cin = (co * gs + group[ph]) * gs + group[pw]
+        base = (batch[k] * C + cin) * H * W
+        hstart, wstart = _dps_bin(fgeo, part, off, has_off, trans_std, k, cls, ph, pw, ncls, PS, P)
+        n = 0
+        acc = 0.0
+        for ih in range(spp):
+            for iw in range(spp):
+                valid, h, w = _dps_sample(fgeo, k, hstart, wstart, ih, iw, H, W)
+                if valid:
+                    n += 1
+                    if not gin_mode:
+                        idx, wt, cy, cx = clamp_plan(h, w, H, W)
+                        acc += plan_value(inp, base, idx, wt)
+        if not gin_mode:
+            out[t] = acc / n if n > 0 else 0.0
+        elif n > 0:
+            g = gout[t] / n
+            for ih in range(spp):
+                for iw in range(spp):
+                    valid, h, w = _dps_sample(fgeo, k, hstart, wstart, ih, iw, H, W)
+                    if valid:
+                        idx, wt, cy, cx = clamp_plan(h, w, H, W)
+                        scatter_plan(out, base, idx, wt, g)
+
+
+@cuda.jit(cache=not SIMULATOR)
+def _dps_backward_offset(
+    gout, inp, fgeo, batch, part, group, off, goff, K, D, C, H, W, P, PS, gs, spp, ncls, trans_std
+):
+    """One thread per offset cell (k, cls, part row, part col) sums, in a fixed order, over the
+    bins that read it and the output channels of its class."""
+    cec = D // ncls
+    total = K * ncls * PS * PS
+    for t in range(cuda.grid(1), total, cuda.gridsize(1)):
+        qw = t % PS
+        qh = (t // PS) % PS
+        cls = (t // (PS * PS)) % ncls
+        k = t // (PS * PS * ncls)
+        gy = 0.0
+        gx = 0.0
+        for ph in range(P):
+            if part[ph] != qh:
+                continue
+            for pw in range(P):
+                if part[pw] != qw:
+                    continue
+                hstart, wstart = _dps_bin(
+                    fgeo, part, off, True, trans_std, k, cls, ph, pw, ncls, PS, P
+                )
+                n = 0
+                for ih in range(spp):
+                    for iw in range(spp):
+                        valid, h, w = _dps_sample(fgeo, k, hstart, wstart, ih, iw, H, W)
+                        if valid:
+                            n += 1
+                if n == 0:
+                    continue
+                for co in range(cls * cec, (cls + 1) * cec):
+                    g = gout[((k * D + co) * P + ph) * P + pw] / n
+                    base = (batch[k] * C + (co * gs + group[ph]) * gs + group[pw]) * H * W
+                    for ih in range(spp):
+                        for iw in range(spp):
+                            valid, h, w = _dps_sample(fgeo, k, hstart, wstart, ih, iw, H, W)
+                            if valid:
+                                idx, wt, cy, cx = clamp_plan(h, w, H, W)
+                                gy += g * plan_value(inp, base, idx, cy)
+                                gx += g * plan_value(inp, base, idx, cx)
+        o = ((k * 2 * ncls + 2 * cls) * PS + qh) * PS + qw
+        goff[o] = gx * trans_std * fgeo[k * 8 + 7]
+        goff[o + PS * PS] = gy * trans_std * fgeo[k * 8 + 6]
+
+
+def _dps_setup(
+    input: Any,
+    rois: Any,
+    offset: Any,
+    spatial_scale: float,
+    output_dim: int,
+    group_size: int,
+    pooled_size: int,
+    part_size: int,
+    sample_per_part: int,
+) -> tuple:
+    fgeo, batch, part, group = _cpu.deform_ps_geometry(
+        _host(rois),
+        spatial_scale,
+        group_size,
+        pooled_size,
+        part_size,
+        sample_per_part,
+        input.dtype,
+    )
+    ncls = int(offset.shape[1]) // 2 if offset is not None else 1
+    return (_dev(fgeo), _dev(batch), _dev(part), _dev(group)), ncls
+
+
+def deform_ps_forward(
+    input: Any,
+    rois: Any,
+    offset: Any,
+    spatial_scale: float,
+    output_dim: int,
+    group_size: int,
+    pooled_size: int,
+    part_size: int,
+    sample_per_part: int,
+    trans_std: float,
+) -> Any:
+    """deform_ps_roi_pool forward -> (K, output_dim, pooled_size, pooled_size)."""
+    B, C, H, W = (int(s) for s in input.shape)
+    K, P = int(rois.shape[0]), pooled_size
+    if K * output_dim * P * P == 0 or H * W == 0:
+        return zeros((K, output_dim, P, P), input.dtype)
+    geo, ncls = _dps_setup(
+        input, rois, offset, spatial_scale, output_dim, group_size, P, part_size, sample_per_part
+    )
+    out = empty((K, output_dim, P, P), input.dtype)
+    has_off = offset is not None
+    _dps_forward[grid(out.size)](
+        flat(input),
+        *(flat(a) for a in geo),
+        flat(offset) if has_off else flat(geo[0]),
+        flat(out),
+        K,
+        output_dim,
+        C,
+        H,
+        W,
+        P,
+        part_size,
+        group_size,
+        sample_per_part,
+        ncls,
+        float(trans_std),
+        has_off,
+        False,
+        flat(out),
+    )
+    return out
+
+
+def deform_ps_backward(
+    grad_out: Any,
+    input: Any,
+    rois: Any,
+    offset: Any,
+    spatial_scale: float,
+    output_dim: int,
+    group_size: int,
+    pooled_size: int,
+    part_size: int,
+    sample_per_part: int,
+    trans_std: float,
+    needs: tuple = (True, True),
+) -> tuple:
+    """(grad_input, grad_offset) of deform_ps_roi_pool; grad_offset None without an offset."""
+    B, C, H, W = (int(s) for s in input.shape)
+    K, P = int(rois.shape[0]), pooled_size
+    has_off = offset is not None
+    need_off = has_off and len(needs) > 1 and bool(needs[1])
+    g_in = zeros(input.shape, input.dtype) if needs[0] else None
+    g_off = zeros(offset.shape, offset.dtype) if need_off else None
+    if K * output_dim * P * P == 0 or H * W == 0 or not (needs[0] or need_off):
+        return g_in, g_off
+    geo, ncls = _dps_setup(
+        input, rois, offset, spatial_scale, output_dim, group_size, P, part_size, sample_per_part
+    )
+    off = flat(offset) if has_off else flat(geo[0])
+    if needs[0]:
+        _dps_forward[grid(grad_out.size)](
+            flat(input),
+            *(flat(a) for a in geo),
+            off,
             flat(g_in),
             K,
-            Cout,
-            Cin,
+            output_dim,
+            C,
             H,
             W,
-            PH,
-            PW,
-            float(spatial_scale),
-            ps,
+            P,
+            part_size,
+            group_size,
+            sample_per_part,
+            ncls,
+            float(trans_std),
+            has_off,
+            True,
+            flat(grad_out),
         )
-    return g_in
+    if need_off:
+        _dps_backward_offset[grid(K * ncls * part_size * part_size)](
+            flat(grad_out),
+            flat(input),
+            *(flat(a) for a in geo),
+            off,
+            flat(g_off),
+            K,
+            output_dim,
+            C,
+            H,
+            W,
+            P,
+            part_size,
+            group_size,
+            sample_per_part,
+            ncls,
+            float(trans_std),
+        )
+    return g_in, g_off
