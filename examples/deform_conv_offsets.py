@@ -16,7 +16,7 @@ accuracies are printed, and the picture (default ``docs/images/deform_conv_offse
 the learned sampling points of the deformable layer on test images: for a few output positions,
 the regular 3 x 3 grid (grey) and where the layer actually samples (colour, marker size = mask).
 
-    python examples/deform_conv_offsets.py                     # about a minute on 2 cores
+    python examples/deform_conv_offsets.py                     # about 30 s on 2 cores
     python examples/deform_conv_offsets.py --steps 100         # a quicker, rougher run
     python examples/deform_conv_offsets.py --out /tmp/dcn.png
 """
