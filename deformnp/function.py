@@ -27,6 +27,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "Function",
     "Context",
@@ -128,8 +130,13 @@ class enable_grad(_Switch):
 def sum_to_shape(grad: Any, shape: tuple[int, ...]) -> Any:
     """Sum a gradient computed in a broadcast shape back to ``shape`` (NumPy broadcasting rules)."""
     shape = tuple(shape)
-    if grad.shape == shape:
+    if tuple(grad.shape) == shape:
         return grad
+    if not isinstance(grad, np.ndarray) and hasattr(grad, "copy_to_host"):
+        raise ValueError(
+            f"sum_to_shape: broadcasting is not supported on CUDA tensors (gradient of shape "
+            f"{tuple(grad.shape)} for an input of shape {shape}); use same-shape operands"
+        )
     ndiff = grad.ndim - len(shape)
     if ndiff < 0:
         raise ValueError(f"sum_to_shape: gradient of shape {grad.shape} cannot reduce to {shape}")
@@ -200,10 +207,24 @@ class Function:
     def backward(ctx: Context, grad: Any) -> Any:
         raise NotImplementedError
 
+    #: Whether ``forward``/``backward`` accept CUDA device arrays. Only the deformable ops, the
+    #: device moves and the loss-forming elementwise ops do; any other op given a CUDA tensor
+    #: raises a TypeError that names it and says to move to the CPU.
+    supports_cuda: bool = False
+
     @classmethod
     def apply(cls, *args: Any, **kwargs: Any) -> Any:
+        from .cuda import is_cuda_array
         from .tensor import Tensor
 
+        if not cls.supports_cuda:
+            for a in args:
+                if is_cuda_array(a.data if isinstance(a, Tensor) else a):
+                    raise TypeError(
+                        f"{cls.__name__.lower()}: not implemented for CUDA tensors; move the "
+                        f"input to the CPU first with .to('cpu') (on CUDA: the deformable ops, "
+                        f"and add, sub, mul, div, neg, sum and mean to form a loss)"
+                    )
         tensors = tuple(a if isinstance(a, Tensor) else None for a in args)
         needs = tuple(t is not None and t.requires_grad for t in tensors)
         record = _grad_mode.enabled and any(needs)

@@ -10,7 +10,8 @@ layer ops ``conv2d``, ``linear``, ``layer_norm``, ``dropout``, ``pad`` and the l
 ``mse_loss``, ``l1_loss``, ``nll_loss``, ``cross_entropy``. The layer ops validate their inputs
 (float32/float64, one dtype, shapes) with messages that name the op and the argument; the
 elementwise ops follow NumPy's type promotion. ``manual_seed`` seeds dropout and ``nn.init``.
-NumPy only: CUDA arrays are refused by the layer ops (``NotImplementedError``).
+NumPy only, except the loss-forming ops (add, sub, mul, div, neg, full sum and mean), which
+also run on CUDA tensors; every other op refuses a CUDA array with a TypeError naming it.
 """
 
 from __future__ import annotations
@@ -297,19 +298,31 @@ class Maximum(Function):
 
 
 def add(input: Any, other: Any) -> Tensor:
-    return Add.apply(*_pair_operands(input, other))
+    a, b = _pair_operands(input, other)
+    if a.device == "cuda" or b.device == "cuda":
+        return _cuda_binary("add", a, b)
+    return Add.apply(a, b)
 
 
 def sub(input: Any, other: Any) -> Tensor:
-    return Sub.apply(*_pair_operands(input, other))
+    a, b = _pair_operands(input, other)
+    if a.device == "cuda" or b.device == "cuda":
+        return _cuda_binary("sub", a, b)
+    return Sub.apply(a, b)
 
 
 def mul(input: Any, other: Any) -> Tensor:
-    return Mul.apply(*_pair_operands(input, other))
+    a, b = _pair_operands(input, other)
+    if a.device == "cuda" or b.device == "cuda":
+        return _cuda_binary("mul", a, b)
+    return Mul.apply(a, b)
 
 
 def div(input: Any, other: Any) -> Tensor:
-    return Div.apply(*_pair_operands(input, other))
+    a, b = _pair_operands(input, other)
+    if a.device == "cuda" or b.device == "cuda":
+        return _cuda_binary("div", a, b)
+    return Div.apply(a, b)
 
 
 def pow(input: Any, exponent: Any) -> Tensor:  # noqa: A001 - torch's name
@@ -317,7 +330,10 @@ def pow(input: Any, exponent: Any) -> Tensor:  # noqa: A001 - torch's name
 
 
 def neg(input: Any) -> Tensor:
-    return Neg.apply(_t(input))
+    x = _t(input)
+    if x.device == "cuda":
+        return CudaBinary.apply(x, -1.0, "mul")
+    return Neg.apply(x)
 
 
 def exp(input: Any) -> Tensor:
@@ -437,11 +453,15 @@ class MaxMin(Function):
 
 def sum(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: A001
     x = _t(input)
+    if x.device == "cuda":
+        return CudaReduce.apply(x, "sum", _cuda_full_reduction("sum", x, dim, keepdim))
     return Sum.apply(x, _norm_dims(dim, x.ndim, "sum"), keepdim)
 
 
 def mean(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:
     x = _t(input)
+    if x.device == "cuda":
+        return CudaReduce.apply(x, "mean", _cuda_full_reduction("mean", x, dim, keepdim))
     return Mean.apply(x, _norm_dims(dim, x.ndim, "mean"), keepdim)
 
 
@@ -1033,9 +1053,13 @@ def manual_seed(seed: int) -> np.random.Generator:
 
 
 def _host_float(op: str, name: str, x: Any) -> np.ndarray:
+    from .cuda import is_cuda_array
+
     a = x.data if isinstance(x, Tensor) else x
-    if hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray):
-        raise NotImplementedError(f"{op}: {name} is a CUDA array; {op} runs on the CPU only")
+    if is_cuda_array(a):
+        raise TypeError(
+            f"{op}: {name} is a CUDA array; {op} runs on the CPU only: move it with .to('cpu')"
+        )
     a = np.asarray(a)
     if a.dtype not in (np.float32, np.float64):
         raise TypeError(f"{op}: {name} must be float32 or float64, got {a.dtype}")
@@ -1820,15 +1844,15 @@ def softplus(input: Any, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
 
 
 class ToDevice(Function):
+    """Move between host and device; the gradient moves back."""
+
+    supports_cuda = True
+
     @staticmethod
     def forward(ctx: Context, a: Any, device: str) -> Any:
         from . import cuda
 
-        ctx.src = (
-            "cuda"
-            if hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
-            else "cpu"
-        )
+        ctx.src = "cuda" if cuda.is_cuda_array(a) else "cpu"
         return cuda.move(a, device)
 
     @staticmethod
@@ -1840,6 +1864,107 @@ class ToDevice(Function):
 
 def to_device(input: Tensor, device: str) -> Tensor:
     return ToDevice.apply(input, device)
+
+
+# The few generic ops that run on CUDA tensors, enough to form a loss from a deformable op's
+# output: add, sub, mul, div (same-shape operands or a scalar), neg, and full sum / mean.
+
+
+def _cuda_binary(op: str, a: Tensor, b: Tensor) -> Tensor:
+    if a.device == "cuda" and b.device == "cuda":
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(
+                f"{op}: CUDA operands must have the same shape and dtype (no broadcasting on "
+                f"CUDA), got {a.shape} {a.dtype} and {b.shape} {b.dtype}; move to the CPU "
+                f"with .to('cpu') for broadcasting"
+            )
+        return CudaBinary.apply(a, b, op)
+    dev, host, host_left = (a, b, False) if a.device == "cuda" else (b, a, True)
+    if host.size != 1 or host.requires_grad:
+        raise ValueError(
+            f"{op}: a CUDA tensor can be combined with another CUDA tensor of its shape or a "
+            f"constant scalar, got a host operand of shape {host.shape}; move it with .to('cuda')"
+        )
+    scalar = float(host.numpy().reshape(()))
+    if host_left:  # scalar op tensor
+        if op in ("add", "mul"):
+            return CudaBinary.apply(dev, scalar, op)
+        return CudaBinary.apply(dev, scalar, "r" + op)
+    return CudaBinary.apply(dev, scalar, op)
+
+
+def _cuda_full_reduction(op: str, x: Tensor, dim: Any, keepdim: bool) -> tuple:
+    if dim is not None and _norm_dims(dim, x.ndim, op) != tuple(range(x.ndim)):
+        raise ValueError(
+            f"{op}: on CUDA tensors only the full reduction (dim=None) is supported, got "
+            f"dim={dim}; move to the CPU with .to('cpu') to reduce over some dimensions"
+        )
+    return (1,) * x.ndim if keepdim else ()
+
+
+class CudaBinary(Function):
+    """a op b on the device; b is a device array of a's shape or a Python float.
+
+    ops: add, sub, mul, div, and rsub / rdiv (``b - a``, ``b / a`` for a scalar b).
+    """
+
+    supports_cuda = True
+
+    @staticmethod
+    def forward(ctx: Context, a: Any, b: Any, op: str) -> Any:
+        from .kernels.cuda.elementwise import binary
+
+        ctx.op = op
+        ctx.save_for_backward(a, b)
+        return binary(op, a, b)
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> tuple:
+        from .kernels.cuda.elementwise import binary
+
+        a, b = ctx.saved_tensors
+        op = ctx.op
+        scalar = not hasattr(b, "shape")
+        if op == "add":
+            return grad, (None if scalar else grad), None
+        if op == "sub":
+            return grad, (None if scalar else binary("mul", grad, -1.0)), None
+        if op == "rsub":
+            return binary("mul", grad, -1.0), None, None
+        if op == "mul":
+            ga = binary("mul", grad, b)
+            return ga, (None if scalar else binary("mul", grad, a)), None
+        if op == "div":
+            ga = binary("div", grad, b)
+            if scalar:
+                return ga, None, None
+            gb = binary("mul", binary("div", binary("mul", ga, a), b), -1.0)  # -g*a/b^2
+            return ga, gb, None
+        # rdiv: b / a with a scalar b -> d/da = -b / a^2
+        return binary("mul", binary("div", binary("div", grad, a), a), -b), None, None
+
+
+class CudaReduce(Function):
+    """Sum or mean of every element of a device array; the result keeps ``out_shape``."""
+
+    supports_cuda = True
+
+    @staticmethod
+    def forward(ctx: Context, a: Any, op: str, out_shape: tuple) -> Any:
+        from .kernels.cuda.elementwise import scale, sum_all
+
+        ctx.shape, ctx.dtype = tuple(a.shape), a.dtype
+        ctx.scale = 1.0 / builtins.max(a.size, 1) if op == "mean" else 1.0
+        total = sum_all(a)
+        if op == "mean":
+            total = scale(total, ctx.scale) if a.size else scale(total, np.nan)
+        return total.reshape(out_shape) if out_shape else total
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> tuple:
+        from .kernels.cuda.elementwise import broadcast_scalar
+
+        return broadcast_scalar(grad.reshape((1,)), ctx.shape, ctx.scale), None, None
 
 
 # ---------------------------------------------------------------------------- Tensor methods

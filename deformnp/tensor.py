@@ -17,15 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from .cuda import is_cuda_array as _is_cuda_array
 from .function import sum_to_shape
 
 __all__ = ["Tensor", "tensor"]
 
 _FLOATS = (np.float32, np.float64)
-
-
-def _is_cuda_array(a: Any) -> bool:
-    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
 
 
 class Tensor:
@@ -203,7 +200,7 @@ class Tensor:
             if node is None or t._retain_grad:
                 # A fresh array: the gradient an op returned may be a read-only broadcast view or
                 # shared with another input (``a + b`` hands the same array to both).
-                t.grad = _owned(g) if t.grad is None else t.grad + g
+                t.grad = _owned(g) if t.grad is None else _accumulate(t.grad, g)
             if node is None:
                 continue
             if node.freed:
@@ -230,10 +227,15 @@ class Tensor:
                         f"{tuple(pg.shape)} for an input of shape {p.shape}"
                     ) from None
                 if pg.dtype != p.dtype:
+                    if _is_cuda_array(pg):
+                        raise TypeError(
+                            f"{node.fn.__name__}.backward returned a {pg.dtype} gradient for a "
+                            f"{p.dtype} CUDA tensor"
+                        )
                     pg = pg.astype(p.dtype)
                 key = id(p)
                 if key in grads:
-                    grads[key] = grads[key] + pg
+                    grads[key] = _accumulate(grads[key], pg)
                 else:
                     grads[key] = pg
             if not retain_graph:
@@ -308,6 +310,15 @@ class Tensor:
         self.data[index] = value
 
     # Arithmetic operators and methods are attached at the bottom of functional.py.
+
+
+def _accumulate(a: Any, b: Any) -> Any:
+    """a + b for host arrays or device arrays (a new array; neither input is modified)."""
+    if _is_cuda_array(a):
+        from .kernels.cuda.elementwise import binary
+
+        return binary("add", a, b)
+    return a + b
 
 
 def _owned(g: Any) -> Any:

@@ -313,6 +313,8 @@ def ms_deform_attn_backward(
 class MSDeformAttnFunction(Function):
     """Autograd node of :func:`ms_deform_attn` (inputs already validated)."""
 
+    supports_cuda = True  # forward/backward dispatch on the arrays' device
+
     @staticmethod
     def forward(
         ctx: Context,

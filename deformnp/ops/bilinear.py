@@ -116,6 +116,8 @@ def bilinear_interpolate_backward(
 class BilinearInterpolate(Function):
     """Autograd node of :func:`bilinear_interpolate` (inputs validated by the caller)."""
 
+    supports_cuda = True  # forward/backward dispatch on the arrays' device
+
     @staticmethod
     def forward(ctx: Context, input: Any, points: Any, border: str = "zero") -> Any:
         input, points, device = _validate(input, points, border)  # contiguous, no copy if so

@@ -222,6 +222,8 @@ class DeformConv2d(Function):
     """Autograd node of :func:`deform_conv2d`; positional inputs (input, offset, weight, bias,
     mask), the geometry as keywords."""
 
+    supports_cuda = True  # forward/backward dispatch on the arrays' device
+
     @staticmethod
     def forward(
         ctx: Context,

@@ -142,6 +142,8 @@ def grid_sample_backward(
 class GridSample(Function):
     """Autograd node of :func:`grid_sample` (arguments validated by the caller)."""
 
+    supports_cuda = True  # forward/backward dispatch on the arrays' device
+
     @staticmethod
     def forward(
         ctx: Context, input: Any, grid: Any, padding_mode: str = "zeros", align: bool = False

@@ -284,6 +284,8 @@ def _prep_align(
 class _AlignFn(Function):
     """Autograd node of roi_align / ps_roi_align / deform_roi_pool (validated by the caller)."""
 
+    supports_cuda = True  # forward/backward dispatch on the arrays' device
+
     @staticmethod
     def forward(ctx: Context, input: Any, offset: Any, p: _Align) -> Any:
         input = float_array(p.op, "input", input)
@@ -600,6 +602,8 @@ def _prep_pool(op: str, input: Any, boxes: Any, output_size: Any, spatial_scale:
 class _PoolFn(Function):
     """Autograd node of roi_pool / ps_roi_pool (validated by the caller)."""
 
+    supports_cuda = True  # forward/backward dispatch on the arrays' device
+
     @staticmethod
     def forward(ctx: Context, input: Any, p: _Pool) -> Any:
         input = float_array(p.op, "input", input)
@@ -811,6 +815,8 @@ def _dps_args(p: _DPS) -> tuple:
 
 class _DPSFn(Function):
     """Autograd node of deform_ps_roi_pool (validated by the caller)."""
+
+    supports_cuda = True  # forward/backward dispatch on the arrays' device
 
     @staticmethod
     def forward(ctx: Context, input: Any, offset: Any, p: _DPS) -> Any:
