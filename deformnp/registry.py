@@ -66,3 +66,21 @@ def registered_ops() -> dict[str, OpEntry]:
     from . import ops as _ops  # noqa: F401  (registers the deformable ops)
 
     return dict(_REGISTRY)
+
+
+def bench_device(device: str, *arrays: Any) -> tuple[tuple, Callable[[], Any] | None] | None:
+    """Place a bench builder's host arrays on ``device``: ``(arrays, sync)``, or None when the
+    device cannot run benchmarks (no GPU; or Numba's CUDA simulator, far too slow for the SPEC 13
+    sizes). ``sync`` waits for the device (None on the CPU)."""
+    if device == "cpu":
+        return arrays, None
+    from . import cuda
+
+    if device != "cuda" or not cuda.is_available():
+        return None
+    from numba import config
+    from numba import cuda as ncuda
+
+    if getattr(config, "ENABLE_CUDASIM", False):
+        return None
+    return tuple(ncuda.to_device(a) for a in arrays), ncuda.synchronize

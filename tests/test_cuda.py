@@ -256,3 +256,17 @@ def test_reflection_padding_is_cpu_only():
     g = dn.tensor(np.zeros((1, 2, 2, 2))).to("cuda")
     with pytest.raises(ValueError, match="reflection.*CPU only"):
         ops.grid_sample(x, g, padding_mode="reflection")
+
+
+def test_bench_builders_skip_the_simulator_and_keep_cpu_arrays():
+    from numba import config
+
+    from deformnp.registry import bench_device, registered_ops
+
+    x = np.ones(3, np.float32)
+    assert bench_device("cpu", x) == ((x,), None)
+    if getattr(config, "ENABLE_CUDASIM", False):
+        assert bench_device("cuda", x) is None
+        for name, entry in registered_ops().items():
+            if entry.bench is not None:
+                assert entry.bench("cuda") is None, name

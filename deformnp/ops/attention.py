@@ -57,7 +57,7 @@ import numba
 import numpy as np
 
 from ..function import Context, Function
-from ..registry import BenchCase, CheckCase, register_op
+from ..registry import BenchCase, CheckCase, bench_device, register_op
 from ..tensor import Tensor
 from ._common import check_ndim, device_of, float_array, index_array, raw, same_dtype
 
@@ -548,9 +548,13 @@ def torch_ms_deform_attn_core(
 
 
 def _bench_case(device: str) -> BenchCase | None:
-    if device != "cpu":
-        return None
     data = spec13_inputs(np.float32)
+    names = ("value", "sampling_locations", "attention_weights", "grad_output")
+    placed = bench_device(device, *(data[k] for k in names))
+    if placed is None:
+        return None
+    data.update(zip(names, placed[0]))
+    sync = placed[1]
     shapes, starts, grad = data["spatial_shapes"], data["level_start_index"], data["grad_output"]
 
     def forward() -> Any:
@@ -566,8 +570,14 @@ def _bench_case(device: str) -> BenchCase | None:
         return value.grad
 
     case = BenchCase(
-        "N=1, L=4 (32..4), Lq=S=1360, M=8, D=32, P=4", forward, forward_backward, device=device
+        "N=1, L=4 (32..4), Lq=S=1360, M=8, D=32, P=4",
+        forward,
+        forward_backward,
+        device=device,
+        sync=sync,
     )
+    if device != "cpu":
+        return case
     try:
         import numba
         import torch

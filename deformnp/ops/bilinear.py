@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..function import Context, Function
-from ..registry import BenchCase, CheckCase, register_op
+from ..registry import BenchCase, CheckCase, bench_device, register_op
 from ..tensor import Tensor
 from ._common import check_ndim, device_of, float_array, same_dtype
 
@@ -171,8 +171,6 @@ def _check_cases() -> list[CheckCase]:
 
 
 def _bench_case(device: str) -> BenchCase | None:
-    if device != "cpu":
-        return None
     rng = np.random.default_rng(0)
     N, C, H, W, P = 4, 64, 32, 32, 1024  # the grid_sample size of SPEC 13, as points
     x = rng.standard_normal((N, C, H, W)).astype(np.float32)
@@ -180,15 +178,23 @@ def _bench_case(device: str) -> BenchCase | None:
         [rng.uniform(-1.5, H + 0.5, (N, P)), rng.uniform(-1.5, W + 0.5, (N, P))], axis=-1
     ).astype(np.float32)
     g = rng.standard_normal((N, C, P)).astype(np.float32)
+    placed = bench_device(device, x, pts, g)
+    if placed is None:
+        return None
+    (xd, ptsd, gd), sync = placed
 
     def forward() -> Any:
-        return bilinear_interpolate_forward(x, pts)
+        return bilinear_interpolate_forward(xd, ptsd)
 
     def forward_backward() -> Any:
-        bilinear_interpolate_forward(x, pts)
-        return bilinear_interpolate_backward(g, x, pts)
+        bilinear_interpolate_forward(xd, ptsd)
+        return bilinear_interpolate_backward(gd, xd, ptsd)
 
-    case = BenchCase(f"input ({N},{C},{H},{W}), {P} points", forward, forward_backward)
+    case = BenchCase(
+        f"input ({N},{C},{H},{W}), {P} points", forward, forward_backward, device=device, sync=sync
+    )
+    if device != "cpu":
+        return case
     try:
         import numba
         import torch

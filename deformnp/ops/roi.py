@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from ..function import Context, Function
-from ..registry import BenchCase, CheckCase, register_op
+from ..registry import BenchCase, CheckCase, bench_device, register_op
 from ..tensor import Tensor
 from ._common import check_ndim, device_of, float_array, is_device_array, pair, raw, same_dtype
 
@@ -1112,10 +1112,12 @@ def _torch_setup() -> Any:
 
 
 def _bench_roi_align(device: str) -> BenchCase | None:
-    if device != "cpu":
+    x_host, boxes, s = _bench_data()
+    g_host = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
+    placed = bench_device(device, x_host, g_host)
+    if placed is None:
         return None
-    x, boxes, s = _bench_data()
-    g = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
+    (x, g), sync = placed
     args = (7, s, 2, True)
 
     def forward() -> Any:
@@ -1126,16 +1128,20 @@ def _bench_roi_align(device: str) -> BenchCase | None:
         return roi_align_backward(g, x, boxes, *args)
 
     case = BenchCase(
-        "input (2,256,50,50), 512 boxes, 7x7, sampling_ratio 2, aligned", forward, forward_backward
+        "input (2,256,50,50), 512 boxes, 7x7, sampling_ratio 2, aligned",
+        forward,
+        forward_backward,
+        device=device,
+        sync=sync,
     )
-    torch = _torch_setup()
+    torch = _torch_setup() if device == "cpu" else None
     if torch is None:
         return case
     from torchvision.ops import roi_align as tv_roi_align
 
-    tx = torch.from_numpy(x).requires_grad_(True)
+    tx = torch.from_numpy(x_host).requires_grad_(True)
     tb = torch.from_numpy(boxes)
-    tg = torch.from_numpy(g)
+    tg = torch.from_numpy(g_host)
 
     def torch_forward() -> Any:
         with torch.no_grad():
@@ -1150,10 +1156,12 @@ def _bench_roi_align(device: str) -> BenchCase | None:
 
 
 def _bench_roi_pool(device: str) -> BenchCase | None:
-    if device != "cpu":
+    x_host, boxes, s = _bench_data()
+    g_host = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
+    placed = bench_device(device, x_host, g_host)
+    if placed is None:
         return None
-    x, boxes, s = _bench_data()
-    g = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
+    (x, g), sync = placed
 
     def forward() -> Any:
         return roi_pool_forward(x, boxes, 7, s)
@@ -1162,15 +1170,17 @@ def _bench_roi_pool(device: str) -> BenchCase | None:
         out, argmax = roi_pool_forward(x, boxes, 7, s, return_argmax=True)
         return roi_pool_backward(g, x, boxes, 7, s, argmax=argmax)
 
-    case = BenchCase("input (2,256,50,50), 512 boxes, 7x7", forward, forward_backward)
-    torch = _torch_setup()
+    case = BenchCase(
+        "input (2,256,50,50), 512 boxes, 7x7", forward, forward_backward, device=device, sync=sync
+    )
+    torch = _torch_setup() if device == "cpu" else None
     if torch is None:
         return case
     from torchvision.ops import roi_pool as tv_roi_pool
 
-    tx = torch.from_numpy(x).requires_grad_(True)
+    tx = torch.from_numpy(x_host).requires_grad_(True)
     tb = torch.from_numpy(boxes)
-    tg = torch.from_numpy(g)
+    tg = torch.from_numpy(g_host)
 
     def torch_forward() -> Any:
         with torch.no_grad():
@@ -1186,13 +1196,15 @@ def _bench_roi_pool(device: str) -> BenchCase | None:
 
 def _bench_ps(op: str) -> Any:
     def build(device: str) -> BenchCase | None:
-        if device != "cpu":
-            return None
         rng = np.random.default_rng(0)
         s = 1.0 / 16.0
-        x = rng.standard_normal((2, 8 * 49, 50, 50)).astype(np.float32)
+        x_host = rng.standard_normal((2, 8 * 49, 50, 50)).astype(np.float32)
         boxes = _boxes_in(rng, 512, 2, 50, 50, s).astype(np.float32)
-        g = rng.standard_normal((512, 8, 7, 7)).astype(np.float32)
+        g_host = rng.standard_normal((512, 8, 7, 7)).astype(np.float32)
+        placed = bench_device(device, x_host, g_host)
+        if placed is None:
+            return None
+        (x, g), sync = placed
         if op == "ps_roi_align":
             fwd, bwd, extra = ps_roi_align_forward, ps_roi_align_backward, (2,)
         else:
@@ -1206,17 +1218,21 @@ def _bench_ps(op: str) -> Any:
             return bwd(g, x, boxes, 7, s, *extra)
 
         case = BenchCase(
-            "input (2,392,50,50), 512 boxes, 7x7, 8 output channels", forward, forward_backward
+            "input (2,392,50,50), 512 boxes, 7x7, 8 output channels",
+            forward,
+            forward_backward,
+            device=device,
+            sync=sync,
         )
-        torch = _torch_setup()
+        torch = _torch_setup() if device == "cpu" else None
         if torch is None:
             return case
         import torchvision.ops as tvo
 
         tv = getattr(tvo, op)
-        tx = torch.from_numpy(x).requires_grad_(True)
+        tx = torch.from_numpy(x_host).requires_grad_(True)
         tb = torch.from_numpy(boxes)
-        tg = torch.from_numpy(g)
+        tg = torch.from_numpy(g_host)
 
         def torch_forward() -> Any:
             with torch.no_grad():
@@ -1233,12 +1249,14 @@ def _bench_ps(op: str) -> Any:
 
 
 def _bench_deform_roi_pool(device: str) -> BenchCase | None:
-    if device != "cpu":
-        return None
     x, boxes, s = _bench_data()
     rng = np.random.default_rng(2)
     off = rng.uniform(-1, 1, (512, 2, 7, 7)).astype(np.float32)
     g = rng.standard_normal((512, 256, 7, 7)).astype(np.float32)
+    placed = bench_device(device, x, off, g)
+    if placed is None:
+        return None
+    (x, off, g), sync = placed
 
     def forward() -> Any:
         return deform_roi_pool_forward(x, boxes, off, 7, s, 2, 0.1)
@@ -1247,12 +1265,16 @@ def _bench_deform_roi_pool(device: str) -> BenchCase | None:
         deform_roi_pool_forward(x, boxes, off, 7, s, 2, 0.1)
         return deform_roi_pool_backward(g, x, boxes, off, 7, s, 2, 0.1)
 
-    return BenchCase("roi_align's size, offsets in [-1, 1], gamma 0.1", forward, forward_backward)
+    return BenchCase(
+        "roi_align's size, offsets in [-1, 1], gamma 0.1",
+        forward,
+        forward_backward,
+        device=device,
+        sync=sync,
+    )
 
 
 def _bench_deform_ps_roi_pool(device: str) -> BenchCase | None:
-    if device != "cpu":
-        return None
     rng = np.random.default_rng(0)
     s = 1.0 / 16.0
     D, gs, P = 8, 7, 7
@@ -1261,6 +1283,10 @@ def _bench_deform_ps_roi_pool(device: str) -> BenchCase | None:
     off = rng.standard_normal((512, 2, P, P)).astype(np.float32)
     g = rng.standard_normal((512, D, P, P)).astype(np.float32)
     args = (s, D, gs, P, None, 4, 0.1)
+    placed = bench_device(device, x, off, g)
+    if placed is None:
+        return None
+    (x, off, g), sync = placed
 
     def forward() -> Any:
         return deform_ps_roi_pool_forward(x, boxes, off, *args)
@@ -1270,7 +1296,11 @@ def _bench_deform_ps_roi_pool(device: str) -> BenchCase | None:
         return deform_ps_roi_pool_backward(g, x, boxes, off, *args)
 
     return BenchCase(
-        "R-FCN head: input (2,392,50,50), 512 boxes, 7x7, 4x4 samples", forward, forward_backward
+        "R-FCN head: input (2,392,50,50), 512 boxes, 7x7, 4x4 samples",
+        forward,
+        forward_backward,
+        device=device,
+        sync=sync,
     )
 
 
