@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..function import Context, Function
-from ..registry import BenchCase, CheckCase, register_op
+from ..registry import BenchCase, CheckCase, bench_device, register_op
 from ..tensor import Tensor
 from ._common import check_ndim, device_of, float_array, pair, same_dtype
 
@@ -316,16 +316,10 @@ def _bench_case(device: str) -> BenchCase | None:
     w = (rng.standard_normal((C, C, k, k)) * 0.05).astype(np.float32)
     bias = rng.standard_normal(C).astype(np.float32)
     go = rng.standard_normal((B, C, H, W)).astype(np.float32)
-    sync = None
-    if device == "cuda":
-        from .. import cuda as dcuda
-
-        if not dcuda.is_available():
-            return None
-        from numba import cuda as ncuda
-
-        x, off, m, w, bias, go = (ncuda.to_device(a) for a in (x, off, m, w, bias, go))
-        sync = ncuda.synchronize
+    placed = bench_device(device, x, off, m, w, bias, go)
+    if placed is None:
+        return None
+    (x, off, m, w, bias, go), sync = placed
 
     def forward() -> Any:
         return deform_conv2d_forward(x, off, w, bias, 1, 1, 1, m)

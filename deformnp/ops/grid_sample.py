@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..function import Context, Function
-from ..registry import BenchCase, CheckCase, register_op
+from ..registry import BenchCase, CheckCase, bench_device, register_op
 from ..tensor import Tensor
 from ._common import check_ndim, device_of, float_array, same_dtype
 
@@ -219,16 +219,10 @@ def _bench_case(device: str) -> BenchCase | None:
     x = rng.standard_normal((N, C, Hin, Win)).astype(np.float32)
     grd = rng.uniform(-1.1, 1.1, (N, H, W, 2)).astype(np.float32)
     go = rng.standard_normal((N, C, H, W)).astype(np.float32)
-    sync = None
-    if device == "cuda":
-        from .. import cuda as dcuda
-
-        if not dcuda.is_available():
-            return None
-        from numba import cuda as ncuda
-
-        x, grd, go = (ncuda.to_device(a) for a in (x, grd, go))
-        sync = ncuda.synchronize
+    placed = bench_device(device, x, grd, go)
+    if placed is None:
+        return None
+    (x, grd, go), sync = placed
 
     def forward() -> Any:
         return grid_sample_forward(x, grd)
