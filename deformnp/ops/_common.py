@@ -6,6 +6,8 @@ Messages name the op, the argument, what was expected and what was given, e.g.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -93,3 +95,12 @@ def pair(op: str, name: str, v: Any, minimum: int = 0) -> tuple[int, int]:
     if out[0] < minimum or out[1] < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {v!r}")
     return out  # type: ignore[return-value]
+
+
+def kernel_module(op: str, family: str, device: str) -> ModuleType:
+    """The kernel module of an op family for ``device``: ``deformnp.kernels.cpu.<family>`` or
+    ``deformnp.kernels.cuda.<family>`` (the two mirror each other, function for function).
+    Imported on first use, so importing deformnp compiles nothing and needs no numba-cuda."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: unsupported device {device!r}, expected 'cpu' or 'cuda'")
+    return importlib.import_module(f"deformnp.kernels.{device}.{family}")

@@ -59,7 +59,7 @@ import numpy as np
 from ..function import Context, Function
 from ..registry import BenchCase, CheckCase, bench_device, register_op
 from ..tensor import Tensor
-from ._common import check_ndim, device_of, float_array, index_array, raw, same_dtype
+from ._common import check_ndim, device_of, float_array, index_array, kernel_module, raw, same_dtype
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_forward", "ms_deform_attn_backward"]
 
@@ -76,15 +76,7 @@ _MIN_QUERIES_PER_CHUNK = 128
 
 def _kernels(device: str) -> ModuleType:
     """The kernel module for ``device`` ("cpu" or "cuda")."""
-    if device == "cpu":
-        from ..kernels.cpu import attention
-
-        return attention
-    if device == "cuda":
-        from ..kernels.cuda import attention as cuda_attention
-
-        return cuda_attention
-    raise ValueError(f"{_OP}: unsupported device {device!r}")
+    return kernel_module(_OP, "attention", device)
 
 
 # Below this much work (sampling points times (channels + 8)) the kernels run on the calling

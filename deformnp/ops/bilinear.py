@@ -39,7 +39,7 @@ import numpy as np
 from ..function import Context, Function
 from ..registry import BenchCase, CheckCase, bench_device, register_op
 from ..tensor import Tensor
-from ._common import check_ndim, device_of, float_array, same_dtype
+from ._common import check_ndim, device_of, float_array, kernel_module, same_dtype
 
 __all__ = [
     "bilinear_interpolate",
@@ -53,15 +53,7 @@ BORDERS = ("zero", "clamp")
 
 def _kernels(device: str) -> ModuleType:
     """The kernel module for ``device`` ("cpu" or "cuda")."""
-    if device == "cpu":
-        from ..kernels.cpu import bilinear
-
-        return bilinear
-    if device == "cuda":
-        from ..kernels.cuda import bilinear as cuda_bilinear
-
-        return cuda_bilinear
-    raise ValueError(f"{_OP}: unsupported device {device!r}")
+    return kernel_module(_OP, "bilinear", device)
 
 
 def _validate(input: Any, points: Any, border: Any) -> tuple[Any, Any, str]:

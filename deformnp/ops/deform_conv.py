@@ -45,7 +45,7 @@ import numpy as np
 from ..function import Context, Function
 from ..registry import BenchCase, CheckCase, bench_device, register_op
 from ..tensor import Tensor
-from ._common import check_ndim, device_of, float_array, pair, same_dtype
+from ._common import check_ndim, device_of, float_array, kernel_module, pair, same_dtype
 
 __all__ = ["deform_conv2d", "deform_conv2d_forward", "deform_conv2d_backward"]
 
@@ -54,15 +54,7 @@ _OP = "deform_conv2d"
 
 def _kernels(device: str) -> ModuleType:
     """The kernel module for ``device`` ("cpu" or "cuda")."""
-    if device == "cpu":
-        from ..kernels.cpu import deform_conv
-
-        return deform_conv
-    if device == "cuda":
-        from ..kernels.cuda import deform_conv as cuda_deform_conv
-
-        return cuda_deform_conv
-    raise ValueError(f"{_OP}: unsupported device {device!r}")
+    return kernel_module(_OP, "deform_conv", device)
 
 
 def output_size(

@@ -42,7 +42,7 @@ import numpy as np
 from ..function import Context, Function
 from ..registry import BenchCase, CheckCase, bench_device, register_op
 from ..tensor import Tensor
-from ._common import check_ndim, device_of, float_array, same_dtype
+from ._common import check_ndim, device_of, float_array, kernel_module, same_dtype
 
 __all__ = ["grid_sample", "grid_sample_forward", "grid_sample_backward"]
 
@@ -52,15 +52,7 @@ PADDING_MODES = ("zeros", "border", "reflection")
 
 def _kernels(device: str) -> ModuleType:
     """The kernel module for ``device`` ("cpu" or "cuda")."""
-    if device == "cpu":
-        from ..kernels.cpu import grid_sample
-
-        return grid_sample
-    if device == "cuda":
-        from ..kernels.cuda import grid_sample as cuda_grid_sample
-
-        return cuda_grid_sample
-    raise ValueError(f"{_OP}: unsupported device {device!r}")
+    return kernel_module(_OP, "grid_sample", device)
 
 
 def _options(mode: Any, padding_mode: Any, align_corners: Any) -> bool:

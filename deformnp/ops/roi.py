@@ -58,7 +58,16 @@ import numpy as np
 from ..function import Context, Function
 from ..registry import BenchCase, CheckCase, bench_device, register_op
 from ..tensor import Tensor
-from ._common import check_ndim, device_of, float_array, is_device_array, pair, raw, same_dtype
+from ._common import (
+    check_ndim,
+    device_of,
+    float_array,
+    is_device_array,
+    kernel_module,
+    pair,
+    raw,
+    same_dtype,
+)
 
 __all__ = [
     "roi_pool",
@@ -86,15 +95,7 @@ MAX_SAMPLES_PER_BIN = 2**24
 
 def _kernels(device: str) -> ModuleType:
     """The kernel module for ``device`` ("cpu" or "cuda")."""
-    if device == "cpu":
-        from ..kernels.cpu import roi
-
-        return roi
-    if device == "cuda":
-        from ..kernels.cuda import roi as cuda_roi
-
-        return cuda_roi
-    raise ValueError(f"roi: unsupported device {device!r}")
+    return kernel_module("roi pooling", "roi", device)
 
 
 # ============================================================================ validation

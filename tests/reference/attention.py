@@ -1,7 +1,7 @@
 """Naive float64 reference of multi-scale deformable attention, straight from SPEC sections 4, 9.
 
-Plain Python loops with their own bilinear sampler (deliberately not the kernels' shared plan),
-for tiny shapes only.
+Plain Python loops over the naive SPEC 4 sampler of ``reference/bilinear.py`` (deliberately not
+the kernels' shared plan), for tiny shapes only.
 """
 
 from __future__ import annotations
@@ -10,28 +10,7 @@ import math
 
 import numpy as np
 
-
-def zero_fade(V: np.ndarray, y: float, x: float) -> float:
-    """SPEC 4 zero-fade rule on a 2-D map V (H, W): corners outside the map contribute 0."""
-    H, W = V.shape
-    if not (-1 < y < H and -1 < x < W):  # also False for NaN
-        return 0.0
-    y0 = math.floor(y)
-    x0 = math.floor(x)
-    ly = y - y0
-    lx = x - x0
-    hy = 1 - ly
-    hx = 1 - lx
-
-    def at(i: int, j: int) -> float:
-        return float(V[i, j]) if 0 <= i <= H - 1 and 0 <= j <= W - 1 else 0.0
-
-    return (
-        hy * hx * at(y0, x0)
-        + hy * lx * at(y0, x0 + 1)
-        + ly * hx * at(y0 + 1, x0)
-        + ly * lx * at(y0 + 1, x0 + 1)
-    )
+from .bilinear import zero_fade  # noqa: E402  (the SPEC 4 reference rule, one copy)
 
 
 def ms_deform_attn(
