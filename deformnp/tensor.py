@@ -40,6 +40,9 @@ class Tensor:
         if isinstance(data, Tensor):
             data = data.data
         if _is_cuda_array(data):
+            from .cuda import as_device_array
+
+            data = as_device_array(data)  # CuPy / PyTorch CUDA arrays: a zero-copy numba view
             if dtype is not None and np.dtype(dtype) != data.dtype:
                 raise TypeError("Tensor: cannot change the dtype of a CUDA array on creation")
         else:

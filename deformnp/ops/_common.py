@@ -47,7 +47,11 @@ def device_of(op: str, **arrays: Any) -> str:
 def float_array(op: str, name: str, x: Any) -> Any:
     """``x`` as a float32/float64 array (host arrays made C-contiguous); anything else: TypeError."""
     a = raw(x)
-    if not is_device_array(a):
+    if is_device_array(a):
+        from ..cuda import as_device_array
+
+        a = as_device_array(a)  # CuPy / PyTorch CUDA arrays: a zero-copy numba view
+    else:
         a = np.asarray(a)
     if np.dtype(a.dtype) not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32 or float64, got {np.dtype(a.dtype)}")
