@@ -100,6 +100,15 @@ def _time(fn: Callable[[], Any], repeat: int, sync: Callable[[], Any] | None) ->
     return 1e3 * statistics.median(times)
 
 
+def _torch_sync(device: str) -> Callable[[], Any] | None:
+    """Waits for torch's CUDA stream when timing torch on the GPU."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.synchronize
+
+
 def _torch_threads() -> str | None:
     try:
         import numba
@@ -137,7 +146,12 @@ def run_bench(
                 ("fwd+bwd", case.forward_backward, case.torch_forward_backward),
             ):
                 ms = _time(ours, repeat, case.sync)
-                ref = _time(theirs, repeat, case.sync) if theirs is not None else None
+                ref = None
+                if theirs is not None:
+                    try:
+                        ref = _time(theirs, repeat, _torch_sync(device))
+                    except Exception as exc:  # a comparison that fails must not stop the table
+                        print(f"{name} {phase}: torch comparison failed: {exc}", file=out)
                 if device == "cpu":
                     cpu_ms[(name, phase)] = ms
                 vs_cpu = ""

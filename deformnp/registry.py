@@ -84,3 +84,17 @@ def bench_device(device: str, *arrays: Any) -> tuple[tuple, Callable[[], Any] | 
     if getattr(config, "ENABLE_CUDASIM", False):
         return None
     return tuple(ncuda.to_device(a) for a in arrays), ncuda.synchronize
+
+
+def torch_device(device: str) -> str | None:
+    """The torch device for a bench's torch counterpart on ``device`` ("cpu" or "cuda"), with torch's
+    thread count set to Numba's; None when torch (or, for "cuda", torch's CUDA) is unavailable."""
+    try:
+        import numba
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(numba.get_num_threads())
+    if device == "cuda":
+        return "cuda" if torch.cuda.is_available() else None
+    return "cpu"

@@ -57,7 +57,7 @@ import numba
 import numpy as np
 
 from ..function import Context, Function
-from ..registry import BenchCase, CheckCase, bench_device, register_op
+from ..registry import BenchCase, CheckCase, bench_device, register_op, torch_device
 from ..tensor import Tensor
 from ._common import check_ndim, device_of, float_array, index_array, kernel_module, raw, same_dtype
 
@@ -545,6 +545,7 @@ def _bench_case(device: str) -> BenchCase | None:
     placed = bench_device(device, *(data[k] for k in names))
     if placed is None:
         return None
+    host = {k: data[k] for k in names}
     data.update(zip(names, placed[0]))
     sync = placed[1]
     shapes, starts, grad = data["spatial_shapes"], data["level_start_index"], data["grad_output"]
@@ -568,18 +569,12 @@ def _bench_case(device: str) -> BenchCase | None:
         device=device,
         sync=sync,
     )
-    if device != "cpu":
+    tdev = torch_device(device)  # torch on the same device and thread count
+    if tdev is None:
         return case
-    try:
-        import numba
-        import torch
-    except ImportError:
-        return case
-    torch.set_num_threads(numba.get_num_threads())
-    tv = torch.from_numpy(data["value"])
-    tl = torch.from_numpy(data["sampling_locations"])
-    ta = torch.from_numpy(data["attention_weights"])
-    tg = torch.from_numpy(grad)
+    import torch
+
+    tv, tl, ta, tg = (torch.from_numpy(host[k]).to(tdev) for k in names)
     tshapes = [tuple(int(s) for s in row) for row in shapes]
 
     def torch_forward() -> Any:

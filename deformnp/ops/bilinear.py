@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..function import Context, Function
-from ..registry import BenchCase, CheckCase, bench_device, register_op
+from ..registry import BenchCase, CheckCase, bench_device, register_op, torch_device
 from ..tensor import Tensor
 from ._common import check_ndim, device_of, float_array, kernel_module, same_dtype
 
@@ -185,20 +185,19 @@ def _bench_case(device: str) -> BenchCase | None:
     case = BenchCase(
         f"input ({N},{C},{H},{W}), {P} points", forward, forward_backward, device=device, sync=sync
     )
-    if device != "cpu":
+    tdev = torch_device(device)  # torch on the same device and thread count
+    if tdev is None:
         return case
     try:
-        import numba
         import torch
         import torch.nn.functional as TF
     except ImportError:
         return case
-    torch.set_num_threads(numba.get_num_threads())
     # zero-fade sampling at pixel (y, x) is grid_sample(zeros, align_corners=True) there
     grid = np.stack([pts[..., 1] / (W - 1) * 2 - 1, pts[..., 0] / (H - 1) * 2 - 1], axis=-1)
-    tx = torch.from_numpy(x).requires_grad_(True)
-    tg = torch.from_numpy(grid[:, None].astype(np.float32)).requires_grad_(True)
-    tgo = torch.from_numpy(g[:, :, None])
+    tx = torch.from_numpy(x).to(tdev).requires_grad_(True)
+    tg = torch.from_numpy(grid[:, None].astype(np.float32)).to(tdev).requires_grad_(True)
+    tgo = torch.from_numpy(g[:, :, None]).to(tdev)
 
     def torch_forward() -> Any:
         with torch.no_grad():

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..function import Context, Function
-from ..registry import BenchCase, CheckCase, bench_device, register_op
+from ..registry import BenchCase, CheckCase, bench_device, register_op, torch_device
 from ..tensor import Tensor
 from ._common import check_ndim, device_of, float_array, kernel_module, pair, same_dtype
 
@@ -308,7 +308,8 @@ def _bench_case(device: str) -> BenchCase | None:
     w = (rng.standard_normal((C, C, k, k)) * 0.05).astype(np.float32)
     bias = rng.standard_normal(C).astype(np.float32)
     go = rng.standard_normal((B, C, H, W)).astype(np.float32)
-    placed = bench_device(device, x, off, m, w, bias, go)
+    host = (x, off, m, w, bias, go)
+    placed = bench_device(device, *host)
     if placed is None:
         return None
     (x, off, m, w, bias, go), sync = placed
@@ -327,17 +328,17 @@ def _bench_case(device: str) -> BenchCase | None:
         device=device,
         sync=sync,
     )
-    if device != "cpu":
+    tdev = torch_device(device)  # torchvision on the same device and thread count
+    if tdev is None:
         return case
     try:
-        import numba
         import torch
         import torchvision
     except ImportError:
         return case
-    torch.set_num_threads(numba.get_num_threads())
-    tx, toff, tm_, tw, tb = (torch.from_numpy(a).requires_grad_(True) for a in (x, off, m, w, bias))
-    tgo = torch.from_numpy(go)
+    tx, toff, tm_, tw, tb, tgo = (torch.from_numpy(a).to(tdev) for a in host)
+    for t in (tx, toff, tm_, tw, tb):
+        t.requires_grad_(True)
 
     def torch_forward() -> Any:
         with torch.no_grad():

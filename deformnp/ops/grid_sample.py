@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..function import Context, Function
-from ..registry import BenchCase, CheckCase, bench_device, register_op
+from ..registry import BenchCase, CheckCase, bench_device, register_op, torch_device
 from ..tensor import Tensor
 from ._common import check_ndim, device_of, float_array, kernel_module, same_dtype
 
@@ -211,7 +211,8 @@ def _bench_case(device: str) -> BenchCase | None:
     x = rng.standard_normal((N, C, Hin, Win)).astype(np.float32)
     grd = rng.uniform(-1.1, 1.1, (N, H, W, 2)).astype(np.float32)
     go = rng.standard_normal((N, C, H, W)).astype(np.float32)
-    placed = bench_device(device, x, grd, go)
+    host = (x, grd, go)
+    placed = bench_device(device, *host)
     if placed is None:
         return None
     (x, grd, go), sync = placed
@@ -230,18 +231,17 @@ def _bench_case(device: str) -> BenchCase | None:
         device=device,
         sync=sync,
     )
-    if device != "cpu":
+    tdev = torch_device(device)  # torch on the same device and thread count
+    if tdev is None:
         return case
     try:
-        import numba
         import torch
         import torch.nn.functional as TF
     except ImportError:
         return case
-    torch.set_num_threads(numba.get_num_threads())
-    tx = torch.from_numpy(x).requires_grad_(True)
-    tg = torch.from_numpy(grd).requires_grad_(True)
-    tgo = torch.from_numpy(go)
+    tx, tg, tgo = (torch.from_numpy(a).to(tdev) for a in host)
+    tx.requires_grad_(True)
+    tg.requires_grad_(True)
 
     def torch_forward() -> Any:
         with torch.no_grad():

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from ..function import Context, Function
-from ..registry import BenchCase, CheckCase, bench_device, register_op
+from ..registry import BenchCase, CheckCase, bench_device, register_op, torch_device
 from ..tensor import Tensor
 from ._common import (
     check_ndim,
@@ -1135,14 +1135,15 @@ def _bench_roi_align(device: str) -> BenchCase | None:
         device=device,
         sync=sync,
     )
-    torch = _torch_setup() if device == "cpu" else None
+    tdev = torch_device(device)  # torchvision on the same device and thread count
+    torch = _torch_setup() if tdev else None
     if torch is None:
         return case
     from torchvision.ops import roi_align as tv_roi_align
 
-    tx = torch.from_numpy(x_host).requires_grad_(True)
-    tb = torch.from_numpy(boxes)
-    tg = torch.from_numpy(g_host)
+    tx = torch.from_numpy(x_host).to(tdev).requires_grad_(True)
+    tb = torch.from_numpy(boxes).to(tdev)
+    tg = torch.from_numpy(g_host).to(tdev)
 
     def torch_forward() -> Any:
         with torch.no_grad():
@@ -1174,14 +1175,15 @@ def _bench_roi_pool(device: str) -> BenchCase | None:
     case = BenchCase(
         "input (2,256,50,50), 512 boxes, 7x7", forward, forward_backward, device=device, sync=sync
     )
-    torch = _torch_setup() if device == "cpu" else None
+    tdev = torch_device(device)  # torchvision on the same device and thread count
+    torch = _torch_setup() if tdev else None
     if torch is None:
         return case
     from torchvision.ops import roi_pool as tv_roi_pool
 
-    tx = torch.from_numpy(x_host).requires_grad_(True)
-    tb = torch.from_numpy(boxes)
-    tg = torch.from_numpy(g_host)
+    tx = torch.from_numpy(x_host).to(tdev).requires_grad_(True)
+    tb = torch.from_numpy(boxes).to(tdev)
+    tg = torch.from_numpy(g_host).to(tdev)
 
     def torch_forward() -> Any:
         with torch.no_grad():
@@ -1225,15 +1227,16 @@ def _bench_ps(op: str) -> Any:
             device=device,
             sync=sync,
         )
-        torch = _torch_setup() if device == "cpu" else None
+        tdev = torch_device(device)  # torchvision on the same device and thread count
+        torch = _torch_setup() if tdev else None
         if torch is None:
             return case
         import torchvision.ops as tvo
 
         tv = getattr(tvo, op)
-        tx = torch.from_numpy(x_host).requires_grad_(True)
-        tb = torch.from_numpy(boxes)
-        tg = torch.from_numpy(g_host)
+        tx = torch.from_numpy(x_host).to(tdev).requires_grad_(True)
+        tb = torch.from_numpy(boxes).to(tdev)
+        tg = torch.from_numpy(g_host).to(tdev)
 
         def torch_forward() -> Any:
             with torch.no_grad():
