@@ -49,7 +49,10 @@ def _bin_start(fgeo, off, has_off, k, ph, pw, PH, PW):
 
 
 @cuda.jit(cache=not SIMULATOR)
-def _align_forward(inp, fgeo, igeo, off, out, K, Cout, Cin, H, W, PH, PW, ps, has_off):
+def _align_pass(plane, fgeo, igeo, off, vals, K, Cout, Cin, H, W, PH, PW, ps, has_off, scatter):
+    """One thread per bin t = (k, c, ph, pw). ``scatter`` False (the forward): vals[t] = mean of
+    ``plane`` (the input) over the bin's samples. ``scatter`` True (the input gradient): add
+    vals[t] (grad_out) / count to ``plane`` (grad_input) at the bin's samples, atomically."""
     total = K * Cout * PH * PW
     for t in range(cuda.grid(1), total, cuda.gridsize(1)):
         pw = t % PW
@@ -63,38 +66,19 @@ def _align_forward(inp, fgeo, igeo, off, out, K, Cout, Cin, H, W, PH, PW, ps, ha
         bw = fgeo[k * 6 + 3]
         ys, xs = _bin_start(fgeo, off, has_off, k, ph, pw, PH, PW)
         base = (igeo[k * 3] * Cin + cin) * H * W
+        count = max(gh * gw, 1)
         acc = 0.0
         for iy in range(gh):
             y = ys + (iy + 0.5) * bh / gh
             for ix in range(gw):
                 x = xs + (ix + 0.5) * bw / gw
                 idx, w, cy, cx = clamp_plan(y, x, H, W)
-                acc += plan_value(inp, base, idx, w)
-        out[t] = acc / max(gh * gw, 1)
-
-
-@cuda.jit(cache=not SIMULATOR)
-def _align_backward_input(gout, fgeo, igeo, off, gin, K, Cout, Cin, H, W, PH, PW, ps, has_off):
-    total = K * Cout * PH * PW
-    for t in range(cuda.grid(1), total, cuda.gridsize(1)):
-        pw = t % PW
-        ph = (t // PW) % PH
-        c = (t // (PW * PH)) % Cout
-        k = t // (PW * PH * Cout)
-        cin = (c * PH + ph) * PW + pw if ps else c
-        gh = igeo[k * 3 + 1]
-        gw = igeo[k * 3 + 2]
-        bh = fgeo[k * 6 + 2]
-        bw = fgeo[k * 6 + 3]
-        ys, xs = _bin_start(fgeo, off, has_off, k, ph, pw, PH, PW)
-        g = gout[t] / max(gh * gw, 1)
-        base = (igeo[k * 3] * Cin + cin) * H * W
-        for iy in range(gh):
-            y = ys + (iy + 0.5) * bh / gh
-            for ix in range(gw):
-                x = xs + (ix + 0.5) * bw / gw
-                idx, w, cy, cx = clamp_plan(y, x, H, W)
-                scatter_plan(gin, base, idx, w, g)
+                if scatter:
+                    scatter_plan(plane, base, idx, w, vals[t] / count)
+                else:
+                    acc += plan_value(plane, base, idx, w)
+        if not scatter:
+            vals[t] = acc / count
 
 
 @cuda.jit(cache=not SIMULATOR)
@@ -166,7 +150,7 @@ def align_forward(
     )
     out = empty((K, Cout, PH, PW), input.dtype)
     has_off = offset is not None
-    _align_forward[grid(out.size)](
+    _align_pass[grid(out.size)](
         flat(input),
         flat(fgeo),
         flat(igeo),
@@ -181,6 +165,7 @@ def align_forward(
         PW,
         ps,
         has_off,
+        False,
     )
     return out
 
@@ -215,12 +200,12 @@ def align_backward(
     )
     off = flat(offset) if has_off else flat(fgeo)
     if needs[0]:
-        _align_backward_input[grid(grad_out.size)](
-            flat(grad_out),
+        _align_pass[grid(grad_out.size)](
+            flat(g_in),
             flat(fgeo),
             flat(igeo),
             off,
-            flat(g_in),
+            flat(grad_out),
             K,
             Cout,
             Cin,
@@ -230,6 +215,7 @@ def align_backward(
             PW,
             ps,
             has_off,
+            True,
         )
     if need_off:
         _deform_backward_offset[grid(K * PH * PW)](
