@@ -452,11 +452,14 @@ def _backward_with_threads(n, args, g):
         numba.set_num_threads(prev)
 
 
-@pytest.mark.parametrize("M, Lq", [(1, 300), (4, 60)])
-def test_backward_bit_identical_across_runs_and_threads(rng, M, Lq):
+@pytest.mark.parametrize("M, Lq, specialise", [(1, 300, False), (4, 60, False), (1, 300, True)])
+def test_backward_bit_identical_across_runs_and_threads(rng, monkeypatch, M, Lq, specialise):
     # (1, 300) splits each head's queries into chunks with their own grad_value copies; large
-    # enough (> _SERIAL_WORK) to run the parallel kernels
+    # enough (> _SERIAL_WORK) to run the parallel kernels; in both kernel builds
+    from deformnp.kernels.cpu import attention as K
     from deformnp.ops import attention as A
+
+    monkeypatch.setattr(K, "SPECIALISE_WORK", 0 if specialise else 1 << 62)
 
     args = make_inputs(rng, levels=[(16, 16), (8, 8)], N=1, Lq=Lq, M=M, D=32, P=4, lo=0, hi=1)
     assert Lq * M * 2 * 4 * (2 * 32 + 8) >= A._SERIAL_WORK
@@ -482,6 +485,71 @@ def test_chunked_value_gradient_matches_unchunked(rng, monkeypatch):
     single = ms_deform_attn_backward(g, *args)
     assert rel_err(chunked[0], single[0]) < 1e-13
     np.testing.assert_array_equal(chunked[1], single[1])
+
+
+# ---------------------------------------------------------------------------- kernel builds
+
+
+def _with_build(monkeypatch, specialise, fn):
+    """Run fn with the kernels compiled for D (specialise=True) or the generic build."""
+    from deformnp.kernels.cpu import attention as K
+
+    monkeypatch.setattr(K, "SPECIALISE_WORK", 0 if specialise else 1 << 62)
+    return fn()
+
+
+def test_build_choice():
+    from deformnp.kernels.cpu import attention as K
+
+    assert K.channels_for(32, 10) == 0  # small problem: the generic build
+    assert K.channels_for(32, K.SPECIALISE_WORK // 32) == 32  # large problem: D compiled in
+    assert K.channels_for(K.GENERIC_CHANNELS + 1, 1) == K.GENERIC_CHANNELS + 1  # D too large
+    data = spec13_inputs()
+    points = data["sampling_locations"].size // 2
+    assert K.channels_for(32, points) == 32  # the benchmark runs the specialised build
+
+
+def test_specialised_build_matches_reference_and_generic_build(rng, monkeypatch):
+    # D = 32 in float64: the build the SPEC 13 benchmark uses (there in float32), with points
+    # in and out of range, an empty last level (no pixel may be read there) and L*P larger than
+    # one plan batch
+    from deformnp.kernels.cpu import attention as K
+
+    levels = [(5, 7), (3, 3), (1, 1), (0, 6)]
+    P = K.PLAN_BATCH // 4 + 3
+    args = make_inputs(rng, levels=levels, N=2, Lq=5, M=3, D=32, P=P)
+    g = rng.standard_normal((2, 5, 3 * 32))
+
+    def run():
+        out = ms_deform_attn_forward(*args)
+        return (out, *ms_deform_attn_backward(g, *args))
+
+    special = _with_build(monkeypatch, True, run)
+    generic = _with_build(monkeypatch, False, run)
+    assert rel_err(special[0], reference(*args)) < 1e-12
+    for a, b in zip(special, generic):
+        assert rel_err(a, b) < 1e-13
+    assert np.all(special[2][:, :, :, 3] == 0) and np.all(special[3][:, :, :, 3] == 0)
+
+
+def test_more_channels_than_the_generic_build(rng):
+    # D > GENERIC_CHANNELS always compiles D in (the generic build's stack buffers are smaller)
+    from deformnp.kernels.cpu import attention as K
+
+    D = K.GENERIC_CHANNELS + 5
+    args = make_inputs(rng, levels=[(4, 3), (2, 2)], N=1, Lq=3, M=2, D=D, P=2)
+    assert rel_err(ms_deform_attn_forward(*args), reference(*args)) < 1e-12
+    g = rng.standard_normal((1, 3, 2 * D))
+    gv, gl, ga = ms_deform_attn_backward(g, *args)
+    # linearity in value and in the weights (see test_gradients_match_reference_linearity)
+    value, shapes, starts, loc, attn = args
+    out = reference(*args)
+    assert abs(np.sum(gv * value) - np.sum(g * out)) < 1e-12 * np.abs(g * out).sum()
+    assert abs(np.sum(ga * attn) - np.sum(g * out)) < 1e-12 * np.abs(g * out).sum()
+    assert dn.gradcheck(
+        lambda l: ms_deform_attn(value, shapes, starts, l, attn),
+        (dn.tensor(locations_off_kinks(rng, shapes, (1, 3, 2), 2), requires_grad=True),),
+    )
 
 
 # ---------------------------------------------------------------------------- CLI registry

@@ -185,7 +185,15 @@ def _host(a: np.ndarray) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
-def _forward(value: Any, shapes: np.ndarray, starts: np.ndarray, loc: Any, attn: Any, device: str):
+def _forward(
+    value: Any,
+    shapes: np.ndarray,
+    starts: np.ndarray,
+    loc: Any,
+    attn: Any,
+    device: str,
+    value_hm: np.ndarray | None = None,
+):
     N, S, M, D = value.shape
     Lq = loc.shape[1]
     if device != "cpu":
@@ -194,12 +202,12 @@ def _forward(value: Any, shapes: np.ndarray, starts: np.ndarray, loc: Any, attn:
         return _kernels(device).ms_deform_attn_forward(
             value, to_device(shapes), to_device(starts), loc, attn
         )
-    out = np.zeros((N, Lq, M * D), dtype=value.dtype)
-    if out.size == 0 or loc.shape[3] == 0 or loc.shape[4] == 0 or S == 0:
-        return out
+    if N * Lq * M * D == 0 or loc.shape[3] == 0 or loc.shape[4] == 0 or S == 0:
+        return np.zeros((N, Lq, M * D), dtype=value.dtype)
+    out = np.empty((N, Lq, M * D), dtype=value.dtype)  # the kernel writes every element
     with _threads_for(loc.size // 2 * (D + 8)):
         return _kernels(device).ms_deform_attn_forward(
-            _host(value), shapes, starts, _host(loc), _host(attn), out
+            _host(value), shapes, starts, _host(loc), _host(attn), out, value_hm
         )
 
 
@@ -212,6 +220,7 @@ def _backward(
     attn: Any,
     needs: tuple[bool, bool, bool],
     device: str,
+    value_hm: np.ndarray | None = None,
 ) -> tuple[Any, Any, Any]:
     if device != "cpu":
         from ..cuda import to_device
@@ -224,15 +233,16 @@ def _backward(
     dtype = value.dtype
     need_value = bool(needs[0])
     need_loc_attn = bool(needs[1] or needs[2])
-    grad_value = np.zeros(value.shape, dtype) if need_value else None
-    grad_loc = np.zeros(loc.shape, dtype) if need_loc_attn else None
-    grad_attn = np.zeros(attn.shape, dtype) if need_loc_attn else None
     work = N * Lq * M * D * loc.shape[3] * loc.shape[4] * S
-    if (need_value or need_loc_attn) and work > 0:
+    run = (need_value or need_loc_attn) and work > 0
+    alloc = np.empty if run else np.zeros  # the kernel overwrites the gradients whole
+    grad_value = alloc(value.shape, dtype) if need_value else None
+    grad_loc = alloc(loc.shape, dtype) if need_loc_attn else None
+    grad_attn = alloc(attn.shape, dtype) if need_loc_attn else None
+    if run:
         g = _host(np.asarray(grad_output, dtype=dtype))
         value, loc, attn = _host(value), _host(loc), _host(attn)
         n_chunks = _n_chunks(N, M, Lq) if need_value else 1
-        extra = np.zeros((n_chunks - 1, value.size if need_value else 0), dtype)
         with _threads_for(loc.size // 2 * (2 * D + 8)):
             _kernels(device).ms_deform_attn_backward(
                 g,
@@ -245,9 +255,9 @@ def _backward(
                 need_value,
                 need_loc_attn,
                 grad_value if need_value else np.zeros((0, 0, 0, 0), dtype),
-                extra,
                 grad_loc if need_loc_attn else np.zeros((0, 0, 0, 0, 0, 0), dtype),
                 grad_attn if need_loc_attn else np.zeros((0, 0, 0, 0, 0), dtype),
+                value_hm,
             )
     return (
         grad_value,
@@ -317,23 +327,36 @@ class MSDeformAttnFunction(Function):
         attention_weights: Any,
         device: str,
     ) -> Any:
+        value_hm = None
         if device == "cpu":  # a Tensor's data may be a non-contiguous or read-only view
             value = _host(value)
             sampling_locations = _host(sampling_locations)
             attention_weights = _host(attention_weights)
+            # the CPU kernels read value head-major: make that copy once for both passes
+            with _threads_for(value.size):
+                value_hm = _kernels(device).head_major(value)
         ctx.save_for_backward(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
+        ctx.value_hm = value_hm
         ctx.device = device
         return _forward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, device
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            device,
+            value_hm,
         )
 
     @staticmethod
     def backward(ctx: Context, grad: Any) -> tuple:
         value, shapes, starts, loc, attn = ctx.saved_tensors
         nv, _, _, nl, na, _ = ctx.needs_input_grad
-        gv, gl, ga = _backward(grad, value, shapes, starts, loc, attn, (nv, nl, na), ctx.device)
+        gv, gl, ga = _backward(
+            grad, value, shapes, starts, loc, attn, (nv, nl, na), ctx.device, ctx.value_hm
+        )
         return gv, None, None, gl, ga, None
 
 

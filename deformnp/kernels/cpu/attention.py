@@ -1,207 +1,425 @@
 """CPU kernels of multi-scale deformable attention (SPEC section 9).
 
-Layouts (Deformable-DETR's): value (N, S, M, D), spatial_shapes (L, 2) as (H_l, W_l),
-level_start_index (L,), sampling_locations (N, Lq, M, L, P, 2) as normalized (u, v) = (x, y),
-attention_weights (N, Lq, M, L, P), output (N, Lq, M*D). All arrays C-contiguous, validated by
-``deformnp.ops.attention``.
+Layouts at the op boundary are Deformable-DETR's: value (N, S, M, D), spatial_shapes (L, 2) as
+(H_l, W_l), level_start_index (L,), sampling_locations (N, Lq, M, L, P, 2) as normalized
+(u, v) = (x, y), attention_weights (N, Lq, M, L, P), output (N, Lq, M*D). All arrays
+C-contiguous, validated by ``deformnp.ops.attention``.
 
 Sampling point p of head m at level l: y = v*H_l - 0.5, x = u*W_l - 0.5, zero-fade rule
-(SPEC section 4). The plan of a point (four corner indices and weights) is computed once and
-reused across the D channels of the head; in the (N, S, M, D) layout those channels are
-contiguous, so each corner is a contiguous run of D values. Nothing of size (N, M, D, Lq, L, P)
-is ever materialised.
+(``bilinear.zero_fade_plan``, SPEC section 4). Nothing of size (N, M, D, Lq, L, P) is ever
+materialised.
+
+How the kernels are fast (measured on the SPEC 13 size; see benches/RESULTS.md):
+
+* **Head-major value.** ``ms_deform_attn_forward`` / ``ms_deform_attn_backward`` first copy value
+  to (N, M, S, D) (``to_head_major``, about 1% of the time), so one head's map is one contiguous
+  (S, D) block and a pixel is a contiguous run of D values. The value gradient is accumulated in
+  that layout and copied back (``from_head_major``).
+* **Plans in batches.** The plans of up to ``PLAN_BATCH`` points (four corner offsets and their
+  weights) are computed in one loop into small stack arrays, one array per quantity; that loop
+  has no stores LLVM must assume alias the inputs, so it vectorizes (floor, compares, selects
+  across points). The channel loops then read the plans back from L1.
+* **Channel count as a constant.** ``kernels(D)`` builds the kernels with D fixed at compile
+  time: the forward's accumulator then lives in registers across a query's points. ``kernels(0)``
+  is the generic build for any D up to ``GENERIC_CHANNELS``; ``channels_for`` picks the build
+  (the specialised one only for large problems or large D, so small calls never compile a new
+  variant). Both are built from the same source below, and all builds are cached on disk.
+* **Stack buffers.** The per-query accumulators and gradient rows are stack arrays
+  (``_stack_ptr``), which LLVM knows alias nothing else, so the channel loops vectorize without
+  run-time overlap checks.
 
 Parallelism and determinism:
 
 * forward: ``prange`` over (n, q); each iteration writes the row out[n, q, :] only.
 * backward: ``prange`` over tasks (n, m, chunk of queries). A task owns the gradients of the
   locations and weights of its queries (owner computes), and scatters into its own copy of the
-  (n, :, m, :) slice of grad_value: chunk 0 writes grad_value itself, chunk c >= 1 a buffer
-  ``grad_value_extra[c - 1]``; the buffers are added to grad_value afterwards in chunk order.
-  The number of chunks depends on the shapes only, never on the thread count, so gradients are
-  bit-identical with any number of threads.
+  (n, m) block of the head-major value gradient: chunk 0 writes ``grad_value_hm`` itself, chunk
+  c >= 1 a buffer ``grad_value_extra[c - 1]``; ``from_head_major`` adds them in chunk order.
+  The number of chunks, and the build, depend on the shapes only, never on the thread count, so
+  gradients are bit-identical with any number of threads.
 
-Index arithmetic is 64-bit throughout. Flat offsets into value / grad_value / grad_out are
-converted to uint64 before indexing: they are never negative, and unsigned indices spare Numba's
-negative-index wrap-around test in the inner channel loops, which lets LLVM vectorize them
-(about 2x faster).
+Index arithmetic is 64-bit throughout. Flat offsets into value / grad_value are converted to
+uint64 before indexing: they are never negative, and unsigned indices spare Numba's
+negative-index wrap-around test in the inner channel loops.
 
 Precision: plans are float64 (coordinates are computed in float64 from the stored locations);
 channel sums run in the data dtype, as in the anchors: the forward accumulates each output row,
-the backward the per-corner channel sums t_k = sum_d g[d] V[idx[k], d] (``fastmath``
-reassociation lets these reductions vectorize; their order is fixed by the compiled code, so it
-does not depend on threads) and scatters into grad_value.
+the backward the per-corner channel sums t_k = sum_d g[d] V[idx[k], d] and the scatter into
+grad_value. ``fastmath`` reassociation lets these sums vectorize; their order is fixed by the
+compiled code, so it does not depend on threads.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
-from numba import njit, prange, uint64
+from llvmlite import ir
+from numba import carray, float64, njit, prange, types, uint64
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .bilinear import zero_fade_plan
 
+PLAN_BATCH = 32  # sampling points whose plans are computed in one vectorized loop
+GENERIC_CHANNELS = 64  # the generic build serves D <= this (its stack buffers have this size)
+SPECIALISE_WORK = 1 << 21  # sampling points times channels from which D is compiled in
+
+_FAST = {"reassoc", "contract"}
+
+
+@intrinsic
+def _stack_ptr(typingctx: Any, size: Any, dtype: Any) -> Any:
+    """Pointer to ``size`` (a compile-time constant) uninitialised elements on the stack.
+
+    The buffer lives in the calling function's frame (``alloca`` in its entry block), so wrap it
+    with ``carray`` in the kernel itself and never return it.
+    """
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    n = max(int(size.literal_value), 1)
+    dt = dtype.dtype
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ty = context.get_value_type(dt)
+        buf = cgutils.alloca_once(builder, ir.ArrayType(ty, n), name="stack_buffer")
+        return builder.bitcast(buf, ty.as_pointer())
+
+    return types.CPointer(dt)(size, dtype), codegen
+
 
 @njit(parallel=True, cache=True)
-def ms_deform_attn_forward(
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out
-):
-    """out[n, q, m*D + d] = sum_{l,p} A * zero_fade(V_l[n, :, :, m, d], v*H_l - 0.5, u*W_l - 0.5)."""
+def to_head_major(value, out):
+    """out[n, m, s, d] = value[n, s, m, d]."""
     N, S, M, D = value.shape
-    Lq = sampling_locations.shape[1]
-    L = sampling_locations.shape[3]
-    P = sampling_locations.shape[4]
-    MD = M * D
-    dt = value.dtype
-    v = value.reshape(-1)
-    o = out.reshape(-1)
-    for nq in prange(N * Lq):
-        n = nq // Lq
-        q = nq - n * Lq
-        acc = np.empty(D, dt)
-        for m in range(M):
+    for nm in prange(N * M):
+        n = nm // M
+        m = nm - n * M
+        for s in range(S):
             for d in range(D):
-                acc[d] = 0.0
-            for l in range(L):
-                H = spatial_shapes[l, 0]
-                W = spatial_shapes[l, 1]
-                if H <= 0 or W <= 0:
-                    continue
-                # flat offset of spatial index 0 of level l, head m, channel 0
-                base = (n * S + level_start_index[l]) * MD + m * D
-                for p in range(P):
-                    u = sampling_locations[n, q, m, l, p, 0]
-                    vv = sampling_locations[n, q, m, l, p, 1]
-                    a = attention_weights[n, q, m, l, p]
-                    y = vv * H - 0.5
-                    x = u * W - 0.5
-                    idx, w, cy, cx = zero_fade_plan(y, x, H, W)
-                    if w[0] == 0.0 and w[1] == 0.0 and w[2] == 0.0 and w[3] == 0.0:
-                        continue  # out of range (or on the fading edge): contributes nothing
-                    a0 = dt.type(a * w[0])
-                    a1 = dt.type(a * w[1])
-                    a2 = dt.type(a * w[2])
-                    a3 = dt.type(a * w[3])
-                    o0 = uint64(base + idx[0] * MD)
-                    o1 = uint64(base + idx[1] * MD)
-                    o2 = uint64(base + idx[2] * MD)
-                    o3 = uint64(base + idx[3] * MD)
-                    for d in range(D):
-                        ud = uint64(d)
-                        acc[ud] += (
-                            a0 * v[o0 + ud] + a1 * v[o1 + ud] + a2 * v[o2 + ud] + a3 * v[o3 + ud]
-                        )
-            row = uint64((n * Lq + q) * MD + m * D)
-            for d in range(D):
-                o[row + uint64(d)] = acc[d]
+                out[n, m, s, d] = value[n, s, m, d]
     return out
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+@njit(parallel=True, cache=True)
+def from_head_major(grad_hm, extra, out):
+    """out[n, s, m, d] = grad_hm[n, m, s, d] + extra[0][...] + extra[1][...] + ... (in order)."""
+    N, S, M, D = out.shape
+    for ns in prange(N * S):
+        n = ns // S
+        s = ns - n * S
+        for m in range(M):
+            row = ((n * M + m) * S + s) * D
+            for d in range(D):
+                x = grad_hm[n, m, s, d]
+                for c in range(extra.shape[0]):
+                    x += extra[c, row + d]
+                out[n, s, m, d] = x
+    return out
+
+
+@njit(cache=True)
+def _level_slots(spatial_shapes, level_start_index, P):
+    """Per sampling slot i = l*P + p of a (query, head): H_l, W_l and the level's first row."""
+    L = spatial_shapes.shape[0]
+    H = np.empty(L * P, np.int64)
+    W = np.empty(L * P, np.int64)
+    start = np.empty(L * P, np.int64)
+    for i in range(L * P):
+        H[i] = spatial_shapes[i // P, 0]
+        W[i] = spatial_shapes[i // P, 1]
+        start[i] = level_start_index[i // P]
+    return H, W, start
+
+
+def channels_for(D: int, points: int) -> int:
+    """The build for D channels and ``points`` sampling points: D itself, or 0 (generic)."""
+    if D > GENERIC_CHANNELS or points * D >= SPECIALISE_WORK:
+        return D
+    return 0
+
+
+@functools.cache
+def kernels(channels: int) -> tuple[Any, Any]:
+    """(forward, backward) compiled with D fixed at ``channels``; 0 builds them for any
+    D <= GENERIC_CHANNELS. The arguments are the head-major value and the level slots."""
+    DK = channels  # compile-time constant of the closures below
+    BUF = channels if channels > 0 else GENERIC_CHANNELS
+    B = PLAN_BATCH
+    B4 = 4 * PLAN_BATCH
+
+    @njit(parallel=True, cache=True, fastmath=_FAST)
+    def forward(value_hm, slot_h, slot_w, slot_start, sampling_locations, attention_weights, out):
+        """out[n, q, m*D + d] = sum_{l,p} A * zero_fade(V_l[n, m, :, :, d], v*H_l - .5, u*W_l - .5)."""
+        N, M, S, Dv = value_hm.shape
+        D = DK if DK > 0 else Dv
+        Lq = sampling_locations.shape[1]
+        LP = slot_h.shape[0]
+        dt = value_hm.dtype
+        v = value_hm.reshape(-1)
+        o = out.reshape(-1)
+        loc = sampling_locations.reshape(-1)
+        attn = attention_weights.reshape(-1)
+        for nq in prange(N * Lq):
+            n = nq // Lq
+            q = nq - n * Lq
+            acc = carray(_stack_ptr(BUF, dt), (BUF,))
+            # plan of a batch of points: corner offsets (4, B) and weights a * w (4, B)
+            off = carray(_stack_ptr(B4, np.int64), (4, B))
+            wgt = carray(_stack_ptr(B4, dt), (4, B))
+            live = carray(_stack_ptr(B, np.uint8), (B,))  # 1 where some weight is non-zero
+            for m in range(M):
+                head = (n * M + m) * S
+                pt = ((n * Lq + q) * M + m) * LP  # flat index of point (n, q, m, 0, 0)
+                for d in range(D):
+                    acc[d] = 0.0
+                for i0 in range(0, LP, B):
+                    nb = min(B, LP - i0)
+                    for j in range(nb):
+                        i = i0 + j
+                        H = slot_h[i]
+                        W = slot_w[i]
+                        x = float64(loc[2 * (pt + i)]) * W - 0.5
+                        y = float64(loc[2 * (pt + i) + 1]) * H - 0.5
+                        a = float64(attn[pt + i])
+                        idx, w, _, _ = zero_fade_plan(y, x, H, W)
+                        row = head + slot_start[i]
+                        off[0, j] = (row + idx[0]) * D
+                        off[1, j] = (row + idx[1]) * D
+                        off[2, j] = (row + idx[2]) * D
+                        off[3, j] = (row + idx[3]) * D
+                        wgt[0, j] = a * w[0]
+                        wgt[1, j] = a * w[1]
+                        wgt[2, j] = a * w[2]
+                        wgt[3, j] = a * w[3]
+                        # out of range (or on the fading edge): contributes nothing
+                        live[j] = w[0] != 0.0 or w[1] != 0.0 or w[2] != 0.0 or w[3] != 0.0
+                    for j in range(nb):
+                        if live[j] == 0:
+                            continue
+                        o0 = uint64(off[0, j])
+                        o1 = uint64(off[1, j])
+                        o2 = uint64(off[2, j])
+                        o3 = uint64(off[3, j])
+                        a0 = wgt[0, j]
+                        a1 = wgt[1, j]
+                        a2 = wgt[2, j]
+                        a3 = wgt[3, j]
+                        for d in range(D):
+                            ud = uint64(d)
+                            acc[ud] += (
+                                a0 * v[o0 + ud]
+                                + a1 * v[o1 + ud]
+                                + a2 * v[o2 + ud]
+                                + a3 * v[o3 + ud]
+                            )
+                r = uint64((n * Lq + q) * M * D + m * D)
+                for d in range(D):
+                    o[r + uint64(d)] = acc[d]
+        return out
+
+    @njit(parallel=True, cache=True, fastmath=_FAST)
+    def backward(
+        grad_out,
+        value_hm,
+        slot_h,
+        slot_w,
+        slot_start,
+        sampling_locations,
+        attention_weights,
+        n_chunks,
+        need_value,
+        need_loc_attn,
+        grad_value_hm,
+        grad_value_extra,
+        grad_sampling_locations,
+        grad_attention_weights,
+    ):
+        """Gradients of ``forward`` for value (head-major), sampling_locations, attention_weights.
+
+        Every output is written whole, so none needs zeroing: ``grad_value_hm`` (N, M, S, D)
+        and ``grad_value_extra`` (n_chunks - 1, N*M*S*D) are zeroed block by block by the tasks
+        that scatter into them (with ``need_value`` False they may be empty), the location and
+        weight gradients point by point (with ``need_loc_attn`` False they may be empty).
+
+        For a point with plan (idx, w, cy, cx), attention weight a and incoming gradient g[d],
+        with the per-corner channel sums t_k = sum_d g[d] * V[idx[k], d]:
+
+            grad_A = sum_k w[k] t_k
+            grad_u = a * W_l * sum_k cx[k] t_k          (x = u*W_l - 0.5)
+            grad_v = a * H_l * sum_k cy[k] t_k          (y = v*H_l - 0.5)
+            grad_V[idx[k], d] += a * w[k] * g[d]
+        """
+        N, M, S, Dv = value_hm.shape
+        D = DK if DK > 0 else Dv
+        Lq = sampling_locations.shape[1]
+        LP = slot_h.shape[0]
+        dt = value_hm.dtype
+        v = value_hm.reshape(-1)
+        g = grad_out.reshape(-1)
+        gv0 = grad_value_hm.reshape(-1)
+        loc = sampling_locations.reshape(-1)
+        attn = attention_weights.reshape(-1)
+        gloc = grad_sampling_locations.reshape(-1)
+        gattn = grad_attention_weights.reshape(-1)
+        chunk = (Lq + n_chunks - 1) // n_chunks
+        for task in prange(N * M * n_chunks):
+            c = task % n_chunks
+            nm = task // n_chunks
+            n = nm // M
+            m = nm - n * M
+            gv = gv0 if c == 0 else grad_value_extra[c - 1]
+            head = (n * M + m) * S
+            if need_value:  # this task's (n, m) block of its buffer, zeroed by the thread using it
+                gv[head * Dv : (head + S) * Dv] = 0.0
+            gq = carray(_stack_ptr(BUF, dt), (BUF,))  # grad_out[n, q, m*D : (m+1)*D]
+            off = carray(_stack_ptr(B4, np.int64), (4, B))
+            wk = carray(_stack_ptr(B4, np.float64), (4, B))
+            cyk = carray(_stack_ptr(B4, np.float64), (4, B))
+            cxk = carray(_stack_ptr(B4, np.float64), (4, B))
+            ak = carray(_stack_ptr(B, np.float64), (B,))
+            for q in range(c * chunk, min(Lq, (c + 1) * chunk)):
+                go = uint64((n * Lq + q) * M * D + m * D)
+                for d in range(D):
+                    gq[d] = g[go + uint64(d)]
+                pt = ((n * Lq + q) * M + m) * LP
+                for i0 in range(0, LP, B):
+                    nb = min(B, LP - i0)
+                    for j in range(nb):
+                        i = i0 + j
+                        H = slot_h[i]
+                        W = slot_w[i]
+                        x = float64(loc[2 * (pt + i)]) * W - 0.5
+                        y = float64(loc[2 * (pt + i) + 1]) * H - 0.5
+                        ak[j] = float64(attn[pt + i])
+                        idx, w, cy, cx = zero_fade_plan(y, x, H, W)
+                        row = head + slot_start[i]
+                        off[0, j] = (row + idx[0]) * D
+                        wk[0, j] = w[0]
+                        cyk[0, j] = cy[0]
+                        cxk[0, j] = cx[0]
+                        off[1, j] = (row + idx[1]) * D
+                        wk[1, j] = w[1]
+                        cyk[1, j] = cy[1]
+                        cxk[1, j] = cx[1]
+                        off[2, j] = (row + idx[2]) * D
+                        wk[2, j] = w[2]
+                        cyk[2, j] = cy[2]
+                        cxk[2, j] = cx[2]
+                        off[3, j] = (row + idx[3]) * D
+                        wk[3, j] = w[3]
+                        cyk[3, j] = cy[3]
+                        cxk[3, j] = cx[3]
+                    for j in range(nb):
+                        i = i0 + j
+                        if slot_h[i] <= 0 or slot_w[i] <= 0:  # an empty level: no pixel to read
+                            if need_loc_attn:
+                                gattn[pt + i] = 0.0
+                                gloc[2 * (pt + i)] = 0.0
+                                gloc[2 * (pt + i) + 1] = 0.0
+                            continue
+                        a = ak[j]
+                        if need_loc_attn:
+                            o0 = uint64(off[0, j])
+                            o1 = uint64(off[1, j])
+                            o2 = uint64(off[2, j])
+                            o3 = uint64(off[3, j])
+                            t0 = dt.type(0.0)
+                            t1 = dt.type(0.0)
+                            t2 = dt.type(0.0)
+                            t3 = dt.type(0.0)
+                            for d in range(D):
+                                ud = uint64(d)
+                                gd = gq[ud]
+                                t0 += gd * v[o0 + ud]
+                                t1 += gd * v[o1 + ud]
+                                t2 += gd * v[o2 + ud]
+                                t3 += gd * v[o3 + ud]
+                            gattn[pt + i] = (
+                                wk[0, j] * t0 + wk[1, j] * t1 + wk[2, j] * t2 + wk[3, j] * t3
+                            )
+                            gx = cxk[0, j] * t0 + cxk[1, j] * t1 + cxk[2, j] * t2 + cxk[3, j] * t3
+                            gy = cyk[0, j] * t0 + cyk[1, j] * t1 + cyk[2, j] * t2 + cyk[3, j] * t3
+                            gloc[2 * (pt + i)] = a * gx * slot_w[i]
+                            gloc[2 * (pt + i) + 1] = a * gy * slot_h[i]
+                        if need_value:
+                            # corners with zero weight (masked, or the point out of range) get
+                            # nothing. The loop runs to the array's D, not the constant: a
+                            # constant trip count gets fully unrolled, and LLVM leaves that
+                            # read-modify-write scalar (3x slower, measured).
+                            for k in range(4):
+                                if wk[k, j] != 0.0:
+                                    aw = dt.type(a * wk[k, j])
+                                    ok = uint64(off[k, j])
+                                    for d in range(Dv):
+                                        ud = uint64(d)
+                                        gv[ok + ud] += aw * gq[ud]
+        return grad_value_hm
+
+    return forward, backward
+
+
+def head_major(value):
+    """The (N, M, S, D) copy of value (N, S, M, D) that the kernels read."""
+    N, S, M, D = value.shape
+    return to_head_major(value, np.empty((N, M, S, D), value.dtype))
+
+
+def ms_deform_attn_forward(value, spatial_shapes, level_start_index, loc, attn, out, value_hm=None):
+    """Forward on the host: value (N, S, M, D) -> ``out`` (N, Lq, M*D), which needs no zeroing.
+    ``value_hm``, if given, is ``head_major(value)`` (a caller that runs the backward too can
+    make it once)."""
+    D = value.shape[3]
+    forward, _ = kernels(channels_for(D, loc.size // 2))
+    if value_hm is None:
+        value_hm = head_major(value)
+    slots = _level_slots(spatial_shapes, level_start_index, loc.shape[4])
+    return forward(value_hm, *slots, loc, attn, out)
+
+
 def ms_deform_attn_backward(
     grad_out,
     value,
     spatial_shapes,
     level_start_index,
-    sampling_locations,
-    attention_weights,
+    loc,
+    attn,
     n_chunks,
     need_value,
     need_loc_attn,
     grad_value,
-    grad_value_extra,
-    grad_sampling_locations,
-    grad_attention_weights,
+    grad_loc,
+    grad_attn,
+    value_hm=None,
 ):
-    """Gradients of ``ms_deform_attn_forward`` for value, sampling_locations, attention_weights.
-
-    ``grad_value`` (N, S, M, D) and ``grad_value_extra`` (n_chunks - 1, N*S*M*D) must be zeroed
-    by the caller, and so must the gradients of locations and weights. With ``need_value`` False
-    grad_value may be an empty array; with ``need_loc_attn`` False the other two.
-
-    For a point with plan (idx, w, cy, cx), attention weight a and incoming gradient g[d], with
-    the per-corner channel sums t_k = sum_d g[d] * V[idx[k], d]:
-
-        grad_A = sum_k w[k] t_k
-        grad_u = a * W_l * sum_k cx[k] t_k          (x = u*W_l - 0.5)
-        grad_v = a * H_l * sum_k cy[k] t_k          (y = v*H_l - 0.5)
-        grad_V[idx[k], d] += a * w[k] * g[d]
-    """
+    """Backward on the host; overwrites ``grad_value`` (N, S, M, D), ``grad_loc`` and
+    ``grad_attn`` whole, so they need no zeroing (each may be empty when not needed).
+    ``n_chunks`` splits each head's queries (see above); ``value_hm`` as in the forward."""
     N, S, M, D = value.shape
-    Lq = sampling_locations.shape[1]
-    L = sampling_locations.shape[3]
-    P = sampling_locations.shape[4]
-    MD = M * D
-    dt = value.dtype
-    v = value.reshape(-1)
-    g = grad_out.reshape(-1)
-    gv0 = grad_value.reshape(-1)
-    chunk = (Lq + n_chunks - 1) // n_chunks
-    for task in prange(N * M * n_chunks):
-        c = task % n_chunks
-        nm = task // n_chunks
-        n = nm // M
-        m = nm - n * M
-        q_begin = c * chunk
-        q_end = min(Lq, q_begin + chunk)
-        gv = gv0 if c == 0 else grad_value_extra[c - 1]
-        gq = np.empty(D, dt)  # grad_out[n, q, m*D : (m+1)*D]
-        for q in range(q_begin, q_end):
-            go = uint64((n * Lq + q) * MD + m * D)
-            for d in range(D):
-                gq[d] = g[go + uint64(d)]
-            for l in range(L):
-                H = spatial_shapes[l, 0]
-                W = spatial_shapes[l, 1]
-                if H <= 0 or W <= 0:
-                    continue
-                base = (n * S + level_start_index[l]) * MD + m * D
-                for p in range(P):
-                    u = sampling_locations[n, q, m, l, p, 0]
-                    vv = sampling_locations[n, q, m, l, p, 1]
-                    a = attention_weights[n, q, m, l, p]
-                    y = vv * H - 0.5
-                    x = u * W - 0.5
-                    idx, w, cy, cx = zero_fade_plan(y, x, H, W)
-                    if need_loc_attn:
-                        o0 = uint64(base + idx[0] * MD)
-                        o1 = uint64(base + idx[1] * MD)
-                        o2 = uint64(base + idx[2] * MD)
-                        o3 = uint64(base + idx[3] * MD)
-                        t0 = dt.type(0.0)
-                        t1 = dt.type(0.0)
-                        t2 = dt.type(0.0)
-                        t3 = dt.type(0.0)
-                        for d in range(D):
-                            ud = uint64(d)
-                            gd = gq[ud]
-                            t0 += gd * v[o0 + ud]
-                            t1 += gd * v[o1 + ud]
-                            t2 += gd * v[o2 + ud]
-                            t3 += gd * v[o3 + ud]
-                        grad_attention_weights[n, q, m, l, p] = (
-                            w[0] * t0 + w[1] * t1 + w[2] * t2 + w[3] * t3
-                        )
-                        grad_sampling_locations[n, q, m, l, p, 0] = (
-                            a * (cx[0] * t0 + cx[1] * t1 + cx[2] * t2 + cx[3] * t3) * W
-                        )
-                        grad_sampling_locations[n, q, m, l, p, 1] = (
-                            a * (cy[0] * t0 + cy[1] * t1 + cy[2] * t2 + cy[3] * t3) * H
-                        )
-                    if need_value:
-                        # corners with zero weight (masked, or the point out of range) get nothing
-                        for k in range(4):
-                            if w[k] != 0.0:
-                                aw = dt.type(a * w[k])
-                                ok = uint64(base + idx[k] * MD)
-                                for d in range(D):
-                                    ud = uint64(d)
-                                    gv[ok + ud] += aw * gq[ud]
-    if need_value and n_chunks > 1:
-        # fixed-order reduction of the per-chunk copies: grad_value += extra[0] + extra[1] + ...
-        size = gv0.shape[0]
-        for i in prange(size):
-            s = gv0[i]
-            for c in range(n_chunks - 1):
-                s += grad_value_extra[c, i]
-            gv0[i] = s
+    _, backward = kernels(channels_for(D, loc.size // 2))
+    if value_hm is None:
+        value_hm = head_major(value)
+    slots = _level_slots(spatial_shapes, level_start_index, loc.shape[4])
+    if not need_value:
+        n_chunks = 1
+    size = value.size if need_value else 0
+    grad_hm = np.empty((N, M, S, D) if need_value else (0, 0, 0, 0), value.dtype)
+    extra = np.empty((n_chunks - 1, size), value.dtype)
+    backward(
+        grad_out,
+        value_hm,
+        *slots,
+        loc,
+        attn,
+        n_chunks,
+        need_value,
+        need_loc_attn,
+        grad_hm,
+        extra,
+        grad_loc,
+        grad_attn,
+    )
+    if need_value:
+        from_head_major(grad_hm, extra, grad_value)
     return grad_value
