@@ -13,6 +13,7 @@ op families appear here without editing this file.
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import statistics
 import sys
@@ -87,17 +88,42 @@ def run_check(only: Sequence[str] | None = None, out: Any = sys.stdout) -> bool:
 
 def _time(fn: Callable[[], Any], repeat: int, sync: Callable[[], Any] | None) -> float:
     """Median wall time in ms over ``repeat`` runs after one warm-up run."""
-    fn()
-    if sync:
-        sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+    return _time_pair(fn, None, repeat, sync, None)[0]
+
+
+def _time_pair(
+    ours: Callable[[], Any],
+    theirs: Callable[[], Any] | None,
+    repeat: int,
+    sync: Callable[[], Any] | None,
+    their_sync: Callable[[], Any] | None,
+) -> tuple[float, float | None]:
+    """Median wall times in ms of ``ours`` and ``theirs`` over ``repeat`` runs each, after a
+    warm-up run of each. The runs alternate (ours, theirs, ours, ...) so that a burst of load
+    from elsewhere on the machine slows both alike rather than one side's whole series, and the
+    garbage collector is off while they run, as in ``timeit``."""
+    fns = [(ours, sync)] + ([(theirs, their_sync)] if theirs is not None else [])
+    times: list[list[float]] = [[] for _ in fns]
+    for fn, done in fns:
         fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        if done:
+            done()
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            for (fn, done), series in zip(fns, times):
+                t0 = time.perf_counter()
+                fn()
+                if done:
+                    done()
+                series.append(time.perf_counter() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    medians = [1e3 * statistics.median(series) for series in times]
+    return medians[0], (medians[1] if theirs is not None else None)
 
 
 def _torch_sync(device: str) -> Callable[[], Any] | None:
@@ -145,13 +171,14 @@ def run_bench(
                 ("forward", case.forward, case.torch_forward),
                 ("fwd+bwd", case.forward_backward, case.torch_forward_backward),
             ):
-                ms = _time(ours, repeat, case.sync)
                 ref = None
-                if theirs is not None:
-                    try:
-                        ref = _time(theirs, repeat, _torch_sync(device))
-                    except Exception as exc:  # a comparison that fails must not stop the table
-                        print(f"{name} {phase}: torch comparison failed: {exc}", file=out)
+                try:
+                    ms, ref = _time_pair(ours, theirs, repeat, case.sync, _torch_sync(device))
+                except Exception as exc:  # a comparison that fails must not stop the table
+                    if theirs is None:
+                        raise
+                    print(f"{name} {phase}: torch comparison failed: {exc}", file=out)
+                    ms = _time(ours, repeat, case.sync)
                 if device == "cpu":
                     cpu_ms[(name, phase)] = ms
                 vs_cpu = ""
@@ -170,7 +197,7 @@ def run_bench(
                     ]
                 )
     print(
-        f"Timings (float32, median of {repeat} after warm-up; numba {numba.__version__}, "
+        f"Timings (float32, median of {repeat} after warm-up, deformnp and torch runs alternating; numba {numba.__version__}, "
         f"{numba.get_num_threads()} threads; {torch_info or 'torch not installed'})",
         file=out,
     )
