@@ -9,12 +9,17 @@ Sampling point p of head m at level l: y = v*H_l - 0.5, x = u*W_l - 0.5, zero-fa
 (``bilinear.zero_fade_plan``, SPEC section 4). Nothing of size (N, M, D, Lq, L, P) is ever
 materialised.
 
-How the kernels are fast (measured on the SPEC 13 size; see benches/RESULTS.md):
+How the kernels are fast. Profiling the first version at the SPEC 13 size showed per-point
+overhead, not memory traffic: scalar plan arithmetic, run-time alias checks before every
+vectorized channel loop, and a query's accumulator going through memory for every point. The
+measures below took one thread from 7.2 to 3.1 ms (forward) and from 13.3 to 8.7 ms (backward
+kernel); the figures against torch are in benches/RESULTS.md.
 
 * **Head-major value.** ``ms_deform_attn_forward`` / ``ms_deform_attn_backward`` first copy value
-  to (N, M, S, D) (``to_head_major``, about 1% of the time), so one head's map is one contiguous
-  (S, D) block and a pixel is a contiguous run of D values. The value gradient is accumulated in
-  that layout and copied back (``from_head_major``).
+  to (N, M, S, D) (``head_major``; the autograd node makes the copy once for both passes), so
+  one head's map is one contiguous (S, D) block and a pixel is a contiguous run of D values. The
+  value gradient is accumulated in that layout and copied back (``from_head_major``). The two
+  copies take about 6% of a forward+backward.
 * **Plans in batches.** The plans of up to ``PLAN_BATCH`` points (four corner offsets and their
   weights) are computed in one loop into small stack arrays, one array per quantity; that loop
   has no stores LLVM must assume alias the inputs, so it vectorizes (floor, compares, selects
@@ -97,8 +102,10 @@ def to_head_major(value, out):
         n = nm // M
         m = nm - n * M
         for s in range(S):
+            dst = out[n, m, s]
+            src = value[n, s, m]
             for d in range(D):
-                out[n, m, s, d] = value[n, s, m, d]
+                dst[d] = src[d]
     return out
 
 
@@ -110,12 +117,15 @@ def from_head_major(grad_hm, extra, out):
         n = ns // S
         s = ns - n * S
         for m in range(M):
-            row = ((n * M + m) * S + s) * D
+            dst = out[n, s, m]
+            src = grad_hm[n, m, s]
             for d in range(D):
-                x = grad_hm[n, m, s, d]
-                for c in range(extra.shape[0]):
-                    x += extra[c, row + d]
-                out[n, s, m, d] = x
+                dst[d] = src[d]
+            row = ((n * M + m) * S + s) * D
+            for c in range(extra.shape[0]):
+                add = extra[c, row : row + D]
+                for d in range(D):
+                    dst[d] += add[d]
     return out
 
 
@@ -177,12 +187,13 @@ def kernels(channels: int) -> tuple[Any, Any]:
                 for i0 in range(0, LP, B):
                     nb = min(B, LP - i0)
                     for j in range(nb):
-                        i = i0 + j
+                        i = uint64(i0 + j)  # unsigned: contiguous loads, not gathers
+                        p = uint64(pt) + i
                         H = slot_h[i]
                         W = slot_w[i]
-                        x = float64(loc[2 * (pt + i)]) * W - 0.5
-                        y = float64(loc[2 * (pt + i) + 1]) * H - 0.5
-                        a = float64(attn[pt + i])
+                        x = float64(loc[p + p]) * W - 0.5
+                        y = float64(loc[p + p + uint64(1)]) * H - 0.5
+                        a = float64(attn[p])
                         idx, w, _, _ = zero_fade_plan(y, x, H, W)
                         row = head + slot_start[i]
                         off[0, j] = (row + idx[0]) * D
@@ -287,12 +298,13 @@ def kernels(channels: int) -> tuple[Any, Any]:
                 for i0 in range(0, LP, B):
                     nb = min(B, LP - i0)
                     for j in range(nb):
-                        i = i0 + j
+                        i = uint64(i0 + j)  # unsigned: contiguous loads, not gathers
+                        p = uint64(pt) + i
                         H = slot_h[i]
                         W = slot_w[i]
-                        x = float64(loc[2 * (pt + i)]) * W - 0.5
-                        y = float64(loc[2 * (pt + i) + 1]) * H - 0.5
-                        ak[j] = float64(attn[pt + i])
+                        x = float64(loc[p + p]) * W - 0.5
+                        y = float64(loc[p + p + uint64(1)]) * H - 0.5
+                        ak[j] = float64(attn[p])
                         idx, w, cy, cx = zero_fade_plan(y, x, H, W)
                         row = head + slot_start[i]
                         off[0, j] = (row + idx[0]) * D
@@ -312,12 +324,13 @@ def kernels(channels: int) -> tuple[Any, Any]:
                         cyk[3, j] = cy[3]
                         cxk[3, j] = cx[3]
                     for j in range(nb):
-                        i = i0 + j
+                        i = uint64(i0 + j)
+                        p = uint64(pt) + i
                         if slot_h[i] <= 0 or slot_w[i] <= 0:  # an empty level: no pixel to read
                             if need_loc_attn:
-                                gattn[pt + i] = 0.0
-                                gloc[2 * (pt + i)] = 0.0
-                                gloc[2 * (pt + i) + 1] = 0.0
+                                gattn[p] = 0.0
+                                gloc[p + p] = 0.0
+                                gloc[p + p + uint64(1)] = 0.0
                             continue
                         a = ak[j]
                         if need_loc_attn:
@@ -336,13 +349,11 @@ def kernels(channels: int) -> tuple[Any, Any]:
                                 t1 += gd * v[o1 + ud]
                                 t2 += gd * v[o2 + ud]
                                 t3 += gd * v[o3 + ud]
-                            gattn[pt + i] = (
-                                wk[0, j] * t0 + wk[1, j] * t1 + wk[2, j] * t2 + wk[3, j] * t3
-                            )
+                            gattn[p] = wk[0, j] * t0 + wk[1, j] * t1 + wk[2, j] * t2 + wk[3, j] * t3
                             gx = cxk[0, j] * t0 + cxk[1, j] * t1 + cxk[2, j] * t2 + cxk[3, j] * t3
                             gy = cyk[0, j] * t0 + cyk[1, j] * t1 + cyk[2, j] * t2 + cyk[3, j] * t3
-                            gloc[2 * (pt + i)] = a * gx * slot_w[i]
-                            gloc[2 * (pt + i) + 1] = a * gy * slot_h[i]
+                            gloc[p + p] = a * gx * slot_w[i]
+                            gloc[p + p + uint64(1)] = a * gy * slot_h[i]
                         if need_value:
                             # corners with zero weight (masked, or the point out of range) get
                             # nothing. The loop runs to the array's D, not the constant: a
