@@ -509,6 +509,30 @@ def test_build_choice():
     assert K.channels_for(32, points) == 32  # the benchmark runs the specialised build
 
 
+def test_too_many_channels_per_head_is_rejected(rng):
+    from deformnp.kernels.cpu import attention as K
+
+    D = K.MAX_CHANNELS + 1
+    args = make_inputs(rng, levels=[(1, 1)], N=1, Lq=1, M=1, D=D, P=1, dtype=np.float32)
+    with pytest.raises(ValueError, match=rf"ms_deform_attn: value has D = {D} channels per head"):
+        ms_deform_attn_forward(*args)
+    with pytest.raises(ValueError, match="at most 4096"):
+        ms_deform_attn_backward(np.ones((1, 1, D), np.float32), *args)
+
+
+def test_kernel_builds_refuse_a_d_they_were_not_built_for():
+    # the stack buffers have the build's size: a wrong D must not reach them
+    from deformnp.kernels.cpu import attention as K
+
+    shapes, starts = level_layout([(2, 2)])
+    slots = K._level_slots(shapes, starts, 1)
+    loc, attn = np.zeros((1, 1, 1, 1, 1, 2)), np.zeros((1, 1, 1, 1, 1))
+    forward, _ = K.kernels(0)
+    D = K.GENERIC_CHANNELS + 1
+    with pytest.raises(ValueError, match="does not fit this kernel build"):
+        forward(np.zeros((1, 1, 4, D)), *slots, loc, attn, np.zeros((1, 1, D)))
+
+
 def test_specialised_build_matches_reference_and_generic_build(rng, monkeypatch):
     # D = 32 in float64: the build the SPEC 13 benchmark uses (there in float32), with points
     # in and out of range, an empty last level (no pixel may be read there) and L*P larger than

@@ -26,7 +26,9 @@ exact derivative of the zero-fade rule: the right-hand slope at integer pixel co
 
 Differences from the anchor, all deliberate: any batch size works (no ``im2col_step`` argument
 and no divisibility rule); index arithmetic is 64-bit; the backward is deterministic (see
-``deformnp/kernels/cpu/attention.py``).
+``deformnp/kernels/cpu/attention.py``, which also explains how the CPU kernels are made fast).
+On the CPU at most 4096 channels per head are supported (D; Deformable-DETR uses 32), and the
+autograd node keeps a head-major copy of value, made in the forward, for the backward.
 
 Single-scale deformable attention (the DCN-style attention over one feature map) is the
 one-level case, L = 1::

@@ -70,6 +70,7 @@ from .bilinear import zero_fade_plan
 PLAN_BATCH = 32  # sampling points whose plans are computed in one vectorized loop
 GENERIC_CHANNELS = 64  # the generic build serves D <= this (its stack buffers have this size)
 SPECIALISE_WORK = 1 << 21  # sampling points times channels from which D is compiled in
+MAX_CHANNELS = 4096  # per head: the stack buffers hold one row of D values (32 KiB in float64)
 
 _FAST = {"reassoc", "contract"}
 
@@ -145,6 +146,11 @@ def _level_slots(spatial_shapes, level_start_index, P):
 
 def channels_for(D: int, points: int) -> int:
     """The build for D channels and ``points`` sampling points: D itself, or 0 (generic)."""
+    if D > MAX_CHANNELS:
+        raise ValueError(
+            f"ms_deform_attn: value has D = {D} channels per head; the CPU kernels support at "
+            f"most {MAX_CHANNELS} (split the heads further)"
+        )
     if D > GENERIC_CHANNELS or points * D >= SPECIALISE_WORK:
         return D
     return 0
@@ -163,6 +169,8 @@ def kernels(channels: int) -> tuple[Any, Any]:
     def forward(value_hm, slot_h, slot_w, slot_start, sampling_locations, attention_weights, out):
         """out[n, q, m*D + d] = sum_{l,p} A * zero_fade(V_l[n, m, :, :, d], v*H_l - .5, u*W_l - .5)."""
         N, M, S, Dv = value_hm.shape
+        if Dv > BUF or (DK > 0 and Dv != DK):
+            raise ValueError("ms_deform_attn: value's D does not fit this kernel build")
         D = DK if DK > 0 else Dv
         Lq = sampling_locations.shape[1]
         LP = slot_h.shape[0]
@@ -263,6 +271,8 @@ def kernels(channels: int) -> tuple[Any, Any]:
             grad_V[idx[k], d] += a * w[k] * g[d]
         """
         N, M, S, Dv = value_hm.shape
+        if Dv > BUF or (DK > 0 and Dv != DK):
+            raise ValueError("ms_deform_attn: value's D does not fit this kernel build")
         D = DK if DK > 0 else Dv
         Lq = sampling_locations.shape[1]
         LP = slot_h.shape[0]
