@@ -149,7 +149,7 @@ def channels_for(D: int, points: int) -> int:
     if D > MAX_CHANNELS:
         raise ValueError(
             f"ms_deform_attn: value has D = {D} channels per head; the CPU kernels support at "
-            f"most {MAX_CHANNELS} (split the heads further)"
+            f"most {MAX_CHANNELS}"
         )
     if D > GENERIC_CHANNELS or points * D >= SPECIALISE_WORK:
         return D
