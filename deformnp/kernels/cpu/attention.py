@@ -144,6 +144,21 @@ def _level_slots(spatial_shapes, level_start_index, P):
     return H, W, start
 
 
+@njit(inline="always", cache=True)
+def _sampling_point(loc, attn, slot_h, slot_w, slot_start, head, p, i, D):
+    """Point p (flat index into attention_weights) in slot i of head block ``head``: the flat
+    offsets of its four corners in the head-major value, its zero-fade plan and its weight.
+    Indices are unsigned, so the loop that calls this vectorizes with plain loads."""
+    H = slot_h[i]
+    W = slot_w[i]
+    x = float64(loc[p + p]) * W - 0.5
+    y = float64(loc[p + p + uint64(1)]) * H - 0.5
+    idx, w, cy, cx = zero_fade_plan(y, x, H, W)
+    row = head + slot_start[i]
+    off = ((row + idx[0]) * D, (row + idx[1]) * D, (row + idx[2]) * D, (row + idx[3]) * D)
+    return off, w, cy, cx, float64(attn[p])
+
+
 def channels_for(D: int, points: int) -> int:
     """The build for D channels and ``points`` sampling points: D itself, or 0 (generic)."""
     if D > MAX_CHANNELS:
@@ -195,19 +210,14 @@ def kernels(channels: int) -> tuple[Any, Any]:
                 for i0 in range(0, LP, B):
                     nb = min(B, LP - i0)
                     for j in range(nb):
-                        i = uint64(i0 + j)  # unsigned: contiguous loads, not gathers
-                        p = uint64(pt) + i
-                        H = slot_h[i]
-                        W = slot_w[i]
-                        x = float64(loc[p + p]) * W - 0.5
-                        y = float64(loc[p + p + uint64(1)]) * H - 0.5
-                        a = float64(attn[p])
-                        idx, w, _, _ = zero_fade_plan(y, x, H, W)
-                        row = head + slot_start[i]
-                        off[0, j] = (row + idx[0]) * D
-                        off[1, j] = (row + idx[1]) * D
-                        off[2, j] = (row + idx[2]) * D
-                        off[3, j] = (row + idx[3]) * D
+                        i = uint64(i0 + j)
+                        corner, w, _, _, a = _sampling_point(
+                            loc, attn, slot_h, slot_w, slot_start, head, uint64(pt) + i, i, D
+                        )
+                        off[0, j] = corner[0]
+                        off[1, j] = corner[1]
+                        off[2, j] = corner[2]
+                        off[3, j] = corner[3]
                         wgt[0, j] = a * w[0]
                         wgt[1, j] = a * w[1]
                         wgt[2, j] = a * w[2]
@@ -308,28 +318,23 @@ def kernels(channels: int) -> tuple[Any, Any]:
                 for i0 in range(0, LP, B):
                     nb = min(B, LP - i0)
                     for j in range(nb):
-                        i = uint64(i0 + j)  # unsigned: contiguous loads, not gathers
-                        p = uint64(pt) + i
-                        H = slot_h[i]
-                        W = slot_w[i]
-                        x = float64(loc[p + p]) * W - 0.5
-                        y = float64(loc[p + p + uint64(1)]) * H - 0.5
-                        ak[j] = float64(attn[p])
-                        idx, w, cy, cx = zero_fade_plan(y, x, H, W)
-                        row = head + slot_start[i]
-                        off[0, j] = (row + idx[0]) * D
+                        i = uint64(i0 + j)
+                        corner, w, cy, cx, ak[j] = _sampling_point(
+                            loc, attn, slot_h, slot_w, slot_start, head, uint64(pt) + i, i, D
+                        )
+                        off[0, j] = corner[0]
                         wk[0, j] = w[0]
                         cyk[0, j] = cy[0]
                         cxk[0, j] = cx[0]
-                        off[1, j] = (row + idx[1]) * D
+                        off[1, j] = corner[1]
                         wk[1, j] = w[1]
                         cyk[1, j] = cy[1]
                         cxk[1, j] = cx[1]
-                        off[2, j] = (row + idx[2]) * D
+                        off[2, j] = corner[2]
                         wk[2, j] = w[2]
                         cyk[2, j] = cy[2]
                         cxk[2, j] = cx[2]
-                        off[3, j] = (row + idx[3]) * D
+                        off[3, j] = corner[3]
                         wk[3, j] = w[3]
                         cyk[3, j] = cy[3]
                         cxk[3, j] = cx[3]
