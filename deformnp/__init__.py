@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
+from types import ModuleType
 
 # Numba's OpenMP workers spin after each parallel region by default; on a laptop's few cores they
 # then fight NumPy's BLAS threads, and a training step that alternates Numba kernels and matrix
@@ -26,8 +26,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import functional
 from .function import Function, enable_grad, is_grad_enabled, no_grad, set_grad_enabled
-from .functional import manual_seed
 from .gradcheck import GradcheckError, gradcheck
+from .random import manual_seed
 from .tensor import Tensor, tensor
 
 __version__ = "0.1.0"
@@ -51,10 +51,12 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = ("ops", "nn", "optim", "cuda", "registry")
+_LAZY = ("ops", "nn", "optim", "cuda")
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> ModuleType:
+    """``deformnp.ops``, ``nn``, ``optim`` and ``cuda``, imported on first use. (``from . import
+    ops`` here would call this function again: the submodule is imported by name.)"""
     if name in _LAZY:
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module

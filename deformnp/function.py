@@ -17,7 +17,12 @@ A differentiable operation is a subclass of :class:`Function` with two static me
 some input requires grad, records a node (the Function, its context and its parent Tensors) on
 the output. ``Tensor.backward`` replays those nodes in reverse topological order. Gradients that a
 ``backward`` returns in a broadcast shape are summed back to the input's shape by the engine, in
-one place (:func:`sum_to_shape`), so no op has to think about broadcasting in its backward.
+one place (:func:`~deformnp.tensor.sum_to_shape`), so no op has to think about broadcasting in
+its backward.
+
+Ops whose inputs were checked by a preparation step (the deformable ops) pass the checked arrays
+to ``apply`` as a keyword argument: the positional inputs are then only the node's parents (what
+gradients flow to), and ``forward`` reads the arrays from the keyword.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
+from .cuda import is_cuda_array
+from .tensor import Tensor, sum_to_shape
 
 __all__ = [
     "Function",
@@ -127,33 +133,6 @@ class enable_grad(_Switch):
     _mode = True
 
 
-def sum_to_shape(grad: Any, shape: tuple[int, ...]) -> Any:
-    """Sum a gradient computed in a broadcast shape back to ``shape`` (NumPy broadcasting rules)."""
-    shape = tuple(shape)
-    if tuple(grad.shape) == shape:
-        return grad
-    if not isinstance(grad, np.ndarray) and hasattr(grad, "copy_to_host"):
-        raise ValueError(
-            f"sum_to_shape: broadcasting is not supported on CUDA tensors (gradient of shape "
-            f"{tuple(grad.shape)} for an input of shape {shape}); use same-shape operands"
-        )
-    ndiff = grad.ndim - len(shape)
-    if ndiff < 0:
-        raise ValueError(f"sum_to_shape: gradient of shape {grad.shape} cannot reduce to {shape}")
-    axes = list(range(ndiff))
-    for i, n in enumerate(shape):
-        g = grad.shape[ndiff + i]
-        if n == 1 and g != 1:
-            axes.append(ndiff + i)
-        elif n != g:
-            raise ValueError(
-                f"sum_to_shape: gradient of shape {grad.shape} cannot reduce to {shape}"
-            )
-    if axes:
-        grad = grad.sum(axis=tuple(axes), keepdims=True)
-    return grad.reshape(shape)
-
-
 class Context:
     """Per-call scratch space handed to ``forward`` and ``backward``.
 
@@ -214,14 +193,12 @@ class Function:
 
     @classmethod
     def apply(cls, *args: Any, **kwargs: Any) -> Any:
-        from .cuda import is_cuda_array
-        from .tensor import Tensor
-
         if not cls.supports_cuda:
             for a in args:
                 if is_cuda_array(a.data if isinstance(a, Tensor) else a):
                     raise TypeError(
-                        f"{cls.__name__.lower()}: not implemented for CUDA tensors; move the "
+                        f"{cls.__name__.removesuffix('Function').lower()}: not implemented for "
+                        f"CUDA tensors; move the "
                         f"input to the CPU first with .to('cpu') (on CUDA: the deformable ops, "
                         f"and add, sub, mul, div, neg, sum and mean to form a loss)"
                     )

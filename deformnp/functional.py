@@ -9,23 +9,27 @@ reductions, shape ops and indexing, ``matmul``/``einsum``, ``softmax``/``log_sof
 layer ops ``conv2d``, ``linear``, ``layer_norm``, ``dropout``, ``pad`` and the losses
 ``mse_loss``, ``l1_loss``, ``nll_loss``, ``cross_entropy``. The layer ops validate their inputs
 (float32/float64, one dtype, shapes) with messages that name the op and the argument; the
-elementwise ops follow NumPy's type promotion. ``manual_seed`` seeds dropout and ``nn.init``.
+elementwise ops follow NumPy's type promotion. ``deformnp.manual_seed`` seeds dropout.
 NumPy only, except the loss-forming ops (add, sub, mul, div, neg, full sum and mean), which
-also run on CUDA tensors; every other op refuses a CUDA array with a TypeError naming it.
+also run on CUDA tensors (``kernels/cuda/autograd.py``); every other op refuses a CUDA array with
+a TypeError naming it. Autograd Function classes are named ``<Op>Function``. The bottom of this
+file attaches the operators and the op methods (``x.sum()``, ``x.to("cuda")``, ...) to Tensor.
 """
 
 from __future__ import annotations
 
 import builtins
 import math
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from . import random as _random
 from .function import Context, Function
-from .tensor import Tensor
+from .kernels.cpu import conv2d as conv2d_kernels
+from .tensor import Tensor, unwrap
+from .validation import host_float_array, pair, same_dtype
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -68,10 +72,17 @@ def _norm_dims(dim: Any, ndim: int, op: str) -> tuple[int, ...] | None:
     return tuple(sorted(_norm_dim(int(d), ndim, op) for d in dim))
 
 
+def _cuda() -> Any:
+    """The CUDA forms of the loss-forming ops (imported on first use: numba-cuda is optional)."""
+    from .kernels.cuda import autograd
+
+    return autograd
+
+
 # ---------------------------------------------------------------------------- elementwise
 
 
-class Add(Function):
+class AddFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
         return a + b
@@ -81,7 +92,7 @@ class Add(Function):
         return grad, grad
 
 
-class Sub(Function):
+class SubFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
         return a - b
@@ -91,7 +102,7 @@ class Sub(Function):
         return grad, -grad
 
 
-class Mul(Function):
+class MulFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
         ctx.save_for_backward(a, b)
@@ -106,7 +117,7 @@ class Mul(Function):
         )
 
 
-class Div(Function):
+class DivFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
         ctx.save_for_backward(a, b)
@@ -120,7 +131,7 @@ class Div(Function):
         return ga, gb
 
 
-class Pow(Function):
+class PowFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
         out = a**b
@@ -139,7 +150,7 @@ class Pow(Function):
         return ga, gb
 
 
-class Neg(Function):
+class NegFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
         return -a
@@ -149,7 +160,7 @@ class Neg(Function):
         return -grad
 
 
-class Exp(Function):
+class ExpFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
         out = np.exp(a)
@@ -161,7 +172,7 @@ class Exp(Function):
         return grad * ctx.saved_tensors[0]
 
 
-class Log(Function):
+class LogFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
         ctx.save_for_backward(a)
@@ -172,7 +183,7 @@ class Log(Function):
         return grad / ctx.saved_tensors[0]
 
 
-class Sqrt(Function):
+class SqrtFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
         out = np.sqrt(a)
@@ -184,7 +195,7 @@ class Sqrt(Function):
         return grad / (2 * ctx.saved_tensors[0])
 
 
-class Abs(Function):
+class AbsFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
         ctx.save_for_backward(a)
@@ -195,7 +206,7 @@ class Abs(Function):
         return grad * np.sign(ctx.saved_tensors[0])
 
 
-class Sin(Function):
+class SinFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
         ctx.save_for_backward(a)
@@ -206,7 +217,7 @@ class Sin(Function):
         return grad * np.cos(ctx.saved_tensors[0])
 
 
-class Cos(Function):
+class CosFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
         ctx.save_for_backward(a)
@@ -217,7 +228,7 @@ class Cos(Function):
         return -grad * np.sin(ctx.saved_tensors[0])
 
 
-class Tanh(Function):
+class TanhFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
         out = np.tanh(a)
@@ -230,7 +241,7 @@ class Tanh(Function):
         return grad * (1 - out * out)
 
 
-class Sigmoid(Function):
+class SigmoidFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
         out = _scipy_special().expit(a).astype(a.dtype, copy=False)
@@ -243,7 +254,7 @@ class Sigmoid(Function):
         return grad * out * (1 - out)
 
 
-class ReLU(Function):
+class ReLUFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
         ctx.save_for_backward(a > 0)
@@ -254,7 +265,7 @@ class ReLU(Function):
         return grad * ctx.saved_tensors[0]
 
 
-class Clamp(Function):
+class ClampFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, lo: float | None, hi: float | None) -> Any:
         lo_ = -np.inf if lo is None else lo
@@ -267,7 +278,7 @@ class Clamp(Function):
         return grad * ctx.saved_tensors[0], None, None
 
 
-class Where(Function):
+class WhereFunction(Function):
     @staticmethod
     def forward(ctx: Context, cond: Any, a: Any, b: Any) -> Any:
         cond = np.asarray(cond, dtype=bool)
@@ -281,7 +292,7 @@ class Where(Function):
         return None, np.where(cond, grad, zero), np.where(cond, zero, grad)
 
 
-class Maximum(Function):
+class MaximumFunction(Function):
     """Elementwise max (``sign=1``) or min (``sign=-1``); ties split the gradient evenly (torch)."""
 
     @staticmethod
@@ -300,87 +311,87 @@ class Maximum(Function):
 def add(input: Any, other: Any) -> Tensor:
     a, b = _pair_operands(input, other)
     if a.device == "cuda" or b.device == "cuda":
-        return _cuda_binary("add", a, b)
-    return Add.apply(a, b)
+        return _cuda().binary("add", a, b)
+    return AddFunction.apply(a, b)
 
 
 def sub(input: Any, other: Any) -> Tensor:
     a, b = _pair_operands(input, other)
     if a.device == "cuda" or b.device == "cuda":
-        return _cuda_binary("sub", a, b)
-    return Sub.apply(a, b)
+        return _cuda().binary("sub", a, b)
+    return SubFunction.apply(a, b)
 
 
 def mul(input: Any, other: Any) -> Tensor:
     a, b = _pair_operands(input, other)
     if a.device == "cuda" or b.device == "cuda":
-        return _cuda_binary("mul", a, b)
-    return Mul.apply(a, b)
+        return _cuda().binary("mul", a, b)
+    return MulFunction.apply(a, b)
 
 
 def div(input: Any, other: Any) -> Tensor:
     a, b = _pair_operands(input, other)
     if a.device == "cuda" or b.device == "cuda":
-        return _cuda_binary("div", a, b)
-    return Div.apply(a, b)
+        return _cuda().binary("div", a, b)
+    return DivFunction.apply(a, b)
 
 
 def pow(input: Any, exponent: Any) -> Tensor:  # noqa: A001 - torch's name
-    return Pow.apply(*_pair_operands(input, exponent))
+    return PowFunction.apply(*_pair_operands(input, exponent))
 
 
 def neg(input: Any) -> Tensor:
     x = _t(input)
     if x.device == "cuda":
-        return CudaBinary.apply(x, -1.0, "mul")
-    return Neg.apply(x)
+        return _cuda().negative(x)
+    return NegFunction.apply(x)
 
 
 def exp(input: Any) -> Tensor:
-    return Exp.apply(_t(input))
+    return ExpFunction.apply(_t(input))
 
 
 def log(input: Any) -> Tensor:
-    return Log.apply(_t(input))
+    return LogFunction.apply(_t(input))
 
 
 def sqrt(input: Any) -> Tensor:
-    return Sqrt.apply(_t(input))
+    return SqrtFunction.apply(_t(input))
 
 
 def abs(input: Any) -> Tensor:  # noqa: A001 - torch's name
-    return Abs.apply(_t(input))
+    return AbsFunction.apply(_t(input))
 
 
 def sin(input: Any) -> Tensor:
-    return Sin.apply(_t(input))
+    return SinFunction.apply(_t(input))
 
 
 def cos(input: Any) -> Tensor:
-    return Cos.apply(_t(input))
+    return CosFunction.apply(_t(input))
 
 
 def tanh(input: Any) -> Tensor:
-    return Tanh.apply(_t(input))
+    return TanhFunction.apply(_t(input))
 
 
 def sigmoid(input: Any) -> Tensor:
-    return Sigmoid.apply(_t(input))
+    return SigmoidFunction.apply(_t(input))
 
 
 def relu(input: Any, inplace: bool = False) -> Tensor:
-    return ReLU.apply(_t(input))
+    return ReLUFunction.apply(_t(input))
 
 
 def clamp(input: Any, min: float | None = None, max: float | None = None) -> Tensor:  # noqa: A002
-    return Clamp.apply(_t(input), min, max)
+    return ClampFunction.apply(_t(input), min, max)
 
 
 def where(condition: Any, input: Any, other: Any) -> Tensor:
     """Elements of ``input`` where ``condition`` holds, else of ``other`` (differentiable in both)."""
     a, b = _pair_operands(input, other)
     cond = condition.data if isinstance(condition, Tensor) else np.asarray(condition)
-    return Where.apply(cond, a, b)
+    return WhereFunction.apply(cond, a, b)
 
 
 def masked_fill(input: Any, mask: Any, value: float) -> Tensor:
@@ -390,17 +401,17 @@ def masked_fill(input: Any, mask: Any, value: float) -> Tensor:
 
 
 def maximum(input: Any, other: Any) -> Tensor:
-    return Maximum.apply(*_pair_operands(input, other), 1)
+    return MaximumFunction.apply(*_pair_operands(input, other), 1)
 
 
 def minimum(input: Any, other: Any) -> Tensor:
-    return Maximum.apply(*_pair_operands(input, other), -1)
+    return MaximumFunction.apply(*_pair_operands(input, other), -1)
 
 
 # ---------------------------------------------------------------------------- reductions
 
 
-class Sum(Function):
+class SumFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, dims: tuple | None, keepdim: bool) -> Any:
         ctx.shape, ctx.dims, ctx.keepdim = a.shape, dims, keepdim
@@ -413,7 +424,7 @@ class Sum(Function):
         return np.broadcast_to(grad, ctx.shape), None, None
 
 
-class Mean(Function):
+class MeanFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, dims: tuple | None, keepdim: bool) -> Any:
         ctx.shape, ctx.dims, ctx.keepdim = a.shape, dims, keepdim
@@ -432,7 +443,7 @@ class Mean(Function):
         return np.broadcast_to(grad / ctx.n, ctx.shape), None, None
 
 
-class MaxMin(Function):
+class MaxMinFunction(Function):
     """max (``sign=1``) or min (``sign=-1``) over dims; the gradient is split evenly among ties."""
 
     @staticmethod
@@ -454,15 +465,15 @@ class MaxMin(Function):
 def sum(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: A001
     x = _t(input)
     if x.device == "cuda":
-        return CudaReduce.apply(x, "sum", _cuda_full_reduction("sum", x, dim, keepdim))
-    return Sum.apply(x, _norm_dims(dim, x.ndim, "sum"), keepdim)
+        return _cuda().reduce("sum", x, _norm_dims(dim, x.ndim, "sum"), keepdim)
+    return SumFunction.apply(x, _norm_dims(dim, x.ndim, "sum"), keepdim)
 
 
 def mean(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:
     x = _t(input)
     if x.device == "cuda":
-        return CudaReduce.apply(x, "mean", _cuda_full_reduction("mean", x, dim, keepdim))
-    return Mean.apply(x, _norm_dims(dim, x.ndim, "mean"), keepdim)
+        return _cuda().reduce("mean", x, _norm_dims(dim, x.ndim, "mean"), keepdim)
+    return MeanFunction.apply(x, _norm_dims(dim, x.ndim, "mean"), keepdim)
 
 
 def max(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: A001
@@ -474,7 +485,7 @@ def max(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: 
     x = _t(input)
     if x.size == 0:
         raise ValueError("max: expected a non-empty tensor")
-    return MaxMin.apply(x, _norm_dims(dim, x.ndim, "max"), keepdim, 1)
+    return MaxMinFunction.apply(x, _norm_dims(dim, x.ndim, "max"), keepdim, 1)
 
 
 def min(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: A001
@@ -484,7 +495,7 @@ def min(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: 
     x = _t(input)
     if x.size == 0:
         raise ValueError("min: expected a non-empty tensor")
-    return MaxMin.apply(x, _norm_dims(dim, x.ndim, "min"), keepdim, -1)
+    return MaxMinFunction.apply(x, _norm_dims(dim, x.ndim, "min"), keepdim, -1)
 
 
 def var(input: Any, dim: Any = None, keepdim: bool = False, unbiased: bool = True) -> Tensor:
@@ -520,7 +531,7 @@ def argmin(input: Any, dim: int | None = None, keepdim: bool = False) -> Tensor:
 # ---------------------------------------------------------------------------- shapes
 
 
-class Reshape(Function):
+class ReshapeFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, shape: tuple) -> Any:
         ctx.shape = a.shape
@@ -531,7 +542,7 @@ class Reshape(Function):
         return grad.reshape(ctx.shape), None
 
 
-class Permute(Function):
+class PermuteFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, axes: tuple) -> Any:
         ctx.axes = axes
@@ -542,7 +553,7 @@ class Permute(Function):
         return grad.transpose(np.argsort(ctx.axes)), None
 
 
-class Expand(Function):
+class ExpandFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, shape: tuple) -> Any:
         return np.broadcast_to(a, shape)
@@ -564,7 +575,7 @@ def _is_basic_index(index: Any) -> bool:
     return True
 
 
-class GetItem(Function):
+class GetItemFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, index: Any) -> Any:
         ctx.shape, ctx.index = a.shape, index
@@ -580,7 +591,7 @@ class GetItem(Function):
         return out, None
 
 
-class Cat(Function):
+class CatFunction(Function):
     @staticmethod
     def forward(ctx: Context, *arrays_and_dim: Any) -> Any:
         *arrays, dim = arrays_and_dim
@@ -593,7 +604,7 @@ class Cat(Function):
         return (*np.split(grad, ctx.bounds, axis=ctx.dim), None)
 
 
-class Stack(Function):
+class StackFunction(Function):
     @staticmethod
     def forward(ctx: Context, *arrays_and_dim: Any) -> Any:
         *arrays, dim = arrays_and_dim
@@ -620,7 +631,7 @@ def reshape(input: Any, *shape: Any) -> Tensor:
         raise ValueError(
             f"reshape: shape {shape} is invalid for a tensor of {x.size} elements {x.shape}"
         ) from None
-    return Reshape.apply(x, shape)
+    return ReshapeFunction.apply(x, shape)
 
 
 def permute(input: Any, *dims: Any) -> Tensor:
@@ -628,7 +639,7 @@ def permute(input: Any, *dims: Any) -> Tensor:
     dims = _shape_arg(dims)
     if sorted(d % builtins.max(x.ndim, 1) for d in dims) != list(range(x.ndim)):
         raise ValueError(f"permute: dims {dims} are not a permutation of {x.ndim} dimensions")
-    return Permute.apply(x, tuple(d % x.ndim for d in dims))
+    return PermuteFunction.apply(x, tuple(d % x.ndim for d in dims))
 
 
 def transpose(input: Any, dim0: int, dim1: int) -> Tensor:
@@ -636,7 +647,7 @@ def transpose(input: Any, dim0: int, dim1: int) -> Tensor:
     axes = list(range(x.ndim))
     d0, d1 = _norm_dim(dim0, x.ndim, "transpose"), _norm_dim(dim1, x.ndim, "transpose")
     axes[d0], axes[d1] = axes[d1], axes[d0]
-    return Permute.apply(x, tuple(axes))
+    return PermuteFunction.apply(x, tuple(axes))
 
 
 def flatten(input: Any, start_dim: int = 0, end_dim: int = -1) -> Tensor:
@@ -668,7 +679,7 @@ def expand(input: Any, *shape: Any) -> Tensor:
     x = _t(input)
     shape = _shape_arg(shape)
     shape = tuple(x.shape[i - len(shape) + x.ndim] if s == -1 else s for i, s in enumerate(shape))
-    return Expand.apply(x, shape)
+    return ExpandFunction.apply(x, shape)
 
 
 def getitem(input: Any, index: Any) -> Tensor:
@@ -676,14 +687,14 @@ def getitem(input: Any, index: Any) -> Tensor:
         index = index.data
     elif isinstance(index, tuple):
         index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
-    return GetItem.apply(_t(input), index)
+    return GetItemFunction.apply(_t(input), index)
 
 
 def cat(tensors: Sequence[Any], dim: int = 0) -> Tensor:
     ts = [_t(x) for x in tensors]
     if not ts:
         raise ValueError("cat: expected a non-empty sequence of tensors")
-    return Cat.apply(*ts, _norm_dim(dim, ts[0].ndim, "cat"))
+    return CatFunction.apply(*ts, _norm_dim(dim, ts[0].ndim, "cat"))
 
 
 concatenate = cat
@@ -693,7 +704,7 @@ def stack(tensors: Sequence[Any], dim: int = 0) -> Tensor:
     ts = [_t(x) for x in tensors]
     if not ts:
         raise ValueError("stack: expected a non-empty sequence of tensors")
-    return Stack.apply(*ts, _norm_dim(dim, ts[0].ndim + 1, "stack"))
+    return StackFunction.apply(*ts, _norm_dim(dim, ts[0].ndim + 1, "stack"))
 
 
 def split(tensor: Any, split_size_or_sections: Any, dim: int = 0) -> tuple[Tensor, ...]:
@@ -724,7 +735,7 @@ def chunk(input: Any, chunks: int, dim: int = 0) -> tuple[Tensor, ...]:
     return split(x, -(-n // int(chunks)) if n else 1, dim)
 
 
-class Repeat(Function):
+class RepeatFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, reps: tuple) -> Any:
         ctx.shape = a.shape
@@ -753,10 +764,10 @@ def repeat(input: Any, *sizes: Any) -> Tensor:
         )
     if any(r < 0 for r in reps):
         raise ValueError(f"repeat: sizes must be >= 0, got {reps}")
-    return Repeat.apply(x, reps)
+    return RepeatFunction.apply(x, reps)
 
 
-class Flip(Function):
+class FlipFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, dims: tuple) -> Any:
         ctx.dims = dims
@@ -769,10 +780,10 @@ class Flip(Function):
 
 def flip(input: Any, dims: Any) -> Tensor:
     x = _t(input)
-    return Flip.apply(x, _norm_dims(dims, x.ndim, "flip") or ())
+    return FlipFunction.apply(x, _norm_dims(dims, x.ndim, "flip") or ())
 
 
-class Copy(Function):
+class CopyFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any) -> Any:
         return np.array(a, copy=True)
@@ -784,13 +795,13 @@ class Copy(Function):
 
 def clone(input: Any) -> Tensor:
     """A differentiable copy (torch's ``clone``)."""
-    return Copy.apply(_t(input))
+    return CopyFunction.apply(_t(input))
 
 
 # ---------------------------------------------------------------------------- matmul
 
 
-class MatMul(Function):
+class MatMulFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
         ctx.save_for_backward(a, b)
@@ -817,7 +828,7 @@ def matmul(input: Any, other: Any) -> Tensor:
         return squeeze(matmul(unsqueeze(a, 0), b), -2 if b.ndim > 1 else 0)
     if b.ndim == 1:
         return squeeze(matmul(a, unsqueeze(b, 1)), -1)
-    return MatMul.apply(a, b)
+    return MatMulFunction.apply(a, b)
 
 
 def bmm(input: Any, mat2: Any) -> Tensor:
@@ -877,7 +888,7 @@ def einsum(equation: str, *operands: Any) -> Tensor:
         operands = tuple(operands[0])
     ops = [_t(o) for o in operands]
     ins, out = _parse_einsum(equation, [o.shape for o in ops])
-    return Einsum.apply(",".join(ins) + "->" + out, *ops)
+    return EinsumFunction.apply(",".join(ins) + "->" + out, *ops)
 
 
 def _contract(equation: str, *arrays: Any) -> Any:
@@ -917,7 +928,7 @@ def _contract(equation: str, *arrays: Any) -> Any:
     return res.transpose([order.index(c) for c in out])
 
 
-class Einsum(Function):
+class EinsumFunction(Function):
     @staticmethod
     def forward(ctx: Context, equation: str, *arrays: Any) -> Any:
         ins, out = equation.split("->")
@@ -950,7 +961,7 @@ class Einsum(Function):
 # ---------------------------------------------------------------------------- softmax
 
 
-class Softmax(Function):
+class SoftmaxFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, dim: int) -> Any:
         z = a - a.max(axis=dim, keepdims=True)
@@ -966,7 +977,7 @@ class Softmax(Function):
         return out * (grad - (grad * out).sum(axis=ctx.dim, keepdims=True)), None
 
 
-class LogSoftmax(Function):
+class LogSoftmaxFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, dim: int) -> Any:
         z = a - a.max(axis=dim, keepdims=True)
@@ -984,18 +995,18 @@ class LogSoftmax(Function):
 def softmax(input: Any, dim: int) -> Tensor:
     """Numerically stable softmax along ``dim``."""
     x = _t(input)
-    return Softmax.apply(x, _norm_dim(dim, x.ndim, "softmax"))
+    return SoftmaxFunction.apply(x, _norm_dim(dim, x.ndim, "softmax"))
 
 
 def log_softmax(input: Any, dim: int) -> Tensor:
     x = _t(input)
-    return LogSoftmax.apply(x, _norm_dim(dim, x.ndim, "log_softmax"))
+    return LogSoftmaxFunction.apply(x, _norm_dim(dim, x.ndim, "log_softmax"))
 
 
 # ---------------------------------------------------------------------------- activations
 
 
-class GELU(Function):
+class GELUFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, approximate: str) -> Any:
         ctx.save_for_backward(a)
@@ -1026,66 +1037,10 @@ def gelu(input: Any, approximate: str = "none") -> Tensor:
     """GELU; the exact erf form by default, ``approximate="tanh"`` for the tanh approximation."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return GELU.apply(_t(input), approximate)
+    return GELUFunction.apply(_t(input), approximate)
 
 
-# ---------------------------------------------------------------------------- random state
-
-_generator = np.random.default_rng()
-
-
-def default_generator() -> np.random.Generator:
-    """The module-level NumPy generator used by :func:`dropout` and ``deformnp.nn.init``."""
-    return _generator
-
-
-def manual_seed(seed: int) -> np.random.Generator:
-    """Reseed the generator shared by :func:`dropout` and ``deformnp.nn.init`` (as torch's
-    global generator is shared by dropout and initialisation); returns it."""
-    global _generator
-    _generator = np.random.default_rng(seed)
-    return _generator
-
-
-# ---------------------------------------------------------------------------- validation helpers
-# (deformnp.ops._common has twins of these; functional cannot import it, since importing
-# deformnp.ops loads every op family and those import this module.)
-
-
-def _host_float(op: str, name: str, x: Any) -> np.ndarray:
-    from .cuda import is_cuda_array
-
-    a = x.data if isinstance(x, Tensor) else x
-    if is_cuda_array(a):
-        raise TypeError(
-            f"{op}: {name} is a CUDA array; {op} runs on the CPU only: move it with .to('cpu')"
-        )
-    a = np.asarray(a)
-    if a.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{op}: {name} must be float32 or float64, got {a.dtype}")
-    return a
-
-
-def _one_dtype(op: str, **arrays: Any) -> None:
-    given = {n: a.dtype for n, a in arrays.items() if a is not None}
-    if len(set(given.values())) > 1:
-        desc = ", ".join(f"{n} {d}" for n, d in given.items())
-        raise TypeError(f"{op}: inputs must share one float dtype, got {desc}")
-
-
-def _int_pair(op: str, name: str, v: Any, minimum: int) -> tuple[int, int]:
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        out = (int(v), int(v))
-    else:
-        try:
-            out = tuple(int(i) for i in v)
-        except TypeError:
-            raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}") from None
-        if len(out) != 2:
-            raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
-    if out[0] < minimum or out[1] < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {v!r}")
-    return out  # type: ignore[return-value]
+# ---------------------------------------------------------------------------- helpers of the losses
 
 
 def _reduce(op: str, loss: Tensor, reduction: str) -> Tensor:
@@ -1101,199 +1056,10 @@ def _reduce(op: str, loss: Tensor, reduction: str) -> Tensor:
 # ---------------------------------------------------------------------------- conv2d
 
 
-def _conv_window(i: int, j: int, dil: tuple, stride: tuple, out_hw: tuple) -> tuple:
-    """Rows and columns of the padded input that kernel tap (i, j) reads for every output pixel:
-    ``oy*sh + i*dh`` for ``oy`` in ``[0, Hout)`` (likewise x)."""
-    (dh, dw), (sh, sw), (ho, wo) = dil, stride, out_hw
-    return (
-        slice(i * dh, i * dh + sh * (ho - 1) + 1, sh),
-        slice(j * dw, j * dw + sw * (wo - 1) + 1, sw),
-    )
-
-
-def _zero_pad(x: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
-    top, bottom, left, right = pad
-    if not (top or bottom or left or right):
-        return x
-    n, c, h, w = x.shape
-    xp = np.zeros((n, c, h + top + bottom, w + left + right), x.dtype)
-    xp[:, :, top : top + h, left : left + w] = x
-    return xp
-
-
-def _tap_span(k: int, dil: int, stride: int, pad_before: int, size: int, out: int) -> tuple:
-    """For kernel tap ``k`` along one axis: the output range ``[lo, hi)`` whose input coordinate
-    ``o*stride - pad_before + k*dil`` lies inside ``[0, size)``, and the input slice it reads."""
-    off = k * dil - pad_before
-    lo = builtins.max(0, -(off // stride))  # the smallest o with o*stride + off >= 0
-    hi = builtins.min(out, (size - 1 - off) // stride + 1)
-    if hi <= lo:
-        return lo, lo, slice(0, 0)
-    start = lo * stride + off
-    return lo, hi, slice(start, start + (hi - lo - 1) * stride + 1, stride)
-
-
-def _depthwise_taps(x_shape: tuple, kernel: tuple, stride: tuple, pad: tuple, dilation: tuple,
-                    out_hw: tuple) -> list:  # fmt: skip
-    """(i, j, output window, input window) for every kernel tap that reads inside the image."""
-    _, _, h, w = x_shape
-    taps = []
-    for i in range(kernel[0]):
-        ylo, yhi, ys = _tap_span(i, dilation[0], stride[0], pad[0], h, out_hw[0])
-        for j in range(kernel[1]):
-            xlo, xhi, xs = _tap_span(j, dilation[1], stride[1], pad[2], w, out_hw[1])
-            if yhi > ylo and xhi > xlo:
-                taps.append((i, j, (slice(ylo, yhi), slice(xlo, xhi)), (ys, xs)))
-    return taps
-
-
-def _depthwise_forward(x_nhwc: Any, w: Any, taps: list, out_hw: tuple) -> Any:
-    """Depthwise conv (one input channel per group, ``m = O // C`` outputs per channel) as one
-    multiply-add per kernel tap over the part of the output that tap sees: no padding, no
-    matmul. Works channels-last (input ``(N, H, W, C)``), so NumPy's inner loops run over the
-    channels rather than over a short, strided output row; returns NCHW."""
-    n, _, _, c = x_nhwc.shape
-    m = w.shape[0] // c
-    wt = w.reshape(c, m, *w.shape[2:]).transpose(2, 3, 1, 0)  # (kh, kw, m, C)
-    out = np.zeros((n, *out_hw, m, c), x_nhwc.dtype)
-    for i, j, (oy, ox), (iy, ix) in taps:
-        out[:, oy, ox] += x_nhwc[:, iy, ix, None, :] * wt[i, j]
-    # (N, Ho, Wo, m, C) -> (N, C, m, Ho, Wo): output channel c*m + q
-    return np.ascontiguousarray(out.transpose(0, 4, 3, 1, 2)).reshape(n, c * m, *out_hw)
-
-
-def _depthwise_backward(
-    grad: Any, x_shape: tuple, x_nhwc: Any, w: Any, taps: list, need_x: bool, need_w: bool
-) -> tuple:
-    """Gradients of :func:`_depthwise_forward` (channels-last, taps in a fixed order:
-    deterministic); ``x_nhwc`` is needed only for the weight gradient. Returns the input
-    gradient in NCHW and the weight gradient (O, 1, kh, kw)."""
-    n, c, h, wd = x_shape
-    m = w.shape[0] // c
-    kh, kw = w.shape[2:]
-    wt = w.reshape(c, m, kh, kw).transpose(2, 3, 1, 0)  # (kh, kw, m, C)
-    gt = grad.reshape(n, c, m, *grad.shape[2:]).transpose(0, 3, 4, 2, 1)  # (N, Ho, Wo, m, C)
-    gt = np.ascontiguousarray(gt)
-    gx = np.zeros((n, h, wd, c), grad.dtype) if need_x else None
-    gw = np.zeros((kh, kw, m, c), grad.dtype) if need_w else None
-    for i, j, (oy, ox), (iy, ix) in taps:
-        go = gt[:, oy, ox]
-        if need_x:
-            if m == 1:
-                gx[:, iy, ix] += go[:, :, :, 0] * wt[i, j, 0]
-            else:
-                gx[:, iy, ix] += np.einsum("nhwqc,qc->nhwc", go, wt[i, j])
-        if need_w:
-            gw[i, j] = np.einsum("nhwqc,nhwc->qc", go, x_nhwc[:, iy, ix])
-    if need_x:
-        gx = gx.transpose(0, 3, 1, 2)
-    if need_w:
-        gw = np.ascontiguousarray(gw.transpose(3, 2, 0, 1)).reshape(c * m, 1, kh, kw)
-    return gx, gw
-
-
-class _ScratchPool(threading.local):
-    def __init__(self) -> None:
-        self.buffers: dict[str, np.ndarray] = {}
-
-
-_SCRATCH = _ScratchPool()
-_SCRATCH_LIMIT = 1 << 26  # 64 MB: larger temporaries are allocated afresh, never kept
-
-
-def _scratch(slot: str, shape: tuple, dtype: Any) -> np.ndarray:
-    """An uninitialised array for a temporary that never leaves the function, from a per-thread
-    buffer kept for the next call. Allocating conv2d's multi-megabyte temporaries afresh each
-    time costs page faults (about a quarter of the forward+backward time at the benchmark size);
-    reusing them does not. ``slot`` names buffers that are alive at the same time."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes > _SCRATCH_LIMIT:
-        return np.empty(shape, dtype)
-    buf = _SCRATCH.buffers.get(slot)
-    if buf is None or buf.nbytes < nbytes:
-        buf = np.empty(builtins.max(nbytes, 64), np.uint8)
-        _SCRATCH.buffers[slot] = buf
-    return buf[:nbytes].view(dtype).reshape(shape)
-
-
-def _im2col(
-    x: Any,
-    kernel: tuple,
-    stride: tuple,
-    pad: tuple,
-    dilation: tuple,
-    out_hw: tuple,
-    transient: bool = False,
-) -> tuple:
-    """Column buffer ``(N, C, kh*kw, Hout*row)`` of the (padded) input, and ``row``: the number of
-    columns per output row (``Wout``, or the padded width ``Wp`` on the stride-1 path, where
-    each tap is one contiguous slice of the flattened padded image). ``transient``: the columns
-    are used and dropped by the caller (they may live in the scratch pool)."""
-    n, c, h, wd = x.shape
-    kh, kw = kernel
-    ho, wo = out_hw
-    top, bottom, left, right = pad
-    hp, wp = h + top + bottom, wd + left + right
-    if kh == kw == 1 and pad == (0, 0, 0, 0):
-        cols = np.ascontiguousarray(x[:, :, :: stride[0], :: stride[1]])
-        return cols.reshape(n, c, 1, ho * wo), wo
-    if stride == (1, 1):
-        length = ho * wp
-        flat = _scratch("flat", (n, c, _flat_size(hp, wp, kh, kw, dilation, length)), x.dtype)
-        flat.fill(0)
-        flat[:, :, : hp * wp].reshape(n, c, hp, wp)[:, :, top : top + h, left : left + wd] = x
-        shape = (n, c, kh, kw, length)
-        cols = _scratch("cols", shape, x.dtype) if transient else np.empty(shape, x.dtype)
-        for chunk in _image_chunks(n, c * length * x.itemsize):
-            for i in range(kh):  # a few images at a time: the source stays in cache
-                for j in range(kw):
-                    off = i * dilation[0] * wp + j * dilation[1]
-                    cols[chunk, :, i, j] = flat[chunk, :, off : off + length]
-        return cols.reshape(n, c, kh * kw, length), wp
-    xp = _zero_pad(x, pad)
-    cols = np.empty((n, c, kh, kw, ho, wo), x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, i, j] = xp[
-                (slice(None), slice(None)) + _conv_window(i, j, dilation, stride, out_hw)
-            ]
-    return cols.reshape(n, c, kh * kw, ho * wo), wo
-
-
-def _cols_times_weight(cols: Any, w: Any, b: Any, groups: int, out_hw: tuple, row: int) -> Any:
-    """The convolution output (N, O, Hout, Wout) from the column buffer: per image and group the
-    tall-skinny product (L, K) @ (K, O/g), which BLAS runs faster than (O/g, K) @ (K, L); the
-    transpose back to NCHW is the pass that also drops extra columns and adds the bias."""
-    n = cols.shape[0]
-    o, cg, kh, kw = w.shape
-    og, k = o // groups, cg * kh * kw
-    ho, wo = out_hw
-    cols = cols.reshape(n, groups, k, ho * row)
-    prod = _scratch("product", (n, groups, ho * row, og), cols.dtype)
-    np.matmul(cols.transpose(0, 1, 3, 2), w.reshape(groups, og, k).transpose(0, 2, 1), out=prod)
-    out = prod.transpose(0, 1, 3, 2).reshape(n, groups, og, ho, row)[..., :wo]
-    # a fresh array either way (the product lives in the scratch pool)
-    out = np.array(out, order="C") if b is None else out + b.reshape(groups, og, 1, 1)
-    return out.reshape(n, o, ho, wo)
-
-
-class Conv2d(Function):
+class Conv2dFunction(Function):
     """2-D cross-correlation (torch's conv2d), NCHW; ``pad`` is (top, bottom, left, right).
 
-    General groups: im2col (one copy per kernel tap (i, j) into a column buffer), then one BLAS
-    matmul per image and group. With stride 1 the columns are taken over the *padded* width
-    (``L = Hout * Wp``): each tap is then one contiguous slice of the flattened padded image,
-    which copies several times faster than a strided window; the ``Wp - Wout`` extra columns
-    per row are computed and dropped. Backward: the weight gradient is one matmul with the saved
-    columns; the input gradient is, for stride 1, the correlation of the output gradient with
-    the flipped, transposed kernel (the same im2col + matmul, no scatter), and otherwise the
-    transposed matmul followed by col2im, which adds the columns back tap by tap in a fixed
-    order. Everything is deterministic.
-
-    Depthwise groups (one input channel per group, as in DAT's offset network) skip the matmul
-    and the padding: each tap is a broadcast multiply-add over the part of the output it sees
-    (:func:`_depthwise_forward`), far faster than many one-row matmuls.
+    The kernels (im2col + BLAS, a depthwise path, the backward) are in ``kernels/cpu/conv2d.py``.
     """
 
     @staticmethod
@@ -1308,96 +1074,23 @@ class Conv2d(Function):
         groups: int,
         out_hw: tuple,
     ) -> Any:
-        o, cg, kh, kw = w.shape
-        ctx.meta = (x.shape, stride, pad, dilation, groups, out_hw)
-        if cg == 1 and groups > 1:  # depthwise: out channel co reads input channel co // m
-            taps = _depthwise_taps(x.shape, (kh, kw), stride, pad, dilation, out_hw)
-            x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-            ctx.taps = taps
-            ctx.save_for_backward(x_nhwc if ctx.needs_input_grad[1] else None, w)
-            out = _depthwise_forward(x_nhwc, w, taps, out_hw)
-            if b is not None:
-                out += b.reshape(o, 1, 1)
-            return out
-        cols, row = _im2col(x, (kh, kw), stride, pad, dilation, out_hw)
-        ctx.row = row
-        ctx.save_for_backward(cols if ctx.needs_input_grad[1] else None, w)
-        return _cols_times_weight(cols, w, b, groups, out_hw, row)
+        ctx.geometry = (x.shape, stride, pad, dilation, groups, out_hw)
+        # the weight gradient needs the forward's columns: keep them only if it is wanted
+        ctx.cache = {} if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(w)
+        return conv2d_kernels.conv2d_forward(
+            x, w, b, stride, pad, dilation, groups, out_hw, ctx.cache
+        )
 
     @staticmethod
     def backward(ctx: Context, grad: Any) -> tuple:
-        saved, w = ctx.saved_tensors
-        (n, c, h, wd), stride, pad, dilation, groups, out_hw = ctx.meta
-        o, cg, kh, kw = w.shape
-        ho, wo = out_hw
-        og, k = o // groups, cg * kh * kw
-        top, bottom, left, right = pad
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = gw = gb = None
-        if need_b:
-            gb = grad.sum(axis=(0, 2, 3))
-        if cg == 1 and groups > 1:
-            gx, gw = _depthwise_backward(grad, (n, c, h, wd), saved, w, ctx.taps, need_x, need_w)
-            return gx, gw, gb, None, None, None, None, None
-        row = ctx.row
-        length = ho * row
-        go = None
-        if need_w or (need_x and stride != (1, 1)):
-            if row != wo:  # zero gradient for the dropped columns
-                go = _scratch("grad", (n, o, ho, row), grad.dtype)
-                go[..., :wo] = grad
-                go[..., wo:] = 0
-            else:
-                go = grad
-            go = go.reshape(n, groups, og, length)
-        if need_w:
-            # (N, g, K, L) @ (N, g, L, O/g), summed over the batch: faster in BLAS than the
-            # transposed product (N, g, O/g, L) @ (N, g, L, K)
-            gw_t = np.matmul(saved.reshape(n, groups, k, length), go.transpose(0, 1, 3, 2))
-            gw = np.ascontiguousarray(gw_t.sum(axis=0).transpose(0, 2, 1)).reshape(o, cg, kh, kw)
-        if not need_x:
-            return gx, gw, gb, None, None, None, None, None
-        if stride == (1, 1):
-            # gx[y, x] = sum_ij w[i, j] . grad[y + top - i*dh, x + left - j*dw]: a correlation
-            # of grad, padded by (kh-1)*dh - top etc. (negative amounts crop), with the kernel
-            # flipped and its in/out channels swapped within each group.
-            reach = ((kh - 1) * dilation[0], (kw - 1) * dilation[1])
-            amounts = (reach[0] - top, reach[0] - bottom, reach[1] - left, reach[1] - right)
-            crop = tuple(builtins.max(-a, 0) for a in amounts)
-            g_in = grad[:, :, crop[0] : ho - crop[1], crop[2] : wo - crop[3]]
-            g_pad = tuple(builtins.max(a, 0) for a in amounts)
-            w_t = w.reshape(groups, og, cg, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
-            w_t = np.ascontiguousarray(w_t).reshape(c, og, kh, kw)
-            cols_g, row_g = _im2col(g_in, (kh, kw), (1, 1), g_pad, dilation, (h, wd), True)
-            gx = _cols_times_weight(cols_g, w_t, None, groups, (h, wd), row_g)
-            return gx, gw, gb, None, None, None, None, None
-        # strided: transposed product, then col2im one strided add per tap in a fixed order
-        wt = np.ascontiguousarray(w.reshape(groups, og, k).transpose(0, 2, 1))
-        gcols = np.matmul(wt, go).reshape(n, c, kh, kw, ho, wo)
-        if kh == kw == 1 and pad == (0, 0, 0, 0):
-            gx = np.zeros((n, c, h, wd), grad.dtype)
-            gx[:, :, :: stride[0], :: stride[1]] = gcols[:, :, 0, 0]
-            return gx, gw, gb, None, None, None, None, None
-        gxp = np.zeros((n, c, h + top + bottom, wd + left + right), grad.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                window = _conv_window(i, j, dilation, stride, out_hw)
-                gxp[(slice(None), slice(None)) + window] += gcols[:, :, i, j]
-        gx = gxp[:, :, top : top + h, left : left + wd]
+        (w,) = ctx.saved_tensors
+        x_shape, stride, pad, dilation, groups, out_hw = ctx.geometry
+        gx, gw, gb = conv2d_kernels.conv2d_backward(
+            grad, x_shape, w, stride, pad, dilation, groups, out_hw,
+            ctx.needs_input_grad[:3], ctx.cache,
+        )  # fmt: skip
         return gx, gw, gb, None, None, None, None, None
-
-
-def _image_chunks(n: int, bytes_per_image: int, budget: int = 1 << 18) -> list[slice]:
-    """Batch slices of about ``budget`` bytes (at least one image each)."""
-    step = builtins.max(1, budget // builtins.max(1, bytes_per_image))
-    return [slice(i, i + step) for i in range(0, n, step)]
-
-
-def _flat_size(hp: int, wp: int, kh: int, kw: int, dilation: tuple, length: int) -> int:
-    """Length of the flattened padded image plus the slack that the last tap's slice of
-    ``length`` elements reads past the end (the dropped columns of the last row)."""
-    last = (kh - 1) * dilation[0] * wp + (kw - 1) * dilation[1]
-    return builtins.max(hp * wp, last + length)
 
 
 def _conv_padding(
@@ -1416,7 +1109,7 @@ def _conv_padding(
         raise ValueError(
             f"conv2d: padding must be an int, a pair, 'valid' or 'same', got {padding!r}"
         )
-    ph, pw = _int_pair("conv2d", "padding", padding, 0)
+    ph, pw = pair("conv2d", "padding", padding, 0)
     return (ph, ph, pw, pw)
 
 
@@ -1439,10 +1132,10 @@ def conv2d(
     :class:`Conv2d`).
     """
     op = "conv2d"
-    x = _host_float(op, "input", input)
-    w = _host_float(op, "weight", weight)
-    b = None if bias is None else _host_float(op, "bias", bias)
-    _one_dtype(op, input=x, weight=w, bias=b)
+    x = host_float_array(op, "input", unwrap(input))
+    w = host_float_array(op, "weight", unwrap(weight))
+    b = None if bias is None else host_float_array(op, "bias", unwrap(bias))
+    same_dtype(op, input=x, weight=w, bias=b)
     if x.ndim not in (3, 4):
         raise ValueError(
             f"{op}: input must be 4-d (N, C, H, W) or 3-d (C, H, W), got shape {x.shape}"
@@ -1467,8 +1160,8 @@ def conv2d(
         raise ValueError(f"{op}: weight has an empty kernel, shape {w.shape}")
     if b is not None and b.shape != (o,):
         raise ValueError(f"{op}: bias must have shape (out_channels,) = ({o},), got {b.shape}")
-    st = _int_pair(op, "stride", stride, 1)
-    dil = _int_pair(op, "dilation", dilation, 1)
+    st = pair(op, "stride", stride, 1)
+    dil = pair(op, "dilation", dilation, 1)
     pad = _conv_padding(padding, (kh, kw), dil, st)
     h, wd = x.shape[-2:]
     ho = (h + pad[0] + pad[1] - dil[0] * (kh - 1) - 1) // st[0] + 1
@@ -1482,7 +1175,7 @@ def conv2d(
     unbatched = x.ndim == 3
     if unbatched:
         xt = unsqueeze(xt, 0)
-    out = Conv2d.apply(
+    out = Conv2dFunction.apply(
         xt, _t(weight), None if bias is None else _t(bias), st, pad, dil, groups, (ho, wo)
     )
     return squeeze(out, 0) if unbatched else out
@@ -1491,7 +1184,7 @@ def conv2d(
 # ---------------------------------------------------------------------------- linear
 
 
-class Linear(Function):
+class LinearFunction(Function):
     @staticmethod
     def forward(ctx: Context, x: Any, w: Any, b: Any) -> Any:
         ctx.save_for_backward(x, w)
@@ -1516,10 +1209,10 @@ def linear(input: Any, weight: Any, bias: Any = None) -> Tensor:
     """``input @ weight.T + bias`` (torch.nn.functional.linear): input (*, in), weight
     (out, in), bias (out,) or None; output (*, out)."""
     op = "linear"
-    x = _host_float(op, "input", input)
-    w = _host_float(op, "weight", weight)
-    b = None if bias is None else _host_float(op, "bias", bias)
-    _one_dtype(op, input=x, weight=w, bias=b)
+    x = host_float_array(op, "input", unwrap(input))
+    w = host_float_array(op, "weight", unwrap(weight))
+    b = None if bias is None else host_float_array(op, "bias", unwrap(bias))
+    same_dtype(op, input=x, weight=w, bias=b)
     if w.ndim != 2:
         raise ValueError(
             f"{op}: weight must be 2-d (out_features, in_features), got shape {w.shape}"
@@ -1532,13 +1225,13 @@ def linear(input: Any, weight: Any, bias: Any = None) -> Tensor:
         raise ValueError(
             f"{op}: bias must have shape (out_features,) = ({w.shape[0]},), got {b.shape}"
         )
-    return Linear.apply(_t(input), _t(weight), None if bias is None else _t(bias))
+    return LinearFunction.apply(_t(input), _t(weight), None if bias is None else _t(bias))
 
 
 # ---------------------------------------------------------------------------- layer_norm
 
 
-class LayerNorm(Function):
+class LayerNormFunction(Function):
     @staticmethod
     def forward(ctx: Context, x: Any, w: Any, b: Any, axes: tuple, eps: float) -> Any:
         mu = x.mean(axis=axes, keepdims=True)
@@ -1584,7 +1277,7 @@ def layer_norm(
     """Normalize over the trailing ``normalized_shape`` dims (biased variance, as torch), then
     scale by ``weight`` and shift by ``bias`` (each of shape ``normalized_shape`` or None)."""
     op = "layer_norm"
-    x = _host_float(op, "input", input)
+    x = host_float_array(op, "input", unwrap(input))
     ns = (
         (int(normalized_shape),)
         if isinstance(normalized_shape, (int, np.integer))
@@ -1594,16 +1287,16 @@ def layer_norm(
         raise ValueError(
             f"{op}: input's trailing dimensions must equal normalized_shape {ns}, got shape {x.shape}"
         )
-    w = None if weight is None else _host_float(op, "weight", weight)
-    b = None if bias is None else _host_float(op, "bias", bias)
-    _one_dtype(op, input=x, weight=w, bias=b)
+    w = None if weight is None else host_float_array(op, "weight", unwrap(weight))
+    b = None if bias is None else host_float_array(op, "bias", unwrap(bias))
+    same_dtype(op, input=x, weight=w, bias=b)
     for name, a in (("weight", w), ("bias", b)):
         if a is not None and a.shape != ns:
             raise ValueError(f"{op}: {name} must have shape normalized_shape {ns}, got {a.shape}")
     if not eps >= 0:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
     axes = tuple(range(x.ndim - len(ns), x.ndim))
-    return LayerNorm.apply(
+    return LayerNormFunction.apply(
         _t(input),
         None if weight is None else _t(weight),
         None if bias is None else _t(bias),
@@ -1624,7 +1317,7 @@ def dropout(
 ) -> Tensor:
     """Zero each element with probability ``p`` and scale the rest by ``1/(1-p)`` when
     ``training``; the identity otherwise. ``generator`` defaults to the module-level generator
-    (see :func:`manual_seed`). ``inplace`` is accepted for torch compatibility and ignored."""
+    (see :func:`deformnp.manual_seed`). ``inplace`` is accepted for torch compatibility and ignored."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     x = _t(input)
@@ -1634,13 +1327,13 @@ def dropout(
         raise TypeError(f"dropout: input must be float32 or float64, got {x.dtype}")
     if p == 1.0:
         return mul(x, Tensor._wrap(np.zeros(x.shape, x.dtype)))
-    rng = _generator if generator is None else generator
+    rng = _random.default_generator() if generator is None else generator
     keep = rng.random(x.shape) >= p
     scale = np.asarray(1.0 / (1.0 - p), dtype=x.dtype)
     return mul(x, Tensor._wrap(keep * scale))
 
 
-class Pad(Function):
+class PadFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, widths: tuple, value: float) -> Any:
         shape = tuple(s + lo + hi for s, (lo, hi) in zip(a.shape, widths))
@@ -1679,7 +1372,7 @@ def pad(input: Any, pad: Sequence[int], mode: str = "constant", value: float = 0
     for d, (s, (lo, hi)) in enumerate(zip(x.shape, widths)):
         if s + lo + hi < 0:
             raise ValueError(f"pad: padding {lo, hi} of dim {d} (size {s}) gives a negative size")
-    return Pad.apply(x, tuple(widths), value)
+    return PadFunction.apply(x, tuple(widths), value)
 
 
 # ---------------------------------------------------------------------------- losses
@@ -1762,17 +1455,17 @@ def _class_loss(
     bshape[cdim] = n_cls
     w = None
     if weight is not None:
-        w = _host_float(op, "weight", weight)
+        w = host_float_array(op, "weight", unwrap(weight))
         if w.shape != (n_cls,):
             raise ValueError(f"{op}: weight must have shape (C,) = ({n_cls},), got {w.shape}")
-        _one_dtype(op, input=logp.data, weight=w)
+        same_dtype(op, input=logp.data, weight=w)
     t_raw = target.data if isinstance(target, Tensor) else np.asarray(target)
     if t_raw.dtype.kind == "f":  # class probabilities
         if t_raw.shape != logp.shape:
             raise ValueError(
                 f"{op}: probability target must have the input's shape {logp.shape}, got {t_raw.shape}"
             )
-        _one_dtype(op, input=logp.data, target=t_raw)
+        same_dtype(op, input=logp.data, target=t_raw)
         t = target if isinstance(target, Tensor) else Tensor._wrap(t_raw)
         if eps:
             t = t * (1.0 - eps) + eps / n_cls
@@ -1843,7 +1536,7 @@ def softplus(input: Any, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
 # ---------------------------------------------------------------------------- devices
 
 
-class ToDevice(Function):
+class ToDeviceFunction(Function):
     """Move between host and device; the gradient moves back."""
 
     supports_cuda = True
@@ -1863,108 +1556,8 @@ class ToDevice(Function):
 
 
 def to_device(input: Tensor, device: str) -> Tensor:
-    return ToDevice.apply(input, device)
-
-
-# The few generic ops that run on CUDA tensors, enough to form a loss from a deformable op's
-# output: add, sub, mul, div (same-shape operands or a scalar), neg, and full sum / mean.
-
-
-def _cuda_binary(op: str, a: Tensor, b: Tensor) -> Tensor:
-    if a.device == "cuda" and b.device == "cuda":
-        if a.shape != b.shape or a.dtype != b.dtype:
-            raise ValueError(
-                f"{op}: CUDA operands must have the same shape and dtype (no broadcasting on "
-                f"CUDA), got {a.shape} {a.dtype} and {b.shape} {b.dtype}; move to the CPU "
-                f"with .to('cpu') for broadcasting"
-            )
-        return CudaBinary.apply(a, b, op)
-    dev, host, host_left = (a, b, False) if a.device == "cuda" else (b, a, True)
-    if host.size != 1 or host.requires_grad:
-        raise ValueError(
-            f"{op}: a CUDA tensor can be combined with another CUDA tensor of its shape or a "
-            f"constant scalar, got a host operand of shape {host.shape}; move it with .to('cuda')"
-        )
-    scalar = float(host.numpy().reshape(()))
-    if host_left:  # scalar op tensor
-        if op in ("add", "mul"):
-            return CudaBinary.apply(dev, scalar, op)
-        return CudaBinary.apply(dev, scalar, "r" + op)
-    return CudaBinary.apply(dev, scalar, op)
-
-
-def _cuda_full_reduction(op: str, x: Tensor, dim: Any, keepdim: bool) -> tuple:
-    if dim is not None and _norm_dims(dim, x.ndim, op) != tuple(range(x.ndim)):
-        raise ValueError(
-            f"{op}: on CUDA tensors only the full reduction (dim=None) is supported, got "
-            f"dim={dim}; move to the CPU with .to('cpu') to reduce over some dimensions"
-        )
-    return (1,) * x.ndim if keepdim else ()
-
-
-class CudaBinary(Function):
-    """a op b on the device; b is a device array of a's shape or a Python float.
-
-    ops: add, sub, mul, div, and rsub / rdiv (``b - a``, ``b / a`` for a scalar b).
-    """
-
-    supports_cuda = True
-
-    @staticmethod
-    def forward(ctx: Context, a: Any, b: Any, op: str) -> Any:
-        from .kernels.cuda.elementwise import binary
-
-        ctx.op = op
-        ctx.save_for_backward(a, b)
-        return binary(op, a, b)
-
-    @staticmethod
-    def backward(ctx: Context, grad: Any) -> tuple:
-        from .kernels.cuda.elementwise import binary
-
-        a, b = ctx.saved_tensors
-        op = ctx.op
-        scalar = not hasattr(b, "shape")
-        if op == "add":
-            return grad, (None if scalar else grad), None
-        if op == "sub":
-            return grad, (None if scalar else binary("mul", grad, -1.0)), None
-        if op == "rsub":
-            return binary("mul", grad, -1.0), None, None
-        if op == "mul":
-            ga = binary("mul", grad, b)
-            return ga, (None if scalar else binary("mul", grad, a)), None
-        if op == "div":
-            ga = binary("div", grad, b)
-            if scalar:
-                return ga, None, None
-            gb = binary("mul", binary("div", binary("mul", ga, a), b), -1.0)  # -g*a/b^2
-            return ga, gb, None
-        # rdiv: b / a with a scalar b -> d/da = -b / a^2
-        return binary("mul", binary("div", binary("div", grad, a), a), -b), None, None
-
-
-class CudaReduce(Function):
-    """Sum or mean of every element of a device array; the result keeps ``out_shape``."""
-
-    supports_cuda = True
-
-    @staticmethod
-    def forward(ctx: Context, a: Any, op: str, out_shape: tuple) -> Any:
-        from .kernels.cuda.elementwise import scale, sum_all
-
-        ctx.shape, ctx.dtype = tuple(a.shape), a.dtype
-        ctx.scale = 1.0 / builtins.max(a.size, 1) if op == "mean" else 1.0
-        total = sum_all(a)
-        if op == "mean":
-            total = scale(total, ctx.scale) if a.size else scale(total, np.nan)
-        return total.reshape(out_shape) if out_shape else total
-
-    @staticmethod
-    def backward(ctx: Context, grad: Any) -> tuple:
-        from .kernels.cuda.elementwise import broadcast_scalar
-
-        return broadcast_scalar(grad.reshape((1,)), ctx.shape, ctx.scale), None, None
+    """``input`` on ``device`` ("cpu" or "cuda"), differentiably (the gradient moves back)."""
+    return ToDeviceFunction.apply(input, device)
 
 
 # ---------------------------------------------------------------------------- Tensor methods
@@ -2017,16 +1610,25 @@ def _attach() -> None:
     T.repeat, T.flip, T.clone, T.sin, T.cos = repeat, flip, clone, sin, cos
     T.contiguous = lambda s: s  # NumPy handles any layout; kept so ported code runs
 
+    def to(self: Tensor, target: Any) -> Tensor:
+        """``to("cuda")`` / ``to("cpu")`` moves the data (differentiably); ``to(np.float64)``
+        casts."""
+        if isinstance(target, str) and target in ("cpu", "cuda"):
+            return self if target == self.device else to_device(self, target)
+        return self.astype(target)
+
+    T.to = to
+
     def astype(self: Tensor, dtype: Any) -> Tensor:
         dtype = np.dtype(dtype)
         if dtype == self.dtype:
             return self
-        return Cast.apply(self, dtype)
+        return CastFunction.apply(self, dtype)
 
     T.astype = astype
 
 
-class Cast(Function):
+class CastFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, dtype: np.dtype) -> Any:
         ctx.dtype = a.dtype
@@ -2038,88 +1640,3 @@ class Cast(Function):
 
 
 _attach()
-
-
-# ---------------------------------------------------------------------------- registry (CLI)
-
-
-def _conv2d_check_cases() -> list:
-    """Tiny float64 gradchecks for ``python -m deformnp check``: a grouped, strided, dilated,
-    padded convolution with a non-square kernel, and a depthwise one with channel multiplier 2."""
-    from .registry import CheckCase
-
-    rng = np.random.default_rng(0)
-
-    def leaf(*shape: int) -> Tensor:
-        return Tensor(rng.standard_normal(shape), requires_grad=True)
-
-    def grouped(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        return conv2d(x, w, b, stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
-
-    def depthwise(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        return conv2d(x, w, b, stride=2, padding=2, groups=3)
-
-    names = ("input", "weight", "bias")
-    return [
-        CheckCase(grouped, (leaf(2, 4, 5, 6), leaf(6, 2, 3, 2), leaf(6)), names),
-        CheckCase(depthwise, (leaf(1, 3, 6, 5), leaf(6, 1, 5, 5), leaf(6)), names),
-    ]
-
-
-def _conv2d_bench_case(device: str) -> Any:
-    """SPEC-style size: input (4, 64, 32, 32), weight (64, 64, 3, 3), padding 1, float32."""
-    if device != "cpu":
-        return None
-    from .registry import BenchCase
-
-    rng = np.random.default_rng(0)
-    x_np = rng.standard_normal((4, 64, 32, 32)).astype(np.float32)
-    w_np = (rng.standard_normal((64, 64, 3, 3)) * 0.05).astype(np.float32)
-    b_np = rng.standard_normal(64).astype(np.float32)
-    g_np = rng.standard_normal((4, 64, 32, 32)).astype(np.float32)
-    x, w, b = (Tensor(a, requires_grad=True) for a in (x_np, w_np, b_np))
-
-    def forward() -> Any:
-        from .function import no_grad
-
-        with no_grad():
-            return conv2d(x, w, b, padding=1)
-
-    def forward_backward() -> Any:
-        for t in (x, w, b):
-            t.grad = None
-        conv2d(x, w, b, padding=1).backward(g_np)
-
-    case = BenchCase(
-        "input (4, 64, 32, 32), weight (64, 64, 3, 3), padding 1", forward, forward_backward
-    )
-    try:
-        import numba
-        import torch
-    except ImportError:
-        return case
-    torch.set_num_threads(numba.get_num_threads())
-    tx, tw, tb = (torch.from_numpy(a.copy()).requires_grad_() for a in (x_np, w_np, b_np))
-    tg = torch.from_numpy(g_np)
-
-    def torch_forward() -> Any:
-        with torch.no_grad():
-            return torch.nn.functional.conv2d(tx, tw, tb, padding=1)
-
-    def torch_forward_backward() -> Any:
-        for t in (tx, tw, tb):
-            t.grad = None
-        torch.nn.functional.conv2d(tx, tw, tb, padding=1).backward(tg)
-
-    case.torch_forward = torch_forward
-    case.torch_forward_backward = torch_forward_backward
-    return case
-
-
-def _register() -> None:
-    from .registry import register_op
-
-    register_op("conv2d", check=_conv2d_check_cases, bench=_conv2d_bench_case)
-
-
-_register()

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 
 from .cuda import is_cuda_array as _is_cuda_array
-from .function import sum_to_shape
 
-__all__ = ["Tensor", "tensor"]
+__all__ = ["Tensor", "tensor", "sum_to_shape", "unwrap"]
 
 _FLOATS = (np.float32, np.float64)
 
@@ -149,16 +148,6 @@ class Tensor:
         self._retain_grad = True
         return self
 
-    def to(self, target: Any) -> Tensor:
-        """``to("cuda")`` / ``to("cpu")`` moves the data (differentiably); ``to(np.float64)`` casts."""
-        if isinstance(target, str) and target in ("cpu", "cuda"):
-            if target == self.device:
-                return self
-            from .functional import to_device
-
-            return to_device(self, target)
-        return self.astype(target)
-
     def cpu(self) -> Tensor:
         return self.to("cpu")
 
@@ -275,8 +264,8 @@ class Tensor:
             extra += f", dtype={self.dtype}"
         if self.device != "cpu":
             extra += f", device='{self.device}'"
-        if self._node is not None:
-            extra += f", grad_fn=<{self._node.fn.__name__}>"
+        if self._node is not None:  # the op's name: MulFunction shows as <Mul>
+            extra += f", grad_fn=<{self._node.fn.__name__.removesuffix('Function')}>"
         elif self.requires_grad:
             extra += ", requires_grad=True"
         return f"tensor({body}{extra})"
@@ -312,7 +301,40 @@ class Tensor:
             index = index.data
         self.data[index] = value
 
-    # Arithmetic operators and methods are attached at the bottom of functional.py.
+    # The arithmetic operators and the methods that are ops (``sum``, ``reshape``, ..., ``astype``
+    # and ``to(device)``) are attached by deformnp.functional, which defines them as Functions.
+
+
+def unwrap(x: Any) -> Any:
+    """The array behind a Tensor, or ``x`` itself (a NumPy array, a device array, a list...)."""
+    return x.data if isinstance(x, Tensor) else x
+
+
+def sum_to_shape(grad: Any, shape: tuple[int, ...]) -> Any:
+    """Sum a gradient computed in a broadcast shape back to ``shape`` (NumPy broadcasting rules)."""
+    shape = tuple(shape)
+    if tuple(grad.shape) == shape:
+        return grad
+    if _is_cuda_array(grad):
+        raise ValueError(
+            f"sum_to_shape: broadcasting is not supported on CUDA tensors (gradient of shape "
+            f"{tuple(grad.shape)} for an input of shape {shape}); use same-shape operands"
+        )
+    ndiff = grad.ndim - len(shape)
+    if ndiff < 0:
+        raise ValueError(f"sum_to_shape: gradient of shape {grad.shape} cannot reduce to {shape}")
+    axes = list(range(ndiff))
+    for i, n in enumerate(shape):
+        g = grad.shape[ndiff + i]
+        if n == 1 and g != 1:
+            axes.append(ndiff + i)
+        elif n != g:
+            raise ValueError(
+                f"sum_to_shape: gradient of shape {grad.shape} cannot reduce to {shape}"
+            )
+    if axes:
+        grad = grad.sum(axis=tuple(axes), keepdims=True)
+    return grad.reshape(shape)
 
 
 def _accumulate(a: Any, b: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import functional as _functional
+from .. import random as _random
 from ..tensor import Tensor
 
 __all__ = [
@@ -36,11 +36,11 @@ __all__ = [
 
 def manual_seed(seed: int) -> np.random.Generator:
     """Reseed the generator used by these functions (and by ``functional.dropout``)."""
-    return _functional.manual_seed(seed)
+    return _random.manual_seed(seed)
 
 
 def _rng(generator: np.random.Generator | None) -> np.random.Generator:
-    return _functional.default_generator() if generator is None else generator
+    return _random.default_generator() if generator is None else generator
 
 
 def _array(tensor: Any) -> np.ndarray:
