@@ -3,10 +3,12 @@
 Layouts at the op boundary are Deformable-DETR's: value (N, S, M, D), spatial_shapes (L, 2) as
 (H_l, W_l), level_start_index (L,), sampling_locations (N, Lq, M, L, P, 2) as normalized
 (u, v) = (x, y), attention_weights (N, Lq, M, L, P), output (N, Lq, M*D). All arrays
-C-contiguous, validated by ``deformnp.ops.attention``.
+C-contiguous, validated by ``deformnp.ops.attention`` (which also refuses D > MAX_CHANNELS).
+Chunking, allocation and the thread choice happen here, in ``ms_deform_attn_forward`` and
+``ms_deform_attn_backward`` (the same signatures as ``kernels/cuda/attention.py``).
 
 Sampling point p of head m at level l: y = v*H_l - 0.5, x = u*W_l - 0.5, zero-fade rule
-(``bilinear.zero_fade_plan``, SPEC section 4). Nothing of size (N, M, D, Lq, L, P) is ever
+(``rules.zero_fade_plan``, SPEC section 4). Nothing of size (N, M, D, Lq, L, P) is ever
 materialised.
 
 How the kernels are fast. Profiling the first version at the SPEC 13 size showed per-point
@@ -16,7 +18,8 @@ measures below took one thread from 7.2 to 3.1 ms (forward) and from 13.3 to 8.7
 kernel); the figures against torch are in benches/RESULTS.md.
 
 * **Head-major value.** ``ms_deform_attn_forward`` / ``ms_deform_attn_backward`` first copy value
-  to (N, M, S, D) (``head_major``; the autograd node makes the copy once for both passes), so
+  to (N, M, S, D) (``head_major``; through the ``cache`` dict that the autograd node passes to
+  both, the copy is made once for both passes), so
   one head's map is one contiguous (S, D) block and a pixel is a contiguous run of D values. The
   value gradient is accumulated in that layout and copied back (``from_head_major``). The two
   copies take about 6% of a forward+backward.
@@ -65,7 +68,7 @@ from numba import carray, float64, njit, prange, types, uint64
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .bilinear import zero_fade_plan
+from .sampling import threads_for, zero_fade_plan
 
 PLAN_BATCH = 32  # sampling points whose plans are computed in one vectorized loop
 GENERIC_CHANNELS = 64  # the generic build serves D <= this (its stack buffers have this size)
@@ -160,12 +163,8 @@ def _sampling_point(loc, attn, slot_h, slot_w, slot_start, head, p, i, D):
 
 
 def channels_for(D: int, points: int) -> int:
-    """The build for D channels and ``points`` sampling points: D itself, or 0 (generic)."""
-    if D > MAX_CHANNELS:
-        raise ValueError(
-            f"ms_deform_attn: value has D = {D} channels per head; the CPU kernels support at "
-            f"most {MAX_CHANNELS}"
-        )
+    """The build for D channels and ``points`` sampling points: D itself, or 0 (generic).
+    D <= MAX_CHANNELS (``ops.ms_deform_attn`` refuses more)."""
     if D > GENERIC_CHANNELS or points * D >= SPECIALISE_WORK:
         return D
     return 0
@@ -392,16 +391,52 @@ def head_major(value):
     return to_head_major(value, np.empty((N, M, S, D), value.dtype))
 
 
-def ms_deform_attn_forward(value, spatial_shapes, level_start_index, loc, attn, out, value_hm=None):
-    """Forward on the host: value (N, S, M, D) -> ``out`` (N, Lq, M*D), which needs no zeroing.
-    ``value_hm``, if given, is ``head_major(value)`` (a caller that runs the backward too can
-    make it once)."""
-    D = value.shape[3]
-    forward, _ = kernels(channels_for(D, loc.size // 2))
-    if value_hm is None:
+def _value_head_major(value, cache):
+    """head_major(value), made once per autograd node: kept in (and taken from) ``cache``."""
+    if cache is not None and "value_head_major" in cache:
+        return cache["value_head_major"]
+    with threads_for(value.size):
         value_hm = head_major(value)
-    slots = _level_slots(spatial_shapes, level_start_index, loc.shape[4])
-    return forward(value_hm, *slots, loc, attn, out)
+    if cache is not None:
+        cache["value_head_major"] = value_hm
+    return value_hm
+
+
+# The backward splits each (n, m) slice's queries into at most MAX_CHUNKS chunks, each with its
+# own copy of grad_value, so that small N*M still gives enough parallel tasks. The count depends
+# on the shapes only (never on the thread count), which keeps gradients bit-identical across
+# thread counts.
+TARGET_TASKS = 16
+MAX_CHUNKS = 4
+MIN_QUERIES_PER_CHUNK = 128
+
+
+def n_chunks(N: int, M: int, Lq: int) -> int:
+    """Query chunks per (n, m) slice in the backward (shapes only: see above)."""
+    tasks = max(N * M, 1)
+    if tasks >= TARGET_TASKS:
+        return 1
+    return int(max(1, min(MAX_CHUNKS, -(-TARGET_TASKS // tasks), Lq // MIN_QUERIES_PER_CHUNK)))
+
+
+def ms_deform_attn_forward(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, cache=None
+):
+    """out (N, Lq, M*D) of value (N, S, M, D) (host arrays, validated and C-contiguous).
+
+    ``cache``: a dict shared with the backward of the same autograd node; the head-major copy of
+    value made here is kept there for the backward (results never depend on it)."""
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    if N * Lq * M * D == 0 or L == 0 or P == 0 or S == 0:
+        return np.zeros((N, Lq, M * D), dtype=value.dtype)
+    points = sampling_locations.size // 2
+    forward, _ = kernels(channels_for(D, points))
+    with threads_for(points * (D + 8)):
+        value_hm = _value_head_major(value, cache)
+        slots = _level_slots(spatial_shapes, level_start_index, P)
+        out = np.empty((N, Lq, M * D), dtype=value.dtype)  # the kernel writes every element
+        return forward(value_hm, *slots, sampling_locations, attention_weights, out)
 
 
 def ms_deform_attn_backward(
@@ -409,43 +444,46 @@ def ms_deform_attn_backward(
     value,
     spatial_shapes,
     level_start_index,
-    loc,
-    attn,
-    n_chunks,
-    need_value,
-    need_loc_attn,
-    grad_value,
-    grad_loc,
-    grad_attn,
-    value_hm=None,
+    sampling_locations,
+    attention_weights,
+    needs,
+    cache=None,
 ):
-    """Backward on the host; overwrites ``grad_value`` (N, S, M, D), ``grad_loc`` and
-    ``grad_attn`` whole, so they need no zeroing (each may be empty when not needed).
-    ``n_chunks`` splits each head's queries (see above); ``value_hm`` as in the forward."""
+    """(grad_value, grad_sampling_locations, grad_attention_weights), None where ``needs`` is
+    False; bit-identical with any number of threads. ``cache`` as in the forward."""
     N, S, M, D = value.shape
-    _, backward = kernels(channels_for(D, loc.size // 2))
-    if value_hm is None:
-        value_hm = head_major(value)
-    slots = _level_slots(spatial_shapes, level_start_index, loc.shape[4])
-    if not need_value:
-        n_chunks = 1
-    size = value.size if need_value else 0
-    grad_hm = np.empty((N, M, S, D) if need_value else (0, 0, 0, 0), value.dtype)
-    extra = np.empty((n_chunks - 1, size), value.dtype)
-    backward(
-        grad_out,
-        value_hm,
-        *slots,
-        loc,
-        attn,
-        n_chunks,
-        need_value,
-        need_loc_attn,
-        grad_hm,
-        extra,
-        grad_loc,
-        grad_attn,
-    )
-    if need_value:
-        from_head_major(grad_hm, extra, grad_value)
-    return grad_value
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    dtype = value.dtype
+    need_value = bool(needs[0])
+    need_loc_attn = bool(needs[1] or needs[2])
+    run = (need_value or need_loc_attn) and N * Lq * M * D * L * P * S > 0
+    alloc = np.empty if run else np.zeros  # the kernel overwrites the gradients whole
+    grad_value = alloc(value.shape, dtype) if need_value else None
+    grad_loc = alloc(sampling_locations.shape, dtype) if need_loc_attn else None
+    grad_attn = alloc(attention_weights.shape, dtype) if need_loc_attn else None
+    if run:
+        points = sampling_locations.size // 2
+        _, backward = kernels(channels_for(D, points))
+        chunks = n_chunks(N, M, Lq) if need_value else 1
+        with threads_for(points * (2 * D + 8)):
+            value_hm = _value_head_major(value, cache)
+            slots = _level_slots(spatial_shapes, level_start_index, P)
+            grad_hm = np.empty((N, M, S, D) if need_value else (0, 0, 0, 0), dtype)
+            extra = np.empty((chunks - 1, value.size if need_value else 0), dtype)
+            backward(
+                grad_out,
+                value_hm,
+                *slots,
+                sampling_locations,
+                attention_weights,
+                chunks,
+                need_value,
+                need_loc_attn,
+                grad_hm,
+                extra,
+                grad_loc if need_loc_attn else np.zeros((0, 0, 0, 0, 0, 0), dtype),
+                grad_attn if need_loc_attn else np.zeros((0, 0, 0, 0, 0), dtype),
+            )
+            if need_value:
+                from_head_major(grad_hm, extra, grad_value)
+    return grad_value, grad_loc if needs[1] else None, grad_attn if needs[2] else None

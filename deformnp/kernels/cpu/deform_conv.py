@@ -47,7 +47,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .bilinear import (
+from .sampling import (
     axpy,
     channels_last,
     combine4,
@@ -299,10 +299,10 @@ def deform_conv2d_forward(
     offset: Any,
     weight: Any,
     bias: Any,
+    mask: Any,
     stride: tuple,
     padding: tuple,
     dilation: tuple,
-    mask: Any,
 ) -> Any:
     """out (B, Cout, Hout, Wout); arguments validated and C-contiguous, mask/bias may be None."""
     B, Cin, H, W, Cout, cin_g, kh, kw, Hout, Wout, G, g = _geometry(input, offset, weight)
@@ -362,12 +362,12 @@ def deform_conv2d_backward(
     input: Any,
     offset: Any,
     weight: Any,
+    bias: Any,
     mask: Any,
     stride: tuple,
     padding: tuple,
     dilation: tuple,
-    has_bias: bool,
-    needs: tuple = (True, True, True, True, True),
+    needs: tuple,
 ) -> tuple:
     """Gradients (input, offset, weight, bias, mask), None where ``needs`` is False (bias: also
     when there is no bias; mask: also when mask is None). Deterministic."""
@@ -377,7 +377,7 @@ def deform_conv2d_backward(
     dtype = input.dtype
     need_in, need_off, need_w, need_b, need_m = (bool(n) for n in needs)
     need_m = need_m and mask is not None
-    need_b = need_b and has_bias
+    need_b = need_b and bias is not None
     g_in = np.zeros(input.shape, dtype) if need_in else None
     g_off = np.zeros(offset.shape, dtype) if need_off else None
     g_w = np.zeros(weight.shape, dtype) if need_w else None

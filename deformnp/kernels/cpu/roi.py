@@ -1,26 +1,35 @@
 """CPU kernels of the RoI pooling family (SPEC sections 7 and 8).
 
-Module API (the same names as ``kernels/cuda/roi.py``; ``rois`` is always the validated (K, 5)
-array (batch_index, x1, y1, x2, y2) in the input's dtype, ``output_size`` a pair):
+The kernel contract (the same functions and signatures as ``kernels/cuda/roi.py``; ``rois`` is
+always the validated (K, 5) host array (batch_index, x1, y1, x2, y2) in the input's dtype,
+``output_size`` a pair; backwards return one gradient per flag of ``needs``, None where it is
+False):
 
-    align_forward(mode, input, rois, offset, output_size, spatial_scale, sampling_ratio,
-                  aligned, gamma=0.0) -> out
-    align_backward(mode, grad_out, input, rois, offset, output_size, spatial_scale,
-                   sampling_ratio, aligned, gamma=0.0, needs=(True, True)) -> (g_in, g_off)
-        mode: "roi_align", "ps_roi_align" or "deform_roi_pool"
-    pool_forward(mode, input, rois, output_size, spatial_scale) -> (out, argmax or None)
-    pool_backward(mode, grad_out, input_shape, dtype, rois, argmax, output_size,
-                  spatial_scale) -> g_in
-        mode: "roi_pool" or "ps_roi_pool"
-    deform_ps_forward(input, rois, offset, spatial_scale, output_dim, group_size, pooled_size,
-                      part_size, sample_per_part, trans_std) -> out
-    deform_ps_backward(grad_out, input, rois, offset, ...same..., needs) -> (g_in, g_off)
+    roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
+                       sampling_ratio, aligned, needs) -> (grad_input,)
+    ps_roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio)
+    ps_roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
+                          sampling_ratio, needs) -> (grad_input,)
+    deform_roi_pool_forward(input, rois, offset, output_size, spatial_scale, sampling_ratio,
+                            gamma)
+    deform_roi_pool_backward(grad_out, input, rois, offset, output_size, spatial_scale,
+                             sampling_ratio, gamma, needs) -> (grad_input, grad_offset)
+    roi_pool_forward(input, rois, output_size, spatial_scale) -> (out, argmax)
+    roi_pool_backward(grad_out, rois, argmax, input_shape, output_size, spatial_scale,
+                      needs) -> (grad_input,)
+    ps_roi_pool_forward(input, rois, output_size, spatial_scale)
+    ps_roi_pool_backward(grad_out, rois, input_shape, output_size, spatial_scale, needs)
+    deform_ps_roi_pool_forward(input, rois, offset, spatial_scale, output_dim, group_size,
+                               pooled_size, part_size, sample_per_part, trans_std)
+    deform_ps_roi_pool_backward(grad_out, input, rois, offset, spatial_scale, output_dim,
+                                group_size, pooled_size, part_size, sample_per_part,
+                                trans_std, needs) -> (grad_input, grad_offset)
 
 How the work is laid out:
 
 * The per-RoI geometry (bin starts and sizes, sampling grids, integer pooling bins) is computed
-  once in NumPy, in the formulas' own words (``align_geometry``, ``pool_bins``,
-  ``deform_ps_geometry``).
+  once in NumPy, in the formulas' own words, by ``kernels/roi_geometry.py`` (shared with CUDA).
 * Every sampling op is then a weighted sum over a *tap table*: for each bin (and, for
   ``deform_ps_roi_pool``, each class) the distinct pixels its samples touch, each with the summed
   weight of the shared ``clamp_plan`` corners that hit it divided by the bin's sample count (and,
@@ -54,121 +63,10 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .bilinear import clamp_plan, threads_for
+from ..roi_geometry import align_geometry, deform_ps_geometry, pool_bins
+from .sampling import clamp_plan, threads_for
 
 # ============================================================================ geometry (NumPy)
-
-
-def c_round(v: np.ndarray) -> np.ndarray:
-    """C's ``round``: half away from zero (NumPy's ``round`` is half to even)."""
-    t = np.trunc(v)
-    with np.errstate(invalid="ignore"):
-        return t + np.where(np.abs(v - t) >= 0.5, np.sign(v), 0.0)
-
-
-def _grid(extent: np.ndarray, n: int, sampling_ratio: int) -> np.ndarray:
-    """Samples per bin along one axis: sampling_ratio if > 0, else ceil(extent / n) (>= 0)."""
-    if sampling_ratio > 0:
-        return np.full(extent.shape, sampling_ratio, np.int64)
-    with np.errstate(invalid="ignore"):
-        g = np.ceil(extent / n)
-    g = np.where(np.isfinite(g) & (g > 0), g, 0.0)
-    return g.astype(np.int64)
-
-
-def align_geometry(
-    mode: str,
-    rois: np.ndarray,
-    output_size: tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool,
-    gamma: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Geometry of the RoI Align family (SPEC 7 and 8), float64 for every dtype.
-
-    Returns ``fgeo`` (K, 6) = (start_y, start_x, bin_h, bin_w, gamma*roi_h, gamma*roi_w) and
-    ``igeo`` (K, 3) = (batch index, gh, gw). roi_align: o = 0.5 if aligned else 0 and, when not
-    aligned, roi_w = max(roi_w, 1); ps_roi_align and deform_roi_pool: always o = 0.5, no minimum.
-    """
-    with np.errstate(invalid="ignore", over="ignore"):  # non-finite boxes sample nothing
-        return _align_geometry(
-            mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma
-        )
-
-
-def _align_geometry(mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma):
-    PH, PW = output_size
-    r = np.asarray(rois, np.float64)
-    s = float(spatial_scale)
-    o = 0.5 if (aligned or mode != "roi_align") else 0.0
-    x1 = r[:, 1] * s - o
-    y1 = r[:, 2] * s - o
-    x2 = r[:, 3] * s - o
-    y2 = r[:, 4] * s - o
-    roi_w = x2 - x1
-    roi_h = y2 - y1
-    if mode == "roi_align" and not aligned:
-        roi_w = np.maximum(roi_w, 1.0)
-        roi_h = np.maximum(roi_h, 1.0)
-    fgeo = np.stack([y1, x1, roi_h / PH, roi_w / PW, gamma * roi_h, gamma * roi_w], axis=1)
-    igeo = np.stack(
-        [
-            r[:, 0].astype(np.int64),
-            _grid(roi_h, PH, sampling_ratio),
-            _grid(roi_w, PW, sampling_ratio),
-        ],
-        axis=1,
-    )
-    return np.ascontiguousarray(fgeo), np.ascontiguousarray(igeo)
-
-
-def pool_bins(
-    mode: str,
-    rois: np.ndarray,
-    output_size: tuple[int, int],
-    spatial_scale: float,
-    H: int,
-    W: int,
-    dtype: Any,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Integer bins of roi_pool / ps_roi_pool (SPEC 7), as torchvision computes them.
-
-    start = round(x1*s), end = round(x2*s); roi_w = max(end - start + 1, 1) (roi_pool) or
-    max(end - start, 1) (ps_roi_pool); bin_w = roi_w / PW; bin pw covers columns
-    [floor(pw*bin_w) + start, ceil((pw+1)*bin_w) + start) clipped to [0, W] (likewise rows).
-    The products and bin sizes are computed in the input's dtype, like torchvision, so float32
-    bins match it bin for bin. Non-finite boxes give empty bins.
-
-    Returns (batch (K,), hs (K, PH), he (K, PH), ws (K, PW), we (K, PW)), int64.
-    """
-    PH, PW = output_size
-    dt = np.dtype(dtype)
-    r = np.asarray(rois, dt)
-    s = dt.type(spatial_scale)
-    extra = 1 if mode == "roi_pool" else 0
-    with np.errstate(invalid="ignore", over="ignore"):
-        starts = c_round(r[:, 1:5] * s).astype(np.float64)
-    finite = np.all(np.isfinite(starts), axis=1)
-    # keep the integer arithmetic in range for absurd boxes (they are clipped to the map anyway)
-    starts = np.clip(np.where(np.isfinite(starts), starts, 0.0), -(2.0**52), 2.0**52)
-    sw, sh, ew, eh = (starts[:, i] for i in range(4))
-    roi_w = np.maximum(ew - sw + extra, 1.0)
-    roi_h = np.maximum(eh - sh + extra, 1.0)
-    bin_h = roi_h.astype(dt) / dt.type(PH)
-    bin_w = roi_w.astype(dt) / dt.type(PW)
-    ph = np.arange(PH, dtype=dt)
-    pw = np.arange(PW, dtype=dt)
-    hs = np.floor(ph[None, :] * bin_h[:, None]).astype(np.float64) + sh[:, None]
-    he = np.ceil((ph[None, :] + 1) * bin_h[:, None]).astype(np.float64) + sh[:, None]
-    ws = np.floor(pw[None, :] * bin_w[:, None]).astype(np.float64) + sw[:, None]
-    we = np.ceil((pw[None, :] + 1) * bin_w[:, None]).astype(np.float64) + sw[:, None]
-    hs, he = (np.clip(a, 0, H).astype(np.int64) for a in (hs, he))
-    ws, we = (np.clip(a, 0, W).astype(np.int64) for a in (ws, we))
-    he[~finite] = 0
-    hs[~finite] = 0
-    batch = r[:, 0].astype(np.int64)
-    return batch, hs, he, ws, we
 
 
 def by_image(batch: np.ndarray, B: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,59 +84,6 @@ def channel_block(B: int, C: int, cb: int = 128) -> int:
     while cb > 8 and B * ((C + cb - 1) // cb) < tasks:
         cb //= 2
     return cb
-
-
-def deform_ps_geometry(
-    rois: np.ndarray,
-    spatial_scale: float,
-    group_size: int,
-    pooled_size: int,
-    part_size: int,
-    sample_per_part: int,
-    dtype: Any,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Geometry of Deformable-ConvNets' DeformablePSROIPooling (SPEC 8).
-
-    The box is rounded first (C round), then start = round(x1)*s - 0.5, end = (round(x2) + 1)*s -
-    0.5, roi_w = max(end - start, 0.1), bin_w = roi_w / pooled_size, sub-bin = bin_w /
-    sample_per_part (likewise y); float64. The part cell of bin ph is floor(ph / pooled_size *
-    part_size) and its group cell floor(ph * group_size / pooled_size) clamped to [0, group_size
-    - 1], computed in the input's dtype as the anchor does.
-
-    Returns fgeo (K, 8) = (start_h, start_w, bin_h, bin_w, sub_h, sub_w, roi_h, roi_w), batch
-    (K,), and the part (P,) and group (P,) cells of the bins, int64.
-    """
-    with np.errstate(invalid="ignore", over="ignore"):  # non-finite boxes sample nothing
-        return _deform_ps_geometry(
-            rois, spatial_scale, group_size, pooled_size, part_size, sample_per_part, dtype
-        )
-
-
-def _deform_ps_geometry(
-    rois, spatial_scale, group_size, pooled_size, part_size, sample_per_part, dtype
-):
-    r = np.asarray(rois, np.float64)
-    s = float(spatial_scale)
-    x1, y1, x2, y2 = (c_round(r[:, i]) for i in range(1, 5))
-    start_w = x1 * s - 0.5
-    start_h = y1 * s - 0.5
-    end_w = (x2 + 1.0) * s - 0.5
-    end_h = (y2 + 1.0) * s - 0.5
-    roi_w = np.fmax(end_w - start_w, 0.1)
-    roi_h = np.fmax(end_h - start_h, 0.1)
-    bin_w = roi_w / pooled_size
-    bin_h = roi_h / pooled_size
-    sub_h = bin_h / sample_per_part
-    sub_w = bin_w / sample_per_part
-    fgeo = np.stack([start_h, start_w, bin_h, bin_w, sub_h, sub_w, roi_h, roi_w], axis=1)
-    dt = np.dtype(dtype).type
-    p = np.arange(pooled_size).astype(dt)
-    part = np.floor(p / dt(pooled_size) * dt(part_size)).astype(np.int64)
-    part = np.clip(part, 0, part_size - 1)  # a no-op for valid sizes; keeps reads in bounds
-    group = np.floor(p * dt(group_size) / dt(pooled_size)).astype(np.int64)
-    group = np.clip(group, 0, group_size - 1)
-    batch = r[:, 0].astype(np.int64)
-    return np.ascontiguousarray(fgeo), batch, part, group
 
 
 def inverse_channel_map(cmap: np.ndarray, C: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -794,10 +639,20 @@ def _offset64(offset: Any, shape: tuple) -> tuple[np.ndarray, bool]:
     return _f64(offset), True
 
 
+def _work(rois: np.ndarray, C: int, output_size: tuple) -> int:
+    """The number of (RoI, channel, bin) triples: small calls (gradchecks, tiny layers) run on
+    the calling thread (see ``threads_for``); no result depends on the thread count."""
+    return int(rois.shape[0]) * int(C) * int(output_size[0]) * int(output_size[1])
+
+
+# ============================================================================ RoI Align family
+# mode: "roi_align", "ps_roi_align" or "deform_roi_pool" (the three share their tap tables)
+
+
 def _align_setup(
-    mode, input, rois, offset, output_size, spatial_scale, sampling_ratio, aligned, gamma, coefs
+    mode, shape, rois, offset, output_size, spatial_scale, sampling_ratio, aligned, gamma, coefs
 ):
-    B, C, H, W = input.shape
+    B, C, H, W = shape
     PH, PW = output_size
     K = rois.shape[0]
     fgeo, igeo = align_geometry(
@@ -818,7 +673,7 @@ def _align_forward(
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool,
-    gamma: float = 0.0,
+    gamma: float,
 ) -> np.ndarray:
     """roi_align / ps_roi_align / deform_roi_pool forward (SPEC 7, 8) -> (K, C', PH, PW)."""
     B, Cin, H, W = input.shape
@@ -828,75 +683,126 @@ def _align_forward(
     out = np.zeros((K, Cout, PH, PW), input.dtype)
     if out.size == 0 or H * W == 0:
         return out
-    batch, sl, (tofs, ti, tw, _, _) = _align_setup(
-        mode, input, rois, offset, output_size, spatial_scale, sampling_ratio, aligned, gamma, False
-    )
-    if mode == "ps_roi_align":
-        out64 = np.zeros(out.shape, np.float64)
-        order, starts = by_image(batch, B)
-        inv = inverse_channel_map(ps_channel_map(Cout, PH * PW), Cin)
-        _gather_cmap(_f64(input), tofs, ti, tw, sl, order, starts, *inv, Cout, out64)
-        out[...] = out64
-    else:
-        _gather_nhwc(_nhwc(input), batch, tofs, ti, tw, out)
+    with threads_for(_work(rois, Cin, output_size)):
+        batch, sl, (tofs, ti, tw, _, _) = _align_setup(
+            mode, input.shape, rois, offset, output_size, spatial_scale, sampling_ratio, aligned,
+            gamma, False,
+        )  # fmt: skip
+        if mode == "ps_roi_align":
+            out64 = np.zeros(out.shape, np.float64)
+            order, starts = by_image(batch, B)
+            inv = inverse_channel_map(ps_channel_map(Cout, PH * PW), Cin)
+            _gather_cmap(_f64(input), tofs, ti, tw, sl, order, starts, *inv, Cout, out64)
+            out[...] = out64
+        else:
+            _gather_nhwc(_nhwc(input), batch, tofs, ti, tw, out)
     return out
 
 
 def _align_backward(
     mode: str,
     grad_out: np.ndarray,
-    input: np.ndarray,
+    input_shape: tuple,
+    input: np.ndarray | None,
     rois: np.ndarray,
     offset: np.ndarray | None,
     output_size: tuple[int, int],
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool,
-    gamma: float = 0.0,
-    needs: tuple = (True, True),
+    gamma: float,
+    need_in: bool,
+    need_off: bool,
 ) -> tuple[Any, Any]:
-    """(grad_input, grad_offset); grad_offset only for deform_roi_pool with an offset."""
-    B, C, H, W = input.shape
+    """(grad_input, grad_offset); the offset gradient (deform_roi_pool with an offset) needs
+    ``input``'s values, the input gradient only its shape."""
+    B, C, H, W = input_shape
     PH, PW = output_size
     K = rois.shape[0]
     NB = PH * PW
-    has_off = offset is not None
-    need_in = bool(needs[0])
-    need_off = has_off and len(needs) > 1 and bool(needs[1])
-    g_in = np.zeros(input.shape, input.dtype) if need_in else None
+    dtype = grad_out.dtype
+    need_off = need_off and offset is not None
+    g_in = np.zeros(input_shape, dtype) if need_in else None
     g_off = np.zeros(offset.shape, offset.dtype) if need_off else None
-    if K == 0 or input.size == 0 or not (need_in or need_off):
+    if K == 0 or B * C * H * W == 0 or not (need_in or need_off):
         return g_in, g_off
-    grad_out = np.ascontiguousarray(grad_out, input.dtype)
-    batch, sl, (tofs, ti, tw, tcy, tcx) = _align_setup(
-        mode,
-        input,
-        rois,
-        offset,
-        output_size,
-        spatial_scale,
-        sampling_ratio,
-        aligned,
-        gamma,
-        need_off,
-    )
-    order, starts = by_image(batch, B)
-    if mode == "ps_roi_align":
-        Cout = grad_out.shape[1]
-        g64 = np.zeros(input.shape, np.float64)
-        inv = inverse_channel_map(ps_channel_map(Cout, NB), C)
-        _scatter_cmap(_f64(grad_out), tofs, ti, tw, sl, order, starts, *inv, Cout, g64)
-        g_in[...] = g64
-        return g_in, None
-    if need_in:
-        _scatter_nhwc(grad_out, tofs, ti, tw, order, starts, channel_block(B, C), g_in)
-    if need_off:
-        dots = np.zeros((K * NB, 2), np.float64)
-        cmap = np.zeros((1, 1), np.int64)  # unused: identity
-        _dots(_nhwc(input), grad_out, batch, tofs, ti, tcy, tcx, sl, cmap, C, 1, True, dots)
-        g_off[:, 0] = dots[:, 1].reshape(K, PH, PW)
-        g_off[:, 1] = dots[:, 0].reshape(K, PH, PW)
+    with threads_for(_work(rois, C, output_size)):
+        batch, sl, (tofs, ti, tw, tcy, tcx) = _align_setup(
+            mode, input_shape, rois, offset, output_size, spatial_scale, sampling_ratio, aligned,
+            gamma, need_off,
+        )  # fmt: skip
+        order, starts = by_image(batch, B)
+        if mode == "ps_roi_align":
+            Cout = grad_out.shape[1]
+            g64 = np.zeros(input_shape, np.float64)
+            inv = inverse_channel_map(ps_channel_map(Cout, NB), C)
+            _scatter_cmap(_f64(grad_out), tofs, ti, tw, sl, order, starts, *inv, Cout, g64)
+            g_in[...] = g64
+            return g_in, None
+        if need_in:
+            _scatter_nhwc(grad_out, tofs, ti, tw, order, starts, channel_block(B, C), g_in)
+        if need_off:
+            dots = np.zeros((K * NB, 2), np.float64)
+            cmap = np.zeros((1, 1), np.int64)  # unused: identity
+            _dots(_nhwc(input), grad_out, batch, tofs, ti, tcy, tcx, sl, cmap, C, 1, True, dots)
+            g_off[:, 0] = dots[:, 1].reshape(K, PH, PW)
+            g_off[:, 1] = dots[:, 0].reshape(K, PH, PW)
     return g_in, g_off
+
+
+def roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """roi_align (SPEC 7) -> (K, C, PH, PW)."""
+    return _align_forward(
+        "roi_align", input, rois, None, output_size, spatial_scale, sampling_ratio, aligned, 0.0
+    )
+
+
+def roi_align_backward(
+    grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio, aligned, needs
+):
+    """``(grad_input,)`` of roi_align: only the input's shape is needed."""
+    g_in, _ = _align_backward(
+        "roi_align", grad_out, input_shape, None, rois, None, output_size, spatial_scale,
+        sampling_ratio, aligned, 0.0, needs[0], False,
+    )  # fmt: skip
+    return (g_in,)
+
+
+def ps_roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio):
+    """ps_roi_align (SPEC 7) -> (K, C/(PH*PW), PH, PW)."""
+    return _align_forward(
+        "ps_roi_align", input, rois, None, output_size, spatial_scale, sampling_ratio, True, 0.0
+    )
+
+
+def ps_roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio, needs):  # fmt: skip
+    """``(grad_input,)`` of ps_roi_align: only the input's shape is needed."""
+    g_in, _ = _align_backward(
+        "ps_roi_align", grad_out, input_shape, None, rois, None, output_size, spatial_scale,
+        sampling_ratio, True, 0.0, needs[0], False,
+    )  # fmt: skip
+    return (g_in,)
+
+
+def deform_roi_pool_forward(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma):
+    """deform_roi_pool (SPEC 8) -> (K, C, PH, PW); ``offset`` (K, 2, PH, PW) or None."""
+    return _align_forward(
+        "deform_roi_pool", input, rois, offset, output_size, spatial_scale, sampling_ratio, True,
+        gamma,
+    )  # fmt: skip
+
+
+def deform_roi_pool_backward(
+    grad_out, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, needs
+):
+    """(grad_input, grad_offset) of deform_roi_pool; grad_offset is None without an offset."""
+    return _align_backward(
+        "deform_roi_pool", grad_out, input.shape, input, rois, offset, output_size,
+        spatial_scale, sampling_ratio, True, gamma, needs[0], needs[1],
+    )  # fmt: skip
+
+
+# ============================================================================ RoI Pool family
 
 
 def argmax_dtype(H: int, W: int) -> Any:
@@ -905,67 +811,86 @@ def argmax_dtype(H: int, W: int) -> Any:
     return np.int16 if n < 2**15 else np.int32 if n < 2**31 else np.int64
 
 
-def _pool_forward(
-    mode: str,
-    input: np.ndarray,
-    rois: np.ndarray,
-    output_size: tuple[int, int],
-    spatial_scale: float,
-) -> tuple[np.ndarray, Any]:
-    """roi_pool (returns (out, argmax): flat indices into the H*W plane, -1 for an empty bin, in
-    the smallest of int16/int32/int64 that holds them) or ps_roi_pool (returns (out, None))."""
-    B, Cin, H, W = input.shape
+def roi_pool_forward(input, rois, output_size, spatial_scale):
+    """roi_pool (SPEC 7): (out (K, C, PH, PW), argmax), argmax the flat index into the H*W plane
+    of each bin's maximum, -1 for an empty bin, in the smallest of int16/int32/int64 that holds
+    H*W - 1."""
+    B, C, H, W = input.shape
     PH, PW = output_size
     K = rois.shape[0]
-    ps = mode == "ps_roi_pool"
-    Cout = Cin // (PH * PW) if ps else Cin
-    if K * Cout * PH * PW == 0 or H * W == 0:
-        out = np.zeros((K, Cout, PH, PW), input.dtype)
-        return out, (None if ps else np.full(out.shape, -1, argmax_dtype(H, W)))
-    out = np.empty((K, Cout, PH, PW), input.dtype)
-    argmax = None if ps else np.empty((K, Cout, PH, PW), argmax_dtype(H, W))
-    batch, hs, he, ws, we = pool_bins(mode, rois, output_size, spatial_scale, H, W, input.dtype)
-    if ps:
-        out64 = np.zeros(out.shape, np.float64)
-        _ps_pool_forward(_f64(input), hs, he, ws, we, *by_image(batch, B), out64)
-        out[...] = out64
-    else:
+    if K * C * PH * PW == 0 or H * W == 0:
+        out = np.zeros((K, C, PH, PW), input.dtype)
+        return out, np.full(out.shape, -1, argmax_dtype(H, W))
+    out = np.empty((K, C, PH, PW), input.dtype)
+    argmax = np.empty((K, C, PH, PW), argmax_dtype(H, W))
+    with threads_for(_work(rois, C, output_size)):
+        batch, hs, he, ws, we = pool_bins(
+            "roi_pool", rois, output_size, spatial_scale, H, W, input.dtype
+        )
         _pool_forward_nhwc(_nhwc(input), batch, hs, he, ws, we, out, argmax)
     return out, argmax
 
 
-def _pool_backward_api(
-    mode: str,
-    grad_out: np.ndarray,
-    input_shape: tuple,
-    dtype: Any,
-    rois: np.ndarray,
-    argmax: Any,
-    output_size: tuple[int, int],
-    spatial_scale: float,
-) -> np.ndarray:
-    """Gradient of roi_pool (to each bin's argmax) or ps_roi_pool (spread over the bin)."""
+def roi_pool_backward(grad_out, rois, argmax, input_shape, output_size, spatial_scale, needs):
+    """``(grad_input,)`` of roi_pool: each bin's gradient goes to its argmax (any integer dtype,
+    values in [-1, H*W))."""
     B, C, H, W = input_shape
+    if not needs[0]:
+        return (None,)
+    g_in = np.zeros(tuple(input_shape), grad_out.dtype)
+    if rois.shape[0] == 0 or g_in.size == 0:
+        return (g_in,)
+    with threads_for(_work(rois, C, output_size)):
+        batch = np.asarray(rois[:, 0]).astype(np.int64)
+        order, starts = by_image(batch, B)
+        cb = channel_block(B, C, 16)
+        _argmax_scatter(grad_out, argmax, order, starts, cb, g_in)
+    return (g_in,)
+
+
+def ps_roi_pool_forward(input, rois, output_size, spatial_scale):
+    """ps_roi_pool (SPEC 7) -> (K, C/(PH*PW), PH, PW)."""
+    B, Cin, H, W = input.shape
     PH, PW = output_size
     K = rois.shape[0]
-    g_in = np.zeros(tuple(input_shape), dtype)
-    if K == 0 or g_in.size == 0:
-        return g_in
-    batch, hs, he, ws, we = pool_bins(mode, rois, output_size, spatial_scale, H, W, dtype)
-    order, starts = by_image(batch, B)
-    if mode == "ps_roi_pool":
+    Cout = Cin // (PH * PW)
+    out = np.zeros((K, Cout, PH, PW), input.dtype)
+    if out.size == 0 or H * W == 0:
+        return out
+    with threads_for(_work(rois, Cin, output_size)):
+        batch, hs, he, ws, we = pool_bins(
+            "ps_roi_pool", rois, output_size, spatial_scale, H, W, input.dtype
+        )
+        out64 = np.zeros(out.shape, np.float64)
+        _ps_pool_forward(_f64(input), hs, he, ws, we, *by_image(batch, B), out64)
+        out[...] = out64
+    return out
+
+
+def ps_roi_pool_backward(grad_out, rois, input_shape, output_size, spatial_scale, needs):
+    """``(grad_input,)`` of ps_roi_pool: each bin's gradient spread evenly over the bin."""
+    B, C, H, W = input_shape
+    if not needs[0]:
+        return (None,)
+    g_in = np.zeros(tuple(input_shape), grad_out.dtype)
+    if rois.shape[0] == 0 or g_in.size == 0:
+        return (g_in,)
+    with threads_for(_work(rois, C, output_size)):
+        batch, hs, he, ws, we = pool_bins(
+            "ps_roi_pool", rois, output_size, spatial_scale, H, W, grad_out.dtype
+        )
+        order, starts = by_image(batch, B)
         g64 = np.zeros(g_in.shape, np.float64)
         _ps_pool_backward(_f64(grad_out), hs, he, ws, we, order, starts, g64)
         g_in[...] = g64
-    else:
-        grad_out = np.ascontiguousarray(grad_out, dtype)
-        cb = channel_block(B, C, 16)
-        _argmax_scatter(grad_out, np.ascontiguousarray(argmax), order, starts, cb, g_in)
-    return g_in
+    return (g_in,)
+
+
+# ============================================================================ deform_ps_roi_pool
 
 
 def _dps_setup(
-    input,
+    shape,
     rois,
     offset,
     spatial_scale,
@@ -975,15 +900,16 @@ def _dps_setup(
     part_size,
     sample_per_part,
     trans_std,
+    dtype,
     coefs,
 ):
-    B, C, H, W = input.shape
+    B, C, H, W = shape
     K = rois.shape[0]
     P = pooled_size
     fgeo, batch, part, group = deform_ps_geometry(
-        rois, spatial_scale, group_size, P, part_size, sample_per_part, input.dtype
+        rois, spatial_scale, group_size, P, part_size, sample_per_part, dtype
     )
-    off, has_off = _offset64(offset, (1, 2, part_size, part_size))
+    off, has_off = _offset64(offset, (1, 2, 1, 1))  # (without an offset nothing reads it)
     ncls = off.shape[1] // 2 if has_off else 1
     cec = output_dim // ncls
     sl = set_layout(K, ncls, P * P, True)
@@ -998,7 +924,7 @@ def _dps_setup(
     return batch, part, ncls, cec, np.ascontiguousarray(cmap), sl, table
 
 
-def _deform_ps_forward(
+def deform_ps_roi_pool_forward(
     input: np.ndarray,
     rois: np.ndarray,
     offset: np.ndarray | None,
@@ -1010,34 +936,26 @@ def _deform_ps_forward(
     sample_per_part: int,
     trans_std: float,
 ) -> np.ndarray:
-    """deform_ps_roi_pool forward -> (K, output_dim, pooled_size, pooled_size)."""
+    """deform_ps_roi_pool (SPEC 8) -> (K, output_dim, pooled_size, pooled_size)."""
     B, C, H, W = input.shape
     K = rois.shape[0]
     out = np.zeros((K, output_dim, pooled_size, pooled_size), input.dtype)
     if out.size == 0 or H * W == 0:
         return out
-    batch, part, ncls, cec, cmap, sl, (tofs, ti, tw, _, _) = _dps_setup(
-        input,
-        rois,
-        offset,
-        spatial_scale,
-        output_dim,
-        group_size,
-        pooled_size,
-        part_size,
-        sample_per_part,
-        trans_std,
-        False,
-    )
-    out64 = np.zeros(out.shape, np.float64)
-    order, starts = by_image(batch, B)
-    inv = inverse_channel_map(cmap, C)
-    _gather_cmap(_f64(input), tofs, ti, tw, sl, order, starts, *inv, cec, out64)
-    out[...] = out64
+    with threads_for(_work(rois, output_dim, (pooled_size, pooled_size))):
+        batch, part, ncls, cec, cmap, sl, (tofs, ti, tw, _, _) = _dps_setup(
+            input.shape, rois, offset, spatial_scale, output_dim, group_size, pooled_size,
+            part_size, sample_per_part, trans_std, input.dtype, False,
+        )  # fmt: skip
+        out64 = np.zeros(out.shape, np.float64)
+        order, starts = by_image(batch, B)
+        inv = inverse_channel_map(cmap, C)
+        _gather_cmap(_f64(input), tofs, ti, tw, sl, order, starts, *inv, cec, out64)
+        out[...] = out64
     return out
 
 
-def _deform_ps_backward(
+def deform_ps_roi_pool_backward(
     grad_out: np.ndarray,
     input: np.ndarray,
     rois: np.ndarray,
@@ -1049,115 +967,40 @@ def _deform_ps_backward(
     part_size: int,
     sample_per_part: int,
     trans_std: float,
-    needs: tuple = (True, True),
+    needs: tuple,
 ) -> tuple[Any, Any]:
     """(grad_input, grad_offset) of deform_ps_roi_pool; grad_offset None without an offset."""
     B, C, H, W = input.shape
     K = rois.shape[0]
     P = pooled_size
-    has_off = offset is not None
     need_in = bool(needs[0])
-    need_off = has_off and len(needs) > 1 and bool(needs[1])
+    need_off = offset is not None and bool(needs[1])
     g_in = np.zeros(input.shape, input.dtype) if need_in else None
     g_off = np.zeros(offset.shape, offset.dtype) if need_off else None
     if K == 0 or input.size == 0 or not (need_in or need_off):
         return g_in, g_off
-    g64 = _f64(grad_out)
-    batch, part, ncls, cec, cmap, sl, (tofs, ti, tw, tcy, tcx) = _dps_setup(
-        input,
-        rois,
-        offset,
-        spatial_scale,
-        output_dim,
-        group_size,
-        pooled_size,
-        part_size,
-        sample_per_part,
-        trans_std,
-        need_off,
-    )
-    if need_in:
-        order, starts = by_image(batch, B)
-        gi64 = np.zeros(input.shape, np.float64)
-        inv = inverse_channel_map(cmap, C)
-        _scatter_cmap(g64, tofs, ti, tw, sl, order, starts, *inv, cec, gi64)
-        g_in[...] = gi64
-    if need_off:
-        dots = np.zeros((K * ncls * P * P, 2), np.float64)
-        g = np.ascontiguousarray(grad_out, input.dtype)
-        _dots(_nhwc(input), g, batch, tofs, ti, tcy, tcx, sl, cmap, cec, ncls, False, dots)
-        # sum the bins of each part cell into the offset, in bin order (np.add.at is sequential)
-        # the sets are bin-major (see _dps_setup): s = (q*K + k)*ncls + cls
-        q, k, cls = np.unravel_index(np.arange(K * ncls * P * P), (P * P, K, ncls))
-        ph, pw = q // P, q % P
-        go = np.zeros(offset.shape, np.float64)
-        np.add.at(go, (k, 2 * cls, part[ph], part[pw]), dots[:, 1])
-        np.add.at(go, (k, 2 * cls + 1, part[ph], part[pw]), dots[:, 0])
-        g_off[...] = go
+    with threads_for(_work(rois, output_dim, (pooled_size, pooled_size))):
+        g64 = _f64(grad_out)
+        batch, part, ncls, cec, cmap, sl, (tofs, ti, tw, tcy, tcx) = _dps_setup(
+            input.shape, rois, offset, spatial_scale, output_dim, group_size, pooled_size,
+            part_size, sample_per_part, trans_std, input.dtype, need_off,
+        )  # fmt: skip
+        if need_in:
+            order, starts = by_image(batch, B)
+            gi64 = np.zeros(input.shape, np.float64)
+            inv = inverse_channel_map(cmap, C)
+            _scatter_cmap(g64, tofs, ti, tw, sl, order, starts, *inv, cec, gi64)
+            g_in[...] = gi64
+        if need_off:
+            dots = np.zeros((K * ncls * P * P, 2), np.float64)
+            g = np.ascontiguousarray(grad_out, input.dtype)
+            _dots(_nhwc(input), g, batch, tofs, ti, tcy, tcx, sl, cmap, cec, ncls, False, dots)
+            # sum the bins of each part cell into the offset, in bin order (np.add.at is
+            # sequential); the sets are bin-major (see _dps_setup): s = (q*K + k)*ncls + cls
+            q, k, cls = np.unravel_index(np.arange(K * ncls * P * P), (P * P, K, ncls))
+            ph, pw = q // P, q % P
+            go = np.zeros(offset.shape, np.float64)
+            np.add.at(go, (k, 2 * cls, part[ph], part[pw]), dots[:, 1])
+            np.add.at(go, (k, 2 * cls + 1, part[ph], part[pw]), dots[:, 0])
+            g_off[...] = go
     return g_in, g_off
-
-
-# Small calls (gradchecks, tiny layers) run on the calling thread: see ``threads_for``. The work
-# measure is the number of (RoI, channel, bin) triples; no result depends on the thread count.
-
-
-def _work(rois: np.ndarray, C: int, output_size: tuple) -> int:
-    return int(rois.shape[0]) * int(C) * int(output_size[0]) * int(output_size[1])
-
-
-def align_forward(mode, input, rois, offset, output_size, *args, **kwargs):
-    with threads_for(_work(rois, input.shape[1], output_size)):
-        return _align_forward(mode, input, rois, offset, output_size, *args, **kwargs)
-
-
-def align_backward(mode, grad_out, input, rois, offset, output_size, *args, **kwargs):
-    with threads_for(_work(rois, input.shape[1], output_size)):
-        return _align_backward(mode, grad_out, input, rois, offset, output_size, *args, **kwargs)
-
-
-def pool_forward(mode, input, rois, output_size, spatial_scale):
-    with threads_for(_work(rois, input.shape[1], output_size)):
-        return _pool_forward(mode, input, rois, output_size, spatial_scale)
-
-
-def pool_backward(mode, grad_out, input_shape, dtype, rois, argmax, output_size, spatial_scale):
-    with threads_for(_work(rois, input_shape[1], output_size)):
-        return _pool_backward_api(
-            mode, grad_out, input_shape, dtype, rois, argmax, output_size, spatial_scale
-        )
-
-
-def deform_ps_forward(
-    input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, *args
-):
-    with threads_for(_work(rois, output_dim, (pooled_size, pooled_size))):
-        return _deform_ps_forward(
-            input, rois, offset, spatial_scale, output_dim, group_size, pooled_size, *args
-        )
-
-
-def deform_ps_backward(
-    grad_out,
-    input,
-    rois,
-    offset,
-    spatial_scale,
-    output_dim,
-    group_size,
-    pooled_size,
-    *args,
-    **kwargs,
-):
-    with threads_for(_work(rois, output_dim, (pooled_size, pooled_size))):
-        return _deform_ps_backward(
-            grad_out,
-            input,
-            rois,
-            offset,
-            spatial_scale,
-            output_dim,
-            group_size,
-            pooled_size,
-            *args,
-            **kwargs,
-        )

@@ -1,6 +1,7 @@
 """CUDA kernels of ``ms_deform_attn`` (SPEC section 9), mirroring ``kernels/cpu/attention.py``.
 
-value (N, S, M, D), spatial_shapes (L, 2) int64, level_start_index (L,) int64,
+value (N, S, M, D), spatial_shapes (L, 2) int64, level_start_index (L,) int64 (host arrays,
+copied to the device here),
 sampling_locations (N, Lq, M, L, P, 2) as normalized (x, y), attention_weights (N, Lq, M, L, P);
 output (N, Lq, M*D). Level l is sampled with the zero-fade rule at y = v*H_l - 0.5,
 x = u*W_l - 0.5; the pixels of a map are M*D elements apart in ``value``.
@@ -17,7 +18,7 @@ from typing import Any
 from numba import cuda
 
 from ._launch import SIMULATOR, empty, flat, grid, zeros
-from .bilinear import zero_fade_plan
+from .sampling import zero_fade_plan
 
 
 @cuda.jit(device=True)
@@ -116,20 +117,35 @@ def _dims(value: Any, loc: Any) -> tuple[int, ...]:
     return N, S, M, D, Lq, L, P
 
 
+def _levels(spatial_shapes: Any, level_start_index: Any, cache: dict | None) -> tuple[Any, Any]:
+    """The (host) level arrays on the device, copied once per autograd node through ``cache``."""
+    if cache is not None and "levels" in cache:
+        return cache["levels"]
+    levels = (cuda.to_device(spatial_shapes), cuda.to_device(level_start_index))
+    if cache is not None:
+        cache["levels"] = levels
+    return levels
+
+
 def ms_deform_attn_forward(
     value: Any,
     spatial_shapes: Any,
     level_start_index: Any,
     sampling_locations: Any,
     attention_weights: Any,
+    cache: dict | None = None,
 ) -> Any:
+    """out (N, Lq, M*D); spatial_shapes and level_start_index are validated host int64 arrays.
+    ``cache``: a dict shared with the backward of the same autograd node (the device copies of
+    the level arrays are kept there)."""
     N, S, M, D, Lq, L, P = _dims(value, sampling_locations)
     out = empty((N, Lq, M * D), value.dtype)
     if out.size and L and P:
+        shapes, starts = _levels(spatial_shapes, level_start_index, cache)
         _forward[grid(out.size)](
             flat(value),
-            flat(spatial_shapes),
-            flat(level_start_index),
+            flat(shapes),
+            flat(starts),
             flat(sampling_locations),
             flat(attention_weights),
             flat(out),
@@ -153,20 +169,20 @@ def ms_deform_attn_backward(
     level_start_index: Any,
     sampling_locations: Any,
     attention_weights: Any,
-    needs: tuple = (True, True, True),
+    needs: tuple,
+    cache: dict | None = None,
 ) -> tuple:
-    """(grad_value, grad_sampling_locations, grad_attention_weights)."""
+    """(grad_value, grad_sampling_locations, grad_attention_weights), None where ``needs`` is
+    False."""
     N, S, M, D, Lq, L, P = _dims(value, sampling_locations)
     g_val = zeros(value.shape, value.dtype) if needs[0] else None
     g_loc = zeros(sampling_locations.shape, value.dtype)
     g_attn = zeros(attention_weights.shape, value.dtype)
-    args = (
-        flat(spatial_shapes),
-        flat(level_start_index),
-        flat(sampling_locations),
-        flat(attention_weights),
-    )
-    if needs[0] and grad_out.size and L and P:
+    if not (L and P):
+        return g_val, g_loc if needs[1] else None, g_attn if needs[2] else None
+    shapes, starts = _levels(spatial_shapes, level_start_index, cache)
+    args = (flat(shapes), flat(starts), flat(sampling_locations), flat(attention_weights))
+    if needs[0] and grad_out.size:
         _backward_value[grid(grad_out.size)](
             flat(grad_out), *args, flat(g_val), N, S, M, D, Lq, L, P
         )

@@ -1,13 +1,9 @@
-"""The two bilinear border rules of SPEC section 4 as CUDA device functions.
+"""CUDA kernels of ``bilinear_interpolate`` (SPEC section 4), mirroring ``kernels/cpu/bilinear.py``.
 
-They are compiled from the very same Python functions as the CPU helpers in
-``kernels/cpu/bilinear.py`` (``cuda.jit(device=True)(f.py_func)``), so the math of the zero-fade
-and clamp rules exists once for both devices; see that module for the plan's contract
-(``idx, w, cy, cx``: corner indices, weights, and d/dy, d/dx coefficients).
-
-Also here: the CUDA kernels of ``bilinear_interpolate`` (input (N, C, H, W), points (N, P, 2) as
-(y, x), output (N, C, P)). The input gradient is scattered with atomic adds and is therefore not
-bit-reproducible from run to run; the points gradient has one writer per point (deterministic).
+input (N, C, H, W), points (N, P, 2) as (y, x), output (N, C, P), under either border rule (the
+device functions of ``sampling.py``). The input gradient is scattered with atomic adds and is
+therefore not bit-reproducible from run to run; the points gradient has one writer per point
+(deterministic).
 """
 
 from __future__ import annotations
@@ -16,30 +12,10 @@ from typing import Any
 
 from numba import cuda
 
-from ..cpu import bilinear as _cpu
 from ._launch import SIMULATOR, empty, flat, grid, zeros
+from .sampling import CLAMP, ZERO_FADE, plan_of, plan_value, scatter_plan
 
-zero_fade_plan = cuda.jit(device=True)(_cpu.zero_fade_plan.py_func)
-clamp_plan = cuda.jit(device=True)(_cpu.clamp_plan.py_func)
-plan_value = cuda.jit(device=True)(_cpu.plan_value.py_func)
-
-BORDERS = {"zero": 0, "clamp": 1}
-
-
-@cuda.jit(device=True)
-def plan(rule, y, x, H, W):
-    """The plan of rule 0 (zero-fade) or 1 (clamp)."""
-    if rule == 0:
-        return zero_fade_plan(y, x, H, W)
-    return clamp_plan(y, x, H, W)
-
-
-@cuda.jit(device=True)
-def scatter_plan(g, base, idx, w, value):
-    """g[base + idx[k]] += w[k] * value for the four corners (atomic)."""
-    for k in range(4):
-        if w[k] != 0.0:
-            cuda.atomic.add(g, base + idx[k], w[k] * value)
+BORDERS = {"zero": ZERO_FADE, "clamp": CLAMP}
 
 
 @cuda.jit(cache=not SIMULATOR)
@@ -51,7 +27,7 @@ def _bilinear_forward(inp, pts, out, N, C, H, W, P, rule):
         n = i // (P * C)
         y = pts[(n * P + p) * 2]
         x = pts[(n * P + p) * 2 + 1]
-        idx, w, cy, cx = plan(rule, y, x, H, W)
+        idx, w, cy, cx = plan_of(rule, y, x, H, W)
         out[i] = plan_value(inp, (n * C + c) * H * W, idx, w)
 
 
@@ -62,7 +38,7 @@ def _bilinear_backward_input(gout, pts, gin, N, C, H, W, P, rule):
         p = i % P
         c = (i // P) % C
         n = i // (P * C)
-        idx, w, cy, cx = plan(rule, pts[(n * P + p) * 2], pts[(n * P + p) * 2 + 1], H, W)
+        idx, w, cy, cx = plan_of(rule, pts[(n * P + p) * 2], pts[(n * P + p) * 2 + 1], H, W)
         scatter_plan(gin, (n * C + c) * H * W, idx, w, gout[i])
 
 
@@ -72,7 +48,7 @@ def _bilinear_backward_points(gout, inp, pts, gpts, N, C, H, W, P, rule):
     for i in range(cuda.grid(1), total, cuda.gridsize(1)):
         p = i % P
         n = i // P
-        idx, w, cy, cx = plan(rule, pts[i * 2], pts[i * 2 + 1], H, W)
+        idx, w, cy, cx = plan_of(rule, pts[i * 2], pts[i * 2 + 1], H, W)
         gy = 0.0
         gx = 0.0
         for c in range(C):
@@ -98,7 +74,7 @@ def bilinear_interpolate_forward(input: Any, points: Any, border: str) -> Any:
 
 
 def bilinear_interpolate_backward(
-    grad_out: Any, input: Any, points: Any, border: str, needs: tuple[bool, bool] = (True, True)
+    grad_out: Any, input: Any, points: Any, border: str, needs: tuple[bool, bool]
 ) -> tuple[Any, Any]:
     N, C, H, W = (int(s) for s in input.shape)
     P = int(points.shape[1])

@@ -17,7 +17,7 @@ from typing import Any
 from numba import cuda
 
 from ._launch import SIMULATOR, empty, flat, grid, zeros
-from .bilinear import plan_value, scatter_plan, zero_fade_plan
+from .sampling import plan_value, scatter_plan, zero_fade_plan
 
 
 @cuda.jit(cache=not SIMULATOR)
@@ -256,11 +256,12 @@ def deform_conv2d_forward(
     offset: Any,
     weight: Any,
     bias: Any,
+    mask: Any,
     stride: tuple,
     padding: tuple,
     dilation: tuple,
-    mask: Any,
 ) -> Any:
+    """out (B, Cout, Hout, Wout); mask/bias may be None."""
     geo = _geometry(input, offset, weight, stride, padding, dilation)
     B, Cout, Hout, Wout = geo[0], geo[4], geo[5], geo[6]
     out = empty((B, Cout, Hout, Wout), input.dtype)
@@ -286,12 +287,12 @@ def deform_conv2d_backward(
     input: Any,
     offset: Any,
     weight: Any,
+    bias: Any,
     mask: Any,
     stride: tuple,
     padding: tuple,
     dilation: tuple,
-    has_bias: bool,
-    needs: tuple = (True, True, True, True, True),
+    needs: tuple,
 ) -> tuple:
     """Gradients (input, offset, weight, bias, mask), None where ``needs`` is False."""
     geo = _geometry(input, offset, weight, stride, padding, dilation)
@@ -330,7 +331,7 @@ def deform_conv2d_backward(
                 *geo,
                 mask is not None,
             )
-    if has_bias and needs[3]:
+    if bias is not None and needs[3]:
         g_b = zeros((Cout,), dt)
         if B * Hout * Wout:
             _backward_bias[grid(Cout)](flat(grad_out), flat(g_b), B, Cout, Hout * Wout)

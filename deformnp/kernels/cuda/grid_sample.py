@@ -1,8 +1,9 @@
 """CUDA kernels of ``grid_sample`` (SPEC section 5), mirroring ``kernels/cpu/grid_sample.py``.
 
-input (N, C, Hin, Win), grid (N, Hout, Wout, 2) holding normalized (x, y); bilinear only.
-padding: 0 = "zeros" (zero-fade rule), 1 = "border" (coordinate clipped to [0, size-1], derivative
-zero where clipped, then interpolated). The input gradient is scattered with atomic adds and so
+input (N, C, Hin, Win), grid (N, Hout, Wout, 2) holding normalized (x, y); bilinear only. Each
+grid value goes through grid_sample's coordinate rule (``rules.grid_coordinate``, the same code
+as on the CPU: the "zeros", "border" and "reflection" padding modes), then the zero-fade rule
+samples there. The input gradient is scattered with atomic adds and so
 is not bit-reproducible; the grid gradient has one writer per grid point (deterministic).
 """
 
@@ -12,29 +13,9 @@ from typing import Any
 
 from numba import cuda
 
+from ..rules import PADDING_MODES
 from ._launch import SIMULATOR, empty, flat, grid, zeros
-from .bilinear import plan_value, scatter_plan, zero_fade_plan
-
-PADDING = {"zeros": 0, "border": 1}
-
-
-@cuda.jit(device=True)
-def source_coordinate(g, size, align_corners, padding):
-    """Unnormalize g in [-1, 1] to pixel units; return (coordinate, d coordinate / d g)."""
-    if align_corners:
-        scale = (size - 1) * 0.5
-        c = (g + 1.0) * scale
-    else:
-        scale = size * 0.5
-        c = ((g + 1.0) * size - 1.0) * 0.5
-    if padding == 1:
-        if c < 0.0:
-            return 0.0, 0.0
-        if c >= size - 1:
-            return float(size - 1), 0.0
-        if not (c >= 0.0):  # NaN stays NaN and samples zero
-            return c, 0.0
-    return c, scale
+from .sampling import grid_coordinate, plan_value, scatter_plan, zero_fade_plan
 
 
 @cuda.jit(cache=not SIMULATOR)
@@ -45,8 +26,8 @@ def _forward(inp, grd, out, N, C, Hin, Win, Hout, Wout, align, padding):
         c = (i // (Hout * Wout)) % C
         n = i // (C * Hout * Wout)
         g = (n * Hout * Wout + q) * 2
-        x, sx = source_coordinate(grd[g], Win, align, padding)
-        y, sy = source_coordinate(grd[g + 1], Hin, align, padding)
+        x, sx = grid_coordinate(grd[g], Win, align, padding)
+        y, sy = grid_coordinate(grd[g + 1], Hin, align, padding)
         idx, w, cy, cx = zero_fade_plan(y, x, Hin, Win)
         out[i] = plan_value(inp, (n * C + c) * Hin * Win, idx, w)
 
@@ -59,8 +40,8 @@ def _backward_input(gout, grd, gin, N, C, Hin, Win, Hout, Wout, align, padding):
         c = (i // (Hout * Wout)) % C
         n = i // (C * Hout * Wout)
         g = (n * Hout * Wout + q) * 2
-        x, sx = source_coordinate(grd[g], Win, align, padding)
-        y, sy = source_coordinate(grd[g + 1], Hin, align, padding)
+        x, sx = grid_coordinate(grd[g], Win, align, padding)
+        y, sy = grid_coordinate(grd[g + 1], Hin, align, padding)
         idx, w, cy, cx = zero_fade_plan(y, x, Hin, Win)
         scatter_plan(gin, (n * C + c) * Hin * Win, idx, w, gout[i])
 
@@ -71,8 +52,8 @@ def _backward_grid(gout, inp, grd, ggrid, N, C, Hin, Win, Hout, Wout, align, pad
     for i in range(cuda.grid(1), total, cuda.gridsize(1)):
         q = i % (Hout * Wout)
         n = i // (Hout * Wout)
-        x, sx = source_coordinate(grd[i * 2], Win, align, padding)
-        y, sy = source_coordinate(grd[i * 2 + 1], Hin, align, padding)
+        x, sx = grid_coordinate(grd[i * 2], Win, align, padding)
+        y, sy = grid_coordinate(grd[i * 2 + 1], Hin, align, padding)
         idx, w, cy, cx = zero_fade_plan(y, x, Hin, Win)
         gy = 0.0
         gx = 0.0
@@ -105,7 +86,7 @@ def grid_sample_forward(input: Any, grid_: Any, padding_mode: str, align_corners
             Hout,
             Wout,
             bool(align_corners),
-            PADDING[padding_mode],
+            PADDING_MODES[padding_mode],
         )
     elif out.size:
         out = zeros(out.shape, input.dtype)
@@ -118,10 +99,10 @@ def grid_sample_backward(
     grid_: Any,
     padding_mode: str,
     align_corners: bool,
-    needs: tuple[bool, bool] = (True, True),
+    needs: tuple[bool, bool],
 ) -> tuple:
     N, C, Hin, Win, Hout, Wout = _dims(input, grid_)
-    pad = PADDING[padding_mode]
+    pad = PADDING_MODES[padding_mode]
     g_in = g_grid = None
     if needs[0]:
         g_in = zeros(input.shape, input.dtype)

@@ -1,11 +1,12 @@
 """CUDA kernels of the RoI pooling family (SPEC sections 7 and 8), mirroring ``kernels/cpu/roi.py``.
 
-The per-RoI geometry (bins, sampling grids, starts, part and group cells) is computed on the host
-by the very functions the CPU kernels use (``align_geometry``, ``pool_bins``,
-``deform_ps_geometry``), so both devices pool exactly the same bins; only those few numbers per
-RoI travel to the device. RoIs are validated on the host anyway (batch indices in range), so
-boxes given on the device are read back once per call (K x 5 numbers); feature maps, offsets,
-outputs and gradients stay on the device.
+The kernel contract is the CPU module's (the same functions and signatures; see the list at the
+top of ``kernels/cpu/roi.py``). The per-RoI geometry (bins, sampling grids, starts, part and
+group cells) is computed on the host by the very functions the CPU kernels use
+(``kernels/roi_geometry.py``), so both devices pool exactly the same bins; only those few
+numbers per RoI travel to the device. RoIs are validated on the host anyway (batch indices in
+range), so ``rois`` is a host array; feature maps, offsets, outputs and gradients stay on the
+device.
 
 Threads: one per output element (k, c, ph, pw) for the forwards and the input gradients, which
 are scattered with atomic adds (not bit-reproducible from run to run). The offset gradients have
@@ -19,11 +20,9 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from ..cpu import roi as _cpu
+from ..roi_geometry import align_geometry, deform_ps_geometry, pool_bins
 from ._launch import SIMULATOR, empty, flat, grid, zeros
-from .bilinear import clamp_plan, plan_value, scatter_plan
-
-MODES = {"roi_align": 0, "ps_roi_align": 1, "deform_roi_pool": 2}
+from .sampling import clamp_plan, plan_value, scatter_plan
 
 
 def _host(a: Any) -> np.ndarray:
@@ -120,13 +119,13 @@ def _align_setup(
     aligned: bool,
     gamma: float,
 ) -> tuple[Any, Any]:
-    fgeo, igeo = _cpu.align_geometry(
+    fgeo, igeo = align_geometry(
         mode, _host(rois), output_size, spatial_scale, sampling_ratio, aligned, gamma
     )
     return _dev(fgeo), _dev(igeo)
 
 
-def align_forward(
+def _align_forward(
     mode: str,
     input: Any,
     rois: Any,
@@ -135,7 +134,7 @@ def align_forward(
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool,
-    gamma: float = 0.0,
+    gamma: float,
 ) -> Any:
     """roi_align / ps_roi_align / deform_roi_pool forward -> (K, C', PH, PW)."""
     B, Cin, H, W = (int(s) for s in input.shape)
@@ -170,9 +169,10 @@ def align_forward(
     return out
 
 
-def align_backward(
+def _align_backward(
     mode: str,
     grad_out: Any,
+    input_shape: tuple,
     input: Any,
     rois: Any,
     offset: Any,
@@ -180,26 +180,28 @@ def align_backward(
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool,
-    gamma: float = 0.0,
-    needs: tuple = (True, True),
+    gamma: float,
+    need_in: bool,
+    need_off: bool,
 ) -> tuple:
-    """(grad_input, grad_offset); grad_offset only for deform_roi_pool with an offset."""
-    B, Cin, H, W = (int(s) for s in input.shape)
+    """(grad_input, grad_offset); the offset gradient (deform_roi_pool with an offset) needs
+    ``input``'s values, the input gradient only its shape."""
+    B, Cin, H, W = (int(s) for s in input_shape)
     PH, PW = output_size
     ps = mode == "ps_roi_align"
     Cout = Cin // (PH * PW) if ps else Cin
     K = int(rois.shape[0])
     has_off = offset is not None
-    need_off = has_off and len(needs) > 1 and bool(needs[1])
-    g_in = zeros(input.shape, input.dtype) if needs[0] else None
+    need_off = has_off and need_off
+    g_in = zeros(tuple(input_shape), grad_out.dtype) if need_in else None
     g_off = zeros(offset.shape, offset.dtype) if need_off else None
-    if K * Cout * PH * PW == 0 or H * W == 0 or not (needs[0] or need_off):
+    if K * Cout * PH * PW == 0 or H * W == 0 or not (need_in or need_off):
         return g_in, g_off
     fgeo, igeo = _align_setup(
         mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma
     )
     off = flat(offset) if has_off else flat(fgeo)
-    if needs[0]:
+    if need_in:
         _align_pass[grid(grad_out.size)](
             flat(g_in),
             flat(fgeo),
@@ -233,6 +235,52 @@ def align_backward(
             PW,
         )
     return g_in, g_off
+
+
+def roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    return _align_forward(
+        "roi_align", input, rois, None, output_size, spatial_scale, sampling_ratio, aligned, 0.0
+    )
+
+
+def roi_align_backward(
+    grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio, aligned, needs
+):
+    g_in, _ = _align_backward(
+        "roi_align", grad_out, input_shape, None, rois, None, output_size, spatial_scale,
+        sampling_ratio, aligned, 0.0, needs[0], False,
+    )  # fmt: skip
+    return (g_in,)
+
+
+def ps_roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio):
+    return _align_forward(
+        "ps_roi_align", input, rois, None, output_size, spatial_scale, sampling_ratio, True, 0.0
+    )
+
+
+def ps_roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio, needs):  # fmt: skip
+    g_in, _ = _align_backward(
+        "ps_roi_align", grad_out, input_shape, None, rois, None, output_size, spatial_scale,
+        sampling_ratio, True, 0.0, needs[0], False,
+    )  # fmt: skip
+    return (g_in,)
+
+
+def deform_roi_pool_forward(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma):
+    return _align_forward(
+        "deform_roi_pool", input, rois, offset, output_size, spatial_scale, sampling_ratio, True,
+        gamma,
+    )  # fmt: skip
+
+
+def deform_roi_pool_backward(
+    grad_out, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, needs
+):
+    return _align_backward(
+        "deform_roi_pool", grad_out, input.shape, input, rois, offset, output_size,
+        spatial_scale, sampling_ratio, True, gamma, needs[0], needs[1],
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- RoI Pool family
@@ -303,13 +351,11 @@ def _pool_backward(gout, batch, hs, he, ws, we, argmax, gin, K, Cout, Cin, H, W,
 def _pool_setup(
     mode: str, rois: Any, output_size: tuple, spatial_scale: float, H: int, W: int, dtype: Any
 ) -> tuple:
-    batch, hs, he, ws, we = _cpu.pool_bins(
-        mode, _host(rois), output_size, spatial_scale, H, W, dtype
-    )
+    batch, hs, he, ws, we = pool_bins(mode, _host(rois), output_size, spatial_scale, H, W, dtype)
     return tuple(_dev(a) for a in (batch, hs, he, ws, we))
 
 
-def pool_forward(
+def _pool_forward_api(
     mode: str, input: Any, rois: Any, output_size: tuple, spatial_scale: float
 ) -> tuple[Any, Any]:
     """roi_pool -> (out, argmax) with argmax int64 flat plane indices (-1: empty bin);
@@ -342,7 +388,7 @@ def pool_forward(
     return out, (None if ps else argmax)
 
 
-def pool_backward(
+def _pool_backward_api(
     mode: str,
     grad_out: Any,
     input_shape: tuple,
@@ -367,6 +413,37 @@ def pool_backward(
         flat(grad_out), *(flat(b) for b in bins), am, flat(g_in), K, Cout, Cin, H, W, PH, PW, ps
     )
     return g_in
+
+
+def roi_pool_forward(input, rois, output_size, spatial_scale):
+    """(out, argmax) with argmax int64 flat plane indices (-1: empty bin)."""
+    return _pool_forward_api("roi_pool", input, rois, output_size, spatial_scale)
+
+
+def roi_pool_backward(grad_out, rois, argmax, input_shape, output_size, spatial_scale, needs):
+    if not needs[0]:
+        return (None,)
+    return (
+        _pool_backward_api(
+            "roi_pool", grad_out, input_shape, grad_out.dtype, rois, argmax, output_size,
+            spatial_scale,
+        ),
+    )  # fmt: skip
+
+
+def ps_roi_pool_forward(input, rois, output_size, spatial_scale):
+    return _pool_forward_api("ps_roi_pool", input, rois, output_size, spatial_scale)[0]
+
+
+def ps_roi_pool_backward(grad_out, rois, input_shape, output_size, spatial_scale, needs):
+    if not needs[0]:
+        return (None,)
+    return (
+        _pool_backward_api(
+            "ps_roi_pool", grad_out, input_shape, grad_out.dtype, rois, None, output_size,
+            spatial_scale,
+        ),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- deformable PS
@@ -515,7 +592,7 @@ def _dps_setup(
     part_size: int,
     sample_per_part: int,
 ) -> tuple:
-    fgeo, batch, part, group = _cpu.deform_ps_geometry(
+    fgeo, batch, part, group = deform_ps_geometry(
         _host(rois),
         spatial_scale,
         group_size,
@@ -528,7 +605,7 @@ def _dps_setup(
     return (_dev(fgeo), _dev(batch), _dev(part), _dev(group)), ncls
 
 
-def deform_ps_forward(
+def deform_ps_roi_pool_forward(
     input: Any,
     rois: Any,
     offset: Any,
@@ -573,7 +650,7 @@ def deform_ps_forward(
     return out
 
 
-def deform_ps_backward(
+def deform_ps_roi_pool_backward(
     grad_out: Any,
     input: Any,
     rois: Any,
@@ -585,13 +662,13 @@ def deform_ps_backward(
     part_size: int,
     sample_per_part: int,
     trans_std: float,
-    needs: tuple = (True, True),
+    needs: tuple,
 ) -> tuple:
     """(grad_input, grad_offset) of deform_ps_roi_pool; grad_offset None without an offset."""
     B, C, H, W = (int(s) for s in input.shape)
     K, P = int(rois.shape[0]), pooled_size
     has_off = offset is not None
-    need_off = has_off and len(needs) > 1 and bool(needs[1])
+    need_off = has_off and bool(needs[1])
     g_in = zeros(input.shape, input.dtype) if needs[0] else None
     g_off = zeros(offset.shape, offset.dtype) if need_off else None
     if K * output_dim * P * P == 0 or H * W == 0 or not (needs[0] or need_off):

@@ -1,0 +1,185 @@
+"""Per-RoI geometry of the RoI pooling family (SPEC sections 7 and 8), computed on the host in
+NumPy in the formulas' own words, and shared by the CPU and CUDA kernels: both devices pool
+exactly the same bins.
+
+* :func:`align_geometry`: bin starts and sizes and sampling grids of the RoI Align family
+  (roi_align, ps_roi_align, deform_roi_pool), float64 for every dtype;
+* :func:`pool_bins`: the integer bins of roi_pool / ps_roi_pool, computed in the input's dtype
+  as torchvision does;
+* :func:`deform_ps_geometry`: Deformable-ConvNets' deformable PS RoI pooling.
+
+``round`` is C's (half away from zero): :func:`c_round`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["c_round", "align_geometry", "pool_bins", "deform_ps_geometry"]
+
+
+def c_round(v: np.ndarray) -> np.ndarray:
+    """C's ``round``: half away from zero (NumPy's ``round`` is half to even)."""
+    t = np.trunc(v)
+    with np.errstate(invalid="ignore"):
+        return t + np.where(np.abs(v - t) >= 0.5, np.sign(v), 0.0)
+
+
+def _grid(extent: np.ndarray, n: int, sampling_ratio: int) -> np.ndarray:
+    """Samples per bin along one axis: sampling_ratio if > 0, else ceil(extent / n) (>= 0)."""
+    if sampling_ratio > 0:
+        return np.full(extent.shape, sampling_ratio, np.int64)
+    with np.errstate(invalid="ignore"):
+        g = np.ceil(extent / n)
+    g = np.where(np.isfinite(g) & (g > 0), g, 0.0)
+    return g.astype(np.int64)
+
+
+def align_geometry(
+    mode: str,
+    rois: np.ndarray,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    gamma: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Geometry of the RoI Align family (SPEC 7 and 8), float64 for every dtype.
+
+    Returns ``fgeo`` (K, 6) = (start_y, start_x, bin_h, bin_w, gamma*roi_h, gamma*roi_w) and
+    ``igeo`` (K, 3) = (batch index, gh, gw). roi_align: o = 0.5 if aligned else 0 and, when not
+    aligned, roi_w = max(roi_w, 1); ps_roi_align and deform_roi_pool: always o = 0.5, no minimum.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite boxes sample nothing
+        return _align_geometry(
+            mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma
+        )
+
+
+def _align_geometry(mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma):
+    PH, PW = output_size
+    r = np.asarray(rois, np.float64)
+    s = float(spatial_scale)
+    o = 0.5 if (aligned or mode != "roi_align") else 0.0
+    x1 = r[:, 1] * s - o
+    y1 = r[:, 2] * s - o
+    x2 = r[:, 3] * s - o
+    y2 = r[:, 4] * s - o
+    roi_w = x2 - x1
+    roi_h = y2 - y1
+    if mode == "roi_align" and not aligned:
+        roi_w = np.maximum(roi_w, 1.0)
+        roi_h = np.maximum(roi_h, 1.0)
+    fgeo = np.stack([y1, x1, roi_h / PH, roi_w / PW, gamma * roi_h, gamma * roi_w], axis=1)
+    igeo = np.stack(
+        [
+            r[:, 0].astype(np.int64),
+            _grid(roi_h, PH, sampling_ratio),
+            _grid(roi_w, PW, sampling_ratio),
+        ],
+        axis=1,
+    )
+    return np.ascontiguousarray(fgeo), np.ascontiguousarray(igeo)
+
+
+def pool_bins(
+    mode: str,
+    rois: np.ndarray,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    H: int,
+    W: int,
+    dtype: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Integer bins of roi_pool / ps_roi_pool (SPEC 7), as torchvision computes them.
+
+    start = round(x1*s), end = round(x2*s); roi_w = max(end - start + 1, 1) (roi_pool) or
+    max(end - start, 1) (ps_roi_pool); bin_w = roi_w / PW; bin pw covers columns
+    [floor(pw*bin_w) + start, ceil((pw+1)*bin_w) + start) clipped to [0, W] (likewise rows).
+    The products and bin sizes are computed in the input's dtype, like torchvision, so float32
+    bins match it bin for bin. Non-finite boxes give empty bins.
+
+    Returns (batch (K,), hs (K, PH), he (K, PH), ws (K, PW), we (K, PW)), int64.
+    """
+    PH, PW = output_size
+    dt = np.dtype(dtype)
+    r = np.asarray(rois, dt)
+    s = dt.type(spatial_scale)
+    extra = 1 if mode == "roi_pool" else 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        starts = c_round(r[:, 1:5] * s).astype(np.float64)
+    finite = np.all(np.isfinite(starts), axis=1)
+    # keep the integer arithmetic in range for absurd boxes (they are clipped to the map anyway)
+    starts = np.clip(np.where(np.isfinite(starts), starts, 0.0), -(2.0**52), 2.0**52)
+    sw, sh, ew, eh = (starts[:, i] for i in range(4))
+    roi_w = np.maximum(ew - sw + extra, 1.0)
+    roi_h = np.maximum(eh - sh + extra, 1.0)
+    bin_h = roi_h.astype(dt) / dt.type(PH)
+    bin_w = roi_w.astype(dt) / dt.type(PW)
+    ph = np.arange(PH, dtype=dt)
+    pw = np.arange(PW, dtype=dt)
+    hs = np.floor(ph[None, :] * bin_h[:, None]).astype(np.float64) + sh[:, None]
+    he = np.ceil((ph[None, :] + 1) * bin_h[:, None]).astype(np.float64) + sh[:, None]
+    ws = np.floor(pw[None, :] * bin_w[:, None]).astype(np.float64) + sw[:, None]
+    we = np.ceil((pw[None, :] + 1) * bin_w[:, None]).astype(np.float64) + sw[:, None]
+    hs, he = (np.clip(a, 0, H).astype(np.int64) for a in (hs, he))
+    ws, we = (np.clip(a, 0, W).astype(np.int64) for a in (ws, we))
+    he[~finite] = 0
+    hs[~finite] = 0
+    batch = r[:, 0].astype(np.int64)
+    return batch, hs, he, ws, we
+
+
+def deform_ps_geometry(
+    rois: np.ndarray,
+    spatial_scale: float,
+    group_size: int,
+    pooled_size: int,
+    part_size: int,
+    sample_per_part: int,
+    dtype: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Geometry of Deformable-ConvNets' DeformablePSROIPooling (SPEC 8).
+
+    The box is rounded first (C round), then start = round(x1)*s - 0.5, end = (round(x2) + 1)*s -
+    0.5, roi_w = max(end - start, 0.1), bin_w = roi_w / pooled_size, sub-bin = bin_w /
+    sample_per_part (likewise y); float64. The part cell of bin ph is floor(ph / pooled_size *
+    part_size) and its group cell floor(ph * group_size / pooled_size) clamped to [0, group_size
+    - 1], computed in the input's dtype as the anchor does.
+
+    Returns fgeo (K, 8) = (start_h, start_w, bin_h, bin_w, sub_h, sub_w, roi_h, roi_w), batch
+    (K,), and the part (P,) and group (P,) cells of the bins, int64.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite boxes sample nothing
+        return _deform_ps_geometry(
+            rois, spatial_scale, group_size, pooled_size, part_size, sample_per_part, dtype
+        )
+
+
+def _deform_ps_geometry(
+    rois, spatial_scale, group_size, pooled_size, part_size, sample_per_part, dtype
+):
+    r = np.asarray(rois, np.float64)
+    s = float(spatial_scale)
+    x1, y1, x2, y2 = (c_round(r[:, i]) for i in range(1, 5))
+    start_w = x1 * s - 0.5
+    start_h = y1 * s - 0.5
+    end_w = (x2 + 1.0) * s - 0.5
+    end_h = (y2 + 1.0) * s - 0.5
+    roi_w = np.fmax(end_w - start_w, 0.1)
+    roi_h = np.fmax(end_h - start_h, 0.1)
+    bin_w = roi_w / pooled_size
+    bin_h = roi_h / pooled_size
+    sub_h = bin_h / sample_per_part
+    sub_w = bin_w / sample_per_part
+    fgeo = np.stack([start_h, start_w, bin_h, bin_w, sub_h, sub_w, roi_h, roi_w], axis=1)
+    dt = np.dtype(dtype).type
+    p = np.arange(pooled_size).astype(dt)
+    part = np.floor(p / dt(pooled_size) * dt(part_size)).astype(np.int64)
+    part = np.clip(part, 0, part_size - 1)  # a no-op for valid sizes; keeps reads in bounds
+    group = np.floor(p * dt(group_size) / dt(pooled_size)).astype(np.int64)
+    group = np.clip(group, 0, group_size - 1)
+    batch = r[:, 0].astype(np.int64)
+    return np.ascontiguousarray(fgeo), batch, part, group

@@ -1,0 +1,195 @@
+"""The sampling rules, written once as plain Python and compiled for both devices.
+
+``kernels/cpu/sampling.py`` compiles these functions with ``numba.njit`` and
+``kernels/cuda/sampling.py`` with ``numba.cuda.jit(device=True)``, so the math of the two border
+rules and of grid_sample's coordinate rule exists exactly once. Each function is
+self-contained (it calls no other function of this module) because a plain Python function
+cannot call another one once compiled; nothing here imports Numba.
+
+**Bilinear plans.** Both border rules reduce sampling a map V (H rows, W columns, flattened
+row-major) at a real point (y, x) to a *plan*: four flat corner indices ``idx`` and, for each
+corner, its weight ``w`` and the coefficients ``cy``, ``cx`` of its value in the derivatives
+with respect to y and x:
+
+    value      = sum_k w[k]  * V[idx[k]]
+    d value/dy = sum_k cy[k] * V[idx[k]]
+    d value/dx = sum_k cx[k] * V[idx[k]]
+    d value/dV[idx[k]] = w[k]
+
+Corners that do not contribute (outside the map, or the whole point out of range) get index 0
+and zero weight and coefficients, so a kernel can read ``V[idx[k]]`` unconditionally: every index
+is inside the map whenever H >= 1 and W >= 1. A kernel that uses the plan for one channel can
+reuse it for every other channel of the same map.
+
+Corner order: k = 0: (y0, x0), 1: (y0, x1), 2: (y1, x0), 3: (y1, x1).
+
+* **zero-fade** (deformable conv, grid_sample "zeros", deformable attention): the paper's kernel
+  G(q, p) = g(qy, py) g(qx, px), g(a, b) = max(0, 1 - |a - b|), with V = 0 outside the map. The
+  point is out of range (value 0) unless -1 <= y < H and -1 <= x < W (at y = -1 the formula
+  itself gives 0, and keeping it there makes the position derivative the right-hand slope, as
+  the floor convention implies). NaN and infinite coordinates are out of range.
+* **clamp** (RoI Align, PS RoI Align, deformable RoI pooling; torchvision's roi_align rule): out
+  of range when y < -1 or y > H (likewise x); otherwise y = max(y, 0) and, when floor(y) >= H - 1,
+  y0 = y1 = H - 1 and y = H - 1. The position derivative is zero inside the clamped bands
+  (y < 0, or y >= H - 1) and the interpolation slope elsewhere (right-hand slope at integers).
+
+**grid_sample's coordinate rule** (:func:`grid_coordinate`): a normalized grid value to a pixel
+coordinate and its derivative, for the three padding modes.
+"""
+
+from __future__ import annotations
+
+import math
+
+_ZERO_PLAN_F = (0.0, 0.0, 0.0, 0.0)
+_ZERO_PLAN_I = (0, 0, 0, 0)
+
+PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
+
+
+def zero_fade_plan(y, x, H, W):
+    """Plan for the zero-fade rule at (y, x) on an H x W map: (idx, w, cy, cx), 4-tuples each."""
+    if H <= 0 or W <= 0 or not (y >= -1.0 and y < H and x >= -1.0 and x < W):
+        return _ZERO_PLAN_I, _ZERO_PLAN_F, _ZERO_PLAN_F, _ZERO_PLAN_F
+    y0f = math.floor(y)
+    x0f = math.floor(x)
+    y0 = int(y0f)
+    x0 = int(x0f)
+    ly = float(y) - y0f
+    lx = float(x) - x0f
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+    # which of the four corners lie inside the map (0/1 masks)
+    my0 = 1.0 if y0 >= 0 else 0.0
+    my1 = 1.0 if y0 + 1 <= H - 1 else 0.0
+    mx0 = 1.0 if x0 >= 0 else 0.0
+    mx1 = 1.0 if x0 + 1 <= W - 1 else 0.0
+    m00 = my0 * mx0
+    m01 = my0 * mx1
+    m10 = my1 * mx0
+    m11 = my1 * mx1
+    # clamp indices of masked corners into the map so reads are always in bounds
+    r0 = y0 if y0 >= 0 else 0
+    r1 = y0 + 1 if y0 + 1 <= H - 1 else H - 1
+    c0 = x0 if x0 >= 0 else 0
+    c1 = x0 + 1 if x0 + 1 <= W - 1 else W - 1
+    idx = (r0 * W + c0, r0 * W + c1, r1 * W + c0, r1 * W + c1)
+    w = (hy * hx * m00, hy * lx * m01, ly * hx * m10, ly * lx * m11)
+    cy = (-hx * m00, -lx * m01, hx * m10, lx * m11)
+    cx = (-hy * m00, hy * m01, -ly * m10, ly * m11)
+    return idx, w, cy, cx
+
+
+def clamp_plan(y, x, H, W):
+    """Plan for the clamp rule at (y, x) on an H x W map: (idx, w, cy, cx), 4-tuples each."""
+    if H <= 0 or W <= 0 or not (y >= -1.0 and y <= H and x >= -1.0 and x <= W):
+        return _ZERO_PLAN_I, _ZERO_PLAN_F, _ZERO_PLAN_F, _ZERO_PLAN_F
+    yy = float(y)
+    xx = float(x)
+    gy = 1.0
+    gx = 1.0
+    if yy < 0.0:
+        yy = 0.0
+        gy = 0.0
+    if xx < 0.0:
+        xx = 0.0
+        gx = 0.0
+    y0 = int(math.floor(yy))
+    x0 = int(math.floor(xx))
+    if y0 >= H - 1:
+        y0 = H - 1
+        y1 = H - 1
+        yy = float(y0)
+        gy = 0.0
+    else:
+        y1 = y0 + 1
+    if x0 >= W - 1:
+        x0 = W - 1
+        x1 = W - 1
+        xx = float(x0)
+        gx = 0.0
+    else:
+        x1 = x0 + 1
+    ly = yy - y0
+    lx = xx - x0
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+    idx = (y0 * W + x0, y0 * W + x1, y1 * W + x0, y1 * W + x1)
+    w = (hy * hx, hy * lx, ly * hx, ly * lx)
+    cy = (-hx * gy, -lx * gy, hx * gy, lx * gy)
+    cx = (-hy * gx, hy * gx, -ly * gx, ly * gx)
+    return idx, w, cy, cx
+
+
+def plan_value(v, base, idx, w):
+    """sum_k w[k] * v[base + idx[k]] for a flat array ``v`` whose map starts at ``base``."""
+    return (
+        w[0] * v[base + idx[0]]
+        + w[1] * v[base + idx[1]]
+        + w[2] * v[base + idx[2]]
+        + w[3] * v[base + idx[3]]
+    )
+
+
+def grid_coordinate(g, size, align_corners, padding):
+    """grid_sample's coordinate rule: the pixel coordinate of the normalized grid value ``g``
+    along an axis of ``size`` pixels, and its derivative d coordinate / d g.
+
+    * unnormalize: align_corners: c = (g + 1) / 2 * (size - 1) (-1 and 1 are the centres of the
+      corner pixels); otherwise c = ((g + 1) * size - 1) / 2 (-1 and 1 are their outer edges);
+    * padding 0 ("zeros"): nothing more (the zero-fade rule fades points off the map to zero);
+    * padding 2 ("reflection"): torch's reflect_coordinates, about [-0.5, size - 0.5] (or
+      [0, size - 1] with align_corners); the derivative is +-1 times the scale between
+      reflection points, as in torch; then the border clip below;
+    * padding 1 ("border", and after reflection): c clipped to [0, size - 1], derivative zero
+      where clipped (c < 0 or c >= size - 1: the right-hand convention; torch also zeroes it at
+      c == 0 exactly).
+
+    NaN stays NaN (it samples zero in every mode); +-inf clips to the border with "border" and
+    becomes NaN with "reflection".
+    """
+    if align_corners:
+        c = (g + 1.0) / 2.0 * (size - 1)
+        d = (size - 1) / 2
+    else:
+        c = ((g + 1.0) * size - 1.0) / 2.0
+        d = size / 2
+    if padding == 2:
+        # reflect about [twice_low / 2, twice_high / 2]
+        if align_corners:
+            twice_low = 0
+            twice_high = 2 * (size - 1)
+        else:
+            twice_low = -1
+            twice_high = 2 * size - 1
+        if twice_low == twice_high:
+            c = 0.0
+            d = 0.0
+        else:
+            low = twice_low / 2
+            span = (twice_high - twice_low) / 2
+            c = c - low
+            mult = -1.0 if c < 0.0 else 1.0
+            c = abs(c)
+            if not (c < math.inf):  # NaN or infinite: fmod would give NaN, an odd fold
+                c = math.nan
+                d = d * -mult
+            else:
+                # c >= 0 and span > 0: % is C's fmod here, exact (and compiles on both devices)
+                extra = c % span
+                q = c / span
+                flips = q - q % 1.0  # floor(q)
+                if flips % 2.0 == 0.0:
+                    c = extra + low
+                    d = d * mult
+                else:
+                    c = span - extra + low
+                    d = d * -mult
+    if padding >= 1:
+        if c < 0.0:
+            c = 0.0
+            d = 0.0
+        elif c >= size - 1:
+            c = float(size - 1)
+            d = 0.0
+    return c, d
