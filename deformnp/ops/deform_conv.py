@@ -37,24 +37,43 @@ The array-level pair, for wrapping in other frameworks (a ``torch.autograd.Funct
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
-
-import numpy as np
 
 from ..function import Context, Function
-from ..registry import BenchCase, CheckCase, bench_device, register_op, torch_device
-from ..tensor import Tensor
-from ._common import check_ndim, device_of, float_array, kernel_module, pair, same_dtype
+from ..kernels.cpu import deform_conv as cpu_kernels
+from ..tensor import Tensor, unwrap
+from ..typing import Array, ArrayLike, IntPair, Needs, TensorLike
+from ..validation import (
+    check_ndim,
+    contiguous,
+    device_of,
+    float_array,
+    grad_array,
+    needs_flags,
+    pair,
+    same_dtype,
+)
 
-__all__ = ["deform_conv2d", "deform_conv2d_forward", "deform_conv2d_backward"]
+__all__ = [
+    "deform_conv2d",
+    "deform_conv2d_forward",
+    "deform_conv2d_backward",
+    "DeformConv2dFunction",
+    "output_size",
+]
 
-_OP = "deform_conv2d"
+OP = "deform_conv2d"
+GRADIENTS = ("input", "offset", "weight", "bias", "mask")
 
 
 def _kernels(device: str) -> ModuleType:
-    """The kernel module for ``device`` ("cpu" or "cuda")."""
-    return kernel_module(_OP, "deform_conv", device)
+    """The CPU kernels, or the CUDA ones (imported on first use: numba-cuda is optional)."""
+    if device == "cuda":
+        from ..kernels.cuda import deform_conv as cuda_kernels
+
+        return cuda_kernels
+    return cpu_kernels
 
 
 def output_size(
@@ -66,291 +85,215 @@ def output_size(
     return Hout, Wout
 
 
-def _validate(
-    input: Any,
-    offset: Any,
-    weight: Any,
-    bias: Any,
-    stride: Any,
-    padding: Any,
-    dilation: Any,
-    mask: Any,
-) -> tuple:
-    """Checked, C-contiguous arrays and parameters: (input, offset, weight, bias, mask, stride,
-    padding, dilation, device)."""
-    device = device_of(_OP, input=input, offset=offset, weight=weight, bias=bias, mask=mask)
-    inp = float_array(_OP, "input", input)
-    off = float_array(_OP, "offset", offset)
-    wgt = float_array(_OP, "weight", weight)
-    b = float_array(_OP, "bias", bias) if bias is not None else None
-    msk = float_array(_OP, "mask", mask) if mask is not None else None
-    same_dtype(_OP, input=inp, offset=off, weight=wgt, bias=b, mask=msk)
-    stride = pair(_OP, "stride", stride, 1)
-    padding = pair(_OP, "padding", padding, 0)
-    dilation = pair(_OP, "dilation", dilation, 1)
-    check_ndim(_OP, "input", inp, 4, "(B, Cin, H, W)")
-    check_ndim(_OP, "offset", off, 4, "(B, 2*offset_groups*kh*kw, Hout, Wout)")
-    check_ndim(_OP, "weight", wgt, 4, "(Cout, Cin/groups, kh, kw)")
+@dataclass(frozen=True)
+class DeformConv2dArgs:
+    """The checked arguments of one call: C-contiguous arrays of one dtype on one device
+    (``bias`` and ``mask`` may be None) and the geometry as pairs of ints."""
+
+    input: Array
+    offset: Array
+    weight: Array
+    bias: Array | None
+    mask: Array | None
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    device: str
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.input.shape[0], self.weight.shape[0], *self.offset.shape[2:])
+
+
+def prepare(
+    input: TensorLike,
+    offset: TensorLike,
+    weight: TensorLike,
+    bias: TensorLike | None,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    mask: TensorLike | None,
+) -> DeformConv2dArgs:
+    """Validate the arguments of :func:`deform_conv2d` (once, for every entry point)."""
+    input, offset, weight = unwrap(input), unwrap(offset), unwrap(weight)
+    bias, mask = unwrap(bias), unwrap(mask)
+    device = device_of(OP, input=input, offset=offset, weight=weight, bias=bias, mask=mask)
+    inp = float_array(OP, "input", input)
+    off = float_array(OP, "offset", offset)
+    wgt = float_array(OP, "weight", weight)
+    b = float_array(OP, "bias", bias) if bias is not None else None
+    msk = float_array(OP, "mask", mask) if mask is not None else None
+    same_dtype(OP, input=inp, offset=off, weight=wgt, bias=b, mask=msk)
+    stride = pair(OP, "stride", stride, 1)
+    padding = pair(OP, "padding", padding, 0)
+    dilation = pair(OP, "dilation", dilation, 1)
+    check_ndim(OP, "input", inp, 4, "(B, Cin, H, W)")
+    check_ndim(OP, "offset", off, 4, "(B, 2*offset_groups*kh*kw, Hout, Wout)")
+    check_ndim(OP, "weight", wgt, 4, "(Cout, Cin/groups, kh, kw)")
     if msk is not None:
-        check_ndim(_OP, "mask", msk, 4, "(B, offset_groups*kh*kw, Hout, Wout)")
+        check_ndim(OP, "mask", msk, 4, "(B, offset_groups*kh*kw, Hout, Wout)")
     if b is not None:
-        check_ndim(_OP, "bias", b, 1, "(Cout,)")
+        check_ndim(OP, "bias", b, 1, "(Cout,)")
     B, Cin, H, W = (int(s) for s in inp.shape)
     Cout, cin_g, kh, kw = (int(s) for s in wgt.shape)
+    if Cin < 1:
+        raise ValueError(f"{OP}: input has 0 channels, expected at least one (shape {inp.shape})")
     if kh < 1 or kw < 1:
-        raise ValueError(f"{_OP}: weight has kernel size {kh}x{kw}, expected at least 1x1")
+        raise ValueError(f"{OP}: weight has kernel size {kh}x{kw}, expected at least 1x1")
     if cin_g < 1:
         raise ValueError(
-            f"{_OP}: weight.shape[1] (input channels per group) must be >= 1, got {cin_g}"
+            f"{OP}: weight.shape[1] (input channels per group) must be >= 1, got {cin_g}"
         )
     if Cin % cin_g != 0:
         raise ValueError(
-            f"{_OP}: input has {Cin} channels, not a multiple of weight.shape[1] = {cin_g} "
+            f"{OP}: input has {Cin} channels, not a multiple of weight.shape[1] = {cin_g} "
             f"(input channels per weight group)"
         )
     g = Cin // cin_g
     if Cout % g != 0:
         raise ValueError(
-            f"{_OP}: weight has {Cout} output channels, not divisible by the {g} weight groups "
+            f"{OP}: weight has {Cout} output channels, not divisible by the {g} weight groups "
             f"(groups = Cin / weight.shape[1] = {Cin}/{cin_g})"
         )
     Hout, Wout = output_size(H, W, kh, kw, stride, padding, dilation)
     if Hout < 1 or Wout < 1:
         raise ValueError(
-            f"{_OP}: the output would be {Hout}x{Wout} for input {H}x{W}, kernel {kh}x{kw}, "
+            f"{OP}: the output would be {Hout}x{Wout} for input {H}x{W}, kernel {kh}x{kw}, "
             f"stride {stride}, padding {padding}, dilation {dilation}; expected at least 1x1"
         )
     K = kh * kw
     if off.shape[0] != B:
         raise ValueError(
-            f"{_OP}: offset has batch size {off.shape[0]}, expected input's batch size {B}"
+            f"{OP}: offset has batch size {off.shape[0]}, expected input's batch size {B}"
         )
     oc = int(off.shape[1])
     if oc == 0 or oc % (2 * K) != 0:
         G = max(1, round(oc / (2 * K)))
         raise ValueError(
-            f"{_OP}: offset has {oc} channels, expected 2*offset_groups*kh*kw = {2 * G * K} "
+            f"{OP}: offset has {oc} channels, expected 2*offset_groups*kh*kw = {2 * G * K} "
             f"(kernel {kh}x{kw}; offset_groups = offset.shape[1] // (2*kh*kw))"
         )
     G = oc // (2 * K)
     if Cin % G != 0:
         raise ValueError(
-            f"{_OP}: input has {Cin} channels, not divisible by offset_groups = {G} "
+            f"{OP}: input has {Cin} channels, not divisible by offset_groups = {G} "
             f"(offset.shape[1] / (2*kh*kw) = {oc}/{2 * K})"
         )
     if tuple(off.shape[2:]) != (Hout, Wout):
         raise ValueError(
-            f"{_OP}: offset has spatial size {tuple(off.shape[2:])}, expected the output size "
+            f"{OP}: offset has spatial size {tuple(off.shape[2:])}, expected the output size "
             f"{(Hout, Wout)}"
         )
     if msk is not None:
         if msk.shape[0] != B:
             raise ValueError(
-                f"{_OP}: mask has batch size {msk.shape[0]}, expected input's batch size {B}"
+                f"{OP}: mask has batch size {msk.shape[0]}, expected input's batch size {B}"
             )
         if msk.shape[1] != G * K:
             raise ValueError(
-                f"{_OP}: mask has {msk.shape[1]} channels, expected offset_groups*kh*kw = "
+                f"{OP}: mask has {msk.shape[1]} channels, expected offset_groups*kh*kw = "
                 f"{G * K} (offset_groups = {G}, kernel {kh}x{kw})"
             )
         if tuple(msk.shape[2:]) != (Hout, Wout):
             raise ValueError(
-                f"{_OP}: mask has spatial size {tuple(msk.shape[2:])}, expected the output size "
+                f"{OP}: mask has spatial size {tuple(msk.shape[2:])}, expected the output size "
                 f"{(Hout, Wout)}"
             )
     if b is not None and b.shape[0] != Cout:
-        raise ValueError(f"{_OP}: bias has {b.shape[0]} elements, expected Cout = {Cout}")
-    return inp, off, wgt, b, msk, stride, padding, dilation, device
+        raise ValueError(f"{OP}: bias has {b.shape[0]} elements, expected Cout = {Cout}")
+    return DeformConv2dArgs(inp, off, wgt, b, msk, stride, padding, dilation, device)
+
+
+def _forward(a: DeformConv2dArgs) -> Array:
+    return _kernels(a.device).deform_conv2d_forward(
+        a.input, a.offset, a.weight, a.bias, a.mask, a.stride, a.padding, a.dilation
+    )
+
+
+def _backward(grad: Array, a: DeformConv2dArgs, needs: Needs) -> tuple:
+    return _kernels(a.device).deform_conv2d_backward(
+        grad, a.input, a.offset, a.weight, a.bias, a.mask, a.stride, a.padding, a.dilation,
+        tuple(needs),
+    )  # fmt: skip
 
 
 def deform_conv2d_forward(
-    input: Any,
-    offset: Any,
-    weight: Any,
-    bias: Any = None,
-    stride: Any = 1,
-    padding: Any = 0,
-    dilation: Any = 1,
-    mask: Any = None,
-) -> Any:
+    input: ArrayLike,
+    offset: ArrayLike,
+    weight: ArrayLike,
+    bias: ArrayLike | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: ArrayLike | None = None,
+) -> Array:
     """Array-level forward: out (B, Cout, Hout, Wout); see the module docstring."""
-    inp, off, wgt, b, msk, st, pd, dl, device = _validate(
-        input, offset, weight, bias, stride, padding, dilation, mask
-    )
-    return _kernels(device).deform_conv2d_forward(inp, off, wgt, b, st, pd, dl, msk)
+    return _forward(prepare(input, offset, weight, bias, stride, padding, dilation, mask))
 
 
 def deform_conv2d_backward(
-    grad_out: Any,
-    input: Any,
-    offset: Any,
-    weight: Any,
-    bias: Any = None,
-    stride: Any = 1,
-    padding: Any = 0,
-    dilation: Any = 1,
-    mask: Any = None,
-    needs: tuple = (True, True, True, True, True),
-) -> tuple:
+    grad_out: ArrayLike,
+    input: ArrayLike,
+    offset: ArrayLike,
+    weight: ArrayLike,
+    bias: ArrayLike | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: ArrayLike | None = None,
+    needs: Needs = (True, True, True, True, True),
+) -> tuple[Array | None, Array | None, Array | None, Array | None, Array | None]:
     """Array-level backward: (grad_input, grad_offset, grad_weight, grad_bias, grad_mask).
 
     ``needs`` has one flag per gradient in that order; unneeded ones are None, as are those of a
     None ``bias`` or ``mask``.
     """
-    inp, off, wgt, b, msk, st, pd, dl, device = _validate(
-        input, offset, weight, bias, stride, padding, dilation, mask
-    )
-    g = float_array(_OP, "grad_out", grad_out)
-    same_dtype(_OP, input=inp, grad_out=g)
-    expected = (inp.shape[0], wgt.shape[0], off.shape[2], off.shape[3])
-    if tuple(g.shape) != expected:
-        raise ValueError(f"{_OP}: grad_out must have shape {expected}, got {tuple(g.shape)}")
-    return _kernels(device).deform_conv2d_backward(
-        g, inp, off, wgt, msk, st, pd, dl, b is not None, tuple(needs)
-    )
+    a = prepare(input, offset, weight, bias, stride, padding, dilation, mask)
+    g = grad_array(OP, "grad_out", grad_out, a.input.dtype, a.out_shape, a.device)
+    return _backward(g, a, needs_flags(OP, needs, GRADIENTS))
 
 
-class DeformConv2d(Function):
-    """Autograd node of :func:`deform_conv2d`; positional inputs (input, offset, weight, bias,
-    mask), the geometry as keywords."""
+class DeformConv2dFunction(Function):
+    """Autograd node of :func:`deform_conv2d`: positional inputs (input, offset, weight, bias,
+    mask), ``args`` from :func:`prepare`."""
 
     supports_cuda = True  # forward/backward dispatch on the arrays' device
 
     @staticmethod
     def forward(
         ctx: Context,
-        input: Any,
-        offset: Any,
-        weight: Any,
-        bias: Any,
-        mask: Any,
-        stride: tuple = (1, 1),
-        padding: tuple = (0, 0),
-        dilation: tuple = (1, 1),
-    ) -> Any:
-        inp, off, wgt, b, msk, st, pd, dl, device = _validate(
-            input, offset, weight, bias, stride, padding, dilation, mask
-        )
-        ctx.geometry = (st, pd, dl)
-        ctx.device = device
-        ctx.has_bias = b is not None
-        ctx.save_for_backward(inp, off, wgt, msk)
-        return _kernels(device).deform_conv2d_forward(inp, off, wgt, b, st, pd, dl, msk)
+        input: Array,
+        offset: Array,
+        weight: Array,
+        bias: Array | None,
+        mask: Array | None,
+        *,
+        args: DeformConv2dArgs,
+    ) -> Array:
+        ctx.save_for_backward(args)
+        return _forward(args)
 
     @staticmethod
-    def backward(ctx: Context, grad: Any) -> tuple:
-        inp, off, wgt, msk = ctx.saved_tensors
-        st, pd, dl = ctx.geometry
-        if ctx.device == "cpu":
-            grad = np.ascontiguousarray(grad)
-        n = ctx.needs_input_grad
-        g_in, g_off, g_w, g_b, g_m = _kernels(ctx.device).deform_conv2d_backward(
-            grad, inp, off, wgt, msk, st, pd, dl, ctx.has_bias, (n[0], n[1], n[2], n[3], n[4])
-        )
-        return g_in, g_off, g_w, g_b, g_m
+    def backward(ctx: Context, grad: Array) -> tuple:
+        (args,) = ctx.saved_tensors
+        return _backward(contiguous(grad), args, ctx.needs_input_grad[:5])
 
 
 def deform_conv2d(
-    input: Any,
-    offset: Any,
-    weight: Any,
-    bias: Any = None,
-    stride: Any = 1,
-    padding: Any = 0,
-    dilation: Any = 1,
-    mask: Any = None,
+    input: TensorLike,
+    offset: TensorLike,
+    weight: TensorLike,
+    bias: TensorLike | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: TensorLike | None = None,
 ) -> Tensor:
     """Deformable convolution (v1; v2 with ``mask``), torchvision's signature and semantics.
 
     See the module docstring. Takes Tensors or arrays; gradients flow to every input that
     requires grad (input, offset, weight, bias, mask).
     """
-    *_, st, pd, dl, _device = _validate(
-        input, offset, weight, bias, stride, padding, dilation, mask
-    )
-    return DeformConv2d.apply(input, offset, weight, bias, mask, stride=st, padding=pd, dilation=dl)
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def _check_cases() -> list[CheckCase]:
-    """Tiny float64 cases: 2 weight groups, 2 offset groups, stride 2 / dilation, a mask; offsets
-    chosen so every sampling coordinate has a fractional part in [0.1, 0.9] (off the kinks)."""
-    rng = np.random.default_rng(0)
-    B, Cin, H, W, Cout, kh, kw, G = 1, 4, 4, 3, 4, 2, 2, 2
-    stride, padding, dilation = (1, 2), (1, 1), (2, 1)
-    Hout, Wout = output_size(H, W, kh, kw, stride, padding, dilation)
-    K = kh * kw
-    x = Tensor(rng.standard_normal((B, Cin, H, W)), requires_grad=True)
-    w = Tensor(rng.standard_normal((Cout, Cin // 2, kh, kw)), requires_grad=True)
-    off = Tensor(
-        rng.integers(-2, 2, (B, 2 * G * K, Hout, Wout))
-        + rng.uniform(0.1, 0.9, (B, 2 * G * K, Hout, Wout)),
-        requires_grad=True,
-    )
-    m = Tensor(rng.uniform(0.2, 1.0, (B, G * K, Hout, Wout)), requires_grad=True)
-    bias = Tensor(rng.standard_normal(Cout), requires_grad=True)
-
-    def fn(a: Any, o: Any, wt: Any, bs: Any, mk: Any) -> Tensor:
-        return deform_conv2d(a, o, wt, bs, stride, padding, dilation, mk)
-
-    return [CheckCase(fn, (x, off, w, bias, m), ("input", "offset", "weight", "bias", "mask"))]
-
-
-def _bench_case(device: str) -> BenchCase | None:
-    """SPEC 13: B=4, Cin=Cout=64, 32x32, 3x3, padding 1, one offset group, with mask, float32."""
-    rng = np.random.default_rng(0)
-    B, C, H, W, k = 4, 64, 32, 32, 3
-    x = rng.standard_normal((B, C, H, W)).astype(np.float32)
-    off = rng.uniform(-2, 2, (B, 2 * k * k, H, W)).astype(np.float32)
-    m = rng.uniform(0, 1, (B, k * k, H, W)).astype(np.float32)
-    w = (rng.standard_normal((C, C, k, k)) * 0.05).astype(np.float32)
-    bias = rng.standard_normal(C).astype(np.float32)
-    go = rng.standard_normal((B, C, H, W)).astype(np.float32)
-    host = (x, off, m, w, bias, go)
-    placed = bench_device(device, *host)
-    if placed is None:
-        return None
-    (x, off, m, w, bias, go), sync = placed
-
-    def forward() -> Any:
-        return deform_conv2d_forward(x, off, w, bias, 1, 1, 1, m)
-
-    def forward_backward() -> Any:
-        deform_conv2d_forward(x, off, w, bias, 1, 1, 1, m)
-        return deform_conv2d_backward(go, x, off, w, bias, 1, 1, 1, m)
-
-    case = BenchCase(
-        f"B={B}, {C}->{C}, {H}x{W}, {k}x{k}, pad 1, mask",
-        forward,
-        forward_backward,
-        device=device,
-        sync=sync,
-    )
-    tdev = torch_device(device)  # torchvision on the same device and thread count
-    if tdev is None:
-        return case
-    try:
-        import torch
-        import torchvision
-    except ImportError:
-        return case
-    tx, toff, tm_, tw, tb, tgo = (torch.from_numpy(a).to(tdev) for a in host)
-    for t in (tx, toff, tm_, tw, tb):
-        t.requires_grad_(True)
-
-    def torch_forward() -> Any:
-        with torch.no_grad():
-            return torchvision.ops.deform_conv2d(tx, toff, tw, tb, padding=1, mask=tm_)
-
-    def torch_forward_backward() -> Any:
-        out = torchvision.ops.deform_conv2d(tx, toff, tw, tb, padding=1, mask=tm_)
-        return torch.autograd.grad(out, (tx, toff, tw, tb, tm_), tgo)
-
-    case.torch_forward = torch_forward
-    case.torch_forward_backward = torch_forward_backward
-    return case
-
-
-register_op(_OP, check=_check_cases, bench=_bench_case)
+    args = prepare(input, offset, weight, bias, stride, padding, dilation, mask)
+    return DeformConv2dFunction.apply(input, offset, weight, bias, mask, args=args)

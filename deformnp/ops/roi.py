@@ -20,12 +20,15 @@ Decisions (beyond SPEC 7/8):
 * roi_pool: the first maximum in row-major order wins and NaN counts as a maximum (the first NaN
   wins, as ``numpy.argmax``); torchvision starts from -FLT_MAX and skips NaN.
 * Boxes with NaN/inf coordinates give zero outputs (their samples are out of range; their
-  pooling bins are empty). An adaptive grid (sampling_ratio <= 0) of more than 2**24 samples per
-  bin is refused with a ValueError (pass a positive sampling_ratio).
+  pooling bins are empty). A bin of more than 2**24 samples is refused with a ValueError: an
+  adaptive grid (sampling_ratio <= 0) of that size (pass a positive sampling_ratio), a
+  sampling_ratio (or sample_per_part) above 4096.
+* ``argmax`` given to ``roi_pool_backward`` must hold integers in [-1, H*W) (as
+  ``roi_pool_forward`` returns them); anything else is refused, never used as an index.
 
 The array-level pairs, for wrapping in other frameworks (plain arrays in and out; ``input`` of a
 backward is used for its values where the gradient needs them, else only for its shape/dtype;
-``needs`` selects the gradients, the others are None)::
+``needs`` selects the gradients, one flag per gradient returned, the others are None)::
 
     out = roi_align_forward(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
     (grad_input,) = roi_align_backward(grad_out, input, boxes, output_size, spatial_scale,
@@ -47,25 +50,27 @@ CPU gradients are deterministic (bit-identical with any number of threads).
 
 from __future__ import annotations
 
-import math
-import operator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from ..cuda import is_cuda_array
 from ..function import Context, Function
-from ..registry import BenchCase, CheckCase, bench_device, register_op, torch_device
-from ..tensor import Tensor
-from ._common import (
+from ..kernels.cpu import roi as cpu_kernels
+from ..tensor import Tensor, unwrap
+from ..typing import Array, ArrayLike, Boxes, IntPair, Needs, TensorLike
+from ..validation import (
     check_ndim,
+    contiguous,
     device_of,
     float_array,
-    is_device_array,
-    kernel_module,
+    grad_array,
+    integer,
+    needs_flags,
     pair,
-    raw,
+    real,
     same_dtype,
 )
 
@@ -91,49 +96,37 @@ __all__ = [
 ]
 
 MAX_SAMPLES_PER_BIN = 2**24
+MAX_SAMPLING_RATIO = 2**12  # a fixed grid of at most MAX_SAMPLES_PER_BIN samples per bin
 
 
 def _kernels(device: str) -> ModuleType:
-    """The kernel module for ``device`` ("cpu" or "cuda")."""
-    return kernel_module("roi pooling", "roi", device)
+    """The CPU kernels, or the CUDA ones (imported on first use: numba-cuda is optional)."""
+    if device == "cuda":
+        from ..kernels.cuda import roi as cuda_kernels
+
+        return cuda_kernels
+    return cpu_kernels
 
 
 # ============================================================================ validation
 
 
 def _host(a: Any) -> np.ndarray:
-    a = raw(a)
-    return a.copy_to_host() if is_device_array(a) else np.asarray(a)
+    a = unwrap(a)
+    if is_cuda_array(a):
+        from ..cuda import as_device_array
+
+        return as_device_array(a).copy_to_host()
+    return np.asarray(a)
 
 
-def _input(op: str, input: Any) -> Any:
+def _input(op: str, input: Any) -> Array:
     inp = float_array(op, "input", input)
     check_ndim(op, "input", inp, 4, "(N, C, H, W)")
     return inp
 
 
-def _real(op: str, name: str, v: Any) -> float:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{op}: {name} must be a real number, got {v!r}")
-    f = float(v)
-    if not math.isfinite(f):
-        raise ValueError(f"{op}: {name} must be finite, got {v!r}")
-    return f
-
-
-def _int(op: str, name: str, v: Any, minimum: int | None = None) -> int:
-    if isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{op}: {name} must be an int, got {v!r}")
-    try:
-        i = operator.index(v)
-    except TypeError:
-        raise TypeError(f"{op}: {name} must be an int, got {v!r}") from None
-    if minimum is not None and i < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {v!r}")
-    return i
-
-
-def _rois(op: str, boxes: Any, inp: Any) -> np.ndarray:
+def _rois(op: str, boxes: Any, inp: Array) -> np.ndarray:
     """Boxes as the (K, 5) host array (batch_index, x1, y1, x2, y2) in the input's dtype."""
     B = inp.shape[0]
     dtype = np.dtype(inp.dtype)
@@ -178,7 +171,11 @@ def _rois(op: str, boxes: Any, inp: Any) -> np.ndarray:
             if B > 0
             else f"{op}: {where} is not a batch index of input: the input has batch size 0"
         )
-    return np.ascontiguousarray(rois)
+    return contiguous(rois)
+
+
+def _sampling_ratio(op: str, v: Any) -> int:
+    return integer(op, "sampling_ratio", v, maximum=MAX_SAMPLING_RATIO)
 
 
 def _check_grid(op: str, rois: np.ndarray, s: float, size: tuple[int, int], ratio: int) -> None:
@@ -198,206 +195,125 @@ def _check_grid(op: str, rois: np.ndarray, s: float, size: tuple[int, int], rati
         )
 
 
-def _grad_out(op: str, grad_out: Any, dtype: Any, shape: tuple) -> Any:
-    g = float_array(op, "grad_out", grad_out)
-    if np.dtype(g.dtype) != np.dtype(dtype):
-        raise TypeError(f"{op}: grad_out must be {np.dtype(dtype)} like input, got {g.dtype}")
-    if tuple(g.shape) != tuple(shape):
-        raise ValueError(f"{op}: grad_out must have shape {tuple(shape)}, got {tuple(g.shape)}")
-    return g
+def _position_sensitive(op: str, C: int, PH: int, PW: int) -> int:
+    """The output channels of a position-sensitive op: C / (PH*PW), which must be whole."""
+    if C % (PH * PW) != 0:
+        raise ValueError(
+            f"{op}: input has {C} channels, expected a multiple of "
+            f"output_size[0]*output_size[1] = {PH * PW}"
+        )
+    return C // (PH * PW)
 
 
-def _to_device(rois: np.ndarray, device: str) -> Any:
-    """The validated (K, 5) RoIs as the kernels take them: a host array on every device (the CUDA
-    kernels derive the per-RoI geometry on the host and send only that to the device)."""
-    return rois
+def _needs(op: str, needs: Needs, names: tuple[str, ...]) -> tuple[bool, ...]:
+    return needs_flags(op, needs, names)
 
 
 @dataclass(frozen=True)
-class _Align:
-    """Validated parameters of a RoI Align-family call."""
+class RoIArgs:
+    """The checked arguments of one call of a RoI op: the input (C-contiguous, on ``device``),
+    the boxes as the (K, 5) host array in the input's dtype, the deformable ops' offset (or
+    None), and the parameters (``params``, in the kernels' order); ``out_shape`` the output's."""
 
     op: str
-    mode: str
-    rois: Any
-    output_size: tuple[int, int]
-    spatial_scale: float
-    sampling_ratio: int
-    aligned: bool
-    gamma: float
+    input: Array
+    rois: np.ndarray
+    offset: Array | None
+    params: tuple
     device: str
-    out_shape: tuple
+    out_shape: tuple[int, int, int, int]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return tuple(int(s) for s in self.input.shape)  # type: ignore[return-value]
 
 
-def _prep_align(
-    op: str,
-    input: Any,
-    boxes: Any,
-    offset: Any,
-    output_size: Any,
-    spatial_scale: Any,
-    sampling_ratio: Any,
-    aligned: Any,
-    gamma: Any = 0.0,
-) -> tuple[Any, Any, _Align]:
-    mode = {"roi_align": "roi_align", "ps_roi_align": "ps_roi_align"}.get(op, "deform_roi_pool")
-    device = device_of(op, input=input, offset=offset)
-    inp = _input(op, input)
-    PH, PW = pair(op, "output_size", output_size, minimum=1)
-    s = _real(op, "spatial_scale", spatial_scale)
-    ratio = _int(op, "sampling_ratio", sampling_ratio)
-    g = _real(op, "gamma", gamma)
-    rois = _rois(op, boxes, inp)
-    K = rois.shape[0]
-    B, C, H, W = inp.shape
-    if mode == "ps_roi_align":
-        if C % (PH * PW) != 0:
-            raise ValueError(
-                f"{op}: input has {C} channels, expected a multiple of "
-                f"output_size[0]*output_size[1] = {PH * PW}"
-            )
-        C = C // (PH * PW)
-    off = None
-    if offset is not None:
-        off = float_array(op, "offset", offset)
-        same_dtype(op, input=inp, offset=off)
-        if tuple(off.shape) != (K, 2, PH, PW):
-            raise ValueError(
-                f"{op}: offset must have shape (K, 2, PH, PW) = {(K, 2, PH, PW)} (channel 0 x, "
-                f"1 y), got {tuple(off.shape)}"
-            )
-    _check_grid(op, rois, s, (PH, PW), ratio)
-    p = _Align(
-        op,
-        mode,
-        _to_device(rois, device),
-        (PH, PW),
-        s,
-        ratio,
-        bool(aligned),
-        g,
-        device,
-        (K, C, PH, PW),
-    )
-    return inp, off, p
-
-
-class _AlignFn(Function):
-    """Autograd node of roi_align / ps_roi_align / deform_roi_pool (validated by the caller)."""
-
-    supports_cuda = True  # forward/backward dispatch on the arrays' device
-
-    @staticmethod
-    def forward(ctx: Context, input: Any, offset: Any, p: _Align) -> Any:
-        input = float_array(p.op, "input", input)
-        if offset is not None:
-            offset = float_array(p.op, "offset", offset)
-        ctx.p = p
-        ctx.save_for_backward(input, offset)
-        return _kernels(p.device).align_forward(
-            p.mode,
-            input,
-            p.rois,
-            offset,
-            p.output_size,
-            p.spatial_scale,
-            p.sampling_ratio,
-            p.aligned,
-            p.gamma,
-        )
-
-    @staticmethod
-    def backward(ctx: Context, grad: Any) -> tuple[Any, Any]:
-        input, offset = ctx.saved_tensors
-        p = ctx.p
-        if p.device == "cpu":
-            grad = np.ascontiguousarray(grad)
-        return _kernels(p.device).align_backward(
-            p.mode,
-            grad,
-            input,
-            p.rois,
-            offset,
-            p.output_size,
-            p.spatial_scale,
-            p.sampling_ratio,
-            p.aligned,
-            p.gamma,
-            tuple(ctx.needs_input_grad[:2]),
-        )
-
-
-def _align_forward(inp: Any, off: Any, p: _Align) -> Any:
-    return _kernels(p.device).align_forward(
-        p.mode,
-        inp,
-        p.rois,
-        off,
-        p.output_size,
-        p.spatial_scale,
-        p.sampling_ratio,
-        p.aligned,
-        p.gamma,
-    )
-
-
-def _align_backward(grad_out: Any, inp: Any, off: Any, p: _Align, needs: Any) -> tuple:
-    g = _grad_out(p.op, grad_out, inp.dtype, p.out_shape)
-    needs = tuple(bool(n) for n in needs) + (False,) * (2 - len(tuple(needs)))
-    return _kernels(p.device).align_backward(
-        p.mode,
-        g,
-        inp,
-        p.rois,
-        off,
-        p.output_size,
-        p.spatial_scale,
-        p.sampling_ratio,
-        p.aligned,
-        p.gamma,
-        needs,
-    )
+def _grad(a: RoIArgs, grad_out: ArrayLike) -> Array:
+    return grad_array(a.op, "grad_out", grad_out, a.input.dtype, a.out_shape, a.device)
 
 
 # ============================================================================ roi_align
 
 
+def prepare_roi_align(
+    input: TensorLike,
+    boxes: Boxes,
+    output_size: IntPair,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    op: str = "roi_align",
+) -> RoIArgs:
+    """Validate the arguments of :func:`roi_align` (or, with ``op``, :func:`ps_roi_align`)."""
+    input = unwrap(input)
+    device = device_of(op, input=input)
+    inp = _input(op, input)
+    PH, PW = pair(op, "output_size", output_size, minimum=1)
+    s = real(op, "spatial_scale", spatial_scale)
+    ratio = _sampling_ratio(op, sampling_ratio)
+    rois = _rois(op, boxes, inp)
+    K, C = rois.shape[0], inp.shape[1]
+    if op == "ps_roi_align":
+        C = _position_sensitive(op, C, PH, PW)
+        params: tuple = ((PH, PW), s, ratio)
+    else:
+        params = ((PH, PW), s, ratio, bool(aligned))
+    _check_grid(op, rois, s, (PH, PW), ratio)
+    return RoIArgs(op, inp, rois, None, params, device, (K, C, PH, PW))
+
+
+class RoIAlignFunction(Function):
+    """Autograd node of :func:`roi_align`; ``args`` from :func:`prepare_roi_align`."""
+
+    supports_cuda = True  # forward/backward dispatch on the arrays' device
+
+    @staticmethod
+    def forward(ctx: Context, input: Array, *, args: RoIArgs) -> Array:
+        ctx.save_for_backward(args)
+        return _kernels(args.device).roi_align_forward(args.input, args.rois, *args.params)
+
+    @staticmethod
+    def backward(ctx: Context, grad: Array) -> tuple:
+        (a,) = ctx.saved_tensors
+        return _kernels(a.device).roi_align_backward(
+            contiguous(grad), a.rois, a.input_shape, *a.params, ctx.needs_input_grad[:1]
+        )
+
+
 def roi_align_forward(
-    input: Any,
-    boxes: Any,
-    output_size: Any,
+    input: ArrayLike,
+    boxes: Boxes,
+    output_size: IntPair,
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
-) -> Any:
+) -> Array:
     """Array-level :func:`roi_align` forward: (K, C, PH, PW)."""
-    inp, off, p = _prep_align(
-        "roi_align", input, boxes, None, output_size, spatial_scale, sampling_ratio, aligned
-    )
-    return _align_forward(inp, off, p)
+    a = prepare_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    return _kernels(a.device).roi_align_forward(a.input, a.rois, *a.params)
 
 
 def roi_align_backward(
-    grad_out: Any,
-    input: Any,
-    boxes: Any,
-    output_size: Any,
+    grad_out: ArrayLike,
+    input: ArrayLike,
+    boxes: Boxes,
+    output_size: IntPair,
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
-    needs: tuple[bool] = (True,),
-) -> tuple[Any]:
+    needs: Needs = (True,),
+) -> tuple[Array | None]:
     """Array-level :func:`roi_align` backward: ``(grad_input,)`` (only input's shape is used)."""
-    inp, off, p = _prep_align(
-        "roi_align", input, boxes, None, output_size, spatial_scale, sampling_ratio, aligned
+    a = prepare_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    return _kernels(a.device).roi_align_backward(
+        _grad(a, grad_out), a.rois, a.input_shape, *a.params, _needs(a.op, needs, ("input",))
     )
-    return (_align_backward(grad_out, inp, None, p, needs)[0],)
 
 
 def roi_align(
-    input: Any,
-    boxes: Any,
-    output_size: Any,
+    input: TensorLike,
+    boxes: Boxes,
+    output_size: IntPair,
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
@@ -409,49 +325,76 @@ def roi_align(
     ceil(roi_w / PW) samples per bin column (gh likewise); sample x = start + pw*bin_w + (ix +
     0.5)*bin_w/gw; clamp rule (SPEC 4); output = sum / max(gh*gw, 1). Gradient to ``input``.
     """
-    inp, off, p = _prep_align(
-        "roi_align", input, boxes, None, output_size, spatial_scale, sampling_ratio, aligned
-    )
-    return _AlignFn.apply(input, None, p=p)
+    args = prepare_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    return RoIAlignFunction.apply(input, args=args)
 
 
 # ============================================================================ ps_roi_align
 
 
+def prepare_ps_roi_align(
+    input: TensorLike,
+    boxes: Boxes,
+    output_size: IntPair,
+    spatial_scale: float,
+    sampling_ratio: int,
+) -> RoIArgs:
+    """Validate the arguments of :func:`ps_roi_align`."""
+    return prepare_roi_align(
+        input, boxes, output_size, spatial_scale, sampling_ratio, True, "ps_roi_align"
+    )
+
+
+class PSRoIAlignFunction(Function):
+    """Autograd node of :func:`ps_roi_align`; ``args`` from :func:`prepare_ps_roi_align`."""
+
+    supports_cuda = True
+
+    @staticmethod
+    def forward(ctx: Context, input: Array, *, args: RoIArgs) -> Array:
+        ctx.save_for_backward(args)
+        return _kernels(args.device).ps_roi_align_forward(args.input, args.rois, *args.params)
+
+    @staticmethod
+    def backward(ctx: Context, grad: Array) -> tuple:
+        (a,) = ctx.saved_tensors
+        return _kernels(a.device).ps_roi_align_backward(
+            contiguous(grad), a.rois, a.input_shape, *a.params, ctx.needs_input_grad[:1]
+        )
+
+
 def ps_roi_align_forward(
-    input: Any,
-    boxes: Any,
-    output_size: Any,
+    input: ArrayLike,
+    boxes: Boxes,
+    output_size: IntPair,
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
-) -> Any:
+) -> Array:
     """Array-level :func:`ps_roi_align` forward: (K, C/(PH*PW), PH, PW)."""
-    inp, off, p = _prep_align(
-        "ps_roi_align", input, boxes, None, output_size, spatial_scale, sampling_ratio, True
-    )
-    return _align_forward(inp, off, p)
+    a = prepare_ps_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio)
+    return _kernels(a.device).ps_roi_align_forward(a.input, a.rois, *a.params)
 
 
 def ps_roi_align_backward(
-    grad_out: Any,
-    input: Any,
-    boxes: Any,
-    output_size: Any,
+    grad_out: ArrayLike,
+    input: ArrayLike,
+    boxes: Boxes,
+    output_size: IntPair,
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
-    needs: tuple[bool] = (True,),
-) -> tuple[Any]:
+    needs: Needs = (True,),
+) -> tuple[Array | None]:
     """Array-level :func:`ps_roi_align` backward: ``(grad_input,)`` (only input's shape is used)."""
-    inp, off, p = _prep_align(
-        "ps_roi_align", input, boxes, None, output_size, spatial_scale, sampling_ratio, True
+    a = prepare_ps_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio)
+    return _kernels(a.device).ps_roi_align_backward(
+        _grad(a, grad_out), a.rois, a.input_shape, *a.params, _needs(a.op, needs, ("input",))
     )
-    return (_align_backward(grad_out, inp, None, p, needs)[0],)
 
 
 def ps_roi_align(
-    input: Any,
-    boxes: Any,
-    output_size: Any,
+    input: TensorLike,
+    boxes: Boxes,
+    output_size: IntPair,
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
 ) -> Tensor:
@@ -461,73 +404,112 @@ def ps_roi_align(
     samples; always aligned (o = 0.5), no minimum size, average over max(gh*gw, 1) (torchvision
     divides by gh*gw and gives NaN for an empty grid; deformnp gives 0). Gradient to ``input``.
     """
-    inp, off, p = _prep_align(
-        "ps_roi_align", input, boxes, None, output_size, spatial_scale, sampling_ratio, True
-    )
-    return _AlignFn.apply(input, None, p=p)
+    args = prepare_ps_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio)
+    return PSRoIAlignFunction.apply(input, args=args)
 
 
 # ============================================================================ deform_roi_pool
 
 
+def prepare_deform_roi_pool(
+    input: TensorLike,
+    boxes: Boxes,
+    offset: TensorLike | None,
+    output_size: IntPair,
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+) -> RoIArgs:
+    """Validate the arguments of :func:`deform_roi_pool`."""
+    op = "deform_roi_pool"
+    input, offset = unwrap(input), unwrap(offset)
+    device = device_of(op, input=input, offset=offset)
+    inp = _input(op, input)
+    PH, PW = pair(op, "output_size", output_size, minimum=1)
+    s = real(op, "spatial_scale", spatial_scale)
+    ratio = _sampling_ratio(op, sampling_ratio)
+    g = real(op, "gamma", gamma)
+    rois = _rois(op, boxes, inp)
+    K, C = rois.shape[0], inp.shape[1]
+    off = None
+    if offset is not None:
+        off = float_array(op, "offset", offset)
+        same_dtype(op, input=inp, offset=off)
+        if tuple(off.shape) != (K, 2, PH, PW):
+            raise ValueError(
+                f"{op}: offset must have shape (K, 2, PH, PW) = {(K, 2, PH, PW)} (channel 0 x, "
+                f"1 y), got {tuple(off.shape)}"
+            )
+    _check_grid(op, rois, s, (PH, PW), ratio)
+    return RoIArgs(op, inp, rois, off, ((PH, PW), s, ratio, g), device, (K, C, PH, PW))
+
+
+class DeformRoIPoolFunction(Function):
+    """Autograd node of :func:`deform_roi_pool`: positional inputs (input, offset), ``args`` from
+    :func:`prepare_deform_roi_pool`."""
+
+    supports_cuda = True
+
+    @staticmethod
+    def forward(ctx: Context, input: Array, offset: Array | None, *, args: RoIArgs) -> Array:
+        ctx.save_for_backward(args)
+        return _kernels(args.device).deform_roi_pool_forward(
+            args.input, args.rois, args.offset, *args.params
+        )
+
+    @staticmethod
+    def backward(ctx: Context, grad: Array) -> tuple:
+        (a,) = ctx.saved_tensors
+        return _kernels(a.device).deform_roi_pool_backward(
+            contiguous(grad), a.input, a.rois, a.offset, *a.params, ctx.needs_input_grad[:2]
+        )
+
+
 def deform_roi_pool_forward(
-    input: Any,
-    boxes: Any,
-    offset: Any = None,
-    output_size: Any = 7,
+    input: ArrayLike,
+    boxes: Boxes,
+    offset: ArrayLike | None = None,
+    output_size: IntPair = 7,
     spatial_scale: float = 1.0,
     sampling_ratio: int = 0,
     gamma: float = 0.1,
-) -> Any:
+) -> Array:
     """Array-level :func:`deform_roi_pool` forward: (K, C, PH, PW)."""
-    inp, off, p = _prep_align(
-        "deform_roi_pool",
-        input,
-        boxes,
-        offset,
-        output_size,
-        spatial_scale,
-        sampling_ratio,
-        True,
-        gamma,
+    a = prepare_deform_roi_pool(
+        input, boxes, offset, output_size, spatial_scale, sampling_ratio, gamma
     )
-    return _align_forward(inp, off, p)
+    return _kernels(a.device).deform_roi_pool_forward(a.input, a.rois, a.offset, *a.params)
 
 
 def deform_roi_pool_backward(
-    grad_out: Any,
-    input: Any,
-    boxes: Any,
-    offset: Any = None,
-    output_size: Any = 7,
+    grad_out: ArrayLike,
+    input: ArrayLike,
+    boxes: Boxes,
+    offset: ArrayLike | None = None,
+    output_size: IntPair = 7,
     spatial_scale: float = 1.0,
     sampling_ratio: int = 0,
     gamma: float = 0.1,
-    needs: tuple[bool, bool] = (True, True),
-) -> tuple[Any, Any]:
+    needs: Needs = (True, True),
+) -> tuple[Array | None, Array | None]:
     """Array-level :func:`deform_roi_pool` backward: ``(grad_input, grad_offset)``.
 
     grad_offset is None when offset is None. The offset gradient needs input's values.
     """
-    inp, off, p = _prep_align(
-        "deform_roi_pool",
-        input,
-        boxes,
-        offset,
-        output_size,
-        spatial_scale,
-        sampling_ratio,
-        True,
-        gamma,
+    a = prepare_deform_roi_pool(
+        input, boxes, offset, output_size, spatial_scale, sampling_ratio, gamma
     )
-    return _align_backward(grad_out, inp, off, p, needs)
+    return _kernels(a.device).deform_roi_pool_backward(
+        _grad(a, grad_out), a.input, a.rois, a.offset, *a.params,
+        _needs(a.op, needs, ("input", "offset")),
+    )  # fmt: skip
 
 
 def deform_roi_pool(
-    input: Any,
-    boxes: Any,
-    offset: Any = None,
-    output_size: Any = 7,
+    input: TensorLike,
+    boxes: Boxes,
+    offset: TensorLike | None = None,
+    output_size: IntPair = 7,
     spatial_scale: float = 1.0,
     sampling_ratio: int = 0,
     gamma: float = 0.1,
@@ -546,136 +528,125 @@ def deform_roi_pool(
     clamped bands of the border rule where it is zero (mmcv's CUDA backward is not the derivative
     of its forward there).
     """
-    inp, off, p = _prep_align(
-        "deform_roi_pool",
-        input,
-        boxes,
-        offset,
-        output_size,
-        spatial_scale,
-        sampling_ratio,
-        True,
-        gamma,
+    args = prepare_deform_roi_pool(
+        input, boxes, offset, output_size, spatial_scale, sampling_ratio, gamma
     )
-    return _AlignFn.apply(input, offset, p=p)
+    return DeformRoIPoolFunction.apply(input, offset, args=args)
 
 
 # ============================================================================ roi_pool, ps_roi_pool
 
 
-@dataclass(frozen=True)
-class _Pool:
-    op: str
-    rois: Any
-    output_size: tuple[int, int]
-    spatial_scale: float
-    device: str
-    in_shape: tuple
-    out_shape: tuple
-
-
-def _prep_pool(op: str, input: Any, boxes: Any, output_size: Any, spatial_scale: Any) -> tuple:
+def prepare_roi_pool(
+    input: TensorLike,
+    boxes: Boxes,
+    output_size: IntPair,
+    spatial_scale: float,
+    op: str = "roi_pool",
+) -> RoIArgs:
+    """Validate the arguments of :func:`roi_pool` (or, with ``op``, :func:`ps_roi_pool`)."""
+    input = unwrap(input)
     device = device_of(op, input=input)
     inp = _input(op, input)
     PH, PW = pair(op, "output_size", output_size, minimum=1)
-    s = _real(op, "spatial_scale", spatial_scale)
+    s = real(op, "spatial_scale", spatial_scale)
     rois = _rois(op, boxes, inp)
-    B, C, H, W = inp.shape
+    C = inp.shape[1]
     if op == "ps_roi_pool":
-        if C % (PH * PW) != 0:
-            raise ValueError(
-                f"{op}: input has {C} channels, expected a multiple of "
-                f"output_size[0]*output_size[1] = {PH * PW}"
-            )
-        C = C // (PH * PW)
-    p = _Pool(
-        op,
-        _to_device(rois, device),
-        (PH, PW),
-        s,
-        device,
-        tuple(int(n) for n in inp.shape),
-        (rois.shape[0], C, PH, PW),
-    )
-    return inp, p
+        C = _position_sensitive(op, C, PH, PW)
+    return RoIArgs(op, inp, rois, None, ((PH, PW), s), device, (rois.shape[0], C, PH, PW))
 
 
-class _PoolFn(Function):
-    """Autograd node of roi_pool / ps_roi_pool (validated by the caller)."""
+def _argmax(a: RoIArgs, argmax: Any) -> Array:
+    """A caller's argmax: an integer array of the output's shape, on the input's device, whose
+    entries index the H*W plane or are -1 (an empty bin): it is used as an index."""
+    op = a.op
+    argmax = unwrap(argmax)
+    if is_cuda_array(argmax) != (a.device == "cuda"):
+        raise ValueError(f"{op}: argmax must be on {a.device} like the input")
+    arr = argmax if is_cuda_array(argmax) else np.asarray(argmax)
+    if np.dtype(arr.dtype).kind not in "iu":
+        raise TypeError(
+            f"{op}: argmax must hold integers (the flat plane indices roi_pool_forward returns), "
+            f"got {np.dtype(arr.dtype)}"
+        )
+    if tuple(arr.shape) != a.out_shape:
+        raise ValueError(f"{op}: argmax must have shape {a.out_shape}, got {tuple(arr.shape)}")
+    host = arr.copy_to_host() if is_cuda_array(arr) else arr
+    H, W = a.input_shape[2:]
+    if host.size and (host.min() < -1 or host.max() >= H * W):
+        raise ValueError(
+            f"{op}: argmax must hold flat indices into the {H}x{W} plane, in [-1, {H * W - 1}] "
+            f"(-1: an empty bin), got values in [{host.min()}, {host.max()}]"
+        )
+    if np.dtype(arr.dtype) not in (np.int16, np.int32, np.int64):
+        arr = arr.astype(np.int64) if not is_cuda_array(arr) else arr
+    return contiguous(arr)
 
-    supports_cuda = True  # forward/backward dispatch on the arrays' device
+
+class RoIPoolFunction(Function):
+    """Autograd node of :func:`roi_pool`; ``args`` from :func:`prepare_roi_pool`. Keeps the
+    forward's argmax (not the input) for the backward."""
+
+    supports_cuda = True
 
     @staticmethod
-    def forward(ctx: Context, input: Any, p: _Pool) -> Any:
-        input = float_array(p.op, "input", input)
-        out, argmax = _kernels(p.device).pool_forward(
-            p.op, input, p.rois, p.output_size, p.spatial_scale
-        )
-        ctx.p = p
-        ctx.dtype = input.dtype
+    def forward(ctx: Context, input: Array, *, args: RoIArgs) -> Array:
+        out, argmax = _kernels(args.device).roi_pool_forward(args.input, args.rois, *args.params)
+        ctx.meta = (args.rois, args.input_shape, args.params, args.device)
         ctx.save_for_backward(argmax)
         return out
 
     @staticmethod
-    def backward(ctx: Context, grad: Any) -> tuple[Any]:
+    def backward(ctx: Context, grad: Array) -> tuple:
         (argmax,) = ctx.saved_tensors
-        p = ctx.p
-        if p.device == "cpu":
-            grad = np.ascontiguousarray(grad)
-        g = _kernels(p.device).pool_backward(
-            p.op, grad, p.in_shape, ctx.dtype, p.rois, argmax, p.output_size, p.spatial_scale
+        rois, input_shape, params, device = ctx.meta
+        return _kernels(device).roi_pool_backward(
+            contiguous(grad), rois, argmax, input_shape, *params, ctx.needs_input_grad[:1]
         )
-        return (g,)
 
 
 def roi_pool_forward(
-    input: Any,
-    boxes: Any,
-    output_size: Any,
+    input: ArrayLike,
+    boxes: Boxes,
+    output_size: IntPair,
     spatial_scale: float = 1.0,
     return_argmax: bool = False,
-) -> Any:
+) -> Array | tuple[Array, Array]:
     """Array-level :func:`roi_pool` forward: (K, C, PH, PW), and with ``return_argmax`` also the
     argmax: the flat index into the H*W plane of each bin's maximum, -1 for an empty bin, in the
     smallest of int16/int32/int64 that holds H*W - 1 (CPU)."""
-    inp, p = _prep_pool("roi_pool", input, boxes, output_size, spatial_scale)
-    out, argmax = _kernels(p.device).pool_forward(
-        "roi_pool", inp, p.rois, p.output_size, p.spatial_scale
-    )
+    a = prepare_roi_pool(input, boxes, output_size, spatial_scale)
+    out, argmax = _kernels(a.device).roi_pool_forward(a.input, a.rois, *a.params)
     return (out, argmax) if return_argmax else out
 
 
 def roi_pool_backward(
-    grad_out: Any,
-    input: Any,
-    boxes: Any,
-    output_size: Any,
+    grad_out: ArrayLike,
+    input: ArrayLike,
+    boxes: Boxes,
+    output_size: IntPair,
     spatial_scale: float = 1.0,
-    argmax: Any = None,
-    needs: tuple[bool] = (True,),
-) -> tuple[Any]:
+    argmax: ArrayLike | None = None,
+    needs: Needs = (True,),
+) -> tuple[Array | None]:
     """Array-level :func:`roi_pool` backward: ``(grad_input,)``: each bin's gradient goes to its
     argmax. Pass the forward's ``argmax`` to skip recomputing it from ``input``."""
-    inp, p = _prep_pool("roi_pool", input, boxes, output_size, spatial_scale)
-    g = _grad_out("roi_pool", grad_out, inp.dtype, p.out_shape)
-    if not tuple(needs)[0]:
-        return (None,)
+    a = prepare_roi_pool(input, boxes, output_size, spatial_scale)
+    g = _grad(a, grad_out)
+    flags = _needs(a.op, needs, ("input",))
     if argmax is None:
-        _, argmax = _kernels(p.device).pool_forward(
-            "roi_pool", inp, p.rois, p.output_size, p.spatial_scale
-        )
-    elif tuple(argmax.shape) != p.out_shape:
-        raise ValueError(
-            f"roi_pool: argmax must have shape {p.out_shape}, got {tuple(argmax.shape)}"
-        )
-    return (
-        _kernels(p.device).pool_backward(
-            "roi_pool", g, p.in_shape, inp.dtype, p.rois, argmax, p.output_size, p.spatial_scale
-        ),
-    )
+        if not flags[0]:
+            return (None,)
+        _, argmax = _kernels(a.device).roi_pool_forward(a.input, a.rois, *a.params)
+    else:
+        argmax = _argmax(a, argmax)
+    return _kernels(a.device).roi_pool_backward(g, a.rois, argmax, a.input_shape, *a.params, flags)
 
 
-def roi_pool(input: Any, boxes: Any, output_size: Any, spatial_scale: float = 1.0) -> Tensor:
+def roi_pool(
+    input: TensorLike, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0
+) -> Tensor:
     """RoI max pooling (torchvision.ops.roi_pool): input (N, C, H, W) -> (K, C, PH, PW).
 
     start = round(x1*s), end = round(x2*s) (C round; same for y); roi_w = max(end - start + 1, 1);
@@ -683,41 +654,62 @@ def roi_pool(input: Any, boxes: Any, output_size: Any, spatial_scale: float = 1.
     to [0, W]; max over the bin, the first maximum in row-major order wins (NaN counts as the
     maximum); an empty bin gives 0. The gradient goes to each bin's argmax (none for an empty bin).
     """
-    inp, p = _prep_pool("roi_pool", input, boxes, output_size, spatial_scale)
-    return _PoolFn.apply(input, p=p)
+    args = prepare_roi_pool(input, boxes, output_size, spatial_scale)
+    return RoIPoolFunction.apply(input, args=args)
+
+
+def prepare_ps_roi_pool(
+    input: TensorLike, boxes: Boxes, output_size: IntPair, spatial_scale: float
+) -> RoIArgs:
+    """Validate the arguments of :func:`ps_roi_pool`."""
+    return prepare_roi_pool(input, boxes, output_size, spatial_scale, "ps_roi_pool")
+
+
+class PSRoIPoolFunction(Function):
+    """Autograd node of :func:`ps_roi_pool`; ``args`` from :func:`prepare_ps_roi_pool`. Keeps
+    the geometry only (the backward needs no values)."""
+
+    supports_cuda = True
+
+    @staticmethod
+    def forward(ctx: Context, input: Array, *, args: RoIArgs) -> Array:
+        ctx.meta = (args.rois, args.input_shape, args.params, args.device)
+        return _kernels(args.device).ps_roi_pool_forward(args.input, args.rois, *args.params)
+
+    @staticmethod
+    def backward(ctx: Context, grad: Array) -> tuple:
+        rois, input_shape, params, device = ctx.meta
+        return _kernels(device).ps_roi_pool_backward(
+            contiguous(grad), rois, input_shape, *params, ctx.needs_input_grad[:1]
+        )
 
 
 def ps_roi_pool_forward(
-    input: Any, boxes: Any, output_size: Any, spatial_scale: float = 1.0
-) -> Any:
+    input: ArrayLike, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0
+) -> Array:
     """Array-level :func:`ps_roi_pool` forward: (K, C/(PH*PW), PH, PW)."""
-    inp, p = _prep_pool("ps_roi_pool", input, boxes, output_size, spatial_scale)
-    return _kernels(p.device).pool_forward(
-        "ps_roi_pool", inp, p.rois, p.output_size, p.spatial_scale
-    )[0]
+    a = prepare_ps_roi_pool(input, boxes, output_size, spatial_scale)
+    return _kernels(a.device).ps_roi_pool_forward(a.input, a.rois, *a.params)
 
 
 def ps_roi_pool_backward(
-    grad_out: Any,
-    input: Any,
-    boxes: Any,
-    output_size: Any,
+    grad_out: ArrayLike,
+    input: ArrayLike,
+    boxes: Boxes,
+    output_size: IntPair,
     spatial_scale: float = 1.0,
-    needs: tuple[bool] = (True,),
-) -> tuple[Any]:
+    needs: Needs = (True,),
+) -> tuple[Array | None]:
     """Array-level :func:`ps_roi_pool` backward: ``(grad_input,)`` (only input's shape is used)."""
-    inp, p = _prep_pool("ps_roi_pool", input, boxes, output_size, spatial_scale)
-    g = _grad_out("ps_roi_pool", grad_out, inp.dtype, p.out_shape)
-    if not tuple(needs)[0]:
-        return (None,)
-    return (
-        _kernels(p.device).pool_backward(
-            "ps_roi_pool", g, p.in_shape, inp.dtype, p.rois, None, p.output_size, p.spatial_scale
-        ),
+    a = prepare_ps_roi_pool(input, boxes, output_size, spatial_scale)
+    return _kernels(a.device).ps_roi_pool_backward(
+        _grad(a, grad_out), a.rois, a.input_shape, *a.params, _needs(a.op, needs, ("input",))
     )
 
 
-def ps_roi_pool(input: Any, boxes: Any, output_size: Any, spatial_scale: float = 1.0) -> Tensor:
+def ps_roi_pool(
+    input: TensorLike, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0
+) -> Tensor:
     """Position-sensitive RoI average pooling (torchvision.ops.ps_roi_pool): (K, C/(PH*PW), PH, PW).
 
     start = round(x1*s), end = round(x2*s); roi_w = max(end - start, 1); bins as in roi_pool,
@@ -729,52 +721,37 @@ def ps_roi_pool(input: Any, boxes: Any, output_size: Any, spatial_scale: float =
     [0, W] and [0, H]. deformnp uses [0, W] and [0, H] in both, so forward and backward agree.
     The outputs equal torchvision's wherever no bin reaches the last row or column.
     """
-    inp, p = _prep_pool("ps_roi_pool", input, boxes, output_size, spatial_scale)
-    return _PoolFn.apply(input, p=p)
+    args = prepare_ps_roi_pool(input, boxes, output_size, spatial_scale)
+    return PSRoIPoolFunction.apply(input, args=args)
 
 
 # ============================================================================ deform_ps_roi_pool
 
 
-@dataclass(frozen=True)
-class _DPS:
-    rois: Any
-    spatial_scale: float
-    output_dim: int
-    group_size: int
-    pooled_size: int
-    part_size: int
-    sample_per_part: int
-    trans_std: float
-    device: str
-    out_shape: tuple
-
-
-_DPS_OP = "deform_ps_roi_pool"
-
-
-def _prep_dps(
-    input: Any,
-    boxes: Any,
-    offset: Any,
-    spatial_scale: Any,
-    output_dim: Any,
-    group_size: Any,
-    pooled_size: Any,
-    part_size: Any,
-    sample_per_part: Any,
-    trans_std: Any,
-) -> tuple:
-    op = _DPS_OP
+def prepare_deform_ps_roi_pool(
+    input: TensorLike,
+    boxes: Boxes,
+    offset: TensorLike | None,
+    spatial_scale: float,
+    output_dim: int,
+    group_size: int,
+    pooled_size: int,
+    part_size: int | None,
+    sample_per_part: int,
+    trans_std: float,
+) -> RoIArgs:
+    """Validate the arguments of :func:`deform_ps_roi_pool`."""
+    op = "deform_ps_roi_pool"
+    input, offset = unwrap(input), unwrap(offset)
     device = device_of(op, input=input, offset=offset)
     inp = _input(op, input)
-    s = _real(op, "spatial_scale", spatial_scale)
-    D = _int(op, "output_dim", output_dim, 1)
-    gs = _int(op, "group_size", group_size, 1)
-    P = _int(op, "pooled_size", pooled_size, 1)
-    part = P if part_size is None or part_size == 0 else _int(op, "part_size", part_size, 1)
-    spp = _int(op, "sample_per_part", sample_per_part, 1)
-    ts = _real(op, "trans_std", trans_std)
+    s = real(op, "spatial_scale", spatial_scale)
+    D = integer(op, "output_dim", output_dim, 1)
+    gs = integer(op, "group_size", group_size, 1)
+    P = integer(op, "pooled_size", pooled_size, 1)
+    part = P if part_size is None or part_size == 0 else integer(op, "part_size", part_size, 1)
+    spp = integer(op, "sample_per_part", sample_per_part, 1, MAX_SAMPLING_RATIO)
+    ts = real(op, "trans_std", trans_std)
     rois = _rois(op, boxes, inp)
     K = rois.shape[0]
     C = inp.shape[1]
@@ -798,51 +775,35 @@ def _prep_dps(
                 f"{op}: offset has {ncls2} channels; expected 2*num_classes with num_classes "
                 f"dividing output_dim = {D}"
             )
-    p = _DPS(_to_device(rois, device), s, D, gs, P, part, spp, ts, device, (K, D, P, P))
-    return inp, off, p
+    params = (s, D, gs, P, part, spp, ts)
+    return RoIArgs(op, inp, rois, off, params, device, (K, D, P, P))
 
 
-def _dps_args(p: _DPS) -> tuple:
-    return (
-        p.spatial_scale,
-        p.output_dim,
-        p.group_size,
-        p.pooled_size,
-        p.part_size,
-        p.sample_per_part,
-        p.trans_std,
-    )
+class DeformPSRoIPoolFunction(Function):
+    """Autograd node of :func:`deform_ps_roi_pool`: positional inputs (input, offset), ``args``
+    from :func:`prepare_deform_ps_roi_pool`."""
 
-
-class _DPSFn(Function):
-    """Autograd node of deform_ps_roi_pool (validated by the caller)."""
-
-    supports_cuda = True  # forward/backward dispatch on the arrays' device
+    supports_cuda = True
 
     @staticmethod
-    def forward(ctx: Context, input: Any, offset: Any, p: _DPS) -> Any:
-        input = float_array(_DPS_OP, "input", input)
-        if offset is not None:
-            offset = float_array(_DPS_OP, "offset", offset)
-        ctx.p = p
-        ctx.save_for_backward(input, offset)
-        return _kernels(p.device).deform_ps_forward(input, p.rois, offset, *_dps_args(p))
+    def forward(ctx: Context, input: Array, offset: Array | None, *, args: RoIArgs) -> Array:
+        ctx.save_for_backward(args)
+        return _kernels(args.device).deform_ps_roi_pool_forward(
+            args.input, args.rois, args.offset, *args.params
+        )
 
     @staticmethod
-    def backward(ctx: Context, grad: Any) -> tuple[Any, Any]:
-        input, offset = ctx.saved_tensors
-        p = ctx.p
-        if p.device == "cpu":
-            grad = np.ascontiguousarray(grad)
-        return _kernels(p.device).deform_ps_backward(
-            grad, input, p.rois, offset, *_dps_args(p), tuple(ctx.needs_input_grad[:2])
+    def backward(ctx: Context, grad: Array) -> tuple:
+        (a,) = ctx.saved_tensors
+        return _kernels(a.device).deform_ps_roi_pool_backward(
+            contiguous(grad), a.input, a.rois, a.offset, *a.params, ctx.needs_input_grad[:2]
         )
 
 
 def deform_ps_roi_pool_forward(
-    input: Any,
-    boxes: Any,
-    offset: Any,
+    input: ArrayLike,
+    boxes: Boxes,
+    offset: ArrayLike | None,
     spatial_scale: float,
     output_dim: int,
     group_size: int,
@@ -850,28 +811,20 @@ def deform_ps_roi_pool_forward(
     part_size: int | None = None,
     sample_per_part: int = 4,
     trans_std: float = 0.0,
-) -> Any:
+) -> Array:
     """Array-level :func:`deform_ps_roi_pool` forward: (K, output_dim, pooled_size, pooled_size)."""
-    inp, off, p = _prep_dps(
-        input,
-        boxes,
-        offset,
-        spatial_scale,
-        output_dim,
-        group_size,
-        pooled_size,
-        part_size,
-        sample_per_part,
-        trans_std,
-    )
-    return _kernels(p.device).deform_ps_forward(inp, p.rois, off, *_dps_args(p))
+    a = prepare_deform_ps_roi_pool(
+        input, boxes, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
+        sample_per_part, trans_std,
+    )  # fmt: skip
+    return _kernels(a.device).deform_ps_roi_pool_forward(a.input, a.rois, a.offset, *a.params)
 
 
 def deform_ps_roi_pool_backward(
-    grad_out: Any,
-    input: Any,
-    boxes: Any,
-    offset: Any,
+    grad_out: ArrayLike,
+    input: ArrayLike,
+    boxes: Boxes,
+    offset: ArrayLike | None,
     spatial_scale: float,
     output_dim: int,
     group_size: int,
@@ -879,30 +832,23 @@ def deform_ps_roi_pool_backward(
     part_size: int | None = None,
     sample_per_part: int = 4,
     trans_std: float = 0.0,
-    needs: tuple[bool, bool] = (True, True),
-) -> tuple[Any, Any]:
+    needs: Needs = (True, True),
+) -> tuple[Array | None, Array | None]:
     """Array-level :func:`deform_ps_roi_pool` backward: ``(grad_input, grad_offset)``."""
-    inp, off, p = _prep_dps(
-        input,
-        boxes,
-        offset,
-        spatial_scale,
-        output_dim,
-        group_size,
-        pooled_size,
-        part_size,
-        sample_per_part,
-        trans_std,
-    )
-    g = _grad_out(_DPS_OP, grad_out, inp.dtype, p.out_shape)
-    needs = tuple(bool(n) for n in needs) + (False,) * (2 - len(tuple(needs)))
-    return _kernels(p.device).deform_ps_backward(g, inp, p.rois, off, *_dps_args(p), needs)
+    a = prepare_deform_ps_roi_pool(
+        input, boxes, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
+        sample_per_part, trans_std,
+    )  # fmt: skip
+    return _kernels(a.device).deform_ps_roi_pool_backward(
+        _grad(a, grad_out), a.input, a.rois, a.offset, *a.params,
+        _needs(a.op, needs, ("input", "offset")),
+    )  # fmt: skip
 
 
 def deform_ps_roi_pool(
-    input: Any,
-    boxes: Any,
-    offset: Any,
+    input: TensorLike,
+    boxes: Boxes,
+    offset: TensorLike | None,
     spatial_scale: float,
     output_dim: int,
     group_size: int,
@@ -939,378 +885,8 @@ def deform_ps_roi_pool(
     trans_std*roi_w/n * sum of grad * d sample/dx over valid samples (zero where clamped; the
     right-hand slope at integer coordinates); the valid-sample count n is piecewise constant.
     """
-    inp, off, p = _prep_dps(
-        input,
-        boxes,
-        offset,
-        spatial_scale,
-        output_dim,
-        group_size,
-        pooled_size,
-        part_size,
-        sample_per_part,
-        trans_std,
-    )
-    return _DPSFn.apply(input, offset, p=p)
-
-
-# ============================================================================ registry
-
-
-def _boxes_in(rng: np.random.Generator, K: int, B: int, H: int, W: int, s: float) -> np.ndarray:
-    """K boxes (batch, x1, y1, x2, y2) in image coordinates, inside an (H/s, W/s) image."""
-    w = rng.uniform(0.15, 0.6, K) * W / s
-    h = rng.uniform(0.15, 0.6, K) * H / s
-    x1 = rng.uniform(0, W / s - w)
-    y1 = rng.uniform(0, H / s - h)
-    return np.stack([rng.integers(0, B, K), x1, y1, x1 + w, y1 + h], axis=1)
-
-
-def _deform_offsets_off_kinks(
-    rng: np.random.Generator, rois: np.ndarray, P: int, H: int, W: int, gamma: float, ratio: int
-) -> np.ndarray:
-    """Offsets for deform_roi_pool (aligned, spatial_scale 1) whose every sample coordinate has
-    its fractional part in [0.1, 0.9] and lies 0.1 away from the lines -1, 0, H-1, H (W-1, W), so
-    finite differences see no kink; redrawn bin by bin."""
-    K = rois.shape[0]
-    off = np.zeros((K, 2, P, P))
-    for k in range(K):
-        x1, y1, x2, y2 = rois[k, 1:] - 0.5
-        rw, rh = x2 - x1, y2 - y1
-        for ph in range(P):
-            for pw in range(P):
-                for _ in range(1000):
-                    ox, oy = rng.uniform(-0.5, 0.5, 2)
-                    ys = (
-                        y1
-                        + gamma * rh * oy
-                        + ph * rh / P
-                        + (np.arange(ratio) + 0.5) * rh / P / ratio
-                    )
-                    xs = (
-                        x1
-                        + gamma * rw * ox
-                        + pw * rw / P
-                        + (np.arange(ratio) + 0.5) * rw / P / ratio
-                    )
-                    if all(_off_kink(v, n) for v, n in [(ys, H), (xs, W)]):
-                        off[k, :, ph, pw] = ox, oy
-                        break
-    return off
-
-
-def _off_kink(v: np.ndarray, n: int) -> bool:
-    frac = v - np.floor(v)
-    lines = np.array([-1.0, 0.0, n - 1.0, float(n)])
-    return bool(
-        np.all((frac >= 0.1) & (frac <= 0.9)) and np.all(np.abs(v[:, None] - lines[None, :]) >= 0.1)
-    )
-
-
-def _check_roi_pool() -> list[CheckCase]:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 3, 6, 7))
-    boxes = np.array([[0, 0.4, 1.2, 5.1, 4.6], [1, 2.0, 0.0, 6.9, 5.2]])
-    return [
-        CheckCase(
-            lambda a: roi_pool(a, boxes, (2, 3), 1.0),
-            (Tensor(x, requires_grad=True),),
-            ("input",),
-        )
-    ]
-
-
-def _check_roi_align() -> list[CheckCase]:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 2, 6, 7))
-    boxes = np.array([[0, 0.4, 1.2, 5.1, 4.6], [1, -1.3, 0.2, 7.9, 6.2]])
-    return [
-        CheckCase(
-            lambda a, al=al: roi_align(a, boxes, (2, 3), 1.0, -1, al),
-            (Tensor(x.copy(), requires_grad=True),),
-            (f"input (aligned={al})",),
-        )
-        for al in (False, True)
-    ]
-
-
-def _check_ps_roi_align() -> list[CheckCase]:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 8, 5, 6))
-    boxes = np.array([[0, 0.4, 1.2, 5.1, 4.6], [1, -1.3, 0.2, 5.9, 4.2]])
-    return [
-        CheckCase(
-            lambda a: ps_roi_align(a, boxes, 2, 1.0, 2),
-            (Tensor(x, requires_grad=True),),
-            ("input",),
-        )
-    ]
-
-
-def _check_ps_roi_pool() -> list[CheckCase]:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 8, 5, 6))
-    boxes = np.array([[0, 0.4, 1.2, 5.1, 4.6], [1, 1.3, 0.2, 5.9, 4.2]])
-    return [
-        CheckCase(
-            lambda a: ps_roi_pool(a, boxes, 2, 1.0),
-            (Tensor(x, requires_grad=True),),
-            ("input",),
-        )
-    ]
-
-
-def _check_deform_roi_pool() -> list[CheckCase]:
-    rng = np.random.default_rng(0)
-    H, W, P = 6, 7, 2
-    x = rng.standard_normal((2, 3, H, W))
-    boxes = np.array([[0, 0.4, 1.2, 5.1, 4.6], [1, 1.7, 0.9, 6.3, 5.8]])
-    off = _deform_offsets_off_kinks(rng, boxes, P, H, W, 0.1, 2)
-    return [
-        CheckCase(
-            lambda a, o: deform_roi_pool(a, boxes, o, P, 1.0, 2, 0.1),
-            (Tensor(x, requires_grad=True), Tensor(off, requires_grad=True)),
-            ("input", "offset"),
-        )
-    ]
-
-
-def _check_deform_ps_roi_pool() -> list[CheckCase]:
-    rng = np.random.default_rng(0)
-    D, gs, P, H, W = 2, 2, 2, 6, 7
-    x = rng.standard_normal((2, D * gs * gs, H, W))
-    boxes = np.array([[0, 0.0, 1.0, 4.0, 4.0], [1, 2.0, 1.0, 5.0, 4.0]])
-    # rounded boxes, sub-bins of 1.25 / 2 = 0.625 or 1.0 / 2 px: these offsets (x 0.1 = trans_std)
-    # keep every sample's fractional part in [0.1, 0.9] and inside the image
-    off = np.full((2, 2, P, P), 0.93)
-    return [
-        CheckCase(
-            lambda a, o: deform_ps_roi_pool(a, boxes, o, 1.0, D, gs, P, None, 2, 0.1),
-            (Tensor(x, requires_grad=True), Tensor(off, requires_grad=True)),
-            ("input", "offset"),
-        )
-    ]
-
-
-def _bench_data(dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray, float]:
-    """SPEC 13: input (2, 256, 50, 50), 512 boxes inside an 800x800 image, spatial_scale 1/16."""
-    rng = np.random.default_rng(0)
-    s = 1.0 / 16.0
-    x = rng.standard_normal((2, 256, 50, 50)).astype(dtype)
-    boxes = _boxes_in(rng, 512, 2, 50, 50, s).astype(dtype)
-    return x, boxes, s
-
-
-def _torch_setup() -> Any:
-    try:
-        import numba
-        import torch
-        import torchvision  # noqa: F401
-    except ImportError:
-        return None
-    torch.set_num_threads(numba.get_num_threads())
-    return torch
-
-
-def _bench_roi_align(device: str) -> BenchCase | None:
-    x_host, boxes, s = _bench_data()
-    g_host = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
-    placed = bench_device(device, x_host, g_host)
-    if placed is None:
-        return None
-    (x, g), sync = placed
-    args = (7, s, 2, True)
-
-    def forward() -> Any:
-        return roi_align_forward(x, boxes, *args)
-
-    def forward_backward() -> Any:
-        roi_align_forward(x, boxes, *args)
-        return roi_align_backward(g, x, boxes, *args)
-
-    case = BenchCase(
-        "input (2,256,50,50), 512 boxes, 7x7, sampling_ratio 2, aligned",
-        forward,
-        forward_backward,
-        device=device,
-        sync=sync,
-    )
-    tdev = torch_device(device)  # torchvision on the same device and thread count
-    torch = _torch_setup() if tdev else None
-    if torch is None:
-        return case
-    from torchvision.ops import roi_align as tv_roi_align
-
-    tx = torch.from_numpy(x_host).to(tdev).requires_grad_(True)
-    tb = torch.from_numpy(boxes).to(tdev)
-    tg = torch.from_numpy(g_host).to(tdev)
-
-    def torch_forward() -> Any:
-        with torch.no_grad():
-            return tv_roi_align(tx, tb, *args)
-
-    def torch_forward_backward() -> Any:
-        return torch.autograd.grad(tv_roi_align(tx, tb, *args), (tx,), tg)
-
-    case.torch_forward = torch_forward
-    case.torch_forward_backward = torch_forward_backward
-    return case
-
-
-def _bench_roi_pool(device: str) -> BenchCase | None:
-    x_host, boxes, s = _bench_data()
-    g_host = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
-    placed = bench_device(device, x_host, g_host)
-    if placed is None:
-        return None
-    (x, g), sync = placed
-
-    def forward() -> Any:
-        return roi_pool_forward(x, boxes, 7, s)
-
-    def forward_backward() -> Any:
-        out, argmax = roi_pool_forward(x, boxes, 7, s, return_argmax=True)
-        return roi_pool_backward(g, x, boxes, 7, s, argmax=argmax)
-
-    case = BenchCase(
-        "input (2,256,50,50), 512 boxes, 7x7", forward, forward_backward, device=device, sync=sync
-    )
-    tdev = torch_device(device)  # torchvision on the same device and thread count
-    torch = _torch_setup() if tdev else None
-    if torch is None:
-        return case
-    from torchvision.ops import roi_pool as tv_roi_pool
-
-    tx = torch.from_numpy(x_host).to(tdev).requires_grad_(True)
-    tb = torch.from_numpy(boxes).to(tdev)
-    tg = torch.from_numpy(g_host).to(tdev)
-
-    def torch_forward() -> Any:
-        with torch.no_grad():
-            return tv_roi_pool(tx, tb, 7, s)
-
-    def torch_forward_backward() -> Any:
-        return torch.autograd.grad(tv_roi_pool(tx, tb, 7, s), (tx,), tg)
-
-    case.torch_forward = torch_forward
-    case.torch_forward_backward = torch_forward_backward
-    return case
-
-
-def _bench_ps(op: str) -> Any:
-    def build(device: str) -> BenchCase | None:
-        rng = np.random.default_rng(0)
-        s = 1.0 / 16.0
-        x_host = rng.standard_normal((2, 8 * 49, 50, 50)).astype(np.float32)
-        boxes = _boxes_in(rng, 512, 2, 50, 50, s).astype(np.float32)
-        g_host = rng.standard_normal((512, 8, 7, 7)).astype(np.float32)
-        placed = bench_device(device, x_host, g_host)
-        if placed is None:
-            return None
-        (x, g), sync = placed
-        if op == "ps_roi_align":
-            fwd, bwd, extra = ps_roi_align_forward, ps_roi_align_backward, (2,)
-        else:
-            fwd, bwd, extra = ps_roi_pool_forward, ps_roi_pool_backward, ()
-
-        def forward() -> Any:
-            return fwd(x, boxes, 7, s, *extra)
-
-        def forward_backward() -> Any:
-            fwd(x, boxes, 7, s, *extra)
-            return bwd(g, x, boxes, 7, s, *extra)
-
-        case = BenchCase(
-            "input (2,392,50,50), 512 boxes, 7x7, 8 output channels",
-            forward,
-            forward_backward,
-            device=device,
-            sync=sync,
-        )
-        tdev = torch_device(device)  # torchvision on the same device and thread count
-        torch = _torch_setup() if tdev else None
-        if torch is None:
-            return case
-        import torchvision.ops as tvo
-
-        tv = getattr(tvo, op)
-        tx = torch.from_numpy(x_host).to(tdev).requires_grad_(True)
-        tb = torch.from_numpy(boxes).to(tdev)
-        tg = torch.from_numpy(g_host).to(tdev)
-
-        def torch_forward() -> Any:
-            with torch.no_grad():
-                return tv(tx, tb, 7, s, *extra)
-
-        def torch_forward_backward() -> Any:
-            return torch.autograd.grad(tv(tx, tb, 7, s, *extra), (tx,), tg)
-
-        case.torch_forward = torch_forward
-        case.torch_forward_backward = torch_forward_backward
-        return case
-
-    return build
-
-
-def _bench_deform_roi_pool(device: str) -> BenchCase | None:
-    x, boxes, s = _bench_data()
-    rng = np.random.default_rng(2)
-    off = rng.uniform(-1, 1, (512, 2, 7, 7)).astype(np.float32)
-    g = rng.standard_normal((512, 256, 7, 7)).astype(np.float32)
-    placed = bench_device(device, x, off, g)
-    if placed is None:
-        return None
-    (x, off, g), sync = placed
-
-    def forward() -> Any:
-        return deform_roi_pool_forward(x, boxes, off, 7, s, 2, 0.1)
-
-    def forward_backward() -> Any:
-        deform_roi_pool_forward(x, boxes, off, 7, s, 2, 0.1)
-        return deform_roi_pool_backward(g, x, boxes, off, 7, s, 2, 0.1)
-
-    return BenchCase(
-        "roi_align's size, offsets in [-1, 1], gamma 0.1",
-        forward,
-        forward_backward,
-        device=device,
-        sync=sync,
-    )
-
-
-def _bench_deform_ps_roi_pool(device: str) -> BenchCase | None:
-    rng = np.random.default_rng(0)
-    s = 1.0 / 16.0
-    D, gs, P = 8, 7, 7
-    x = rng.standard_normal((2, D * gs * gs, 50, 50)).astype(np.float32)
-    boxes = _boxes_in(rng, 512, 2, 50, 50, s).astype(np.float32)
-    off = rng.standard_normal((512, 2, P, P)).astype(np.float32)
-    g = rng.standard_normal((512, D, P, P)).astype(np.float32)
-    args = (s, D, gs, P, None, 4, 0.1)
-    placed = bench_device(device, x, off, g)
-    if placed is None:
-        return None
-    (x, off, g), sync = placed
-
-    def forward() -> Any:
-        return deform_ps_roi_pool_forward(x, boxes, off, *args)
-
-    def forward_backward() -> Any:
-        deform_ps_roi_pool_forward(x, boxes, off, *args)
-        return deform_ps_roi_pool_backward(g, x, boxes, off, *args)
-
-    return BenchCase(
-        "R-FCN head: input (2,392,50,50), 512 boxes, 7x7, 4x4 samples",
-        forward,
-        forward_backward,
-        device=device,
-        sync=sync,
-    )
-
-
-register_op("roi_pool", check=_check_roi_pool, bench=_bench_roi_pool)
-register_op("roi_align", check=_check_roi_align, bench=_bench_roi_align)
-register_op("ps_roi_pool", check=_check_ps_roi_pool, bench=_bench_ps("ps_roi_pool"))
-register_op("ps_roi_align", check=_check_ps_roi_align, bench=_bench_ps("ps_roi_align"))
-register_op("deform_roi_pool", check=_check_deform_roi_pool, bench=_bench_deform_roi_pool)
-register_op("deform_ps_roi_pool", check=_check_deform_ps_roi_pool, bench=_bench_deform_ps_roi_pool)
+    args = prepare_deform_ps_roi_pool(
+        input, boxes, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
+        sample_per_part, trans_std,
+    )  # fmt: skip
+    return DeformPSRoIPoolFunction.apply(input, offset, args=args)
