@@ -30,12 +30,9 @@ import numpy as np
 import pytest
 
 import deformnp as dn
-from deformnp.ops.attention import (
-    ms_deform_attn,
-    ms_deform_attn_forward,
-    spec13_inputs,
-    torch_ms_deform_attn_core,
-)
+from deformnp.cases.bench import torch_ms_deform_attn_core
+from deformnp.cases.inputs import spec13_attention as spec13_inputs
+from deformnp.ops import ms_deform_attn, ms_deform_attn_forward
 
 SIZE = "N=1, levels (32,32),(16,16),(8,8),(4,4), Lq=S=1360, M=8, D=32, P=4, float32"
 

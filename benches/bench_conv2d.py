@@ -1,18 +1,18 @@
 """conv2d timings: input (4, 64, 32, 32), weight (64, 64, 3, 3), padding 1, float32, forward and
 forward+backward, against torch in the same process with the same thread count.
 
-Run: /work/tvenv/bin/python -m pytest benches/bench_conv2d.py --benchmark-enable
-The data and callables are the ones ``python -m deformnp bench`` times (functional's registry
-entry), so the figures agree.
+Run: python -m pytest benches/bench_conv2d.py --benchmark-enable (with torch installed for the
+comparison). The data and callables are the ones ``python -m deformnp bench`` times (the conv2d
+entry of ``deformnp.cases.bench``), so the figures agree.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from deformnp.functional import _conv2d_bench_case
+from deformnp.cases import bench_cases
 
-CASE = _conv2d_bench_case("cpu")
+(CASE,) = bench_cases("conv2d", "cpu")
 PASSES = ["forward", "forward_backward"]
 
 

@@ -7,7 +7,7 @@ deformnp's), all in one process with torch.set_num_threads(numba.get_num_threads
     python benches/bench_deform_conv.py          # a table of min / median ms and ratios
 
 The deformnp and torchvision callables are those ``python -m deformnp bench`` times (the op's
-registry entry), so the figures agree.
+entry of ``deformnp.cases.bench``), so the figures agree.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pytest
 
 from deformnp import functional as F
 from deformnp import tensor
-from deformnp.ops.deform_conv import _bench_case
+from deformnp.cases import bench_cases
 
-CASE = _bench_case("cpu")
+(CASE,) = bench_cases("deform_conv2d", "cpu")
 PASSES = ["forward", "forward_backward"]
 
 

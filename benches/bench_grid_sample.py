@@ -6,7 +6,8 @@ Also bilinear_interpolate at the same size (4096 points), against grid_sample(al
     python -m pytest benches/bench_grid_sample.py --benchmark-enable
     python benches/bench_grid_sample.py          # a table of min / median ms and ratios
 
-The callables are those ``python -m deformnp bench`` times (the ops' registry entries).
+The callables are those ``python -m deformnp bench`` times (the ops' entries of
+``deformnp.cases.bench``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from deformnp.ops.bilinear import _bench_case as _bilinear_case
-from deformnp.ops.grid_sample import _bench_case as _grid_case
+from deformnp.cases import bench_cases
 
-CASES = {"grid_sample": _grid_case("cpu"), "bilinear_interpolate": _bilinear_case("cpu")}
+CASES = {op: bench_cases(op, "cpu")[0] for op in ("grid_sample", "bilinear_interpolate")}
 PASSES = ["forward", "forward_backward"]
 
 

@@ -9,7 +9,8 @@ latter).
     python -m pytest benches/bench_roi.py --benchmark-enable
     python benches/bench_roi.py          # a table of min / median ms and speedups
 
-The callables are those ``python -m deformnp bench`` times (the ops' registry entries).
+The callables are those ``python -m deformnp bench`` times (the ops' entries of
+``deformnp.cases.bench``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from deformnp.registry import registered_ops
+from deformnp.cases import bench_cases
 
 OPS = [
     "roi_align",
@@ -32,7 +33,7 @@ OPS = [
     "deform_roi_pool",
     "deform_ps_roi_pool",
 ]
-CASES = {name: registered_ops()[name].bench("cpu") for name in OPS}
+CASES = {name: bench_cases(name, "cpu")[0] for name in OPS}
 PASSES = ["forward", "forward_backward"]
 
 

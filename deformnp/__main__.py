@@ -6,8 +6,8 @@
                                   CPU, CUDA when present, and torch/torchvision when installed
     python -m deformnp info       versions, Numba threading layer and thread count, CUDA
 
-Ops register themselves (``deformnp.registry.register_op``) when their module is imported, so new
-op families appear here without editing this file.
+The cases are the tables of ``deformnp.cases`` (``check_cases``, ``bench_cases``): an op added
+there appears here without editing this file.
 """
 
 from __future__ import annotations
@@ -24,16 +24,14 @@ from typing import Any
 import numpy as np
 
 
-def _registry(only: Sequence[str] | None) -> dict:
-    from .registry import registered_ops
-
-    ops = registered_ops()
-    if only:
-        unknown = [n for n in only if n not in ops]
-        if unknown:
-            raise SystemExit(f"unknown op(s) {unknown}; registered: {sorted(ops)}")
-        ops = {n: ops[n] for n in only}
-    return ops
+def _selected(only: Sequence[str] | None, known: Sequence[str]) -> list[str]:
+    """The ops to run: ``only`` (each must be known) or all of them."""
+    if not only:
+        return list(known)
+    unknown = [n for n in only if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown op(s) {unknown}; known: {sorted(known)}")
+    return [n for n in known if n in only]
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -48,30 +46,27 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def run_check(only: Sequence[str] | None = None, out: Any = sys.stdout) -> bool:
-    """Gradcheck every registered op; print (op, input, worst error, verdict). True if all pass."""
+    """Gradcheck every case of the check table; print (op, input, worst error, verdict). True if
+    all pass."""
+    from .cases.check import OPS, check_cases
     from .gradcheck import gradcheck, max_gradient_error
 
     rows: list[list[str]] = []
     ok_all = True
     start = time.perf_counter()
-    for name, entry in sorted(_registry(only).items()):
-        if entry.check is None:
-            continue
-        for case in entry.check():
+    for op in _selected(only, OPS):
+        for case in check_cases(op):
+            inputs = case.inputs()
             try:
-                ok = gradcheck(case.fn, case.inputs, raise_exception=False)
-                errors = max_gradient_error(case.fn, case.inputs)
+                ok = gradcheck(case.fn, inputs, raise_exception=False)
+                errors = max_gradient_error(case.fn, inputs)
             except Exception as exc:  # a crash is a failure, reported in the table
-                rows.append([name, "-", f"{type(exc).__name__}: {exc}"[:60], "ERROR"])
+                rows.append([case.name, "-", f"{type(exc).__name__}: {exc}"[:60], "ERROR"])
                 ok_all = False
                 continue
             ok_all &= ok
-            grad_inputs = [
-                i for i, t in enumerate(case.inputs) if getattr(t, "requires_grad", False)
-            ]
-            for j, i in enumerate(grad_inputs):
-                label = case.names[j] if j < len(case.names) else f"input {i}"
-                rows.append([name, label, f"{errors[i]:.2e}", "ok" if ok else "FAIL"])
+            for i, label in enumerate(case.names):
+                rows.append([case.name, label, f"{errors[i]:.2e}", "ok" if ok else "FAIL"])
     print(
         "Gradient check (float64, central differences, eps=1e-6; error relative to "
         "max(1, max|numeric|))",
@@ -151,51 +146,48 @@ def run_bench(
     devices: Sequence[str] = ("cpu", "cuda"),
     out: Any = sys.stdout,
 ) -> None:
-    """Time every registered op's bench case and print ms and ratios against torch."""
+    """Time every op's bench case and print ms and ratios against torch."""
     import numba
 
     from . import cuda
+    from .cases.bench import OPS, bench_cases
 
     torch_info = _torch_threads()
     wanted = [d for d in devices if d == "cpu" or (d == "cuda" and cuda.is_available())]
     rows: list[list[str]] = []
     cpu_ms: dict[tuple[str, str], float] = {}
-    for name, entry in sorted(_registry(only).items()):
-        if entry.bench is None:
-            continue
+    for name in _selected(only, OPS):
         for device in wanted:
-            case = entry.bench(device)
-            if case is None:
-                continue
-            for phase, ours, theirs in (
-                ("forward", case.forward, case.torch_forward),
-                ("fwd+bwd", case.forward_backward, case.torch_forward_backward),
-            ):
-                ref = None
-                try:
-                    ms, ref = _time_pair(ours, theirs, repeat, case.sync, _torch_sync(device))
-                except Exception as exc:  # a comparison that fails must not stop the table
-                    if theirs is None:
-                        raise
-                    print(f"{name} {phase}: torch comparison failed: {exc}", file=out)
-                    ms = _time(ours, repeat, case.sync)
-                if device == "cpu":
-                    cpu_ms[(name, phase)] = ms
-                vs_cpu = ""
-                if device == "cuda" and (name, phase) in cpu_ms:
-                    vs_cpu = f"{cpu_ms[(name, phase)] / ms:.1f}x"
-                rows.append(
-                    [
-                        name,
-                        case.size,
-                        device,
-                        phase,
-                        f"{ms:.3f}",
-                        "-" if ref is None else f"{ref:.3f}",
-                        "-" if ref is None else f"{ref / ms:.2f}x",
-                        vs_cpu,
-                    ]
-                )
+            for case in bench_cases(name, device):
+                for phase, ours, theirs in (
+                    ("forward", case.forward, case.torch_forward),
+                    ("fwd+bwd", case.forward_backward, case.torch_forward_backward),
+                ):
+                    ref = None
+                    try:
+                        ms, ref = _time_pair(ours, theirs, repeat, case.sync, _torch_sync(device))
+                    except Exception as exc:  # a comparison that fails must not stop the table
+                        if theirs is None:
+                            raise
+                        print(f"{name} {phase}: torch comparison failed: {exc}", file=out)
+                        ms = _time(ours, repeat, case.sync)
+                    if device == "cpu":
+                        cpu_ms[(name, phase)] = ms
+                    vs_cpu = ""
+                    if device == "cuda" and (name, phase) in cpu_ms:
+                        vs_cpu = f"{cpu_ms[(name, phase)] / ms:.1f}x"
+                    rows.append(
+                        [
+                            name,
+                            case.size,
+                            device,
+                            phase,
+                            f"{ms:.3f}",
+                            "-" if ref is None else f"{ref:.3f}",
+                            "-" if ref is None else f"{ref / ms:.2f}x",
+                            vs_cpu,
+                        ]
+                    )
     print(
         f"Timings (float32, median of {repeat} after warm-up, deformnp and torch runs alternating; numba {numba.__version__}, "
         f"{numba.get_num_threads()} threads; {torch_info or 'torch not installed'})",
