@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from .. import functional as F
-from ..ops._common import index_array
 from ..ops.attention import ms_deform_attn
 from ..tensor import Tensor
+from ..validation import index_array, integer, pair, real
 from . import init
 from .layers import GELU, Conv2d, LayerNorm, Linear, Sequential
 from .module import Module, Parameter
@@ -77,8 +77,7 @@ class MSDeformAttn(Module):
             ("n_heads", n_heads),
             ("n_points", n_points),
         ):
-            if int(v) < 1:
-                raise ValueError(f"MSDeformAttn: {name} must be >= 1, got {v}")
+            integer("MSDeformAttn", name, v, 1)
         if d_model % n_heads != 0:
             raise ValueError(
                 f"MSDeformAttn: d_model must be divisible by n_heads, but got {d_model} and "
@@ -147,7 +146,7 @@ class MSDeformAttn(Module):
                 f"{name}: input_spatial_shapes must be (n_levels, 2) = ({L}, 2), got shape "
                 f"{shapes.shape}"
             )
-        total = int((shapes[:, 0] * shapes[:, 1]).sum())
+        total = sum(h * w for h, w in shapes.tolist())  # exact: no 64-bit wrap-around
         if total != S:
             raise ValueError(
                 f"{name}: input_flatten has S = {S} positions, but input_spatial_shapes give "
@@ -163,6 +162,9 @@ class MSDeformAttn(Module):
                 f"{name}: Last dim of reference_points must be 2 or 4, but get "
                 f"{reference_points.shape[3]} instead."
             )
+        self._check_dtypes(
+            query=query, reference_points=reference_points, input_flatten=input_flatten
+        )
 
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
@@ -178,6 +180,16 @@ class MSDeformAttn(Module):
         out = ms_deform_attn(value, shapes, starts, locations, weights)
         return self.output_proj(out)
 
+    def _check_dtypes(self, **tensors: Tensor) -> None:
+        """Inputs must have the dtype of the layer's parameters (no silent casts)."""
+        dtype = self.value_proj.weight.dtype
+        for arg, t in tensors.items():
+            if t.dtype != dtype:
+                raise TypeError(
+                    f"MSDeformAttn: {arg} must be {dtype} like the layer's parameters, got "
+                    f"{t.dtype}"
+                )
+
     def _sampling(
         self, query: Tensor, reference_points: Tensor, shapes: np.ndarray
     ) -> tuple[Tensor, Tensor]:
@@ -190,10 +202,10 @@ class MSDeformAttn(Module):
         if reference_points.shape[3] == 2:
             # offsets are in pixels of each level: divide by (W_l, H_l)
             normalizer = np.stack([shapes[:, 1], shapes[:, 0]], -1).astype(dtype)
-            ref = reference_points.astype(dtype).reshape(N, Lq, 1, L, 1, 2)
+            ref = reference_points.reshape(N, Lq, 1, L, 1, 2)
             locations = ref + offsets / normalizer.reshape(1, 1, 1, L, 1, 2)
         else:
-            ref = reference_points.astype(dtype).reshape(N, Lq, 1, L, 1, 4)
+            ref = reference_points.reshape(N, Lq, 1, L, 1, 4)
             locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
         return locations, weights
 
@@ -204,7 +216,9 @@ class MSDeformAttn(Module):
         and their softmaxed attention weights (N, Lq, n_heads, n_levels, n_points) that
         ``forward`` uses for these queries: for plotting where the attention looks."""
         shapes = index_array("MSDeformAttn", "input_spatial_shapes", _raw(input_spatial_shapes))
-        return self._sampling(_tensor(query), _tensor(reference_points), shapes)
+        query, reference_points = _tensor(query), _tensor(reference_points)
+        self._check_dtypes(query=query, reference_points=reference_points)
+        return self._sampling(query, reference_points, shapes)
 
     def extra_repr(self) -> str:
         return (
@@ -301,8 +315,8 @@ class DeformableAttention2d(Module):
             ("stride", stride),
             ("kernel_size", kernel_size),
         ):
-            if int(v) < 1:
-                raise ValueError(f"{name}: {arg} must be >= 1, got {v}")
+            integer(name, arg, v, 1)
+        real(name, "offset_range_factor", offset_range_factor)
         if channels % n_heads:
             raise ValueError(
                 f"{name}: channels ({channels}) must be divisible by n_heads ({n_heads})"
@@ -328,7 +342,7 @@ class DeformableAttention2d(Module):
         self.kernel_size = int(kernel_size)
         self.use_pe = bool(use_pe)
         if q_size is not None:
-            q_size = (int(q_size), int(q_size)) if np.ndim(q_size) == 0 else tuple(q_size)
+            q_size = pair(name, "q_size", q_size, 1)
         self.q_size = q_size
         Cg, k = self.n_group_channels, self.kernel_size
         self.conv_offset = Sequential(

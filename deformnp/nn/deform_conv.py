@@ -20,34 +20,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
 from .. import functional as F
 from ..ops.deform_conv import deform_conv2d
 from ..tensor import Tensor
+from ..typing import IntPair, TensorLike
+from ..validation import integer
 from . import init
-from .layers import Conv2d, _dtype, _finish
-from .module import Module, Parameter
+from .layers import Conv2d, _ConvBase, _finish
 
 __all__ = ["DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack"]
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else tuple(int(i) for i in v)
-
-
-def _check_groups(name: str, in_channels: int, out_channels: int, groups: int) -> None:
-    if groups < 1:
-        raise ValueError(f"{name}: groups must be >= 1, got {groups}")
-    if in_channels % groups:
-        raise ValueError(f"{name}: in_channels {in_channels} must be divisible by groups {groups}")
-    if out_channels % groups:
-        raise ValueError(
-            f"{name}: out_channels {out_channels} must be divisible by groups {groups}"
-        )
-
-
-class DeformConv2d(Module):
+class DeformConv2d(_ConvBase):
     """torchvision.ops.DeformConv2d: a deformable convolution whose offsets (and optional v2
     mask) are inputs of ``forward``.
 
@@ -64,43 +48,29 @@ class DeformConv2d(Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: Any,
-        stride: Any = 1,
-        padding: Any = 0,
-        dilation: Any = 1,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
         groups: int = 1,
         bias: bool = True,
         *,
         dtype: Any = None,
         device: Any = None,
     ) -> None:
-        super().__init__()
-        _check_groups(type(self).__name__, in_channels, out_channels, groups)
-        dt = _dtype(dtype)
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        self.groups = int(groups)
-        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        self.weight = Parameter(np.empty(shape, dt))
-        if bias:
-            self.bias = Parameter(np.empty((self.out_channels,), dt))
-        else:
-            self.register_parameter("bias", None)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            dtype, min_channels=1,
+        )  # fmt: skip
         self.reset_parameters()
         _finish(self, device)
 
-    def reset_parameters(self) -> None:
-        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight.shape[1] * self.kernel_size[0] * self.kernel_size[1]
-            bound = 1 / math.sqrt(fan_in)
-            init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, input: Any, offset: Any, mask: Any = None) -> Tensor:
+    def forward(
+        self, input: TensorLike, offset: TensorLike, mask: TensorLike | None = None
+    ) -> Tensor:
+        """The deformable convolution of ``input`` (B, in_channels, H, W) sampled at ``offset``
+        (B, 2*G*kh*kw, Hout, Wout), modulated by ``mask`` (B, G*kh*kw, Hout, Wout) if given:
+        ``ops.deform_conv2d`` with this layer's weight, bias and geometry."""
         return deform_conv2d(
             input,
             offset,
@@ -124,7 +94,7 @@ class DeformConv2d(Module):
         return s
 
 
-class _PackBase(Module):
+class _PackBase(_ConvBase):
     """Shared construction of mmcv's *Pack layers: the main weight (and bias) plus a
     zero-initialised offset/mask predictor ``conv_offset`` with ``n_pred`` * deform_groups *
     kh * kw output channels."""
@@ -135,39 +105,27 @@ class _PackBase(Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: Any,
-        stride: Any,
-        padding: Any,
-        dilation: Any,
+        kernel_size: IntPair,
+        stride: IntPair,
+        padding: IntPair,
+        dilation: IntPair,
         groups: int,
         deform_groups: int,
         bias: bool,
         dtype: Any,
         device: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            dtype, min_channels=1,
+        )  # fmt: skip
         name = type(self).__name__
-        _check_groups(name, in_channels, out_channels, groups)
-        if deform_groups < 1 or in_channels % deform_groups:
+        self.deform_groups = integer(name, "deform_groups", deform_groups, 1)
+        if self.in_channels % self.deform_groups:
             raise ValueError(
-                f"{name}: in_channels {in_channels} must be divisible by deform_groups "
-                f"{deform_groups}"
+                f"{name}: in_channels {self.in_channels} must be divisible by deform_groups "
+                f"{self.deform_groups}"
             )
-        dt = _dtype(dtype)
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        self.groups = int(groups)
-        self.deform_groups = int(deform_groups)
-        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        self.weight = Parameter(np.empty(shape, dt))
-        if bias:
-            self.bias = Parameter(np.empty((self.out_channels,), dt))
-        else:
-            self.register_parameter("bias", None)
         kh, kw = self.kernel_size
         self.conv_offset = Conv2d(
             self.in_channels,
@@ -177,10 +135,14 @@ class _PackBase(Module):
             padding=self.padding,
             dilation=self.dilation,
             bias=True,
-            dtype=dt,
+            dtype=self.weight.dtype,
         )
-        self.init_weights()
+        self.reset_parameters()
         _finish(self, device)
+
+    def reset_parameters(self) -> None:
+        """mmcv's ``init_weights``."""
+        self.init_weights()
 
     def init_offset(self) -> None:
         """Zero the offset/mask predictor: training starts as a plain convolution."""
@@ -190,7 +152,7 @@ class _PackBase(Module):
     def init_weights(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _deform(self, x: Any, offset: Any, mask: Any) -> Tensor:
+    def _deform(self, x: TensorLike, offset: TensorLike, mask: TensorLike | None) -> Tensor:
         return deform_conv2d(
             x,
             offset,
@@ -231,10 +193,10 @@ class DeformConv2dPack(_PackBase):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: Any,
-        stride: Any = 1,
-        padding: Any = 0,
-        dilation: Any = 1,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
         groups: int = 1,
         deform_groups: int = 1,
         bias: bool = False,
@@ -255,7 +217,9 @@ class DeformConv2dPack(_PackBase):
             init.zeros_(self.bias)
         self.init_offset()
 
-    def forward(self, x: Any) -> Tensor:
+    def forward(self, x: TensorLike) -> Tensor:
+        """The deformable convolution of ``x`` (B, in_channels, H, W) at the offsets that
+        ``conv_offset`` predicts from ``x``."""
         offset = self.conv_offset(x)
         return self._deform(x, offset, None)
 
@@ -278,10 +242,10 @@ class ModulatedDeformConv2dPack(_PackBase):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: Any,
-        stride: Any = 1,
-        padding: Any = 0,
-        dilation: Any = 1,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
         groups: int = 1,
         deform_groups: int = 1,
         bias: bool = True,
@@ -302,12 +266,14 @@ class ModulatedDeformConv2dPack(_PackBase):
             init.zeros_(self.bias)
         self.init_offset()
 
-    def offset_and_mask(self, x: Any) -> tuple[Tensor, Tensor]:
+    def offset_and_mask(self, x: TensorLike) -> tuple[Tensor, Tensor]:
         """The predicted offset (B, 2*G*kh*kw, Hout, Wout) and mask (B, G*kh*kw, Hout, Wout)."""
         out = self.conv_offset(x)
         n = 2 * self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
         return out[:, :n], F.sigmoid(out[:, n:])
 
-    def forward(self, x: Any) -> Tensor:
+    def forward(self, x: TensorLike) -> Tensor:
+        """The modulated deformable convolution of ``x`` (B, in_channels, H, W) at the offsets
+        and with the mask that ``conv_offset`` predicts from ``x``."""
         offset, mask = self.offset_and_mask(x)
         return self._deform(x, offset, mask)

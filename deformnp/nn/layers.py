@@ -15,6 +15,8 @@ import numpy as np
 
 from .. import functional as F
 from ..tensor import Tensor
+from ..typing import IntPair, TensorLike
+from ..validation import integer, pair
 from . import init
 from .module import Module, Parameter
 
@@ -76,8 +78,8 @@ class Linear(Module):
     ) -> None:
         super().__init__()
         dt = _dtype(dtype)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = integer("Linear", "in_features", in_features, 0)
+        self.out_features = integer("Linear", "out_features", out_features, 0)
         self.weight = Parameter(np.empty((self.out_features, self.in_features), dt))
         if bias:
             self.bias = Parameter(np.empty((self.out_features,), dt))
@@ -93,7 +95,9 @@ class Linear(Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, input: Any) -> Tensor:
+    def forward(self, input: TensorLike) -> Tensor:
+        """``input @ weight.T + bias`` for input (*, in_features): see
+        :func:`deformnp.functional.linear`."""
         return F.linear(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -103,58 +107,51 @@ class Linear(Module):
         )
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else tuple(int(i) for i in v)
+class _ConvBase(Module):
+    """What every 2-D convolution layer shares: checked arguments, ``weight`` (out_channels,
+    in_channels/groups, kh, kw) and ``bias`` (out_channels,) or None, and torch's default
+    initialisation: weight kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    bias the same bound, fan_in = in_channels/groups * kh * kw.
 
-
-class Conv2d(Module):
-    """2-D convolution layer (torch.nn.Conv2d): weight (out, in/groups, kh, kw), bias (out,).
-
-    ``padding`` may be an int, a pair, ``"valid"`` or ``"same"``; only ``padding_mode="zeros"``
-    is supported. Initialisation as torch: weight kaiming_uniform_(a=sqrt(5)), bias
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with ``fan_in = in/groups * kh * kw``.
+    Used by :class:`Conv2d` and the deformable convolutions of ``nn/deform_conv.py``; a subclass
+    that initialises differently overrides :meth:`reset_parameters`. Subclasses call
+    ``reset_parameters()`` once they have built everything it touches.
     """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: Any,
-        stride: Any = 1,
-        padding: Any = 0,
-        dilation: Any = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
+        kernel_size: IntPair,
+        stride: IntPair,
+        padding: IntPair | str,
+        dilation: IntPair,
+        groups: int,
+        bias: bool,
+        dtype: Any,
+        min_channels: int = 0,
     ) -> None:
         super().__init__()
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"Conv2d: in_channels {in_channels} and out_channels {out_channels} must be "
-                f"divisible by groups {groups}"
-            )
-        if padding_mode != "zeros":
-            raise ValueError(
-                f"Conv2d: only padding_mode='zeros' is supported, got {padding_mode!r}"
-            )
+        name = type(self).__name__
+        self.in_channels = integer(name, "in_channels", in_channels, min_channels)
+        self.out_channels = integer(name, "out_channels", out_channels, min_channels)
+        self.kernel_size = pair(name, "kernel_size", kernel_size, 1)
+        self.stride = pair(name, "stride", stride, 1)
+        self.padding = padding if isinstance(padding, str) else pair(name, "padding", padding, 0)
+        self.dilation = pair(name, "dilation", dilation, 1)
+        self.groups = integer(name, "groups", groups, 1)
+        for arg in ("in_channels", "out_channels"):
+            if getattr(self, arg) % self.groups:
+                raise ValueError(
+                    f"{name}: {arg} {getattr(self, arg)} must be divisible by groups {self.groups}"
+                )
         dt = _dtype(dtype)
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.dilation = _pair(dilation)
-        self.groups = int(groups)
-        self.padding_mode = padding_mode
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self.weight = Parameter(np.empty(shape, dt))
         if bias:
             self.bias = Parameter(np.empty((self.out_channels,), dt))
         else:
             self.register_parameter("bias", None)
-        self.reset_parameters()
-        _finish(self, device)
 
     def reset_parameters(self) -> None:
         init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -163,11 +160,6 @@ class Conv2d(Module):
             if fan_in:
                 bound = 1 / math.sqrt(fan_in)
                 init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, input: Any) -> Tensor:
-        return F.conv2d(
-            input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
-        )
 
     def extra_repr(self) -> str:
         s = (
@@ -183,6 +175,50 @@ class Conv2d(Module):
         if self.bias is None:
             s += ", bias=False"
         return s
+
+
+class Conv2d(_ConvBase):
+    """2-D convolution layer (torch.nn.Conv2d): weight (out, in/groups, kh, kw), bias (out,).
+
+    ``padding`` may be an int, a pair, ``"valid"`` or ``"same"``; only ``padding_mode="zeros"``
+    is supported. Initialisation as torch (see :class:`_ConvBase`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair | str = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"Conv2d: only padding_mode='zeros' is supported, got {padding_mode!r}"
+            )
+        if isinstance(padding, str) and padding not in ("valid", "same"):
+            raise ValueError(
+                f"Conv2d: padding must be an int, a pair, 'valid' or 'same', got {padding!r}"
+            )
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, dtype
+        )
+        self.padding_mode = padding_mode
+        self.reset_parameters()
+        _finish(self, device)
+
+    def forward(self, input: TensorLike) -> Tensor:
+        """The convolution of ``input`` (N, in_channels, H, W) (or unbatched (C, H, W)): see
+        :func:`deformnp.functional.conv2d`."""
+        return F.conv2d(
+            input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
 class LayerNorm(Module):

@@ -28,8 +28,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..ops.roi import deform_roi_pool, ps_roi_align, ps_roi_pool, roi_align, roi_pool
-from ..tensor import Tensor
+import numpy as np
+
+from ..ops.roi import (
+    MAX_SAMPLING_RATIO,
+    deform_roi_pool,
+    ps_roi_align,
+    ps_roi_pool,
+    roi_align,
+    roi_pool,
+)
+from ..tensor import Tensor, unwrap
+from ..typing import Boxes, IntPair, TensorLike
+from ..validation import FLOAT_DTYPES, integer, pair, real
 from . import init
 from .layers import Linear, ReLU, Sequential, Sigmoid, _dtype, _finish
 from .module import Module
@@ -45,22 +56,28 @@ __all__ = [
 ]
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
+def _check_pooling(
+    layer: Module, output_size: Any, spatial_scale: Any, sampling_ratio: Any = None
+) -> None:
+    """The constructor arguments every RoI layer shares, checked as the ops check them."""
+    name = type(layer).__name__
+    pair(name, "output_size", output_size, minimum=1)
+    real(name, "spatial_scale", spatial_scale)
+    if sampling_ratio is not None:
+        integer(name, "sampling_ratio", sampling_ratio, maximum=MAX_SAMPLING_RATIO)
 
 
 class RoIPool(Module):
     """torchvision.ops.RoIPool: ``forward(input, rois)`` is ``ops.roi_pool``."""
 
-    def __init__(self, output_size: Any, spatial_scale: float) -> None:
+    def __init__(self, output_size: IntPair, spatial_scale: float) -> None:
         super().__init__()
+        _check_pooling(self, output_size, spatial_scale)
         self.output_size = output_size
         self.spatial_scale = spatial_scale
 
-    def forward(self, input: Any, rois: Any) -> Tensor:
+    def forward(self, input: TensorLike, rois: Boxes) -> Tensor:
+        """``ops.roi_pool(input, rois, output_size, spatial_scale)``."""
         return roi_pool(input, rois, self.output_size, self.spatial_scale)
 
     def extra_repr(self) -> str:
@@ -71,15 +88,21 @@ class RoIAlign(Module):
     """torchvision.ops.RoIAlign: ``forward(input, rois)`` is ``ops.roi_align``."""
 
     def __init__(
-        self, output_size: Any, spatial_scale: float, sampling_ratio: int, aligned: bool = False
+        self,
+        output_size: IntPair,
+        spatial_scale: float,
+        sampling_ratio: int,
+        aligned: bool = False,
     ) -> None:
         super().__init__()
+        _check_pooling(self, output_size, spatial_scale, sampling_ratio)
         self.output_size = output_size
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
 
-    def forward(self, input: Any, rois: Any) -> Tensor:
+    def forward(self, input: TensorLike, rois: Boxes) -> Tensor:
+        """``ops.roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)``."""
         return roi_align(
             input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
         )
@@ -94,12 +117,14 @@ class RoIAlign(Module):
 class PSRoIPool(Module):
     """torchvision.ops.PSRoIPool: ``forward(input, rois)`` is ``ops.ps_roi_pool``."""
 
-    def __init__(self, output_size: Any, spatial_scale: float) -> None:
+    def __init__(self, output_size: IntPair, spatial_scale: float) -> None:
         super().__init__()
+        _check_pooling(self, output_size, spatial_scale)
         self.output_size = output_size
         self.spatial_scale = spatial_scale
 
-    def forward(self, input: Any, rois: Any) -> Tensor:
+    def forward(self, input: TensorLike, rois: Boxes) -> Tensor:
+        """``ops.ps_roi_pool(input, rois, output_size, spatial_scale)``."""
         return ps_roi_pool(input, rois, self.output_size, self.spatial_scale)
 
     def extra_repr(self) -> str:
@@ -109,13 +134,15 @@ class PSRoIPool(Module):
 class PSRoIAlign(Module):
     """torchvision.ops.PSRoIAlign: ``forward(input, rois)`` is ``ops.ps_roi_align``."""
 
-    def __init__(self, output_size: Any, spatial_scale: float, sampling_ratio: int) -> None:
+    def __init__(self, output_size: IntPair, spatial_scale: float, sampling_ratio: int) -> None:
         super().__init__()
+        _check_pooling(self, output_size, spatial_scale, sampling_ratio)
         self.output_size = output_size
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
 
-    def forward(self, input: Any, rois: Any) -> Tensor:
+    def forward(self, input: TensorLike, rois: Boxes) -> Tensor:
+        """``ops.ps_roi_align(input, rois, output_size, spatial_scale, sampling_ratio)``."""
         return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
 
     def extra_repr(self) -> str:
@@ -130,18 +157,20 @@ class DeformRoIPool(Module):
 
     def __init__(
         self,
-        output_size: Any,
+        output_size: IntPair,
         spatial_scale: float = 1.0,
         sampling_ratio: int = 0,
         gamma: float = 0.1,
     ) -> None:
         super().__init__()
-        self.output_size = _pair(output_size)
-        self.spatial_scale = float(spatial_scale)
-        self.sampling_ratio = int(sampling_ratio)
-        self.gamma = float(gamma)
+        name = type(self).__name__
+        _check_pooling(self, output_size, spatial_scale, sampling_ratio)
+        self.output_size = pair(name, "output_size", output_size, minimum=1)
+        self.spatial_scale = real(name, "spatial_scale", spatial_scale)
+        self.sampling_ratio = integer(name, "sampling_ratio", sampling_ratio)
+        self.gamma = real(name, "gamma", gamma)
 
-    def _pool(self, input: Any, rois: Any, offset: Any) -> Tensor:
+    def _pool(self, input: TensorLike, rois: Boxes, offset: TensorLike | None) -> Tensor:
         return deform_roi_pool(
             input,
             rois,
@@ -152,7 +181,9 @@ class DeformRoIPool(Module):
             self.gamma,
         )
 
-    def forward(self, input: Any, rois: Any, offset: Any = None) -> Tensor:
+    def forward(self, input: TensorLike, rois: Boxes, offset: TensorLike | None = None) -> Tensor:
+        """``ops.deform_roi_pool(input, rois, offset, output_size, spatial_scale,
+        sampling_ratio, gamma)``."""
         return self._pool(input, rois, offset)
 
     def extra_repr(self) -> str:
@@ -168,7 +199,7 @@ class DeformRoIPoolPack(DeformRoIPool):
 
     def __init__(
         self,
-        output_size: Any,
+        output_size: IntPair,
         output_channels: int,
         deform_fc_channels: int = 1024,
         spatial_scale: float = 1.0,
@@ -179,9 +210,10 @@ class DeformRoIPoolPack(DeformRoIPool):
         device: Any = None,
     ) -> None:
         super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
+        name = type(self).__name__
         dt = _dtype(dtype)
-        self.output_channels = int(output_channels)
-        self.deform_fc_channels = int(deform_fc_channels)
+        self.output_channels = integer(name, "output_channels", output_channels, 1)
+        self.deform_fc_channels = integer(name, "deform_fc_channels", deform_fc_channels, 1)
         PH, PW = self.output_size
         n_in = PH * PW * self.output_channels
         fc = self.deform_fc_channels
@@ -196,13 +228,27 @@ class DeformRoIPoolPack(DeformRoIPool):
         init.zeros_(self.offset_fc[-1].bias)
         _finish(self, device)
 
-    def _check(self, input: Any) -> None:
-        C = input.shape[1] if len(input.shape) == 4 else None
+    def _check(self, input: TensorLike) -> TensorLike:
+        """``input`` (an array-like made an array) if it is (N, output_channels, H, W) in the
+        dtype of the layer's parameters; else a ValueError / TypeError naming the layer."""
+        name = type(self).__name__
+        a = unwrap(input)
+        if not hasattr(a, "shape"):
+            a = np.asarray(a)
+            input = a
+        C = a.shape[1] if len(a.shape) == 4 else None
         if C != self.output_channels:
             raise ValueError(
-                f"{type(self).__name__}: input must be (N, {self.output_channels}, H, W) "
-                f"(output_channels), got shape {tuple(input.shape)}"
+                f"{name}: input must be (N, {self.output_channels}, H, W) "
+                f"(output_channels), got shape {tuple(a.shape)}"
             )
+        dtype = self.offset_fc[0].weight.dtype
+        if np.dtype(a.dtype) not in FLOAT_DTYPES or np.dtype(a.dtype) != dtype:
+            raise TypeError(
+                f"{name}: input must be {dtype} like the layer's parameters, got "
+                f"{np.dtype(a.dtype)}"
+            )
+        return input
 
     def _offset(self, x: Tensor) -> Tensor:
         K = x.shape[0]
@@ -210,8 +256,10 @@ class DeformRoIPoolPack(DeformRoIPool):
         flat = x.reshape(K, self.output_channels * PH * PW)
         return self.offset_fc(flat).reshape(K, 2, PH, PW)
 
-    def forward(self, input: Any, rois: Any) -> Tensor:  # type: ignore[override]
-        self._check(input)
+    def forward(self, input: TensorLike, rois: Boxes) -> Tensor:  # type: ignore[override]
+        """Pool ``input`` (N, output_channels, H, W) over ``rois`` without offsets, predict the
+        offsets from that, and pool again with them: (K, output_channels, PH, PW)."""
+        input = self._check(input)
         x = self._pool(input, rois, None)
         return self._pool(input, rois, self._offset(x))
 
@@ -229,7 +277,7 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
 
     def __init__(
         self,
-        output_size: Any,
+        output_size: IntPair,
         output_channels: int,
         deform_fc_channels: int = 1024,
         spatial_scale: float = 1.0,
@@ -261,8 +309,10 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
         init.zeros_(self.mask_fc[2].bias)
         _finish(self, device)
 
-    def forward(self, input: Any, rois: Any) -> Tensor:  # type: ignore[override]
-        self._check(input)
+    def forward(self, input: TensorLike, rois: Boxes) -> Tensor:  # type: ignore[override]
+        """As :meth:`DeformRoIPoolPack.forward`, the second pooling multiplied by the mask
+        predicted from the first."""
+        input = self._check(input)
         x = self._pool(input, rois, None)
         K = x.shape[0]
         PH, PW = self.output_size
