@@ -12,18 +12,11 @@ from reference import bilinear as ref
 
 import deformnp as dn
 from deformnp import ops
-from deformnp.kernels.cpu.bilinear import SERIAL_WORK
+from deformnp.cases import check_cases
+from deformnp.cases.inputs import points_off_kinks
+from deformnp.kernels.cpu.sampling import SERIAL_WORK
 
 BORDERS = ["zero", "clamp"]
-
-
-def off_kink_points(rng: np.random.Generator, N: int, P: int, H: int, W: int) -> np.ndarray:
-    """Points whose integer parts lie in [-2, H] x [-2, W] and whose fractional parts lie in
-    [0.1, 0.9]: off the integer kinks and off the border lines -1, 0, H-1, H, so central
-    differences are valid (SPEC 12), while still covering the border bands and outside."""
-    y = rng.integers(-2, H + 1, (N, P)) + rng.uniform(0.1, 0.9, (N, P))
-    x = rng.integers(-2, W + 1, (N, P)) + rng.uniform(0.1, 0.9, (N, P))
-    return np.stack([y, x], axis=-1)
 
 
 def special_points(H: int, W: int) -> np.ndarray:
@@ -76,15 +69,11 @@ def test_forward_pair_equals_op(rng):
 # ------------------------------------------------------------------ gradients
 
 
-@pytest.mark.parametrize("border", BORDERS)
-def test_gradcheck(rng, border):
-    # sampling coordinates have fractional parts in [0.1, 0.9]: off the kinks and border lines
-    N, C, H, W, P = 2, 2, 4, 5, 12
-    x = dn.tensor(rng.standard_normal((N, C, H, W)), requires_grad=True)
-    pts = dn.tensor(off_kink_points(rng, N, P, H, W), requires_grad=True)
-    assert dn.gradcheck(
-        lambda a, b: ops.bilinear_interpolate(a, b, border), (x, pts), names=("input", "points")
-    )
+@pytest.mark.parametrize("case", check_cases("bilinear_interpolate"), ids=lambda c: c.label)
+def test_gradcheck(case):
+    # the check table's cases: sampling coordinates have fractional parts in [0.1, 0.9], off
+    # the kinks and border lines (deformnp.cases.inputs)
+    assert dn.gradcheck(case.fn, case.inputs(), names=case.names)
 
 
 @pytest.mark.parametrize("border", BORDERS)
@@ -303,7 +292,7 @@ def test_zero_fade_matches_torch_grid_sample(rng, dtype):
     N, C, H, W, P = 2, 3, 6, 7, 200
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     # off the lines y = -1 / x = -1 and integers, where torch's one-sided slopes may differ
-    pts = off_kink_points(rng, N, P, H, W).astype(dtype)
+    pts = points_off_kinks(rng, N, P, H, W).astype(dtype)
     xt = dn.tensor(x, requires_grad=True)
     pt = dn.tensor(pts, requires_grad=True)
     out = ops.bilinear_interpolate(xt, pt, "zero")

@@ -344,13 +344,12 @@ def test_dtype_errors():
 
 
 def test_registered_check_cases_pass():
-    from deformnp.registry import _REGISTRY
+    from deformnp.cases import check_cases
 
-    entry = _REGISTRY["conv2d"]
-    cases = entry.check()
+    cases = check_cases("conv2d")
     assert len(cases) == 2
     for case in cases:
-        assert dn.gradcheck(case.fn, case.inputs, names=case.names)
+        assert dn.gradcheck(case.fn, case.inputs(), names=case.names)
 
 
 @pytest.mark.parametrize(

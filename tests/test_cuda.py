@@ -16,6 +16,8 @@ import pytest
 
 import deformnp as dn
 from deformnp import cuda, ops
+from deformnp.cases import check_cases
+from deformnp.cases.inputs import fractional
 from deformnp.cuda import is_cuda_array
 
 pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="numba-cuda is not installed")
@@ -24,145 +26,27 @@ DTYPES = [np.float64, np.float32]
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
 
 
-def _frac(rng: np.random.Generator, lo: int, hi: int, shape: tuple) -> np.ndarray:
-    """Integers in [lo, hi) plus fractional parts in [0.1, 0.9]: off the bilinear kinks."""
-    return rng.integers(lo, hi, shape) + rng.uniform(0.1, 0.9, shape)
+CUDA_CASES = [c for c in check_cases() if c.cuda]
 
 
-def _cases(rng: np.random.Generator) -> list:
-    """(name, fn(*tensors), arrays, indices of the arrays that require grad)."""
-    x = rng.standard_normal((2, 4, 5, 6))
-    boxes = np.array([[0, 0.4, 0.6, 4.3, 3.7], [1, -1.5, 1.2, 6.5, 5.6], [1, 2.2, 0.3, 3.1, 2.9]])
-    shapes = np.array([[3, 4], [2, 2], [1, 1]], np.int64)
-    starts = np.array([0, 12, 16], np.int64)
-    cases = [
-        (
-            "bilinear_interpolate zero",
-            lambda a, p: ops.bilinear_interpolate(a, p, "zero"),
-            [x, np.stack([_frac(rng, -1, 5, (2, 7)), _frac(rng, -1, 6, (2, 7))], -1)],
-            (0, 1),
-        ),
-        (
-            "bilinear_interpolate clamp",
-            lambda a, p: ops.bilinear_interpolate(a, p, "clamp"),
-            [x, np.stack([_frac(rng, -1, 5, (2, 7)), _frac(rng, -1, 6, (2, 7))], -1)],
-            (0, 1),
-        ),
-        (
-            "grid_sample zeros",
-            lambda a, g: ops.grid_sample(a, g, padding_mode="zeros", align_corners=False),
-            [x, rng.uniform(-1.2, 1.2, (2, 3, 4, 2))],
-            (0, 1),
-        ),
-        (
-            "grid_sample border",
-            lambda a, g: ops.grid_sample(a, g, padding_mode="border", align_corners=True),
-            [x, rng.uniform(-1.2, 1.2, (2, 3, 4, 2))],
-            (0, 1),
-        ),
-        (
-            "deform_conv2d v2, groups 2, offset groups 2",
-            lambda a, o, w, b, m: ops.deform_conv2d(
-                a, o, w, b, stride=(1, 2), padding=1, dilation=(2, 1), mask=m
-            ),
-            [
-                x,
-                _frac(rng, -2, 2, (2, 2 * 2 * 6, 5, 3)),
-                rng.standard_normal((6, 2, 2, 3)),
-                rng.standard_normal(6),
-                rng.uniform(0, 1, (2, 2 * 6, 5, 3)),
-            ],
-            (0, 1, 2, 3, 4),
-        ),
-        (
-            "deform_conv2d v1",
-            lambda a, o, w: ops.deform_conv2d(a, o, w, padding=1),
-            [x, _frac(rng, -2, 2, (2, 18, 5, 6)), rng.standard_normal((3, 4, 3, 3))],
-            (0, 1, 2),
-        ),
-        (
-            "roi_align",
-            lambda a: ops.roi_align(
-                a, boxes.astype(a.dtype), (2, 3), 0.9, sampling_ratio=-1, aligned=True
-            ),
-            [x],
-            (0,),
-        ),
-        ("roi_pool", lambda a: ops.roi_pool(a, boxes.astype(a.dtype), 2, 1.0), [x], (0,)),
-        (
-            "ps_roi_align",
-            lambda a: ops.ps_roi_align(a, boxes.astype(a.dtype), 2, 1.0, sampling_ratio=2),
-            [x],
-            (0,),
-        ),
-        ("ps_roi_pool", lambda a: ops.ps_roi_pool(a, boxes.astype(a.dtype), 2, 1.0), [x], (0,)),
-        (
-            "deform_roi_pool",
-            lambda a, o: ops.deform_roi_pool(
-                a, boxes.astype(a.dtype), o, 2, 1.0, sampling_ratio=2, gamma=0.1
-            ),
-            [x, rng.uniform(-0.5, 0.5, (3, 2, 2, 2))],
-            (0, 1),
-        ),
-        (
-            "deform_ps_roi_pool",
-            lambda a, o: ops.deform_ps_roi_pool(
-                a,
-                boxes.astype(a.dtype),
-                o,
-                1.0,
-                output_dim=1,
-                group_size=2,
-                pooled_size=2,
-                part_size=2,
-                sample_per_part=2,
-                trans_std=0.1,
-            ),
-            [x, rng.uniform(-0.5, 0.5, (3, 2, 2, 2))],
-            (0, 1),
-        ),
-        (
-            "ms_deform_attn",
-            lambda v, loc, a: ops.ms_deform_attn(v, shapes, starts, loc, a),
-            [
-                rng.standard_normal((2, 17, 2, 3)),
-                rng.uniform(-0.1, 1.1, (2, 4, 2, 3, 2, 2)),
-                rng.uniform(0, 1, (2, 4, 2, 3, 2)),
-            ],
-            (0, 1, 2),
-        ),
-    ]
-    return cases
-
-
-CASE_NAMES = [c[0] for c in _cases(np.random.default_rng(0))]
-
-
-def _run(fn, arrays, grads, dtype, device, weight):
-    ts = []
-    for i, a in enumerate(arrays):
-        t = dn.tensor(a.astype(dtype), requires_grad=i in grads)
-        if device == "cuda":
-            leaf = dn.tensor(a.astype(dtype)).to("cuda").requires_grad_(i in grads)
-            t = leaf
-        ts.append(t)
-    out = fn(*ts)
+def _run(case, dtype, device, weight):
+    ts = case.inputs(dtype, device)
+    out = case.fn(*ts)
     w = dn.tensor(weight.astype(dtype))
     loss = (out * (w.to("cuda") if device == "cuda" else w)).sum()
     loss.backward()
-    return out, [ts[i].grad for i in grads]
+    return out, [t.grad for t in ts]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
-@pytest.mark.parametrize("name", CASE_NAMES)
-def test_cuda_matches_cpu(name, dtype):
-    rng = np.random.default_rng(7)
-    case = {c[0]: c for c in _cases(rng)}[name]
-    _, fn, arrays, grads = case
-    out_cpu, g_cpu = _run(fn, arrays, grads, dtype, "cpu", np.ones(1))
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.name)
+def test_cuda_matches_cpu(case, dtype):
+    # every case of the check table that runs on CUDA tensors (deformnp.cases.check)
+    out_cpu = case.fn(*case.inputs(dtype))
     weight = np.random.default_rng(1).standard_normal(out_cpu.shape)
-    out_cpu, g_cpu = _run(fn, arrays, grads, dtype, "cpu", weight)
-    out_gpu, g_gpu = _run(fn, arrays, grads, dtype, "cuda", weight)
+    out_cpu, g_cpu = _run(case, dtype, "cpu", weight)
+    out_gpu, g_gpu = _run(case, dtype, "cuda", weight)
+    grads = range(len(case.arrays))
 
     assert out_gpu.device == "cuda" and out_gpu.dtype == dtype
     tol = TOL[dtype]
@@ -223,7 +107,7 @@ def test_array_level_functions_take_device_arrays():
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 2, 4, 4))
-    pts = _frac(rng, 0, 3, (1, 5, 2))
+    pts = fractional(rng, 0, 3, (1, 5, 2))
     out = ops.bilinear_interpolate_forward(ncuda.to_device(x), ncuda.to_device(pts))
     assert is_cuda_array(out)
     np.testing.assert_allclose(
@@ -251,22 +135,30 @@ def test_mixing_devices_in_one_op_is_an_error():
         ops.bilinear_interpolate(x, np.ones((1, 2, 2)))
 
 
-def test_reflection_padding_is_cpu_only():
-    x = dn.tensor(np.ones((1, 1, 3, 3))).to("cuda")
-    g = dn.tensor(np.zeros((1, 2, 2, 2))).to("cuda")
-    with pytest.raises(ValueError, match="reflection.*CPU only"):
-        ops.grid_sample(x, g, padding_mode="reflection")
+def test_reflection_padding_runs_on_cuda():
+    # the coordinate rule is one function compiled for both devices (kernels/rules.py), so CUDA
+    # has every padding mode (the check table's reflection cases compare gradients too)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 3, 4))
+    g = rng.uniform(-3, 3, (1, 5, 2, 2))
+    g[0, 0] = [[np.nan, 0.2], [np.inf, -np.inf]]
+    for align in (False, True):
+        cpu = ops.grid_sample(x, g, padding_mode="reflection", align_corners=align).numpy()
+        gpu = ops.grid_sample(
+            dn.tensor(x).to("cuda"), dn.tensor(g).to("cuda"), padding_mode="reflection",
+            align_corners=align,
+        )  # fmt: skip
+        np.testing.assert_allclose(gpu.numpy(), cpu, rtol=1e-12, atol=1e-12)
 
 
 def test_bench_builders_skip_the_simulator_and_keep_cpu_arrays():
     from numba import config
 
-    from deformnp.registry import bench_device, registered_ops
+    from deformnp.cases.bench import OPS, bench_cases, bench_device
 
     x = np.ones(3, np.float32)
     assert bench_device("cpu", x) == ((x,), None)
     if getattr(config, "ENABLE_CUDASIM", False):
         assert bench_device("cuda", x) is None
-        for name, entry in registered_ops().items():
-            if entry.bench is not None:
-                assert entry.bench("cuda") is None, name
+        for name in OPS:
+            assert bench_cases(name, "cuda") == [], name

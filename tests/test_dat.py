@@ -14,8 +14,8 @@ import pytest
 from reference.attention import dat_attention
 
 import deformnp as dn
+from deformnp.cases import check_cases
 from deformnp.nn import DeformableAttention2d
-from deformnp.ops.attention import call_with_parameters
 
 
 def rel_err(a, b):
@@ -119,28 +119,11 @@ def test_reference_points_and_offset_range(rng):
     assert np.abs(pos.numpy() - ref.numpy()).max() <= 2.0 / 4 + 1e-12
 
 
-def test_gradcheck_input_and_parameters(rng):
-    layer = make_layer(rng, 2, 2, stride=2, kernel_size=3, q_size=3, scale=0.1)
-    x = dn.tensor(rng.standard_normal((1, 2, 3, 3)), requires_grad=True)
-    params = tuple(dn.tensor(p.numpy(), requires_grad=True) for p in layer.parameters())
-    names = ["x", *(n for n, _ in layer.named_parameters())]
-
-    def fn(x, *ps):
-        y, pos, _ = call_with_parameters(layer, ps, layer, x)
-        return y, pos
-
-    assert dn.gradcheck(fn, (x, *params), names=names)
-
-
-def test_gradcheck_groups_without_pe(rng):
-    layer = make_layer(rng, 4, 2, n_groups=2, kernel_size=3, use_pe=False, scale=0.1)
-    x = dn.tensor(rng.standard_normal((1, 4, 3, 2)), requires_grad=True)
-    params = tuple(dn.tensor(p.numpy(), requires_grad=True) for p in layer.parameters())
-
-    def fn(x, *ps):
-        return call_with_parameters(layer, ps, layer, x)[0]
-
-    assert dn.gradcheck(fn, (x, *params))
+@pytest.mark.parametrize("case", check_cases("nn.DeformableAttention2d"), ids=lambda c: c.label)
+def test_gradcheck_input_and_parameters(case):
+    # the check table's cases: the input and every parameter, with the relative position bias
+    # (stride 2) and with two offset groups and no bias; y and the sampling positions
+    assert dn.gradcheck(case.fn, case.inputs(), names=case.names)
 
 
 def test_batch_zero_and_size_one_map(rng):

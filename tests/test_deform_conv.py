@@ -12,8 +12,10 @@ from reference import deform_conv as ref
 
 import deformnp as dn
 from deformnp import ops
+from deformnp.cases import check_cases
+from deformnp.cases.inputs import conv_offsets_off_kinks
 from deformnp.kernels.cpu import deform_conv as kernels
-from deformnp.kernels.cpu.bilinear import SERIAL_WORK
+from deformnp.kernels.cpu.sampling import SERIAL_WORK
 
 # (B, Cin, H, W, Cout, kh, kw, groups, offset_groups, stride, padding, dilation, mask, bias)
 CONFIGS = [
@@ -46,9 +48,7 @@ def make(rng, cfg, dtype=np.float64, off_kinks=False, offset_scale=2.5):
     Hout, Wout = out_size(H, W, kh, kw, stride, padding, dilation)
     K = kh * kw
     if off_kinks:
-        off = rng.integers(-2, 2, (B, 2 * G * K, Hout, Wout)) + rng.uniform(
-            0.1, 0.9, (B, 2 * G * K, Hout, Wout)
-        )
+        off = conv_offsets_off_kinks(rng, (B, 2 * G * K, Hout, Wout))
     else:
         off = rng.uniform(-offset_scale, offset_scale, (B, 2 * G * K, Hout, Wout))
     args = dict(
@@ -141,33 +141,11 @@ def test_chunked_batches_match_one_chunk(rng, monkeypatch):
 NAMES = ("input", "offset", "weight", "bias", "mask")
 
 
-def _gradcheck(a):
-    stride, padding, dilation = a["stride"], a["padding"], a["dilation"]
-    tensors = [None if a[n] is None else dn.tensor(a[n], requires_grad=True) for n in NAMES]
-    present = [t for t in tensors if t is not None]
-    names = [n for n, t in zip(NAMES, tensors) if t is not None]
-
-    def fn(*ts):
-        d = dict(zip(names, ts))
-        return ops.deform_conv2d(
-            d["input"], d["offset"], d["weight"], d.get("bias"), stride, padding, dilation,
-            d.get("mask"),
-        )  # fmt: skip
-
-    assert dn.gradcheck(fn, tuple(present), names=names)
-
-
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        (1, 4, 5, 4, 4, 2, 3, 2, 2, (1, 2), (1, 1), (2, 1), True, True),
-        (2, 2, 4, 4, 3, 3, 3, 1, 1, 1, 1, 1, False, False),
-        (1, 3, 4, 3, 2, 1, 1, 1, 3, 2, 0, 1, True, True),
-    ],
-)
-def test_gradcheck(rng, cfg):
-    # every sampling coordinate's fractional part is in [0.1, 0.9]: off the kinks and borders
-    _gradcheck(make(rng, cfg, off_kinks=True))
+@pytest.mark.parametrize("case", check_cases("deform_conv2d"), ids=lambda c: c.label)
+def test_gradcheck(case):
+    # the check table's cases: every sampling coordinate's fractional part is in [0.1, 0.9],
+    # off the kinks and borders (deformnp.cases.inputs.conv_offsets_off_kinks)
+    assert dn.gradcheck(case.fn, case.inputs(), names=case.names)
 
 
 def test_backward_needs_and_none_inputs(rng):

@@ -12,6 +12,8 @@ from reference import roi as ref
 
 import deformnp as dn
 from deformnp import ops
+from deformnp.cases import check_cases
+from deformnp.cases.inputs import off_kink
 
 B, C, H, W = 2, 3, 7, 9
 
@@ -98,38 +100,12 @@ def test_sample_positions_on_a_ramp():
     np.testing.assert_allclose(out[0, 0, 0], [1.5 + 1, 1.5 + 3, 1.5 + 5], rtol=1e-13)
 
 
-def offsets_off_kinks(rng, rois, PH, PW, Hm, Wm, ratio, gamma, tries=2000):
-    """Offsets drawn bin by bin until every sample coordinate is off the kinks (SPEC 12)."""
-    off = np.zeros((len(rois), 2, PH, PW))
-    for k in range(len(rois)):
-        for ph in range(PH):
-            for pw in range(PW):
-                for _ in range(tries):
-                    off[k, :, ph, pw] = rng.uniform(-1, 1, 2)
-                    pts = ref.align_points(
-                        rois[k : k + 1], off[k : k + 1], PH, PW, 1.0, ratio, gamma
-                    )
-                    if all(
-                        ref.off_kinks(y, Hm) and ref.off_kinks(x, Wm) for y, x in pts[0][ph][pw]
-                    ):
-                        break
-                else:
-                    raise AssertionError("no offset off the kinks found")
-    return off
-
-
-def test_gradcheck_input_and_offset(rng):
-    # every sample's coordinates have fractional parts in [0.1, 0.9] and lie 0.1 away from the
-    # lines -1, 0, H-1, H (W-1, W): central differences see no kink
-    Hm, Wm = 6, 7
-    x = dn.tensor(rng.standard_normal((2, 2, Hm, Wm)), requires_grad=True)
-    boxes = np.array([[0, 0.4, 1.2, 5.1, 4.6], [1, -1.3, 0.2, 6.9, 6.2], [1, 2.0, 2.5, 3.1, 3.3]])
-    off = dn.tensor(offsets_off_kinks(rng, boxes, 2, 2, Hm, Wm, 2, 0.2), requires_grad=True)
-    assert dn.gradcheck(
-        lambda a, o: ops.deform_roi_pool(a, boxes, o, 2, 1.0, 2, 0.2),
-        (x, off),
-        names=("input", "offset"),
-    )
+@pytest.mark.parametrize("case", check_cases("deform_roi_pool"), ids=lambda c: c.label)
+def test_gradcheck_input_and_offset(case):
+    # the check table's case: every sample's coordinates have fractional parts in [0.1, 0.9] and
+    # lie 0.1 away from the lines -1, 0, H-1, H (W-1, W): central differences see no kink
+    # (deformnp.cases.inputs.deform_roi_offsets_off_kinks)
+    assert dn.gradcheck(case.fn, case.inputs(), names=case.names)
 
 
 @pytest.mark.parametrize(
@@ -162,12 +138,8 @@ def test_gradcheck_offset_in_the_clamped_bands(rng, band_x, band_y):
     pts = ref.align_points(boxes, off, P, P, 1.0, 1, gamma)
     for row in pts[0]:
         for ((y, xx),) in row:
-            assert (band_x is None and ref.off_kinks(xx, Wm)) or (
-                band_x and band_x[0] < xx < band_x[1]
-            )
-            assert (band_y is None and ref.off_kinks(y, Hm)) or (
-                band_y and band_y[0] < y < band_y[1]
-            )
+            assert (band_x is None and off_kink(xx, Wm)) or (band_x and band_x[0] < xx < band_x[1])
+            assert (band_y is None and off_kink(y, Hm)) or (band_y and band_y[0] < y < band_y[1])
     o = dn.tensor(off, requires_grad=True)
     assert dn.gradcheck(lambda a, t: ops.deform_roi_pool(a, boxes, t, P, 1.0, 1, gamma), (x, o))
     _, go = ops.deform_roi_pool_backward(
@@ -303,61 +275,12 @@ def test_deform_ps_roi_pool_decision_points_on_a_ramp():
     np.testing.assert_allclose(out[0, 0, 0], [(10.7 + 11) / 2, 0.0], rtol=1e-12)
 
 
-def dps_offsets_off_kinks(rng, rois, D, P, spp, trans_std, Hm, Wm, tries=4000):
-    """One class, part_size = pooled_size: offsets drawn bin by bin until every sample is 0.1
-    away from the validity lines -0.5, W - 0.5 (where the sample count jumps) and, if valid,
-    off the kinks of the clamp (fractional part in [0.1, 0.9], away from 0 and W - 1)."""
-    off = np.zeros((len(rois), 2, P, P))
-
-    def ok(v, n):
-        if abs(v + 0.5) < 0.1 or abs(v - (n - 0.5)) < 0.1:
-            return False
-        if v < -0.5 or v > n - 0.5:
-            return True  # skipped
-        if v < 0 or v > n - 1:
-            return abs(v) >= 0.1 and abs(v - (n - 1)) >= 0.1  # in a clamped band
-        return ref.off_kinks(v, n)
-
-    for k in range(len(rois)):
-        for ph in range(P):
-            for pw in range(P):
-                for _ in range(tries):
-                    off[k, :, ph, pw] = rng.uniform(-1.5, 1.5, 2)
-                    samples = _dps_all_samples(rois[k], off[k], ph, pw, P, spp, trans_std)
-                    if all(ok(h, Hm) and ok(w, Wm) for h, w in samples):
-                        break
-                else:
-                    raise AssertionError("no offset off the kinks found")
-    return off
-
-
-def _dps_all_samples(roi, off, ph, pw, P, spp, trans_std):
-    """Every sample (valid or not) of a bin, spatial_scale 1 (the anchor's formulas)."""
-    x1, y1, x2, y2 = (ref.c_round(float(v)) for v in roi[1:5])
-    roi_w = max(x2 + 1.0 - x1, 0.1)
-    roi_h = max(y2 + 1.0 - y1, 0.1)
-    wstart = pw * roi_w / P + x1 - 0.5 + off[0, ph, pw] * trans_std * roi_w
-    hstart = ph * roi_h / P + y1 - 0.5 + off[1, ph, pw] * trans_std * roi_h
-    return [
-        (hstart + ih * roi_h / P / spp, wstart + iw * roi_w / P / spp)
-        for ih in range(spp)
-        for iw in range(spp)
-    ]
-
-
-def test_deform_ps_roi_pool_gradcheck(rng):
-    # samples kept 0.1 away from the validity lines -0.5, W-0.5 and off the clamp's kinks; some
-    # lie in the clamped bands [-0.5, 0) and (W-1, W-0.5] (derivative zero) or are skipped
-    D, gs, P, spp, ts = 2, 2, 2, 2, 0.3
-    Hm, Wm = 6, 7
-    x = dn.tensor(rng.standard_normal((2, D * gs * gs, Hm, Wm)), requires_grad=True)
-    boxes = np.array([[0, 0.0, 1.0, 4.0, 4.0], [1, 2.0, 0.0, 6.0, 5.0], [1, 1.0, 2.0, 2.0, 3.0]])
-    off = dn.tensor(dps_offsets_off_kinks(rng, boxes, D, P, spp, ts, Hm, Wm), requires_grad=True)
-    assert dn.gradcheck(
-        lambda a, o: ops.deform_ps_roi_pool(a, boxes, o, 1.0, D, gs, P, None, spp, ts),
-        (x, off),
-        names=("input", "offset"),
-    )
+@pytest.mark.parametrize("case", check_cases("deform_ps_roi_pool"), ids=lambda c: c.label)
+def test_deform_ps_roi_pool_gradcheck(case):
+    # the check table's case: samples kept 0.1 away from the validity lines -0.5, W-0.5 and off
+    # the clamp's kinks; some lie in the clamped bands [-0.5, 0) and (W-1, W-0.5] (derivative
+    # zero) or are skipped (deformnp.cases.inputs.deform_ps_roi_offsets_off_kinks)
+    assert dn.gradcheck(case.fn, case.inputs(), names=case.names)
 
 
 def test_deform_ps_roi_pool_offsets_ignored_without_trans_std(rng):

@@ -12,7 +12,8 @@ from reference import grid_sample as ref
 
 import deformnp as dn
 from deformnp import ops
-from deformnp.kernels.cpu.bilinear import SERIAL_WORK
+from deformnp.cases import check_cases
+from deformnp.kernels.cpu.sampling import SERIAL_WORK
 
 MODES = ["zeros", "border", "reflection"]
 
@@ -20,23 +21,6 @@ MODES = ["zeros", "border", "reflection"]
 def normalize(c: np.ndarray, size: int, align_corners: bool) -> np.ndarray:
     """Grid values whose unnormalized pixel coordinate is ``c``."""
     return c / (size - 1) * 2 - 1 if align_corners else (2 * c + 1) / size - 1
-
-
-def off_kink_grid(rng, N, Hout, Wout, Hin, Win, align_corners, padding_mode):
-    """Grids whose pixel coordinates have integer parts in [-3, size + 1] and fractional parts in
-    [0.1, 0.9] (in [0.1, 0.4] or [0.6, 0.9] for reflection without align_corners, which mirrors
-    at the half-integers -0.5 and size - 0.5): off every kink of the sampling rule and of the
-    padding transforms, so central differences are valid (SPEC 12)."""
-
-    def coords(size):
-        frac = rng.uniform(0.1, 0.9, (N, Hout, Wout))
-        if padding_mode == "reflection" and not align_corners:
-            frac = np.where(frac < 0.5, 0.1 + (frac - 0.1) * 0.75, 0.6 + (frac - 0.5) * 0.75)
-        return rng.integers(-3, size + 2, (N, Hout, Wout)) + frac
-
-    x = normalize(coords(Win), Win, align_corners)
-    y = normalize(coords(Hin), Hin, align_corners)
-    return np.stack([x, y], axis=-1)
 
 
 def rel_err(a, b):
@@ -97,19 +81,11 @@ def test_forward_pair_and_defaults(rng):
 # ------------------------------------------------------------------ gradients
 
 
-@pytest.mark.parametrize("padding_mode", MODES)
-@pytest.mark.parametrize("align_corners", [False, True])
-def test_gradcheck(rng, padding_mode, align_corners):
-    # pixel coordinates are kept off the kinks (see off_kink_grid)
-    N, C, Hin, Win, Hout, Wout = 2, 2, 4, 5, 3, 3
-    x = dn.tensor(rng.standard_normal((N, C, Hin, Win)), requires_grad=True)
-    g = off_kink_grid(rng, N, Hout, Wout, Hin, Win, align_corners, padding_mode)
-    grid = dn.tensor(g, requires_grad=True)
-    assert dn.gradcheck(
-        lambda a, b: ops.grid_sample(a, b, "bilinear", padding_mode, align_corners),
-        (x, grid),
-        names=("input", "grid"),
-    )
+@pytest.mark.parametrize("case", check_cases("grid_sample"), ids=lambda c: c.label)
+def test_gradcheck(case):
+    # the check table's cases: pixel coordinates off the kinks of the sampling rule and of the
+    # padding transforms (deformnp.cases.inputs.grid_off_kinks), every mode and align_corners
+    assert dn.gradcheck(case.fn, case.inputs(), names=case.names)
 
 
 def test_border_gradient_is_right_hand_at_zero(rng):

@@ -18,14 +18,15 @@ from hypothesis import strategies as st
 from reference.attention import ms_deform_attn as reference
 
 import deformnp as dn
+from deformnp.cases import check_cases
+from deformnp.cases.inputs import (
+    call_with_parameters,
+    locations_off_kinks,
+    spec13_attention,
+)
 from deformnp.nn import MSDeformAttn
 from deformnp.ops import ms_deform_attn, ms_deform_attn_backward, ms_deform_attn_forward
-from deformnp.ops.attention import (
-    call_with_parameters,
-    level_layout,
-    locations_off_kinks,
-    spec13_inputs,
-)
+from deformnp.ops.attention import level_layout
 
 LEVELS = [(3, 4), (2, 2), (1, 3)]
 
@@ -108,33 +109,24 @@ def test_locations_off_kinks_helper(rng):
     assert (loc < 0).any() and (loc > 1).any()  # the fading band outside the map is covered
 
 
-def test_gradcheck_all_inputs(rng):
-    # locations kept off the kinks (fractional pixel coordinates in [0.1, 0.9]), see module doc
-    value, shapes, starts, _, attn = make_inputs(rng, N=2, Lq=2, M=2, D=2, P=2)
-    loc = locations_off_kinks(rng, shapes, (2, 2, 2), 2)
-    inputs = (
-        dn.tensor(value, requires_grad=True),
-        dn.tensor(loc, requires_grad=True),
-        dn.tensor(attn, requires_grad=True),
-    )
-    assert dn.gradcheck(
-        lambda v, l, a: ms_deform_attn(v, shapes, starts, l, a),
-        inputs,
-        names=("value", "sampling_locations", "attention_weights"),
-    )
+@pytest.mark.parametrize("case", check_cases("ms_deform_attn"), ids=lambda c: c.label)
+def test_gradcheck_all_inputs(case):
+    # the check table's cases: locations kept off the kinks (fractional pixel coordinates in
+    # [0.1, 0.9], see the module docstring)
+    assert dn.gradcheck(case.fn, case.inputs(), names=case.names)
 
 
 def test_gradcheck_catches_a_wrong_gradient(rng, monkeypatch):
     # the test above can fail: corrupt the location gradient and gradcheck must object
-    from deformnp.ops import attention as A
+    from deformnp.kernels.cpu import attention as K
 
-    original = A._backward
+    original = K.ms_deform_attn_backward
 
     def wrong(*args, **kwargs):
         gv, gl, ga = original(*args, **kwargs)
         return gv, None if gl is None else gl * 1.01, ga
 
-    monkeypatch.setattr(A, "_backward", wrong)
+    monkeypatch.setattr(K, "ms_deform_attn_backward", wrong)
     value, shapes, starts, _, attn = make_inputs(rng, levels=[(3, 3)], N=1, Lq=1, M=1, D=2, P=2)
     loc = locations_off_kinks(rng, shapes, (1, 1, 1), 2)
     with pytest.raises(dn.GradcheckError, match="sampling_locations"):
@@ -457,12 +449,12 @@ def test_backward_bit_identical_across_runs_and_threads(rng, monkeypatch, M, Lq,
     # (1, 300) splits each head's queries into chunks with their own grad_value copies; large
     # enough (> _SERIAL_WORK) to run the parallel kernels; in both kernel builds
     from deformnp.kernels.cpu import attention as K
-    from deformnp.ops import attention as A
+    from deformnp.kernels.cpu import sampling
 
     monkeypatch.setattr(K, "SPECIALISE_WORK", 0 if specialise else 1 << 62)
 
     args = make_inputs(rng, levels=[(16, 16), (8, 8)], N=1, Lq=Lq, M=M, D=32, P=4, lo=0, hi=1)
-    assert Lq * M * 2 * 4 * (2 * 32 + 8) >= A._SERIAL_WORK
+    assert Lq * M * 2 * 4 * (2 * 32 + 8) >= sampling.SERIAL_WORK
     g = rng.standard_normal((1, Lq, M * 32))
     first = _backward_with_threads(1, args, g)
     for n in (numba.config.NUMBA_NUM_THREADS, 1, 2):
@@ -475,13 +467,13 @@ def test_backward_bit_identical_across_runs_and_threads(rng, monkeypatch, M, Lq,
 
 
 def test_chunked_value_gradient_matches_unchunked(rng, monkeypatch):
-    from deformnp.ops import attention as A
+    from deformnp.kernels.cpu import attention as K
 
     args = make_inputs(rng, levels=[(5, 4)], N=1, Lq=300, M=1, D=3, P=2)
     g = rng.standard_normal((1, 300, 3))
-    assert A._n_chunks(1, 1, 300) > 1
+    assert K.n_chunks(1, 1, 300) > 1
     chunked = ms_deform_attn_backward(g, *args)
-    monkeypatch.setattr(A, "_n_chunks", lambda N, M, Lq: 1)
+    monkeypatch.setattr(K, "n_chunks", lambda N, M, Lq: 1)
     single = ms_deform_attn_backward(g, *args)
     assert rel_err(chunked[0], single[0]) < 1e-13
     np.testing.assert_array_equal(chunked[1], single[1])
@@ -504,7 +496,7 @@ def test_build_choice():
     assert K.channels_for(32, 10) == 0  # small problem: the generic build
     assert K.channels_for(32, K.SPECIALISE_WORK // 32) == 32  # large problem: D compiled in
     assert K.channels_for(K.GENERIC_CHANNELS + 1, 1) == K.GENERIC_CHANNELS + 1  # D too large
-    data = spec13_inputs()
+    data = spec13_attention()
     points = data["sampling_locations"].size // 2
     assert K.channels_for(32, points) == 32  # the benchmark runs the specialised build
 
@@ -606,19 +598,18 @@ def test_more_channels_than_the_generic_build(rng):
     )
 
 
-# ---------------------------------------------------------------------------- CLI registry
+# ---------------------------------------------------------------------------- check and bench tables
 
 
 def test_registry_check_and_bench_cases():
-    from deformnp.registry import registered_ops
+    from deformnp.cases import bench_cases
 
-    entry = registered_ops()["ms_deform_attn"]
-    case = entry.check()[0]
-    assert dn.gradcheck(case.fn, case.inputs)
-    bench = entry.bench("cpu")
-    assert bench is not None and entry.bench("cuda") is None
+    case = check_cases("ms_deform_attn")[0]
+    assert dn.gradcheck(case.fn, case.inputs())
+    (bench,) = bench_cases("ms_deform_attn", "cpu")
+    assert bench is not None and bench_cases("ms_deform_attn", "cuda") == []
     assert bench.forward().shape == (1, 1360, 256)
-    data = spec13_inputs()
+    data = spec13_attention()
     assert data["value"].shape == (1, 1360, 8, 32) and data["value"].dtype == np.float32
 
 
@@ -629,14 +620,15 @@ def test_cuda_kernels_match_cpu(rng):
     # the CUDA kernel module the op dispatches to for device arrays, called with the op's
     # arguments (under the simulator unless DEFORMNP_REAL_GPU=1)
     from deformnp import cuda
-    from deformnp.ops import attention as A
 
     if not cuda.is_available():
         pytest.skip("numba-cuda (or its simulator) is not available")
-    kernels = A._kernels("cuda")
+    from deformnp.kernels.cuda import attention as kernels
+
     value, shapes, starts, loc, attn = make_inputs(rng, N=1, Lq=2, M=2, D=2, P=2)
     g = rng.standard_normal((1, 2, 4))
-    dev = [cuda.to_device(x) for x in (value, shapes, starts, loc, attn)]
+    # the kernel contract: float arrays on the device, the level arrays on the host
+    dev = [cuda.to_device(value), shapes, starts, cuda.to_device(loc), cuda.to_device(attn)]
     out = kernels.ms_deform_attn_forward(*dev)
     np.testing.assert_allclose(
         out.copy_to_host(), ms_deform_attn_forward(value, shapes, starts, loc, attn), rtol=1e-12

@@ -11,6 +11,7 @@ from reference import roi as ref
 
 import deformnp as dn
 from deformnp import ops
+from deformnp.cases import check_cases
 
 B, H, W = 2, 7, 9
 PH, PW = 2, 3
@@ -92,12 +93,12 @@ def test_autograd_matches_array_level(rng):
 # ------------------------------------------------------------------ gradcheck
 
 
-def test_gradcheck_input(rng):
-    # both ops are linear in the input: no kinks, any boxes will do
-    x = dn.tensor(rng.standard_normal((2, 8, 5, 6)), requires_grad=True)
-    boxes = ref.random_boxes(rng, 4, 2, 5, 6)
-    assert dn.gradcheck(lambda t: ops.ps_roi_align(t, boxes, 2, 1.0, 2), (x,))
-    assert dn.gradcheck(lambda t: ops.ps_roi_pool(t, boxes, 2, 1.0), (x,))
+@pytest.mark.parametrize(
+    "case", check_cases("ps_roi_align") + check_cases("ps_roi_pool"), ids=lambda c: c.op
+)
+def test_gradcheck_input(case):
+    # the check table's cases: both ops are linear in the input, no kinks, any boxes will do
+    assert dn.gradcheck(case.fn, case.inputs(), names=case.names)
 
 
 # ------------------------------------------------------------------ edge cases

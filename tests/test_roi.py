@@ -1,5 +1,6 @@
 """The RoI pooling family as a whole: every validation message, determinism across thread counts,
-C rounding, the layers of deformnp.nn (torchvision's and mmcv's), and the CLI registry."""
+C rounding, the layers of deformnp.nn (torchvision's and mmcv's), and the check and bench tables
+of the command line."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from reference import roi as ref
 
 import deformnp as dn
 from deformnp import nn, ops
-from deformnp.kernels.cpu import bilinear as cpu_bilinear
-from deformnp.kernels.cpu import roi as cpu_roi
+from deformnp.kernels import roi_geometry
+from deformnp.kernels.cpu import sampling
 
 X = np.zeros((2, 4, 6, 7))
 BOX = np.array([[0, 1.0, 1.0, 4.0, 4.0], [1, 0.0, 0.5, 3.0, 5.0]])
@@ -231,7 +232,7 @@ def _all_backwards(rng):
 
 
 def test_backward_is_bit_identical_with_any_thread_count(monkeypatch):
-    monkeypatch.setattr(cpu_bilinear, "SERIAL_WORK", 0)  # use the parallel path even here
+    monkeypatch.setattr(sampling, "SERIAL_WORK", 0)  # use the parallel path even here
     prev = numba.get_num_threads()
     try:
         results = []
@@ -251,8 +252,8 @@ def test_backward_is_bit_identical_with_any_thread_count(monkeypatch):
 
 def test_c_round_is_half_away_from_zero():
     v = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999999999999994, -0.49999999999999994, 2.4, -7.6])
-    np.testing.assert_array_equal(cpu_roi.c_round(v), [1, 2, 3, -1, -3, 0, 0, 2, -8])
-    assert np.isnan(cpu_roi.c_round(np.array([np.nan])))[0]
+    np.testing.assert_array_equal(roi_geometry.c_round(v), [1, 2, 3, -1, -3, 0, 0, 2, -8])
+    assert np.isnan(roi_geometry.c_round(np.array([np.nan])))[0]
 
 
 def test_roi_pool_rounds_half_away_from_zero():
@@ -345,12 +346,12 @@ def test_modulated_deform_roi_pool_pack(rng):
     assert set(sd) == set(names)
 
 
-# ------------------------------------------------------------------ registry
+# ------------------------------------------------------------------ check and bench tables
 
 
 def test_registered_and_checked():
     from deformnp.__main__ import run_check
-    from deformnp.registry import registered_ops
+    from deformnp.cases import bench, check
 
     names = [
         "roi_pool",
@@ -360,8 +361,7 @@ def test_registered_and_checked():
         "deform_roi_pool",
         "deform_ps_roi_pool",
     ]
-    ops_ = registered_ops()
-    assert all(n in ops_ and ops_[n].check and ops_[n].bench for n in names)
+    assert all(n in check.OPS and check.check_cases(n) and n in bench.OPS for n in names)
     import io
 
     assert run_check(names, out=io.StringIO())

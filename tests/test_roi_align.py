@@ -10,6 +10,7 @@ from reference import roi as ref
 
 import deformnp as dn
 from deformnp import ops
+from deformnp.cases import check_cases
 
 B, C, H, W = 2, 3, 7, 9
 
@@ -79,12 +80,11 @@ def test_list_of_boxes_is_the_roi_format(rng):
 # ------------------------------------------------------------------ gradcheck
 
 
-@pytest.mark.parametrize("aligned", [False, True])
-def test_gradcheck_input(rng, aligned):
-    # roi_align is linear in the input: its input gradient has no kinks, any boxes will do
-    x = dn.tensor(rng.standard_normal((2, 2, 5, 6)), requires_grad=True)
-    boxes = ref.random_boxes(rng, 4, 2, 5, 6)
-    assert dn.gradcheck(lambda t: ops.roi_align(t, boxes, 2, 1.0, -1, aligned), (x,))
+@pytest.mark.parametrize("case", check_cases("roi_align"), ids=lambda c: c.label)
+def test_gradcheck_input(case):
+    # the check table's cases (aligned or not): roi_align is linear in the input, so its input
+    # gradient has no kinks and any boxes will do
+    assert dn.gradcheck(case.fn, case.inputs(), names=case.names)
 
 
 # ------------------------------------------------------------------ edge cases

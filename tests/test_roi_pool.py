@@ -11,6 +11,7 @@ from reference import roi as ref
 
 import deformnp as dn
 from deformnp import ops
+from deformnp.cases import check_cases
 
 B, C, H, W = 2, 3, 7, 9
 
@@ -63,12 +64,11 @@ def test_float32_bins_are_computed_in_float32():
 # ------------------------------------------------------------------ gradcheck
 
 
-def test_gradcheck_input(rng):
-    # random normal values: no two values of a bin are within 2*eps of each other, so the
-    # finite differences never move an argmax
-    x = dn.tensor(rng.standard_normal((2, 2, 6, 7)), requires_grad=True)
-    boxes = ref.random_boxes(rng, 5, 2, 6, 7)
-    assert dn.gradcheck(lambda t: ops.roi_pool(t, boxes, (2, 3), 1.0), (x,))
+@pytest.mark.parametrize("case", check_cases("roi_pool"), ids=lambda c: c.label)
+def test_gradcheck_input(case):
+    # the check table's case: random normal values, no two values of a bin within 2*eps of each
+    # other, so the finite differences never move an argmax
+    assert dn.gradcheck(case.fn, case.inputs(), names=case.names)
 
 
 # ------------------------------------------------------------------ edge cases

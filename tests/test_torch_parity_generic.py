@@ -1,6 +1,7 @@
 """Parity with torch for the generic ops, conv2d, losses, layer initialisation and optimizers.
 
-Skipped when torch is not installed (CI); run with /work/tvenv/bin/python -m pytest.
+Skipped when torch is not installed (CI); run with torch and torchvision installed in the
+environment (``pip install torch==2.14.1 torchvision==0.29.1``).
 """
 
 from __future__ import annotations

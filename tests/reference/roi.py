@@ -430,10 +430,3 @@ def align_points(rois, offset, PH, PW, s, ratio, gamma):
         ]
         for k, roi in enumerate(rois)
     ]
-
-
-def off_kinks(v: float, n: int, margin: float = 0.1) -> bool:
-    """True when v's fractional part is in [margin, 1 - margin] and v is at least ``margin`` away
-    from the border lines -1, 0, n-1, n (SPEC 12: central differences are valid there)."""
-    f = v - math.floor(v)
-    return margin <= f <= 1 - margin and all(abs(v - b) >= margin for b in (-1, 0, n - 1, n))
