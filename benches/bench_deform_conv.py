@@ -20,53 +20,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from deformnp import functional as F
-from deformnp import tensor
 from deformnp.cases import bench_cases
 
 (CASE,) = bench_cases("deform_conv2d", "cpu")
 PASSES = ["forward", "forward_backward"]
 
 
-def _dense_cases() -> dict[str, Callable[[], Any]]:
-    """Dense 3x3 conv2d of the same shape: deformnp's functional.conv2d and torch's."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((4, 64, 32, 32)).astype(np.float32)
-    w = (rng.standard_normal((64, 64, 3, 3)) * 0.05).astype(np.float32)
-    b = rng.standard_normal(64).astype(np.float32)
-    go = rng.standard_normal((4, 64, 32, 32)).astype(np.float32)
-    xt, wt, bt = (tensor(a, requires_grad=True) for a in (x, w, b))
-
-    def ours_fwd() -> Any:
-        return F.conv2d(x, w, b, padding=1)
-
-    def ours_fb() -> Any:
-        for t in (xt, wt, bt):
-            t.grad = None
-        F.conv2d(xt, wt, bt, padding=1).backward(go)
-        return xt.grad
-
-    cases = {"deformnp conv2d forward": ours_fwd, "deformnp conv2d forward_backward": ours_fb}
-    try:
-        import numba
-        import torch
-    except ImportError:
-        return cases
-    torch.set_num_threads(numba.get_num_threads())
-    tx, tw, tb = (torch.from_numpy(a).requires_grad_(True) for a in (x, w, b))
-    tgo = torch.from_numpy(go)
-
-    def torch_fwd() -> Any:
-        with torch.no_grad():
-            return torch.nn.functional.conv2d(tx, tw, tb, padding=1)
-
-    def torch_fb() -> Any:
-        out = torch.nn.functional.conv2d(tx, tw, tb, padding=1)
-        return torch.autograd.grad(out, (tx, tw, tb), tgo)
-
-    cases["torch conv2d forward"] = torch_fwd
-    cases["torch conv2d forward_backward"] = torch_fb
-    return cases
+def _dense_cases() -> dict[str, Callable[[], Any] | None]:
+    """Dense 3x3 conv2d of the same shape: deformnp's functional.conv2d and torch's (the conv2d
+    entry of ``deformnp.cases.bench``)."""
+    (dense,) = bench_cases("conv2d", "cpu")
+    return {
+        "deformnp conv2d forward": dense.forward,
+        "deformnp conv2d forward_backward": dense.forward_backward,
+        "torch conv2d forward": dense.torch_forward,
+        "torch conv2d forward_backward": dense.torch_forward_backward,
+    }
 
 
 DENSE = _dense_cases()

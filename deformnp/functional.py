@@ -29,7 +29,10 @@ from . import random as _random
 from .function import Context, Function
 from .kernels.cpu import conv2d as conv2d_kernels
 from .tensor import Tensor, unwrap
+from .typing import IntPair, TensorLike
 from .validation import host_float_array, pair, same_dtype
+
+Dims = int | Sequence[int] | None  # one dimension, several, or all (None)
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -308,103 +311,103 @@ class MaximumFunction(Function):
         return grad * share_a, grad * (1 - share_a), None
 
 
-def add(input: Any, other: Any) -> Tensor:
+def add(input: TensorLike, other: TensorLike) -> Tensor:
     a, b = _pair_operands(input, other)
     if a.device == "cuda" or b.device == "cuda":
         return _cuda().binary("add", a, b)
     return AddFunction.apply(a, b)
 
 
-def sub(input: Any, other: Any) -> Tensor:
+def sub(input: TensorLike, other: TensorLike) -> Tensor:
     a, b = _pair_operands(input, other)
     if a.device == "cuda" or b.device == "cuda":
         return _cuda().binary("sub", a, b)
     return SubFunction.apply(a, b)
 
 
-def mul(input: Any, other: Any) -> Tensor:
+def mul(input: TensorLike, other: TensorLike) -> Tensor:
     a, b = _pair_operands(input, other)
     if a.device == "cuda" or b.device == "cuda":
         return _cuda().binary("mul", a, b)
     return MulFunction.apply(a, b)
 
 
-def div(input: Any, other: Any) -> Tensor:
+def div(input: TensorLike, other: TensorLike) -> Tensor:
     a, b = _pair_operands(input, other)
     if a.device == "cuda" or b.device == "cuda":
         return _cuda().binary("div", a, b)
     return DivFunction.apply(a, b)
 
 
-def pow(input: Any, exponent: Any) -> Tensor:  # noqa: A001 - torch's name
+def pow(input: TensorLike, exponent: TensorLike) -> Tensor:  # noqa: A001 - torch's name
     return PowFunction.apply(*_pair_operands(input, exponent))
 
 
-def neg(input: Any) -> Tensor:
+def neg(input: TensorLike) -> Tensor:
     x = _t(input)
     if x.device == "cuda":
         return _cuda().negative(x)
     return NegFunction.apply(x)
 
 
-def exp(input: Any) -> Tensor:
+def exp(input: TensorLike) -> Tensor:
     return ExpFunction.apply(_t(input))
 
 
-def log(input: Any) -> Tensor:
+def log(input: TensorLike) -> Tensor:
     return LogFunction.apply(_t(input))
 
 
-def sqrt(input: Any) -> Tensor:
+def sqrt(input: TensorLike) -> Tensor:
     return SqrtFunction.apply(_t(input))
 
 
-def abs(input: Any) -> Tensor:  # noqa: A001 - torch's name
+def abs(input: TensorLike) -> Tensor:  # noqa: A001 - torch's name
     return AbsFunction.apply(_t(input))
 
 
-def sin(input: Any) -> Tensor:
+def sin(input: TensorLike) -> Tensor:
     return SinFunction.apply(_t(input))
 
 
-def cos(input: Any) -> Tensor:
+def cos(input: TensorLike) -> Tensor:
     return CosFunction.apply(_t(input))
 
 
-def tanh(input: Any) -> Tensor:
+def tanh(input: TensorLike) -> Tensor:
     return TanhFunction.apply(_t(input))
 
 
-def sigmoid(input: Any) -> Tensor:
+def sigmoid(input: TensorLike) -> Tensor:
     return SigmoidFunction.apply(_t(input))
 
 
-def relu(input: Any, inplace: bool = False) -> Tensor:
+def relu(input: TensorLike, inplace: bool = False) -> Tensor:
     return ReLUFunction.apply(_t(input))
 
 
-def clamp(input: Any, min: float | None = None, max: float | None = None) -> Tensor:  # noqa: A002
+def clamp(input: TensorLike, min: float | None = None, max: float | None = None) -> Tensor:  # noqa: A002
     return ClampFunction.apply(_t(input), min, max)
 
 
-def where(condition: Any, input: Any, other: Any) -> Tensor:
+def where(condition: TensorLike, input: TensorLike, other: TensorLike) -> Tensor:
     """Elements of ``input`` where ``condition`` holds, else of ``other`` (differentiable in both)."""
     a, b = _pair_operands(input, other)
     cond = condition.data if isinstance(condition, Tensor) else np.asarray(condition)
     return WhereFunction.apply(cond, a, b)
 
 
-def masked_fill(input: Any, mask: Any, value: float) -> Tensor:
+def masked_fill(input: TensorLike, mask: TensorLike, value: float) -> Tensor:
     """``input`` with ``value`` written where the boolean ``mask`` (broadcastable) is True."""
     x = _t(input)
     return where(mask, Tensor._wrap(np.asarray(value, dtype=x.dtype)), x)
 
 
-def maximum(input: Any, other: Any) -> Tensor:
+def maximum(input: TensorLike, other: TensorLike) -> Tensor:
     return MaximumFunction.apply(*_pair_operands(input, other), 1)
 
 
-def minimum(input: Any, other: Any) -> Tensor:
+def minimum(input: TensorLike, other: TensorLike) -> Tensor:
     return MaximumFunction.apply(*_pair_operands(input, other), -1)
 
 
@@ -462,21 +465,21 @@ class MaxMinFunction(Function):
         return (grad * share).astype(grad.dtype, copy=False), None, None, None
 
 
-def sum(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: A001
+def sum(input: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:  # noqa: A001
     x = _t(input)
     if x.device == "cuda":
         return _cuda().reduce("sum", x, _norm_dims(dim, x.ndim, "sum"), keepdim)
     return SumFunction.apply(x, _norm_dims(dim, x.ndim, "sum"), keepdim)
 
 
-def mean(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:
+def mean(input: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:
     x = _t(input)
     if x.device == "cuda":
         return _cuda().reduce("mean", x, _norm_dims(dim, x.ndim, "mean"), keepdim)
     return MeanFunction.apply(x, _norm_dims(dim, x.ndim, "mean"), keepdim)
 
 
-def max(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: A001
+def max(input: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:  # noqa: A001
     """Maximum over ``dim`` (all elements when None). Returns values only (use :func:`argmax`
     for the indices); ties share the gradient evenly. ``max(a, b)`` with a Tensor or array ``b``
     is the elementwise :func:`maximum`, as in torch."""
@@ -488,7 +491,7 @@ def max(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: 
     return MaxMinFunction.apply(x, _norm_dims(dim, x.ndim, "max"), keepdim, 1)
 
 
-def min(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: A001
+def min(input: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:  # noqa: A001
     """Minimum over ``dim``; see :func:`max`."""
     if isinstance(dim, (Tensor, np.ndarray)):
         return minimum(input, dim)
@@ -498,7 +501,9 @@ def min(input: Any, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: 
     return MaxMinFunction.apply(x, _norm_dims(dim, x.ndim, "min"), keepdim, -1)
 
 
-def var(input: Any, dim: Any = None, keepdim: bool = False, unbiased: bool = True) -> Tensor:
+def var(
+    input: TensorLike, dim: Dims = None, keepdim: bool = False, unbiased: bool = True
+) -> Tensor:
     x = _t(input)
     dims = _norm_dims(dim, x.ndim, "var")
     n = x.size if dims is None else int(np.prod([x.shape[d] for d in dims]))
@@ -506,11 +511,13 @@ def var(input: Any, dim: Any = None, keepdim: bool = False, unbiased: bool = Tru
     return sum(centred * centred, dims, keepdim=keepdim) / (n - 1 if unbiased else n)
 
 
-def std(input: Any, dim: Any = None, keepdim: bool = False, unbiased: bool = True) -> Tensor:
+def std(
+    input: TensorLike, dim: Dims = None, keepdim: bool = False, unbiased: bool = True
+) -> Tensor:
     return sqrt(var(input, dim, keepdim=keepdim, unbiased=unbiased))
 
 
-def argmax(input: Any, dim: int | None = None, keepdim: bool = False) -> Tensor:
+def argmax(input: TensorLike, dim: int | None = None, keepdim: bool = False) -> Tensor:
     """Index of the (first) maximum, int64, not differentiable; over all elements when None."""
     a = _t(input).data
     if dim is None:
@@ -519,7 +526,7 @@ def argmax(input: Any, dim: int | None = None, keepdim: bool = False) -> Tensor:
     return Tensor._wrap(np.argmax(a, axis=d, keepdims=keepdim).astype(np.int64))
 
 
-def argmin(input: Any, dim: int | None = None, keepdim: bool = False) -> Tensor:
+def argmin(input: TensorLike, dim: int | None = None, keepdim: bool = False) -> Tensor:
     """Index of the (first) minimum; see :func:`argmax`."""
     a = _t(input).data
     if dim is None:
@@ -622,7 +629,7 @@ def _shape_arg(shape: Sequence) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-def reshape(input: Any, *shape: Any) -> Tensor:
+def reshape(input: TensorLike, *shape: int | Sequence[int]) -> Tensor:
     x = _t(input)
     shape = _shape_arg(shape)
     try:
@@ -634,7 +641,7 @@ def reshape(input: Any, *shape: Any) -> Tensor:
     return ReshapeFunction.apply(x, shape)
 
 
-def permute(input: Any, *dims: Any) -> Tensor:
+def permute(input: TensorLike, *dims: int | Sequence[int]) -> Tensor:
     x = _t(input)
     dims = _shape_arg(dims)
     if sorted(d % builtins.max(x.ndim, 1) for d in dims) != list(range(x.ndim)):
@@ -642,7 +649,7 @@ def permute(input: Any, *dims: Any) -> Tensor:
     return PermuteFunction.apply(x, tuple(d % x.ndim for d in dims))
 
 
-def transpose(input: Any, dim0: int, dim1: int) -> Tensor:
+def transpose(input: TensorLike, dim0: int, dim1: int) -> Tensor:
     x = _t(input)
     axes = list(range(x.ndim))
     d0, d1 = _norm_dim(dim0, x.ndim, "transpose"), _norm_dim(dim1, x.ndim, "transpose")
@@ -650,7 +657,7 @@ def transpose(input: Any, dim0: int, dim1: int) -> Tensor:
     return PermuteFunction.apply(x, tuple(axes))
 
 
-def flatten(input: Any, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+def flatten(input: TensorLike, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     x = _t(input)
     if x.ndim == 0:
         return reshape(x, 1)
@@ -659,13 +666,13 @@ def flatten(input: Any, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     return reshape(x, shape)
 
 
-def unsqueeze(input: Any, dim: int) -> Tensor:
+def unsqueeze(input: TensorLike, dim: int) -> Tensor:
     x = _t(input)
     d = _norm_dim(dim, x.ndim + 1, "unsqueeze")
     return reshape(x, x.shape[:d] + (1,) + x.shape[d:])
 
 
-def squeeze(input: Any, dim: int | None = None) -> Tensor:
+def squeeze(input: TensorLike, dim: int | None = None) -> Tensor:
     x = _t(input)
     if dim is None:
         return reshape(x, tuple(s for s in x.shape if s != 1))
@@ -675,14 +682,14 @@ def squeeze(input: Any, dim: int | None = None) -> Tensor:
     return reshape(x, x.shape[:d] + x.shape[d + 1 :])
 
 
-def expand(input: Any, *shape: Any) -> Tensor:
+def expand(input: TensorLike, *shape: int | Sequence[int]) -> Tensor:
     x = _t(input)
     shape = _shape_arg(shape)
     shape = tuple(x.shape[i - len(shape) + x.ndim] if s == -1 else s for i, s in enumerate(shape))
     return ExpandFunction.apply(x, shape)
 
 
-def getitem(input: Any, index: Any) -> Tensor:
+def getitem(input: TensorLike, index: Any) -> Tensor:
     if isinstance(index, Tensor):
         index = index.data
     elif isinstance(index, tuple):
@@ -690,7 +697,7 @@ def getitem(input: Any, index: Any) -> Tensor:
     return GetItemFunction.apply(_t(input), index)
 
 
-def cat(tensors: Sequence[Any], dim: int = 0) -> Tensor:
+def cat(tensors: Sequence[TensorLike], dim: int = 0) -> Tensor:
     ts = [_t(x) for x in tensors]
     if not ts:
         raise ValueError("cat: expected a non-empty sequence of tensors")
@@ -700,14 +707,16 @@ def cat(tensors: Sequence[Any], dim: int = 0) -> Tensor:
 concatenate = cat
 
 
-def stack(tensors: Sequence[Any], dim: int = 0) -> Tensor:
+def stack(tensors: Sequence[TensorLike], dim: int = 0) -> Tensor:
     ts = [_t(x) for x in tensors]
     if not ts:
         raise ValueError("stack: expected a non-empty sequence of tensors")
     return StackFunction.apply(*ts, _norm_dim(dim, ts[0].ndim + 1, "stack"))
 
 
-def split(tensor: Any, split_size_or_sections: Any, dim: int = 0) -> tuple[Tensor, ...]:
+def split(
+    tensor: TensorLike, split_size_or_sections: int | Sequence[int], dim: int = 0
+) -> tuple[Tensor, ...]:
     """torch.split: chunks of ``split_size`` (the last may be smaller) or of the given sizes."""
     x = _t(tensor)
     d = _norm_dim(dim, x.ndim, "split")
@@ -729,7 +738,7 @@ def split(tensor: Any, split_size_or_sections: Any, dim: int = 0) -> tuple[Tenso
     return tuple(out)
 
 
-def chunk(input: Any, chunks: int, dim: int = 0) -> tuple[Tensor, ...]:
+def chunk(input: TensorLike, chunks: int, dim: int = 0) -> tuple[Tensor, ...]:
     x = _t(input)
     n = x.shape[_norm_dim(dim, x.ndim, "chunk")]
     return split(x, -(-n // int(chunks)) if n else 1, dim)
@@ -752,7 +761,7 @@ class RepeatFunction(Function):
         return g, None
 
 
-def repeat(input: Any, *sizes: Any) -> Tensor:
+def repeat(input: TensorLike, *sizes: int | Sequence[int]) -> Tensor:
     """torch's ``Tensor.repeat``: tile the tensor ``sizes[d]`` times along each dim (extra
     leading sizes add dims)."""
     x = _t(input)
@@ -778,7 +787,7 @@ class FlipFunction(Function):
         return np.flip(grad, ctx.dims), None
 
 
-def flip(input: Any, dims: Any) -> Tensor:
+def flip(input: TensorLike, dims: int | Sequence[int]) -> Tensor:
     x = _t(input)
     return FlipFunction.apply(x, _norm_dims(dims, x.ndim, "flip") or ())
 
@@ -793,7 +802,7 @@ class CopyFunction(Function):
         return grad
 
 
-def clone(input: Any) -> Tensor:
+def clone(input: TensorLike) -> Tensor:
     """A differentiable copy (torch's ``clone``)."""
     return CopyFunction.apply(_t(input))
 
@@ -815,7 +824,7 @@ class MatMulFunction(Function):
         return ga, gb  # broadcast batch dims are summed back by the engine
 
 
-def matmul(input: Any, other: Any) -> Tensor:
+def matmul(input: TensorLike, other: TensorLike) -> Tensor:
     """Matrix product with NumPy/torch semantics (batched, broadcast over leading dims)."""
     a, b = _pair_operands(input, other)
     if a.ndim == 0 or b.ndim == 0:
@@ -831,7 +840,7 @@ def matmul(input: Any, other: Any) -> Tensor:
     return MatMulFunction.apply(a, b)
 
 
-def bmm(input: Any, mat2: Any) -> Tensor:
+def bmm(input: TensorLike, mat2: TensorLike) -> Tensor:
     a, b = _t(input), _t(mat2)
     if a.ndim != 3 or b.ndim != 3:
         raise ValueError(f"bmm: expected 3-d tensors, got {a.shape} and {b.shape}")
@@ -881,7 +890,7 @@ def _parse_einsum(equation: str, shapes: list[tuple[int, ...]]) -> tuple[list[st
     return ins, out
 
 
-def einsum(equation: str, *operands: Any) -> Tensor:
+def einsum(equation: str, *operands: TensorLike) -> Tensor:
     """Differentiable ``np.einsum`` for explicit equations (``"bcm,bcn->bmn"``, ``...`` allowed);
     a subscript may not repeat within one operand or in the output."""
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -992,13 +1001,13 @@ class LogSoftmaxFunction(Function):
         return grad - np.exp(out) * grad.sum(axis=ctx.dim, keepdims=True), None
 
 
-def softmax(input: Any, dim: int) -> Tensor:
+def softmax(input: TensorLike, dim: int) -> Tensor:
     """Numerically stable softmax along ``dim``."""
     x = _t(input)
     return SoftmaxFunction.apply(x, _norm_dim(dim, x.ndim, "softmax"))
 
 
-def log_softmax(input: Any, dim: int) -> Tensor:
+def log_softmax(input: TensorLike, dim: int) -> Tensor:
     x = _t(input)
     return LogSoftmaxFunction.apply(x, _norm_dim(dim, x.ndim, "log_softmax"))
 
@@ -1033,7 +1042,7 @@ class GELUFunction(Function):
         return (grad * d).astype(grad.dtype, copy=False), None
 
 
-def gelu(input: Any, approximate: str = "none") -> Tensor:
+def gelu(input: TensorLike, approximate: str = "none") -> Tensor:
     """GELU; the exact erf form by default, ``approximate="tanh"`` for the tanh approximation."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
@@ -1114,12 +1123,12 @@ def _conv_padding(
 
 
 def conv2d(
-    input: Any,
-    weight: Any,
-    bias: Any = None,
-    stride: Any = 1,
-    padding: Any = 0,
-    dilation: Any = 1,
+    input: TensorLike,
+    weight: TensorLike,
+    bias: TensorLike | None = None,
+    stride: IntPair = 1,
+    padding: IntPair | str = 0,
+    dilation: IntPair = 1,
     groups: int = 1,
 ) -> Tensor:
     """2-D convolution (cross-correlation) with torch.nn.functional.conv2d's semantics.
@@ -1205,7 +1214,7 @@ class LinearFunction(Function):
         return gx, gw, gb
 
 
-def linear(input: Any, weight: Any, bias: Any = None) -> Tensor:
+def linear(input: TensorLike, weight: TensorLike, bias: TensorLike | None = None) -> Tensor:
     """``input @ weight.T + bias`` (torch.nn.functional.linear): input (*, in), weight
     (out, in), bias (out,) or None; output (*, out)."""
     op = "linear"
@@ -1268,10 +1277,10 @@ class LayerNormFunction(Function):
 
 
 def layer_norm(
-    input: Any,
+    input: TensorLike,
     normalized_shape: Any,
-    weight: Any = None,
-    bias: Any = None,
+    weight: TensorLike | None = None,
+    bias: TensorLike | None = None,
     eps: float = 1e-5,
 ) -> Tensor:
     """Normalize over the trailing ``normalized_shape`` dims (biased variance, as torch), then
@@ -1309,7 +1318,7 @@ def layer_norm(
 
 
 def dropout(
-    input: Any,
+    input: TensorLike,
     p: float = 0.5,
     training: bool = True,
     inplace: bool = False,
@@ -1355,7 +1364,9 @@ class PadFunction(Function):
         return g, None, None
 
 
-def pad(input: Any, pad: Sequence[int], mode: str = "constant", value: float = 0.0) -> Tensor:
+def pad(
+    input: TensorLike, pad: Sequence[int], mode: str = "constant", value: float = 0.0
+) -> Tensor:
     """torch.nn.functional.pad, constant mode: ``pad`` lists (before, after) pairs starting from
     the last dimension, ``(left, right, top, bottom, ...)``; negative widths crop."""
     x = _t(input)
@@ -1378,7 +1389,7 @@ def pad(input: Any, pad: Sequence[int], mode: str = "constant", value: float = 0
 # ---------------------------------------------------------------------------- losses
 
 
-def mse_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:
+def mse_loss(input: TensorLike, target: TensorLike, reduction: str = "mean") -> Tensor:
     """Mean (or sum, or elementwise) squared error; ``input`` and ``target`` must have one shape
     (torch broadcasts with a warning; deformnp refuses, which catches (N,1)-vs-(N,) bugs)."""
     x, t = _pair_operands(input, target)
@@ -1388,7 +1399,7 @@ def mse_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:
     return _reduce("mse_loss", d * d, reduction)
 
 
-def l1_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:
+def l1_loss(input: TensorLike, target: TensorLike, reduction: str = "mean") -> Tensor:
     """Mean (or sum, or elementwise) absolute error; shapes must match (see :func:`mse_loss`)."""
     x, t = _pair_operands(input, target)
     if x.shape != t.shape:
@@ -1397,9 +1408,9 @@ def l1_loss(input: Any, target: Any, reduction: str = "mean") -> Tensor:
 
 
 def nll_loss(
-    input: Any,
-    target: Any,
-    weight: Any = None,
+    input: TensorLike,
+    target: TensorLike,
+    weight: TensorLike | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> Tensor:
@@ -1409,9 +1420,9 @@ def nll_loss(
 
 
 def cross_entropy(
-    input: Any,
-    target: Any,
-    weight: Any = None,
+    input: TensorLike,
+    target: TensorLike,
+    weight: TensorLike | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
@@ -1514,17 +1525,17 @@ def _class_loss(
 # ---------------------------------------------------------------------------- more activations
 
 
-def leaky_relu(input: Any, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+def leaky_relu(input: TensorLike, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
     x = _t(input)
     return where(x.data > 0, x, x * negative_slope)
 
 
-def silu(input: Any, inplace: bool = False) -> Tensor:
+def silu(input: TensorLike, inplace: bool = False) -> Tensor:
     x = _t(input)
     return x * sigmoid(x)
 
 
-def softplus(input: Any, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+def softplus(input: TensorLike, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     """``log(1 + exp(beta*x)) / beta``, linear where ``beta*x > threshold`` (torch)."""
     x = _t(input)
     bx = x * beta

@@ -205,10 +205,6 @@ def _position_sensitive(op: str, C: int, PH: int, PW: int) -> int:
     return C // (PH * PW)
 
 
-def _needs(op: str, needs: Needs, names: tuple[str, ...]) -> tuple[bool, ...]:
-    return needs_flags(op, needs, names)
-
-
 @dataclass(frozen=True)
 class RoIArgs:
     """The checked arguments of one call of a RoI op: the input (C-contiguous, on ``device``),
@@ -306,7 +302,7 @@ def roi_align_backward(
     """Array-level :func:`roi_align` backward: ``(grad_input,)`` (only input's shape is used)."""
     a = prepare_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
     return _kernels(a.device).roi_align_backward(
-        _grad(a, grad_out), a.rois, a.input_shape, *a.params, _needs(a.op, needs, ("input",))
+        _grad(a, grad_out), a.rois, a.input_shape, *a.params, needs_flags(a.op, needs, ("input",))
     )
 
 
@@ -387,7 +383,7 @@ def ps_roi_align_backward(
     """Array-level :func:`ps_roi_align` backward: ``(grad_input,)`` (only input's shape is used)."""
     a = prepare_ps_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio)
     return _kernels(a.device).ps_roi_align_backward(
-        _grad(a, grad_out), a.rois, a.input_shape, *a.params, _needs(a.op, needs, ("input",))
+        _grad(a, grad_out), a.rois, a.input_shape, *a.params, needs_flags(a.op, needs, ("input",))
     )
 
 
@@ -501,7 +497,7 @@ def deform_roi_pool_backward(
     )
     return _kernels(a.device).deform_roi_pool_backward(
         _grad(a, grad_out), a.input, a.rois, a.offset, *a.params,
-        _needs(a.op, needs, ("input", "offset")),
+        needs_flags(a.op, needs, ("input", "offset")),
     )  # fmt: skip
 
 
@@ -634,7 +630,7 @@ def roi_pool_backward(
     argmax. Pass the forward's ``argmax`` to skip recomputing it from ``input``."""
     a = prepare_roi_pool(input, boxes, output_size, spatial_scale)
     g = _grad(a, grad_out)
-    flags = _needs(a.op, needs, ("input",))
+    flags = needs_flags(a.op, needs, ("input",))
     if argmax is None:
         if not flags[0]:
             return (None,)
@@ -703,7 +699,7 @@ def ps_roi_pool_backward(
     """Array-level :func:`ps_roi_pool` backward: ``(grad_input,)`` (only input's shape is used)."""
     a = prepare_ps_roi_pool(input, boxes, output_size, spatial_scale)
     return _kernels(a.device).ps_roi_pool_backward(
-        _grad(a, grad_out), a.rois, a.input_shape, *a.params, _needs(a.op, needs, ("input",))
+        _grad(a, grad_out), a.rois, a.input_shape, *a.params, needs_flags(a.op, needs, ("input",))
     )
 
 
@@ -841,7 +837,7 @@ def deform_ps_roi_pool_backward(
     )  # fmt: skip
     return _kernels(a.device).deform_ps_roi_pool_backward(
         _grad(a, grad_out), a.input, a.rois, a.offset, *a.params,
-        _needs(a.op, needs, ("input", "offset")),
+        needs_flags(a.op, needs, ("input", "offset")),
     )  # fmt: skip
 
 
