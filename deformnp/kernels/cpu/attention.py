@@ -170,6 +170,20 @@ def channels_for(D: int, points: int) -> int:
     return 0
 
 
+def _build(py_func: Any, name: str) -> Any:
+    """Compile one build of a kernel under a name of its own.
+
+    The builds are closures of one source, so without this they would all be named
+    ``kernels.<locals>.forward``. Numba derives the symbols of compiled code (and of the
+    environment holding its constants) from that name and a counter of the compiling process,
+    so two builds compiled by different processes could carry the same symbols: loaded together
+    from the on-disk cache, one could then run with the other's environment (seen once as a
+    crash, "'descr' is NULL", after several processes had filled the cache).
+    """
+    py_func.__name__ = py_func.__qualname__ = name
+    return njit(parallel=True, cache=True, fastmath=_FAST)(py_func)
+
+
 @functools.cache
 def kernels(channels: int) -> tuple[Any, Any]:
     """(forward, backward) compiled with D fixed at ``channels``; 0 builds them for any
@@ -179,7 +193,6 @@ def kernels(channels: int) -> tuple[Any, Any]:
     B = PLAN_BATCH
     B4 = 4 * PLAN_BATCH
 
-    @njit(parallel=True, cache=True, fastmath=_FAST)
     def forward(value_hm, slot_h, slot_w, slot_start, sampling_locations, attention_weights, out):
         """out[n, q, m*D + d] = sum_{l,p} A * zero_fade(V_l[n, m, :, :, d], v*H_l - .5, u*W_l - .5)."""
         N, M, S, Dv = value_hm.shape
@@ -247,7 +260,6 @@ def kernels(channels: int) -> tuple[Any, Any]:
                     o[r + uint64(d)] = acc[d]
         return out
 
-    @njit(parallel=True, cache=True, fastmath=_FAST)
     def backward(
         grad_out,
         value_hm,
@@ -382,7 +394,11 @@ def kernels(channels: int) -> tuple[Any, Any]:
                                         gv[ok + ud] += aw * gq[ud]
         return grad_value_hm
 
-    return forward, backward
+    build = f"D{channels}" if channels else "generic"
+    return (
+        _build(forward, f"ms_deform_attn_forward_{build}"),
+        _build(backward, f"ms_deform_attn_backward_{build}"),
+    )
 
 
 def head_major(value):
