@@ -18,7 +18,7 @@ the regular 3 x 3 grid (grey) and where the layer actually samples (colour, mark
 
     python examples/deform_conv_offsets.py                     # about 30 s on 2 cores
     python examples/deform_conv_offsets.py --steps 100         # a quicker, rougher run
-    python examples/deform_conv_offsets.py --out /tmp/dcn.png
+    python examples/deform_conv_offsets.py --out dcn.png
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ before (white) and after (yellow, with arrows) against those of the true box (gr
 pooled 7 x 7 features (target, before, after) and the loss.
 
     python examples/deform_roi_pool.py               # a few seconds once Numba has compiled
-    python examples/deform_roi_pool.py --steps 100 --out /tmp/droi.png
+    python examples/deform_roi_pool.py --steps 100 --out droi.png
 """
 
 from __future__ import annotations

@@ -151,3 +151,53 @@ def test_ops_import_their_kernels_explicitly():
     for path in (PACKAGE / "ops").glob("*.py"):
         text = path.read_text()
         assert "importlib" not in text and "__import__" not in text, path.name
+
+
+def _kernel_signatures(path: pathlib.Path) -> dict[str, list[str]]:
+    """The public ``<op>_forward`` / ``<op>_backward`` functions of a kernel module and their
+    argument names."""
+    out = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name.endswith(("_forward", "_backward")):
+            if not node.name.startswith("_"):
+                a = node.args
+                out[node.name] = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    return out
+
+
+# the op families: one file each in ops/, kernels/cpu/ and kernels/cuda/
+FAMILIES = sorted(p.stem for p in (PACKAGE / "ops").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_kernel_contract_on_both_devices(family):
+    # every kernels/{cpu,cuda}/<family>.py exports the same <op>_forward / <op>_backward with
+    # the same arguments, so ops/<family>.py calls either device's module the same way
+    cpu = _kernel_signatures(PACKAGE / "kernels" / "cpu" / f"{family}.py")
+    cuda = _kernel_signatures(PACKAGE / "kernels" / "cuda" / f"{family}.py")
+    assert cpu and cpu == cuda
+    for name, args in cpu.items():
+        if name.endswith("_backward"):
+            assert args[0].startswith("grad") and "needs" in args, name
+
+
+def test_every_op_family_has_kernels_on_both_devices():
+    assert FAMILIES == ["attention", "bilinear", "deform_conv", "grid_sample", "roi"]
+    for family in FAMILIES:
+        for device in ("cpu", "cuda"):
+            assert (PACKAGE / "kernels" / device / f"{family}.py").exists(), (device, family)
+
+
+def test_no_machine_paths_in_the_repository():
+    root = PACKAGE.parent
+    pattern = "/" + "|/".join(("work/", "root/", "home/", "tmp/"))
+    files = [root / "README.md", root / "pyproject.toml"]
+    for folder in ("deformnp", "tests", "benches", "examples", ".ci"):
+        files += [p for p in (root / folder).rglob("*") if p.is_file() and p.suffix != ".png"]
+    offenders = [
+        str(p.relative_to(root))
+        for p in files
+        if "__pycache__" not in p.parts
+        and any(s in p.read_text(errors="ignore") for s in pattern.split("|"))
+    ]
+    assert offenders == []

@@ -1,7 +1,7 @@
 """CPU kernels of ``bilinear_interpolate`` (SPEC section 4): input (N, C, H, W), points (N, P, 2)
 as (y, x) pixel coordinates, output (N, C, P), under either border rule (the plans of
-``kernels/rules.py``, compiled in ``sampling.py``). ``grid_sample`` uses ``sample_forward`` and
-``sample_backward`` after its coordinate transform.
+``kernels/rules.py``, compiled in ``sampling.py``). ``grid_sample`` uses ``sample_points`` and
+``sample_points_grad`` after its coordinate transform.
 
 The kernels work channels-last: the input (and the output gradient) are copied to (N, H, W, C)
 (and (N, P, C)), so each corner of a plan is a contiguous run of C values.
@@ -149,7 +149,7 @@ def _sample_backward_input(gout_t, pidx, pwts, cblock, gin):
 BORDERS = {"zero": ZERO_FADE, "clamp": CLAMP}
 
 
-def sample_forward(input, pts, rule):
+def sample_points(input, pts, rule):
     """input (N, C, H, W), pts (N, P, 2) float64 (y, x) -> (N, C, P) under rule 0/1."""
     N, C, H, W = input.shape
     P = pts.shape[1]
@@ -161,7 +161,7 @@ def sample_forward(input, pts, rule):
         return out
 
 
-def sample_backward(grad_out, input, pts, rule, needs=(True, True)):
+def sample_points_grad(grad_out, input, pts, rule, needs=(True, True)):
     """(grad_input (N, C, H, W) or None, grad_points (N, P, 2) float64 or None)."""
     N, C, H, W = input.shape
     P = pts.shape[1]
@@ -184,7 +184,7 @@ def sample_backward(grad_out, input, pts, rule, needs=(True, True)):
 def bilinear_interpolate_forward(input, points, border):
     """input (N, C, H, W), points (N, P, 2) as (y, x), border "zero" or "clamp" -> (N, C, P)."""
     pts = np.ascontiguousarray(points, np.float64)
-    return sample_forward(input, pts, BORDERS[border])
+    return sample_points(input, pts, BORDERS[border])
 
 
 def bilinear_interpolate_backward(grad_out, input, points, border, needs):
@@ -192,7 +192,7 @@ def bilinear_interpolate_backward(grad_out, input, points, border, needs):
     grad_points has points' dtype."""
     pts = np.ascontiguousarray(points, np.float64)
     grad_out = np.ascontiguousarray(grad_out, input.dtype)
-    g_in, g_pts = sample_backward(grad_out, input, pts, BORDERS[border], tuple(needs))
+    g_in, g_pts = sample_points_grad(grad_out, input, pts, BORDERS[border], tuple(needs))
     if g_pts is not None:
         g_pts = g_pts.astype(points.dtype, copy=False)
     return g_in, g_pts

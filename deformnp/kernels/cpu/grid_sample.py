@@ -22,7 +22,7 @@ import numpy as np
 from numba import float64, njit
 
 from ..rules import PADDING_MODES
-from .bilinear import sample_backward, sample_forward
+from .bilinear import sample_points, sample_points_grad
 from .sampling import ZERO_FADE, grid_coordinate
 
 
@@ -59,7 +59,7 @@ def grid_sample_forward(input: Any, grid_: Any, padding_mode: str, align_corners
     Hout, Wout = grid_.shape[1:3]
     if N * C * Hout * Wout and Hin * Win:
         pts, _, _ = _points(grid_, Hin, Win, padding_mode, align_corners)
-        return sample_forward(input, pts, ZERO_FADE).reshape(N, C, Hout, Wout)
+        return sample_points(input, pts, ZERO_FADE).reshape(N, C, Hout, Wout)
     return np.zeros((N, C, Hout, Wout), dtype=input.dtype)
 
 
@@ -79,7 +79,7 @@ def grid_sample_backward(
     if grad_out.size and Hin * Win:
         pts, dy, dx = _points(grid_, Hin, Win, padding_mode, align_corners)
         go = grad_out.reshape(N, C, P)
-        g_in, gp = sample_backward(go, input, pts, ZERO_FADE, tuple(needs))
+        g_in, gp = sample_points_grad(go, input, pts, ZERO_FADE, tuple(needs))
         if needs[1]:
             g_grid = np.empty(grid_.shape, dtype=grid_.dtype)
             flat = g_grid.reshape(N, P, 2)
