@@ -30,7 +30,7 @@ from .function import Context, Function
 from .kernels.cpu import conv2d as conv2d_kernels
 from .tensor import Tensor, unwrap
 from .typing import IntPair, TensorLike
-from .validation import host_float_array, pair, same_dtype
+from .validation import host_float_array, integers, pair, same_dtype
 
 Dims = int | Sequence[int] | None  # one dimension, several, or all (None)
 
@@ -72,7 +72,7 @@ def _norm_dims(dim: Any, ndim: int, op: str) -> tuple[int, ...] | None:
         return None
     if isinstance(dim, (int, np.integer)):
         dim = (int(dim),)
-    return tuple(sorted(_norm_dim(int(d), ndim, op) for d in dim))
+    return tuple(sorted(_norm_dim(d, ndim, op) for d in integers(op, "dim", dim)))
 
 
 def _cuda() -> Any:
@@ -623,15 +623,16 @@ class StackFunction(Function):
         return (*np.moveaxis(grad, ctx.dim, 0), None)
 
 
-def _shape_arg(shape: Sequence) -> tuple[int, ...]:
+def _shape_arg(op: str, shape: Sequence) -> tuple[int, ...]:
+    """``f(x, 2, 3)`` and ``f(x, (2, 3))`` alike: the ints of a shape (floats are refused)."""
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = shape[0]
-    return tuple(int(s) for s in shape)
+    return integers(op, "shape", shape)
 
 
 def reshape(input: TensorLike, *shape: int | Sequence[int]) -> Tensor:
     x = _t(input)
-    shape = _shape_arg(shape)
+    shape = _shape_arg("reshape", shape)
     try:
         np.empty((x.size,), np.int8).reshape(shape)
     except ValueError:
@@ -643,7 +644,7 @@ def reshape(input: TensorLike, *shape: int | Sequence[int]) -> Tensor:
 
 def permute(input: TensorLike, *dims: int | Sequence[int]) -> Tensor:
     x = _t(input)
-    dims = _shape_arg(dims)
+    dims = _shape_arg("permute", dims)
     if sorted(d % builtins.max(x.ndim, 1) for d in dims) != list(range(x.ndim)):
         raise ValueError(f"permute: dims {dims} are not a permutation of {x.ndim} dimensions")
     return PermuteFunction.apply(x, tuple(d % x.ndim for d in dims))
@@ -684,7 +685,7 @@ def squeeze(input: TensorLike, dim: int | None = None) -> Tensor:
 
 def expand(input: TensorLike, *shape: int | Sequence[int]) -> Tensor:
     x = _t(input)
-    shape = _shape_arg(shape)
+    shape = _shape_arg("expand", shape)
     shape = tuple(x.shape[i - len(shape) + x.ndim] if s == -1 else s for i, s in enumerate(shape))
     return ExpandFunction.apply(x, shape)
 
@@ -727,7 +728,7 @@ def split(
             raise ValueError(f"split: split_size must be positive, got {size}")
         sizes = [size] * (n // size) + ([n % size] if n % size else [])
     else:
-        sizes = [int(s) for s in split_size_or_sections]
+        sizes = list(integers("split", "split_size_or_sections", split_size_or_sections))
         if builtins.sum(sizes) != n:
             raise ValueError(f"split: sections {sizes} do not add up to dim {d} of size {n}")
     out, start = [], 0
@@ -765,7 +766,7 @@ def repeat(input: TensorLike, *sizes: int | Sequence[int]) -> Tensor:
     """torch's ``Tensor.repeat``: tile the tensor ``sizes[d]`` times along each dim (extra
     leading sizes add dims)."""
     x = _t(input)
-    reps = _shape_arg(sizes)
+    reps = _shape_arg("repeat", sizes)
     if len(reps) < x.ndim:
         raise ValueError(
             f"repeat: number of repeat sizes ({len(reps)}) can not be smaller than the number of "
@@ -1287,11 +1288,7 @@ def layer_norm(
     scale by ``weight`` and shift by ``bias`` (each of shape ``normalized_shape`` or None)."""
     op = "layer_norm"
     x = host_float_array(op, "input", unwrap(input))
-    ns = (
-        (int(normalized_shape),)
-        if isinstance(normalized_shape, (int, np.integer))
-        else tuple(int(s) for s in normalized_shape)
-    )
+    ns = integers(op, "normalized_shape", normalized_shape)
     if not ns or x.shape[x.ndim - len(ns) :] != ns or len(ns) > x.ndim:
         raise ValueError(
             f"{op}: input's trailing dimensions must equal normalized_shape {ns}, got shape {x.shape}"
@@ -1372,7 +1369,7 @@ def pad(
     x = _t(input)
     if mode != "constant":
         raise ValueError(f"pad: only mode='constant' is supported, got {mode!r}")
-    pad = [int(v) for v in pad]
+    pad = list(integers("pad", "pad", pad))
     if len(pad) % 2 or len(pad) // 2 > x.ndim:
         raise ValueError(
             f"pad: pad must have an even length of at most 2*ndim = {2 * x.ndim}, got {len(pad)}"

@@ -121,6 +121,19 @@ def integer(op: str, name: str, v: Any, minimum: int | None = None, maximum: int
     return i
 
 
+def integers(op: str, name: str, v: Any) -> tuple[int, ...]:
+    """An int or a sequence of ints (a shape, a list of sizes) as a tuple of ints; a float or a
+    bool anywhere is a TypeError."""
+    items = (v,) if _is_int(v) else v
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int or a sequence of ints, got {v!r}") from None
+    if not all(_is_int(i) for i in items):
+        raise TypeError(f"{op}: {name} must be an int or a sequence of ints, got {v!r}")
+    return tuple(int(i) for i in items)
+
+
 def real(op: str, name: str, v: Any) -> float:
     """``v`` as a finite float; a bool or a non-number is a TypeError."""
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):

@@ -363,3 +363,20 @@ def test_contiguous_keeps_zero_d_arrays_and_copies_read_only_ones():
     assert c.flags.c_contiguous and c.flags.writeable and c.shape == (2, 3)
     w = np.ones((2, 3))
     assert validation.contiguous(w) is w
+
+
+def test_generic_ops_refuse_float_sizes():
+    import deformnp.functional as F
+
+    x = np.zeros((2, 3))
+    with pytest.raises(TypeError, match=r"reshape: shape must be an int or a sequence of ints"):
+        F.reshape(x, 3, 2.0)
+    with pytest.raises(TypeError, match=r"pad: pad must be an int or a sequence of ints"):
+        F.pad(x, (1.5, 1))
+    with pytest.raises(TypeError, match=r"layer_norm: normalized_shape must be an int or a"):
+        F.layer_norm(x, 2.5)
+    with pytest.raises(TypeError, match=r"LayerNorm: normalized_shape must be an int or a"):
+        nn.LayerNorm((3.0,))
+    with pytest.raises(TypeError, match=r"sum: dim must be an int or a sequence of ints"):
+        F.sum(x, 1.0)
+    assert F.reshape(x, np.int64(3), 2).shape == (3, 2)  # NumPy integers are integers

@@ -16,7 +16,7 @@ import numpy as np
 from .. import functional as F
 from ..tensor import Tensor
 from ..typing import IntPair, TensorLike
-from ..validation import integer, pair
+from ..validation import integer, integers, pair
 from . import init
 from .module import Module, Parameter
 
@@ -236,9 +236,7 @@ class LayerNorm(Module):
     ) -> None:
         super().__init__()
         dt = _dtype(dtype)
-        if isinstance(normalized_shape, (int, np.integer)):
-            normalized_shape = (int(normalized_shape),)
-        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.normalized_shape = integers("LayerNorm", "normalized_shape", normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
