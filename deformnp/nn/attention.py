@@ -15,6 +15,7 @@ import numpy as np
 from .. import functional as F
 from ..ops.attention import ms_deform_attn
 from ..tensor import Tensor
+from ..typing import ArrayLike, TensorLike
 from ..validation import index_array, integer, pair, real
 from . import init
 from .layers import GELU, Conv2d, LayerNorm, Linear, Sequential
@@ -115,12 +116,12 @@ class MSDeformAttn(Module):
 
     def forward(
         self,
-        query: Any,
-        reference_points: Any,
-        input_flatten: Any,
-        input_spatial_shapes: Any,
-        input_level_start_index: Any,
-        input_padding_mask: Any = None,
+        query: TensorLike,
+        reference_points: TensorLike,
+        input_flatten: TensorLike,
+        input_spatial_shapes: ArrayLike,
+        input_level_start_index: ArrayLike,
+        input_padding_mask: ArrayLike | None = None,
     ) -> Tensor:
         name = "MSDeformAttn"
         query = _tensor(query)
@@ -210,7 +211,7 @@ class MSDeformAttn(Module):
         return locations, weights
 
     def sampling(
-        self, query: Any, reference_points: Any, input_spatial_shapes: Any
+        self, query: TensorLike, reference_points: TensorLike, input_spatial_shapes: ArrayLike
     ) -> tuple[Tensor, Tensor]:
         """The sampling locations (N, Lq, n_heads, n_levels, n_points, 2) as normalized (x, y)
         and their softmaxed attention weights (N, Lq, n_heads, n_levels, n_points) that
@@ -243,7 +244,7 @@ class LayerNormProxy(Module):
         super().__init__()
         self.norm = LayerNorm(dim, dtype=dtype)
 
-    def forward(self, x: Any) -> Tensor:
+    def forward(self, x: TensorLike) -> Tensor:
         x = _tensor(x).permute(0, 2, 3, 1)
         return self.norm(x).permute(0, 3, 1, 2)
 
@@ -366,7 +367,7 @@ class DeformableAttention2d(Module):
         if device is not None and device != "cpu":
             self.to(device)
 
-    def forward(self, x: Any) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: TensorLike) -> tuple[Tensor, Tensor, Tensor]:
         name = "DeformableAttention2d"
         x = _tensor(x)
         if x.ndim != 4 or x.shape[1] != self.channels:

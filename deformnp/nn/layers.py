@@ -57,7 +57,7 @@ class Identity(Module):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
 
-    def forward(self, input: Any) -> Any:
+    def forward(self, input: TensorLike) -> TensorLike:
         return input
 
 
@@ -256,7 +256,7 @@ class LayerNorm(Module):
         if self.bias is not None:
             init.zeros_(self.bias)
 
-    def forward(self, input: Any) -> Tensor:
+    def forward(self, input: TensorLike) -> Tensor:
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
@@ -272,7 +272,7 @@ class GELU(Module):
             raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
         self.approximate = approximate
 
-    def forward(self, input: Any) -> Tensor:
+    def forward(self, input: TensorLike) -> Tensor:
         return F.gelu(input, approximate=self.approximate)
 
     def extra_repr(self) -> str:
@@ -284,7 +284,7 @@ class ReLU(Module):
         super().__init__()
         self.inplace = inplace
 
-    def forward(self, input: Any) -> Tensor:
+    def forward(self, input: TensorLike) -> Tensor:
         return F.relu(input)
 
 
@@ -293,7 +293,7 @@ class LeakyReLU(Module):
         super().__init__()
         self.negative_slope = negative_slope
 
-    def forward(self, input: Any) -> Tensor:
+    def forward(self, input: TensorLike) -> Tensor:
         return F.leaky_relu(input, self.negative_slope)
 
     def extra_repr(self) -> str:
@@ -304,17 +304,17 @@ class SiLU(Module):
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
 
-    def forward(self, input: Any) -> Tensor:
+    def forward(self, input: TensorLike) -> Tensor:
         return F.silu(input)
 
 
 class Sigmoid(Module):
-    def forward(self, input: Any) -> Tensor:
+    def forward(self, input: TensorLike) -> Tensor:
         return F.sigmoid(input)
 
 
 class Tanh(Module):
-    def forward(self, input: Any) -> Tensor:
+    def forward(self, input: TensorLike) -> Tensor:
         return F.tanh(input)
 
 
@@ -323,7 +323,7 @@ class Softmax(Module):
         super().__init__()
         self.dim = dim
 
-    def forward(self, input: Any) -> Tensor:
+    def forward(self, input: TensorLike) -> Tensor:
         return F.softmax(input, self.dim)
 
     def extra_repr(self) -> str:
@@ -341,7 +341,7 @@ class Dropout(Module):
         self.p = p
         self.inplace = inplace
 
-    def forward(self, input: Any) -> Tensor:
+    def forward(self, input: TensorLike) -> Tensor:
         return F.dropout(input, self.p, self.training)
 
     def extra_repr(self) -> str:
@@ -353,7 +353,7 @@ class Flatten(Module):
         super().__init__()
         self.start_dim, self.end_dim = start_dim, end_dim
 
-    def forward(self, input: Any) -> Tensor:
+    def forward(self, input: TensorLike) -> Tensor:
         return F.flatten(input, self.start_dim, self.end_dim)
 
 
