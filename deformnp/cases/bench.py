@@ -74,8 +74,47 @@ def torch_device(device: str) -> str | None:
     return "cpu"
 
 
+def _with_torch(
+    case: BenchCase,
+    fn: Callable[..., Any],
+    inputs: tuple[np.ndarray, ...],
+    wrt: tuple[int, ...],
+    grad_out: np.ndarray,
+    torchvision: bool = False,
+) -> BenchCase:
+    """Give ``case`` its torch counterpart: ``fn(*tensors)`` on torch tensors of the host arrays
+    ``inputs`` (on the case's device, torch's thread count set to Numba's), timed without grad,
+    and forward plus the gradients of the inputs at the positions ``wrt`` for ``grad_out``. The
+    case is returned as it is when torch (or, with ``torchvision``, torchvision) is missing."""
+    tdev = torch_device(case.device)
+    if tdev is None:
+        return case
+    try:
+        import torch
+
+        if torchvision:
+            import torchvision as _  # noqa: F401
+    except ImportError:
+        return case
+    ts = [torch.from_numpy(np.ascontiguousarray(a)).to(tdev) for a in inputs]
+    leaves = tuple(ts[i].requires_grad_(True) for i in wrt)
+    tg = torch.from_numpy(grad_out).to(tdev)
+
+    def torch_forward() -> Any:
+        with torch.no_grad():
+            return fn(*ts)
+
+    def torch_forward_backward() -> Any:
+        return torch.autograd.grad(fn(*ts), leaves, tg)
+
+    case.torch_forward = torch_forward
+    case.torch_forward_backward = torch_forward_backward
+    return case
+
+
 def _conv2d(device: str) -> BenchCase | None:
-    """SPEC-style size: input (4, 64, 32, 32), weight (64, 64, 3, 3), padding 1, float32."""
+    """input (4, 64, 32, 32), weight (64, 64, 3, 3), padding 1, float32 (the dense convolution a
+    deformable one of the SPEC 13 size does the GEMMs of)."""
     if device != "cpu":
         return None
     rng = np.random.default_rng(0)
@@ -97,32 +136,19 @@ def _conv2d(device: str) -> BenchCase | None:
     case = BenchCase(
         "input (4, 64, 32, 32), weight (64, 64, 3, 3), padding 1", forward, forward_backward
     )
-    try:
-        import numba
+
+    def conv(tx: Any, tw: Any, tb: Any) -> Any:
         import torch
-    except ImportError:
-        return case
-    torch.set_num_threads(numba.get_num_threads())
-    tx, tw, tb = (torch.from_numpy(a.copy()).requires_grad_() for a in (x_np, w_np, b_np))
-    tg = torch.from_numpy(g_np)
 
-    def torch_forward() -> Any:
-        with torch.no_grad():
-            return torch.nn.functional.conv2d(tx, tw, tb, padding=1)
+        return torch.nn.functional.conv2d(tx, tw, tb, padding=1)
 
-    def torch_forward_backward() -> Any:
-        for t in (tx, tw, tb):
-            t.grad = None
-        torch.nn.functional.conv2d(tx, tw, tb, padding=1).backward(tg)
-
-    case.torch_forward = torch_forward
-    case.torch_forward_backward = torch_forward_backward
-    return case
+    return _with_torch(case, conv, (x_np, w_np, b_np), (0, 1, 2), g_np)
 
 
 def _bilinear_interpolate(device: str) -> BenchCase | None:
+    """The grid_sample size of SPEC 13 as points: input (4, 64, 32, 32), 1024 points."""
     rng = np.random.default_rng(0)
-    N, C, H, W, P = 4, 64, 32, 32, 1024  # the grid_sample size of SPEC 13, as points
+    N, C, H, W, P = 4, 64, 32, 32, 1024
     x = rng.standard_normal((N, C, H, W)).astype(np.float32)
     pts = np.stack(
         [rng.uniform(-1.5, H + 0.5, (N, P)), rng.uniform(-1.5, W + 0.5, (N, P))], axis=-1
@@ -143,31 +169,17 @@ def _bilinear_interpolate(device: str) -> BenchCase | None:
     case = BenchCase(
         f"input ({N},{C},{H},{W}), {P} points", forward, forward_backward, device=device, sync=sync
     )
-    tdev = torch_device(device)  # torch on the same device and thread count
-    if tdev is None:
-        return case
-    try:
-        import torch
+
+    def torch_sample(tx: Any, tg: Any) -> Any:
         import torch.nn.functional as TF
-    except ImportError:
-        return case
+
+        return TF.grid_sample(tx, tg, "bilinear", "zeros", align_corners=True)
+
     # zero-fade sampling at pixel (y, x) is grid_sample(zeros, align_corners=True) there
     grid = np.stack([pts[..., 1] / (W - 1) * 2 - 1, pts[..., 0] / (H - 1) * 2 - 1], axis=-1)
-    tx = torch.from_numpy(x).to(tdev).requires_grad_(True)
-    tg = torch.from_numpy(grid[:, None].astype(np.float32)).to(tdev).requires_grad_(True)
-    tgo = torch.from_numpy(g[:, :, None]).to(tdev)
-
-    def torch_forward() -> Any:
-        with torch.no_grad():
-            return TF.grid_sample(tx, tg, "bilinear", "zeros", align_corners=True)
-
-    def torch_forward_backward() -> Any:
-        out = TF.grid_sample(tx, tg, "bilinear", "zeros", align_corners=True)
-        return torch.autograd.grad(out, (tx, tg), tgo)
-
-    case.torch_forward = torch_forward
-    case.torch_forward_backward = torch_forward_backward
-    return case
+    return _with_torch(
+        case, torch_sample, (x, grid[:, None].astype(np.float32)), (0, 1), g[:, :, None]
+    )
 
 
 def _grid_sample(device: str) -> BenchCase | None:
@@ -177,18 +189,17 @@ def _grid_sample(device: str) -> BenchCase | None:
     x = rng.standard_normal((N, C, Hin, Win)).astype(np.float32)
     grd = rng.uniform(-1.1, 1.1, (N, H, W, 2)).astype(np.float32)
     go = rng.standard_normal((N, C, H, W)).astype(np.float32)
-    host = (x, grd, go)
-    placed = bench_device(device, *host)
+    placed = bench_device(device, x, grd, go)
     if placed is None:
         return None
-    (x, grd, go), sync = placed
+    (xd, grdd, god), sync = placed
 
     def forward() -> Any:
-        return ops.grid_sample_forward(x, grd)
+        return ops.grid_sample_forward(xd, grdd)
 
     def forward_backward() -> Any:
-        ops.grid_sample_forward(x, grd)
-        return ops.grid_sample_backward(go, x, grd)
+        ops.grid_sample_forward(xd, grdd)
+        return ops.grid_sample_backward(god, xd, grdd)
 
     case = BenchCase(
         f"input ({N},{C},{Hin},{Win}), grid ({N},{H},{W},2)",
@@ -197,29 +208,13 @@ def _grid_sample(device: str) -> BenchCase | None:
         device=device,
         sync=sync,
     )
-    tdev = torch_device(device)  # torch on the same device and thread count
-    if tdev is None:
-        return case
-    try:
-        import torch
+
+    def torch_sample(tx: Any, tg: Any) -> Any:
         import torch.nn.functional as TF
-    except ImportError:
-        return case
-    tx, tg, tgo = (torch.from_numpy(a).to(tdev) for a in host)
-    tx.requires_grad_(True)
-    tg.requires_grad_(True)
 
-    def torch_forward() -> Any:
-        with torch.no_grad():
-            return TF.grid_sample(tx, tg, "bilinear", "zeros", align_corners=False)
+        return TF.grid_sample(tx, tg, "bilinear", "zeros", align_corners=False)
 
-    def torch_forward_backward() -> Any:
-        out = TF.grid_sample(tx, tg, "bilinear", "zeros", align_corners=False)
-        return torch.autograd.grad(out, (tx, tg), tgo)
-
-    case.torch_forward = torch_forward
-    case.torch_forward_backward = torch_forward_backward
-    return case
+    return _with_torch(case, torch_sample, (x, grd), (0, 1), go)
 
 
 def _deform_conv2d(device: str) -> BenchCase | None:
@@ -232,18 +227,17 @@ def _deform_conv2d(device: str) -> BenchCase | None:
     w = (rng.standard_normal((C, C, k, k)) * 0.05).astype(np.float32)
     bias = rng.standard_normal(C).astype(np.float32)
     go = rng.standard_normal((B, C, H, W)).astype(np.float32)
-    host = (x, off, m, w, bias, go)
-    placed = bench_device(device, *host)
+    placed = bench_device(device, x, off, m, w, bias, go)
     if placed is None:
         return None
-    (x, off, m, w, bias, go), sync = placed
+    (xd, offd, md, wd, bd, god), sync = placed
 
     def forward() -> Any:
-        return ops.deform_conv2d_forward(x, off, w, bias, 1, 1, 1, m)
+        return ops.deform_conv2d_forward(xd, offd, wd, bd, 1, 1, 1, md)
 
     def forward_backward() -> Any:
-        ops.deform_conv2d_forward(x, off, w, bias, 1, 1, 1, m)
-        return ops.deform_conv2d_backward(go, x, off, w, bias, 1, 1, 1, m)
+        ops.deform_conv2d_forward(xd, offd, wd, bd, 1, 1, 1, md)
+        return ops.deform_conv2d_backward(god, xd, offd, wd, bd, 1, 1, 1, md)
 
     case = BenchCase(
         f"B={B}, {C}->{C}, {H}x{W}, {k}x{k}, pad 1, mask",
@@ -252,189 +246,103 @@ def _deform_conv2d(device: str) -> BenchCase | None:
         device=device,
         sync=sync,
     )
-    tdev = torch_device(device)  # torchvision on the same device and thread count
-    if tdev is None:
-        return case
-    try:
-        import torch
+
+    def tv_deform_conv2d(tx: Any, toff: Any, tm: Any, tw: Any, tb: Any) -> Any:
         import torchvision
-    except ImportError:
-        return case
-    tx, toff, tm_, tw, tb, tgo = (torch.from_numpy(a).to(tdev) for a in host)
-    for t in (tx, toff, tm_, tw, tb):
-        t.requires_grad_(True)
 
-    def torch_forward() -> Any:
-        with torch.no_grad():
-            return torchvision.ops.deform_conv2d(tx, toff, tw, tb, padding=1, mask=tm_)
+        return torchvision.ops.deform_conv2d(tx, toff, tw, tb, padding=1, mask=tm)
 
-    def torch_forward_backward() -> Any:
-        out = torchvision.ops.deform_conv2d(tx, toff, tw, tb, padding=1, mask=tm_)
-        return torch.autograd.grad(out, (tx, toff, tw, tb, tm_), tgo)
-
-    case.torch_forward = torch_forward
-    case.torch_forward_backward = torch_forward_backward
-    return case
+    return _with_torch(
+        case, tv_deform_conv2d, (x, off, m, w, bias), (0, 1, 2, 3, 4), go, torchvision=True
+    )
 
 
-def _roi_data(dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray, float]:
-    """SPEC 13: input (2, 256, 50, 50), 512 boxes inside an 800x800 image, spatial_scale 1/16."""
+def _roi_data(C: int = 256) -> tuple[np.ndarray, np.ndarray, float]:
+    """SPEC 13: input (2, C, 50, 50), 512 boxes inside an 800x800 image, spatial_scale 1/16."""
     rng = np.random.default_rng(0)
     s = 1.0 / 16.0
-    x = rng.standard_normal((2, 256, 50, 50)).astype(dtype)
-    boxes = boxes_in(rng, 512, 2, 50, 50, s).astype(dtype)
+    x = rng.standard_normal((2, C, 50, 50)).astype(np.float32)
+    boxes = boxes_in(rng, 512, 2, 50, 50, s).astype(np.float32)
     return x, boxes, s
 
 
-def _torch_setup() -> Any:
-    try:
-        import numba
-        import torch
-        import torchvision  # noqa: F401
-    except ImportError:
+def _roi_case(
+    device: str,
+    size: str,
+    x_host: np.ndarray,
+    g_host: np.ndarray,
+    forward_op: Callable[..., Any],
+    backward_op: Callable[..., Any],
+    boxes: np.ndarray,
+    args: tuple,
+    torchvision_op: str | None,
+) -> BenchCase | None:
+    """A RoI op's case: ``forward_op(x, boxes, *args)`` and its backward, and the torchvision op
+    of that name on the same data."""
+    placed = bench_device(device, x_host, g_host)
+    if placed is None:
         return None
-    torch.set_num_threads(numba.get_num_threads())
-    return torch
+    (x, g), sync = placed
+
+    def forward() -> Any:
+        return forward_op(x, boxes, *args)
+
+    def forward_backward() -> Any:
+        forward_op(x, boxes, *args)
+        return backward_op(g, x, boxes, *args)
+
+    case = BenchCase(size, forward, forward_backward, device=device, sync=sync)
+    if torchvision_op is None:
+        return case
+
+    def tv_op(tx: Any, tb: Any) -> Any:
+        import torchvision.ops
+
+        return getattr(torchvision.ops, torchvision_op)(tx, tb, *args)
+
+    return _with_torch(case, tv_op, (x_host, boxes), (0,), g_host, torchvision=True)
 
 
 def _roi_align(device: str) -> BenchCase | None:
-    x_host, boxes, s = _roi_data()
-    g_host = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
-    placed = bench_device(device, x_host, g_host)
-    if placed is None:
-        return None
-    (x, g), sync = placed
-    args = (7, s, 2, True)
-
-    def forward() -> Any:
-        return ops.roi_align_forward(x, boxes, *args)
-
-    def forward_backward() -> Any:
-        ops.roi_align_forward(x, boxes, *args)
-        return ops.roi_align_backward(g, x, boxes, *args)
-
-    case = BenchCase(
-        "input (2,256,50,50), 512 boxes, 7x7, sampling_ratio 2, aligned",
-        forward,
-        forward_backward,
-        device=device,
-        sync=sync,
-    )
-    tdev = torch_device(device)  # torchvision on the same device and thread count
-    torch = _torch_setup() if tdev else None
-    if torch is None:
-        return case
-    from torchvision.ops import roi_align as tv_roi_align
-
-    tx = torch.from_numpy(x_host).to(tdev).requires_grad_(True)
-    tb = torch.from_numpy(boxes).to(tdev)
-    tg = torch.from_numpy(g_host).to(tdev)
-
-    def torch_forward() -> Any:
-        with torch.no_grad():
-            return tv_roi_align(tx, tb, *args)
-
-    def torch_forward_backward() -> Any:
-        return torch.autograd.grad(tv_roi_align(tx, tb, *args), (tx,), tg)
-
-    case.torch_forward = torch_forward
-    case.torch_forward_backward = torch_forward_backward
-    return case
+    x, boxes, s = _roi_data()
+    g = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
+    return _roi_case(
+        device, "input (2,256,50,50), 512 boxes, 7x7, sampling_ratio 2, aligned", x, g,
+        ops.roi_align_forward, ops.roi_align_backward, boxes, (7, s, 2, True), "roi_align",
+    )  # fmt: skip
 
 
 def _roi_pool(device: str) -> BenchCase | None:
-    x_host, boxes, s = _roi_data()
-    g_host = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
-    placed = bench_device(device, x_host, g_host)
-    if placed is None:
-        return None
-    (x, g), sync = placed
+    x, boxes, s = _roi_data()
+    g = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
 
-    def forward() -> Any:
-        return ops.roi_pool_forward(x, boxes, 7, s)
+    def backward(g: Any, x: Any, boxes: Any, *args: Any) -> Any:
+        # the forward's argmax, as the autograd node keeps it
+        _, argmax = ops.roi_pool_forward(x, boxes, *args, return_argmax=True)
+        return ops.roi_pool_backward(g, x, boxes, *args, argmax=argmax)
 
-    def forward_backward() -> Any:
-        out, argmax = ops.roi_pool_forward(x, boxes, 7, s, return_argmax=True)
-        return ops.roi_pool_backward(g, x, boxes, 7, s, argmax=argmax)
-
-    case = BenchCase(
-        "input (2,256,50,50), 512 boxes, 7x7", forward, forward_backward, device=device, sync=sync
-    )
-    tdev = torch_device(device)  # torchvision on the same device and thread count
-    torch = _torch_setup() if tdev else None
-    if torch is None:
-        return case
-    from torchvision.ops import roi_pool as tv_roi_pool
-
-    tx = torch.from_numpy(x_host).to(tdev).requires_grad_(True)
-    tb = torch.from_numpy(boxes).to(tdev)
-    tg = torch.from_numpy(g_host).to(tdev)
-
-    def torch_forward() -> Any:
-        with torch.no_grad():
-            return tv_roi_pool(tx, tb, 7, s)
-
-    def torch_forward_backward() -> Any:
-        return torch.autograd.grad(tv_roi_pool(tx, tb, 7, s), (tx,), tg)
-
-    case.torch_forward = torch_forward
-    case.torch_forward_backward = torch_forward_backward
-    return case
+    return _roi_case(
+        device, "input (2,256,50,50), 512 boxes, 7x7", x, g, ops.roi_pool_forward, backward,
+        boxes, (7, s), "roi_pool",
+    )  # fmt: skip
 
 
-def _bench_ps(op: str) -> Any:
-    def build(device: str) -> BenchCase | None:
-        rng = np.random.default_rng(0)
-        s = 1.0 / 16.0
-        x_host = rng.standard_normal((2, 8 * 49, 50, 50)).astype(np.float32)
-        boxes = boxes_in(rng, 512, 2, 50, 50, s).astype(np.float32)
-        g_host = rng.standard_normal((512, 8, 7, 7)).astype(np.float32)
-        placed = bench_device(device, x_host, g_host)
-        if placed is None:
-            return None
-        (x, g), sync = placed
-        if op == "ps_roi_align":
-            fwd, bwd, extra = ops.ps_roi_align_forward, ops.ps_roi_align_backward, (2,)
-        else:
-            fwd, bwd, extra = ops.ps_roi_pool_forward, ops.ps_roi_pool_backward, ()
+def _ps_roi_align(device: str) -> BenchCase | None:
+    x, boxes, s = _roi_data(8 * 49)
+    g = np.random.default_rng(0).standard_normal((512, 8, 7, 7)).astype(np.float32)
+    return _roi_case(
+        device, "input (2,392,50,50), 512 boxes, 7x7, 8 output channels", x, g,
+        ops.ps_roi_align_forward, ops.ps_roi_align_backward, boxes, (7, s, 2), "ps_roi_align",
+    )  # fmt: skip
 
-        def forward() -> Any:
-            return fwd(x, boxes, 7, s, *extra)
 
-        def forward_backward() -> Any:
-            fwd(x, boxes, 7, s, *extra)
-            return bwd(g, x, boxes, 7, s, *extra)
-
-        case = BenchCase(
-            "input (2,392,50,50), 512 boxes, 7x7, 8 output channels",
-            forward,
-            forward_backward,
-            device=device,
-            sync=sync,
-        )
-        tdev = torch_device(device)  # torchvision on the same device and thread count
-        torch = _torch_setup() if tdev else None
-        if torch is None:
-            return case
-        import torchvision.ops as tvo
-
-        tv = getattr(tvo, op)
-        tx = torch.from_numpy(x_host).to(tdev).requires_grad_(True)
-        tb = torch.from_numpy(boxes).to(tdev)
-        tg = torch.from_numpy(g_host).to(tdev)
-
-        def torch_forward() -> Any:
-            with torch.no_grad():
-                return tv(tx, tb, 7, s, *extra)
-
-        def torch_forward_backward() -> Any:
-            return torch.autograd.grad(tv(tx, tb, 7, s, *extra), (tx,), tg)
-
-        case.torch_forward = torch_forward
-        case.torch_forward_backward = torch_forward_backward
-        return case
-
-    return build
+def _ps_roi_pool(device: str) -> BenchCase | None:
+    x, boxes, s = _roi_data(8 * 49)
+    g = np.random.default_rng(0).standard_normal((512, 8, 7, 7)).astype(np.float32)
+    return _roi_case(
+        device, "input (2,392,50,50), 512 boxes, 7x7, 8 output channels", x, g,
+        ops.ps_roi_pool_forward, ops.ps_roi_pool_backward, boxes, (7, s), "ps_roi_pool",
+    )  # fmt: skip
 
 
 def _deform_roi_pool(device: str) -> BenchCase | None:
@@ -442,55 +350,33 @@ def _deform_roi_pool(device: str) -> BenchCase | None:
     rng = np.random.default_rng(2)
     off = rng.uniform(-1, 1, (512, 2, 7, 7)).astype(np.float32)
     g = rng.standard_normal((512, 256, 7, 7)).astype(np.float32)
-    placed = bench_device(device, x, off, g)
+    placed = bench_device(device, off)
     if placed is None:
         return None
-    (x, off, g), sync = placed
-
-    def forward() -> Any:
-        return ops.deform_roi_pool_forward(x, boxes, off, 7, s, 2, 0.1)
-
-    def forward_backward() -> Any:
-        ops.deform_roi_pool_forward(x, boxes, off, 7, s, 2, 0.1)
-        return ops.deform_roi_pool_backward(g, x, boxes, off, 7, s, 2, 0.1)
-
-    return BenchCase(
-        "roi_align's size, offsets in [-1, 1], gamma 0.1",
-        forward,
-        forward_backward,
-        device=device,
-        sync=sync,
-    )
+    ((offd,), _) = placed
+    return _roi_case(
+        device, "roi_align's size, offsets in [-1, 1], gamma 0.1", x, g,
+        lambda x, b, *a: ops.deform_roi_pool_forward(x, b, offd, *a),
+        lambda g, x, b, *a: ops.deform_roi_pool_backward(g, x, b, offd, *a),
+        boxes, (7, s, 2, 0.1), None,
+    )  # fmt: skip
 
 
 def _deform_ps_roi_pool(device: str) -> BenchCase | None:
-    rng = np.random.default_rng(0)
-    s = 1.0 / 16.0
-    D, gs, P = 8, 7, 7
-    x = rng.standard_normal((2, D * gs * gs, 50, 50)).astype(np.float32)
-    boxes = boxes_in(rng, 512, 2, 50, 50, s).astype(np.float32)
-    off = rng.standard_normal((512, 2, P, P)).astype(np.float32)
-    g = rng.standard_normal((512, D, P, P)).astype(np.float32)
-    args = (s, D, gs, P, None, 4, 0.1)
-    placed = bench_device(device, x, off, g)
+    x, boxes, s = _roi_data(8 * 49)
+    rng = np.random.default_rng(2)
+    off = rng.standard_normal((512, 2, 7, 7)).astype(np.float32)
+    g = rng.standard_normal((512, 8, 7, 7)).astype(np.float32)
+    placed = bench_device(device, off)
     if placed is None:
         return None
-    (x, off, g), sync = placed
-
-    def forward() -> Any:
-        return ops.deform_ps_roi_pool_forward(x, boxes, off, *args)
-
-    def forward_backward() -> Any:
-        ops.deform_ps_roi_pool_forward(x, boxes, off, *args)
-        return ops.deform_ps_roi_pool_backward(g, x, boxes, off, *args)
-
-    return BenchCase(
-        "R-FCN head: input (2,392,50,50), 512 boxes, 7x7, 4x4 samples",
-        forward,
-        forward_backward,
-        device=device,
-        sync=sync,
-    )
+    ((offd,), _) = placed
+    return _roi_case(
+        device, "R-FCN head: input (2,392,50,50), 512 boxes, 7x7, 4x4 samples", x, g,
+        lambda x, b, *a: ops.deform_ps_roi_pool_forward(x, b, offd, *a),
+        lambda g, x, b, *a: ops.deform_ps_roi_pool_backward(g, x, b, offd, *a),
+        boxes, (s, 8, 7, 7, None, 4, 0.1), None,
+    )  # fmt: skip
 
 
 def torch_ms_deform_attn_core(
@@ -521,27 +407,24 @@ def torch_ms_deform_attn_core(
 
 
 def _ms_deform_attn(device: str) -> BenchCase | None:
+    """SPEC 13: N=1, levels (32,32),(16,16),(8,8),(4,4), Lq=S=1360, M=8, D=32, P=4, float32,
+    against Deformable-DETR's grid_sample formulation."""
     data = spec13_attention(np.float32)
     names = ("value", "sampling_locations", "attention_weights", "grad_output")
-    placed = bench_device(device, *(data[k] for k in names))
+    host = tuple(data[k] for k in names)
+    placed = bench_device(device, *host)
     if placed is None:
         return None
-    host = {k: data[k] for k in names}
-    data.update(zip(names, placed[0]))
-    sync = placed[1]
-    shapes, starts, grad = data["spatial_shapes"], data["level_start_index"], data["grad_output"]
+    (value, loc, attn, grad), sync = placed
+    shapes, starts = data["spatial_shapes"], data["level_start_index"]
 
     def forward() -> Any:
-        return ops.ms_deform_attn_forward(
-            data["value"], shapes, starts, data["sampling_locations"], data["attention_weights"]
-        )
+        return ops.ms_deform_attn_forward(value, shapes, starts, loc, attn)
 
     def forward_backward() -> Any:
-        value = Tensor(data["value"], requires_grad=True)
-        loc = Tensor(data["sampling_locations"], requires_grad=True)
-        attn = Tensor(data["attention_weights"], requires_grad=True)
-        ops.ms_deform_attn(value, shapes, starts, loc, attn).backward(grad)
-        return value.grad
+        leaves = [Tensor(a, requires_grad=True) for a in (value, loc, attn)]
+        ops.ms_deform_attn(leaves[0], shapes, starts, *leaves[1:]).backward(grad)
+        return leaves[0].grad
 
     case = BenchCase(
         "N=1, L=4 (32..4), Lq=S=1360, M=8, D=32, P=4",
@@ -550,28 +433,12 @@ def _ms_deform_attn(device: str) -> BenchCase | None:
         device=device,
         sync=sync,
     )
-    tdev = torch_device(device)  # torch on the same device and thread count
-    if tdev is None:
-        return case
-    import torch
+    levels = [tuple(int(s) for s in row) for row in shapes]
 
-    tv, tl, ta, tg = (torch.from_numpy(host[k]).to(tdev) for k in names)
-    tshapes = [tuple(int(s) for s in row) for row in shapes]
+    def core(v: Any, loc: Any, a: Any) -> Any:
+        return torch_ms_deform_attn_core(v, levels, loc, a)
 
-    def torch_forward() -> Any:
-        with torch.no_grad():
-            return torch_ms_deform_attn_core(tv, tshapes, tl, ta)
-
-    def torch_forward_backward() -> Any:
-        v = tv.clone().requires_grad_(True)
-        loc = tl.clone().requires_grad_(True)
-        a = ta.clone().requires_grad_(True)
-        torch_ms_deform_attn_core(v, tshapes, loc, a).backward(tg)
-        return v.grad
-
-    case.torch_forward = torch_forward
-    case.torch_forward_backward = torch_forward_backward
-    return case
+    return _with_torch(case, core, host[:3], (0, 1, 2), host[3])
 
 
 _BUILDERS: dict[str, Callable[[str], BenchCase | None]] = {
@@ -580,8 +447,8 @@ _BUILDERS: dict[str, Callable[[str], BenchCase | None]] = {
     "deform_conv2d": _deform_conv2d,
     "roi_align": _roi_align,
     "roi_pool": _roi_pool,
-    "ps_roi_align": _bench_ps("ps_roi_align"),
-    "ps_roi_pool": _bench_ps("ps_roi_pool"),
+    "ps_roi_align": _ps_roi_align,
+    "ps_roi_pool": _ps_roi_pool,
     "deform_roi_pool": _deform_roi_pool,
     "deform_ps_roi_pool": _deform_ps_roi_pool,
     "ms_deform_attn": _ms_deform_attn,
