@@ -1,8 +1,9 @@
-"""The ``Function`` base class of the autograd engine, grad mode, and sum-to-shape.
+"""The ``Function`` base class of the autograd engine, and grad mode.
 
-A differentiable operation is a subclass of :class:`Function` with two static methods::
+A differentiable operation is a subclass of :class:`Function` with two static methods (by
+convention named ``<Op>Function``, so that it never shares a name with a layer)::
 
-    class Mul(Function):
+    class MulFunction(Function):
         @staticmethod
         def forward(ctx, a, b):          # plain arrays in, a plain array out
             ctx.save_for_backward(a, b)
@@ -13,7 +14,7 @@ A differentiable operation is a subclass of :class:`Function` with two static me
             a, b = ctx.saved_tensors
             return grad * b, grad * a
 
-``Mul.apply(x, y)`` unwraps Tensors to arrays, runs ``forward`` and, when grad mode is on and
+``MulFunction.apply(x, y)`` unwraps Tensors to arrays, runs ``forward`` and, when grad mode is on and
 some input requires grad, records a node (the Function, its context and its parent Tensors) on
 the output. ``Tensor.backward`` replays those nodes in reverse topological order. Gradients that a
 ``backward`` returns in a broadcast shape are summed back to the input's shape by the engine, in
