@@ -25,10 +25,6 @@ from ._launch import SIMULATOR, empty, flat, grid, zeros
 from .sampling import clamp_plan, plan_value, scatter_plan
 
 
-def _host(a: Any) -> np.ndarray:
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
-
-
 def _dev(a: np.ndarray) -> Any:
     return cuda.to_device(np.ascontiguousarray(a))
 
@@ -120,7 +116,7 @@ def _align_setup(
     gamma: float,
 ) -> tuple[Any, Any]:
     fgeo, igeo = align_geometry(
-        mode, _host(rois), output_size, spatial_scale, sampling_ratio, aligned, gamma
+        mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma
     )
     return _dev(fgeo), _dev(igeo)
 
@@ -351,7 +347,7 @@ def _pool_backward(gout, batch, hs, he, ws, we, argmax, gin, K, Cout, Cin, H, W,
 def _pool_setup(
     mode: str, rois: Any, output_size: tuple, spatial_scale: float, H: int, W: int, dtype: Any
 ) -> tuple:
-    batch, hs, he, ws, we = pool_bins(mode, _host(rois), output_size, spatial_scale, H, W, dtype)
+    batch, hs, he, ws, we = pool_bins(mode, rois, output_size, spatial_scale, H, W, dtype)
     return tuple(_dev(a) for a in (batch, hs, he, ws, we))
 
 
@@ -593,7 +589,7 @@ def _dps_setup(
     sample_per_part: int,
 ) -> tuple:
     fgeo, batch, part, group = deform_ps_geometry(
-        _host(rois),
+        rois,
         spatial_scale,
         group_size,
         pooled_size,
