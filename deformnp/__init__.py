@@ -6,7 +6,8 @@ Public surface (see README.md and SPEC):
 * ``gradcheck``: finite-difference verification of any function of Tensors;
 * ``functional``: generic differentiable ops with ``torch.nn.functional``'s names;
 * ``ops``: the deformable op family (and their array-level forward/backward pairs);
-* ``nn``, ``optim``: layers and optimizers; ``cuda``: device helpers.
+* ``nn``, ``optim``: layers and optimizers; ``cuda``: device helpers;
+* ``use_deterministic_algorithms``: bit-reproducible CUDA backwards (the CPU's always are).
 
 Importing deformnp compiles nothing: ``ops``, ``nn``, ``optim`` and ``cuda`` load on first use and
 Numba kernels compile (or load from the on-disk cache) on first call.
@@ -25,6 +26,7 @@ from types import ModuleType
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import functional
+from .determinism import are_deterministic_algorithms_enabled, use_deterministic_algorithms
 from .function import Function, enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from .gradcheck import GradcheckError, gradcheck
 from .random import manual_seed
@@ -43,6 +45,8 @@ __all__ = [
     "gradcheck",
     "GradcheckError",
     "manual_seed",
+    "use_deterministic_algorithms",
+    "are_deterministic_algorithms_enabled",
     "functional",
     "ops",
     "nn",

@@ -380,3 +380,18 @@ def test_generic_ops_refuse_float_sizes():
     with pytest.raises(TypeError, match=r"sum: dim must be an int or a sequence of ints"):
         F.sum(x, 1.0)
     assert F.reshape(x, np.int64(3), 2).shape == (3, 2)  # NumPy integers are integers
+
+
+def test_deterministic_switch_takes_a_bool():
+    import deformnp as dn
+
+    with pytest.raises(
+        TypeError, match=r"use_deterministic_algorithms: mode must be a bool, got int"
+    ):
+        dn.use_deterministic_algorithms(1)
+    assert dn.are_deterministic_algorithms_enabled() is False
+    dn.use_deterministic_algorithms(True)
+    try:
+        assert dn.are_deterministic_algorithms_enabled() is True
+    finally:
+        dn.use_deterministic_algorithms(False)
