@@ -35,35 +35,41 @@ Corner order: k = 0: (y0, x0), 1: (y0, x1), 2: (y1, x0), 3: (y1, x1).
 
 **grid_sample's coordinate rule** (:func:`grid_coordinate`): a normalized grid value to a pixel
 coordinate and its derivative, for the three padding modes.
+
+**Arithmetic type.** Every function takes ``ft``, the float type its arithmetic is done in
+(``numpy.float32`` or ``numpy.float64``; a CUDA kernel passes ``array.dtype.type``): every constant
+is written ``ft(...)`` and every coordinate is cast to ``ft`` first, because a bare Python float
+literal is a float64 in compiled code and would promote a float32 kernel to float64 arithmetic
+(half the float32 rate on a data-centre GPU, 1/64 on most others). The CPU kernels pass float64
+for both dtypes (their float32 results keep float64 plans); the CUDA kernels pass the data's
+dtype.
 """
 
 from __future__ import annotations
 
 import math
 
-_ZERO_PLAN_F = (0.0, 0.0, 0.0, 0.0)
-_ZERO_PLAN_I = (0, 0, 0, 0)
-
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 
 
-def zero_fade_plan(y, x, H, W):
+def zero_fade_plan(y, x, H, W, ft):
     """Plan for the zero-fade rule at (y, x) on an H x W map: (idx, w, cy, cx), 4-tuples each."""
-    if H <= 0 or W <= 0 or not (y >= -1.0 and y < H and x >= -1.0 and x < W):
-        return _ZERO_PLAN_I, _ZERO_PLAN_F, _ZERO_PLAN_F, _ZERO_PLAN_F
-    y0f = math.floor(y)
-    x0f = math.floor(x)
-    y0 = int(y0f)
-    x0 = int(x0f)
-    ly = float(y) - y0f
-    lx = float(x) - x0f
-    hy = 1.0 - ly
-    hx = 1.0 - lx
+    zero = ft(0.0)
+    one = ft(1.0)
+    if H <= 0 or W <= 0 or not (y >= -one and y < ft(H) and x >= -one and x < ft(W)):
+        z4 = (zero, zero, zero, zero)
+        return (0, 0, 0, 0), z4, z4, z4
+    y0 = int(math.floor(y))
+    x0 = int(math.floor(x))
+    ly = ft(y) - ft(y0)
+    lx = ft(x) - ft(x0)
+    hy = one - ly
+    hx = one - lx
     # which of the four corners lie inside the map (0/1 masks)
-    my0 = 1.0 if y0 >= 0 else 0.0
-    my1 = 1.0 if y0 + 1 <= H - 1 else 0.0
-    mx0 = 1.0 if x0 >= 0 else 0.0
-    mx1 = 1.0 if x0 + 1 <= W - 1 else 0.0
+    my0 = one if y0 >= 0 else zero
+    my1 = one if y0 + 1 <= H - 1 else zero
+    mx0 = one if x0 >= 0 else zero
+    mx1 = one if x0 + 1 <= W - 1 else zero
     m00 = my0 * mx0
     m01 = my0 * mx1
     m10 = my1 * mx0
@@ -80,40 +86,43 @@ def zero_fade_plan(y, x, H, W):
     return idx, w, cy, cx
 
 
-def clamp_plan(y, x, H, W):
+def clamp_plan(y, x, H, W, ft):
     """Plan for the clamp rule at (y, x) on an H x W map: (idx, w, cy, cx), 4-tuples each."""
-    if H <= 0 or W <= 0 or not (y >= -1.0 and y <= H and x >= -1.0 and x <= W):
-        return _ZERO_PLAN_I, _ZERO_PLAN_F, _ZERO_PLAN_F, _ZERO_PLAN_F
-    yy = float(y)
-    xx = float(x)
-    gy = 1.0
-    gx = 1.0
-    if yy < 0.0:
-        yy = 0.0
-        gy = 0.0
-    if xx < 0.0:
-        xx = 0.0
-        gx = 0.0
+    zero = ft(0.0)
+    one = ft(1.0)
+    if H <= 0 or W <= 0 or not (y >= -one and y <= ft(H) and x >= -one and x <= ft(W)):
+        z4 = (zero, zero, zero, zero)
+        return (0, 0, 0, 0), z4, z4, z4
+    yy = ft(y)
+    xx = ft(x)
+    gy = one
+    gx = one
+    if yy < zero:
+        yy = zero
+        gy = zero
+    if xx < zero:
+        xx = zero
+        gx = zero
     y0 = int(math.floor(yy))
     x0 = int(math.floor(xx))
     if y0 >= H - 1:
         y0 = H - 1
         y1 = H - 1
-        yy = float(y0)
-        gy = 0.0
+        yy = ft(y0)
+        gy = zero
     else:
         y1 = y0 + 1
     if x0 >= W - 1:
         x0 = W - 1
         x1 = W - 1
-        xx = float(x0)
-        gx = 0.0
+        xx = ft(x0)
+        gx = zero
     else:
         x1 = x0 + 1
-    ly = yy - y0
-    lx = xx - x0
-    hy = 1.0 - ly
-    hx = 1.0 - lx
+    ly = yy - ft(y0)
+    lx = xx - ft(x0)
+    hy = one - ly
+    hx = one - lx
     idx = (y0 * W + x0, y0 * W + x1, y1 * W + x0, y1 * W + x1)
     w = (hy * hx, hy * lx, ly * hx, ly * lx)
     cy = (-hx * gy, -lx * gy, hx * gy, lx * gy)
@@ -131,7 +140,7 @@ def plan_value(v, base, idx, w):
     )
 
 
-def grid_coordinate(g, size, align_corners, padding):
+def grid_coordinate(g, size, align_corners, padding, ft):
     """grid_sample's coordinate rule: the pixel coordinate of the normalized grid value ``g``
     along an axis of ``size`` pixels, and its derivative d coordinate / d g.
 
@@ -148,12 +157,16 @@ def grid_coordinate(g, size, align_corners, padding):
     NaN stays NaN (it samples zero in every mode); +-inf clips to the border with "border" and
     becomes NaN with "reflection".
     """
+    zero = ft(0.0)
+    one = ft(1.0)
+    two = ft(2.0)
+    g = ft(g)
     if align_corners:
-        c = (g + 1.0) / 2.0 * (size - 1)
-        d = (size - 1) / 2
+        c = (g + one) / two * ft(size - 1)
+        d = ft(size - 1) / two
     else:
-        c = ((g + 1.0) * size - 1.0) / 2.0
-        d = size / 2
+        c = ((g + one) * ft(size) - one) / two
+        d = ft(size) / two
     if padding == 2:
         # reflect about [twice_low / 2, twice_high / 2]
         if align_corners:
@@ -163,33 +176,33 @@ def grid_coordinate(g, size, align_corners, padding):
             twice_low = -1
             twice_high = 2 * size - 1
         if twice_low == twice_high:
-            c = 0.0
-            d = 0.0
+            c = zero
+            d = zero
         else:
-            low = twice_low / 2
-            span = (twice_high - twice_low) / 2
+            low = ft(twice_low) / two
+            span = ft(twice_high - twice_low) / two
             c = c - low
-            mult = -1.0 if c < 0.0 else 1.0
+            mult = -one if c < zero else one
             c = abs(c)
-            if not (c < math.inf):  # NaN or infinite: fmod would give NaN, an odd fold
-                c = math.nan
+            if not (c < ft(math.inf)):  # NaN or infinite: fmod would give NaN, an odd fold
+                c = ft(math.nan)
                 d = d * -mult
             else:
                 # c >= 0 and span > 0: % is C's fmod here, exact (and compiles on both devices)
                 extra = c % span
                 q = c / span
-                flips = q - q % 1.0  # floor(q)
-                if flips % 2.0 == 0.0:
+                flips = q - q % one  # floor(q)
+                if flips % two == zero:
                     c = extra + low
                     d = d * mult
                 else:
                     c = span - extra + low
                     d = d * -mult
     if padding >= 1:
-        if c < 0.0:
-            c = 0.0
-            d = 0.0
-        elif c >= size - 1:
-            c = float(size - 1)
-            d = 0.0
+        if c < zero:
+            c = zero
+            d = zero
+        elif c >= ft(size - 1):
+            c = ft(size - 1)
+            d = zero
     return c, d

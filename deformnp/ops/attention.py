@@ -27,10 +27,11 @@ exact derivative of the zero-fade rule: the right-hand slope at integer pixel co
 Differences from the anchor, all deliberate: any batch size works (no ``im2col_step`` argument
 and no divisibility rule); index arithmetic is 64-bit, and the level bookkeeping is checked in
 exact integer arithmetic (a ``spatial_shapes`` whose sizes would overflow 64 bits is refused);
-the backward is deterministic (see ``deformnp/kernels/cpu/attention.py``, which also explains
-how the CPU kernels are made fast). On the CPU at most 4096 channels per head are supported (D;
-Deformable-DETR uses 32), and the autograd node keeps a head-major copy of value, made in the
-forward, for the backward.
+the CPU backward is deterministic (see ``deformnp/kernels/cpu/attention.py``, which also
+explains how the CPU kernels are made fast); on CUDA the value gradient uses float atomic adds
+unless ``deformnp.use_deterministic_algorithms(True)`` is set. On the CPU at most 4096 channels
+per head are supported (D; Deformable-DETR uses 32), and the autograd node keeps a head-major copy
+of value, made in the forward, for the backward.
 
 Single-scale deformable attention (the DCN-style attention over one feature map) is the
 one-level case, L = 1::
@@ -239,8 +240,10 @@ def ms_deform_attn_backward(
 
     Given ``grad_output`` (N, Lq, M*D) and the forward's inputs, returns
     ``(grad_value, grad_sampling_locations, grad_attention_weights)``, each in its input's shape
-    and dtype, or None where ``needs`` (three booleans, in that order) is False. Gradients are
-    bit-identical on every run and with any number of threads.
+    and dtype, or None where ``needs`` (three booleans, in that order) is False. CPU gradients
+    are bit-identical on every run and with any number of threads; on CUDA the value gradient is
+    too when ``deformnp.use_deterministic_algorithms(True)`` is set (it uses float atomic adds
+    otherwise).
     """
     a = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     g = grad_array(

@@ -129,7 +129,8 @@ def bilinear_interpolate_backward(
     """Array-level backward: (grad_input, grad_points) for grad_out (N, C, P).
 
     Entries of ``needs`` that are False give None. The input gradient is scattered
-    deterministically on the CPU (each input plane has one writer, points in order).
+    deterministically on the CPU (each input plane has one writer, points in order); on CUDA
+    with float atomic adds unless ``deformnp.use_deterministic_algorithms(True)`` is set.
     """
     a = prepare(input, points, border)
     shape = (a.input.shape[0], a.input.shape[1], a.points.shape[1])

@@ -20,7 +20,9 @@ derivative of the zero-fade rule (the right-hand slope at integer coordinates, i
 border line y = -1 / x = -1 where torchvision's is not); offsets that are NaN, infinite or huge
 (+-1e6) sample zero and get zero gradient. Any batch size works, including 0 (no
 ``im2col_step`` divisibility rule). The CPU backward is deterministic: bit-identical gradients on
-every run and with any number of threads.
+every run and with any number of threads. On CUDA the input gradient is scattered with float
+atomic adds (last bits vary from run to run) unless ``deformnp.use_deterministic_algorithms(True)``
+is set, which makes it bit-reproducible too.
 
 The array-level pair, for wrapping in other frameworks (a ``torch.autograd.Function``, a JAX
 ``custom_vjp``); they validate like the op and take and return plain arrays::

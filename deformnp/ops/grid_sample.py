@@ -23,8 +23,9 @@ as written: the right-hand slope at integer pixel coordinates, zero inside clipp
 Decisions where torch differs: torch zeroes the border-mode derivative at a coordinate exactly
 0 (deformnp takes the right-hand slope, 1); NaN grid values sample zero in every mode (torch's
 result for NaN depends on its code path); +-inf sample zero with "zeros" and "reflection" and the
-border pixel with "border". The CPU backward is deterministic (bit-identical for any thread
-count).
+border pixel with "border". The CPU backward is deterministic (bit-identical for any thread count).
+On CUDA the input gradient is scattered with float atomic adds (last bits vary from run to run)
+unless ``deformnp.use_deterministic_algorithms(True)`` is set, which makes it bit-reproducible too.
 
 The array-level pair, for wrapping in other frameworks::
 

@@ -45,7 +45,9 @@ backward is used for its values where the gradient needs them, else only for its
                                      trans_std)
     grad_input, grad_offset = deform_ps_roi_pool_backward(grad_out, input, boxes, offset, ...)
 
-CPU gradients are deterministic (bit-identical with any number of threads).
+CPU gradients are deterministic (bit-identical with any number of threads). On CUDA the input
+gradient is scattered with float atomic adds (last bits vary from run to run) unless
+``deformnp.use_deterministic_algorithms(True)`` is set, which makes it bit-reproducible too.
 """
 
 from __future__ import annotations

@@ -23,10 +23,29 @@ from numba import njit
 
 from .. import rules
 
-zero_fade_plan = njit(inline="always", cache=True)(rules.zero_fade_plan)
-clamp_plan = njit(inline="always", cache=True)(rules.clamp_plan)
+_zero_fade_plan = njit(inline="always", cache=True)(rules.zero_fade_plan)
+_clamp_plan = njit(inline="always", cache=True)(rules.clamp_plan)
+_grid_coordinate = njit(inline="always", cache=True)(rules.grid_coordinate)
 plan_value = njit(inline="always", cache=True)(rules.plan_value)
-grid_coordinate = njit(inline="always", cache=True)(rules.grid_coordinate)
+
+# The CPU kernels build their plans and grid coordinates in float64 for both dtypes (a float32
+# kernel still stores float32 results); ``rules`` takes the arithmetic type as its last argument.
+
+
+@njit(inline="always", cache=True)
+def zero_fade_plan(y, x, H, W):
+    return _zero_fade_plan(y, x, H, W, np.float64)
+
+
+@njit(inline="always", cache=True)
+def clamp_plan(y, x, H, W):
+    return _clamp_plan(y, x, H, W, np.float64)
+
+
+@njit(inline="always", cache=True)
+def grid_coordinate(g, size, align_corners, padding):
+    return _grid_coordinate(g, size, align_corners, padding, np.float64)
+
 
 ZERO_FADE = 0
 CLAMP = 1

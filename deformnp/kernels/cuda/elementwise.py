@@ -59,7 +59,7 @@ def _partial_sums_kernel(threads: int) -> Any:
     def partial_sums(x, partial):
         buf = cuda.shared.array(threads, dtype=partial.dtype)
         t = cuda.threadIdx.x
-        acc = 0.0
+        acc = partial.dtype.type(0)  # accumulate in the data's precision
         for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
             acc += x[i]
         buf[t] = acc
