@@ -725,7 +725,9 @@ def roi_align_case(
         ("input",),
         g,
         lambda a: ops.roi_align_forward(a["input"], a["boxes"], out, s, ratio, aligned),
-        lambda g, a: ops.roi_align_backward(g, a["input"], a["boxes"], out, s, ratio, aligned),
+        lambda g, a: ops.roi_align_backward(
+            g, a["input"].shape, a["boxes"], out, s, ratio, aligned
+        ),
         (f, 2 * f),
         "4 multiply-adds per (sample, channel); backward the same scattered",
         TorchSide(
@@ -753,12 +755,16 @@ def roi_pool_case(
     g = rng.standard_normal((K, C, out, out)).astype(dtype)
 
     def backward(g: Any, a: dict[str, Any]) -> Sequence[Any]:
-        return ops.roi_pool_backward(g, a["input"], a["boxes"], out, s)
+        if "argmax" not in a:  # the forward's argmax, made once per case (the backward needs it)
+            a["argmax"] = ops.roi_pool_forward(a["input"], a["boxes"], out, s, return_argmax=True)[
+                1
+            ]
+        return ops.roi_pool_backward(g, a["input"].shape, a["boxes"], out, s, argmax=a["argmax"])
 
     def forward_backward(g: Any, a: dict[str, Any]) -> Sequence[Any]:
         # the forward's argmax, as the autograd node keeps it
         _, argmax = ops.roi_pool_forward(a["input"], a["boxes"], out, s, return_argmax=True)
-        return ops.roi_pool_backward(g, a["input"], a["boxes"], out, s, argmax=argmax)
+        return ops.roi_pool_backward(g, a["input"].shape, a["boxes"], out, s, argmax=argmax)
 
     h, w = _box_extent(boxes, s, H, W)
     cmp = float(C * (h * w).sum())
@@ -808,7 +814,7 @@ def ps_roi_align_case(
         ("input",),
         g,
         lambda a: ops.ps_roi_align_forward(a["input"], a["boxes"], out, s, ratio),
-        lambda g, a: ops.ps_roi_align_backward(g, a["input"], a["boxes"], out, s, ratio),
+        lambda g, a: ops.ps_roi_align_backward(g, a["input"].shape, a["boxes"], out, s, ratio),
         (f, 2 * f),
         "4 multiply-adds per (sample, output channel); backward the same scattered",
         TorchSide(
@@ -845,7 +851,7 @@ def ps_roi_pool_case(
         ("input",),
         g,
         lambda a: ops.ps_roi_pool_forward(a["input"], a["boxes"], out, s),
-        lambda g, a: ops.ps_roi_pool_backward(g, a["input"], a["boxes"], out, s),
+        lambda g, a: ops.ps_roi_pool_backward(g, a["input"].shape, a["boxes"], out, s),
         (f, 2 * f),
         "one add per (box pixel, output channel); backward the same scattered",
         TorchSide(

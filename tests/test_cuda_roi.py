@@ -166,9 +166,14 @@ def test_roi_pool_argmax_matches_the_cpu():
     assert (am_c[3] == -1).all()  # the box off the map
     # a caller's argmax of another integer type is accepted by the backward
     g = np.random.default_rng(4).standard_normal(out_c.shape)
-    (gi_c,) = ops.roi_pool_backward(g, x, BOXES, (2, 3), 1.0, argmax=am_c)
+    (gi_c,) = ops.roi_pool_backward(g, x.shape, BOXES, (2, 3), 1.0, argmax=am_c)
     (gi_g,) = ops.roi_pool_backward(
-        ncuda.to_device(g), xd, BOXES, (2, 3), 1.0, argmax=ncuda.to_device(am_c.astype(np.int32))
+        ncuda.to_device(g),
+        xd.shape,
+        BOXES,
+        (2, 3),
+        1.0,
+        argmax=ncuda.to_device(am_c.astype(np.int32)),
     )
     np.testing.assert_allclose(gi_g.copy_to_host(), gi_c, rtol=1e-12, atol=1e-12)
 

@@ -395,7 +395,7 @@ def test_validation_messages(rng):
         op(value, shapes.astype(np.float64), starts, loc, attn)
     with pytest.raises(TypeError, match=r"level_start_index must be int32 or int64"):
         op(value, shapes, starts.astype(np.float32), loc, attn)
-    with pytest.raises(ValueError, match=r"grad_output has shape \(2, 3, 5\), expected"):
+    with pytest.raises(ValueError, match=r"grad_out has shape \(2, 3, 5\), expected"):
         ms_deform_attn_backward(np.zeros((2, 3, 5)), value, shapes, starts, loc, attn)
     with pytest.raises(ValueError, match=r"ms_deform_attn: value has S"):  # the Tensor op too
         ms_deform_attn(dn.tensor(value[:, 1:]), shapes, starts, loc, attn)

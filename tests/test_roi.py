@@ -121,17 +121,28 @@ def test_backward_validation():
     with pytest.raises(
         ValueError, match=r"roi_align: grad_out must have shape \(2, 4, 2, 2\), got \(2, 4, 3, 3\)"
     ):
-        ops.roi_align_backward(np.zeros((2, 4, 3, 3)), X, BOX, 2)
+        ops.roi_align_backward(np.zeros((2, 4, 3, 3)), X.shape, BOX, 2)
     with pytest.raises(
-        TypeError, match=r"roi_align: grad_out must be float64 like input, got float32"
+        TypeError,
+        match=r"roi_align: inputs must share one float dtype, got grad_out float32, boxes float64",
     ):
-        ops.roi_align_backward(np.zeros((2, 4, 2, 2), np.float32), X, BOX, 2)
+        ops.roi_align_backward(np.zeros((2, 4, 2, 2), np.float32), X.shape, BOX, 2)
+    with pytest.raises(ValueError, match=r"roi_align: input_shape must be 4 non-negative ints"):
+        ops.roi_align_backward(np.zeros((2, 4, 2, 2)), (2, 4, 5), BOX, 2)
+    with pytest.raises(
+        TypeError, match=r"roi_align: input_shape must be the input's shape .* pass"
+    ):
+        ops.roi_align_backward(np.zeros((2, 4, 2, 2)), X, BOX, 2)
+    with pytest.raises(TypeError, match=r"roi_pool: roi_pool_backward needs the forward's argmax"):
+        ops.roi_pool_backward(np.zeros((2, 4, 2, 2)), X.shape, BOX, 2)
     with pytest.raises(ValueError, match=r"ps_roi_pool: grad_out must have shape \(2, 1, 2, 2\)"):
-        ops.ps_roi_pool_backward(np.zeros((2, 4, 2, 2)), X, BOX, 2)
+        ops.ps_roi_pool_backward(np.zeros((2, 4, 2, 2)), X.shape, BOX, 2)
     with pytest.raises(
         ValueError, match=r"roi_pool: argmax must have shape \(2, 4, 2, 2\), got \(2, 4\)"
     ):
-        ops.roi_pool_backward(np.zeros((2, 4, 2, 2)), X, BOX, 2, argmax=np.zeros((2, 4), np.int32))
+        ops.roi_pool_backward(
+            np.zeros((2, 4, 2, 2)), X.shape, BOX, 2, argmax=np.zeros((2, 4), np.int32)
+        )
     with pytest.raises(
         ValueError, match=r"deform_roi_pool: grad_out must have shape \(2, 4, 7, 7\)"
     ):
@@ -220,11 +231,13 @@ def _all_backwards(rng):
     xps = rng.standard_normal((2, 2 * 49, 16, 16)).astype(np.float32)
     gps = rng.standard_normal((48, 2, 7, 7)).astype(np.float32)
     return [
-        ops.roi_align_backward(g7, x, boxes, 7, 0.5, -1, True)[0],
-        ops.roi_pool_backward(g7, x, boxes, 7, 0.5)[0],
+        ops.roi_align_backward(g7, x.shape, boxes, 7, 0.5, -1, True)[0],
+        ops.roi_pool_backward(
+            g7, x.shape, boxes, 7, 0.5, argmax=ops.roi_pool_forward(x, boxes, 7, 0.5, True)[1]
+        )[0],
         *ops.deform_roi_pool_backward(g7, x, boxes, off, 7, 0.5, 2, 0.1),
-        ops.ps_roi_align_backward(gps, xps, boxes, 7, 0.5, 2)[0],
-        ops.ps_roi_pool_backward(gps, xps, boxes, 7, 0.5)[0],
+        ops.ps_roi_align_backward(gps, xps.shape, boxes, 7, 0.5, 2)[0],
+        ops.ps_roi_pool_backward(gps, xps.shape, boxes, 7, 0.5)[0],
         *ops.deform_ps_roi_pool_backward(
             gps, xps, boxes, off[:, :, :7, :7], 0.5, 2, 7, 7, None, 2, 0.1
         ),

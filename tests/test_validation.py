@@ -53,9 +53,7 @@ def test_msdeformattn_sums_level_sizes_exactly():
 
 
 def _pool_backward(argmax):
-    return ops.roi_pool_backward(
-        np.ones((1, 1, 1, 1)), np.zeros((1, 1, 4, 4)), BOX, 1, argmax=argmax
-    )
+    return ops.roi_pool_backward(np.ones((1, 1, 1, 1)), (1, 1, 4, 4), BOX, 1, argmax=argmax)
 
 
 @pytest.mark.parametrize("value", [10**9, 16, -2])
@@ -219,12 +217,12 @@ def _msda_backward(grad):
 @pytest.mark.parametrize("dtype", [complex, np.int64, np.float16, object, bool])
 def test_gradients_must_be_float(dtype):
     # a ComplexWarning and float64 gradients once
-    with pytest.raises(TypeError, match=r"ms_deform_attn: grad_output must be float32 or float64"):
+    with pytest.raises(TypeError, match=r"ms_deform_attn: grad_out must be float32 or float64"):
         _msda_backward(np.zeros((1, 1, 2), dtype))
 
 
 def test_gradients_must_have_the_inputs_dtype():
-    with pytest.raises(TypeError, match=r"ms_deform_attn: grad_output must be float64 like value"):
+    with pytest.raises(TypeError, match=r"ms_deform_attn: grad_out must be float64 like value"):
         _msda_backward(np.zeros((1, 1, 2), np.float32))
     with pytest.raises(TypeError, match=r"deform_conv2d: grad_out must be float64 like input"):
         ops.deform_conv2d_backward(

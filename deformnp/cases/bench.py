@@ -319,7 +319,7 @@ def _roi_pool(device: str) -> BenchCase | None:
     def backward(g: Any, x: Any, boxes: Any, *args: Any) -> Any:
         # the forward's argmax, as the autograd node keeps it
         _, argmax = ops.roi_pool_forward(x, boxes, *args, return_argmax=True)
-        return ops.roi_pool_backward(g, x, boxes, *args, argmax=argmax)
+        return ops.roi_pool_backward(g, x.shape, boxes, *args, argmax=argmax)
 
     return _roi_case(
         device, "input (2,256,50,50), 512 boxes, 7x7", x, g, ops.roi_pool_forward, backward,

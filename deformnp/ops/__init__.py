@@ -1,8 +1,32 @@
-"""The deformable op family (SPEC sections 4-9).
+"""The deformable op family.
 
 Every op takes Tensors or plain arrays and returns a Tensor; gradients flow to every input with
 ``requires_grad``. Each op also has an array-level pair ``<op>_forward`` / ``<op>_backward`` that
-takes and returns plain arrays (NumPy, or CUDA device arrays), for wrapping in other frameworks.
+takes and returns plain arrays, for wrapping in other frameworks (``deformnp.torch`` and
+``deformnp.jax`` are built on them).
+
+The array-level contract, the same for every pair:
+
+* **Arguments.** A forward takes the op's arguments. A backward takes ``grad_out`` (the gradient of
+  the loss with respect to the forward's output, of the output's shape and the inputs' dtype)
+  first, then what the gradient needs: the forward's inputs where their values are used, the
+  input's ``input_shape`` where only its shape is (``roi_align``, ``ps_roi_align``, ``roi_pool``
+  with the forward's ``argmax``, ``ps_roi_pool``), then the op's parameters, then ``needs``.
+* **needs** has one flag per differentiable input, in argument order (deform_conv2d: input,
+  offset, weight, bias, mask; ms_deform_attn: value, sampling_locations, attention_weights;
+  grid_sample: input, grid; bilinear_interpolate: input, points; RoI ops: input, and offset for
+  the deformable ones). The backward returns a tuple with one entry per flag: the gradient, in
+  that input's shape and dtype, or None where the flag is False (or the input was None).
+* **Dtypes.** float32 or float64, one dtype for all float inputs and ``grad_out`` (a mismatch is
+  a TypeError naming both); outputs and gradients have it too. Integer inputs (spatial shapes,
+  level starts, argmax) are any integer dtype.
+* **Devices and copies.** NumPy arrays run on the CPU; anything with ``__cuda_array_interface__``
+  (numba device arrays, CuPy, PyTorch CUDA tensors) runs on CUDA, zero-copy, and the results are
+  numba device arrays. A host array that is not C-contiguous, or is read-only, is copied once;
+  inputs are never written. Outputs are new C-contiguous arrays owned by the caller. Boxes and
+  the level arrays of ms_deform_attn are read on the host.
+* **Validation.** Every pair validates like its op: bad input is a ValueError or TypeError naming
+  the op, the argument, what was expected and what was given.
 """
 
 from __future__ import annotations

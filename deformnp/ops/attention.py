@@ -47,7 +47,7 @@ The array-level pair, for wrapping in other frameworks (a ``torch.autograd.Funct
     out = ms_deform_attn_forward(value, spatial_shapes, level_start_index,
                                  sampling_locations, attention_weights)
     grad_value, grad_sampling_locations, grad_attention_weights = ms_deform_attn_backward(
-        grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+        grad_out, value, spatial_shapes, level_start_index, sampling_locations,
         attention_weights, needs=(True, True, True))
 """
 
@@ -228,7 +228,7 @@ def ms_deform_attn_forward(
 
 
 def ms_deform_attn_backward(
-    grad_output: ArrayLike,
+    grad_out: ArrayLike,
     value: ArrayLike,
     spatial_shapes: ArrayLike,
     level_start_index: ArrayLike,
@@ -238,7 +238,7 @@ def ms_deform_attn_backward(
 ) -> tuple[Array | None, Array | None, Array | None]:
     """Array-level backward of :func:`ms_deform_attn`.
 
-    Given ``grad_output`` (N, Lq, M*D) and the forward's inputs, returns
+    Given ``grad_out`` (N, Lq, M*D) and the forward's inputs, returns
     ``(grad_value, grad_sampling_locations, grad_attention_weights)``, each in its input's shape
     and dtype, or None where ``needs`` (three booleans, in that order) is False. CPU gradients
     are bit-identical on every run and with any number of threads; on CUDA the value gradient is
@@ -247,7 +247,7 @@ def ms_deform_attn_backward(
     """
     a = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     g = grad_array(
-        OP, "grad_output", grad_output, a.value.dtype, a.out_shape, a.device, "value",
+        OP, "grad_out", grad_out, a.value.dtype, a.out_shape, a.device, "value",
         "(N, Lq, M*D)",
     )  # fmt: skip
     return _backward(g, a, needs_flags(OP, needs, GRADIENTS))

@@ -26,16 +26,17 @@ Decisions (beyond SPEC 7/8):
 * ``argmax`` given to ``roi_pool_backward`` must hold integers in [-1, H*W) (as
   ``roi_pool_forward`` returns them); anything else is refused, never used as an index.
 
-The array-level pairs, for wrapping in other frameworks (plain arrays in and out; ``input`` of a
-backward is used for its values where the gradient needs them, else only for its shape/dtype;
-``needs`` selects the gradients, one flag per gradient returned, the others are None)::
+The array-level pairs, for wrapping in other frameworks (plain arrays in and out; the backwards
+of the non-deformable ops take the input's shape, the deformable ones the input itself, whose
+values the offset gradient needs; ``needs`` selects the gradients, one flag per differentiable
+input, the others are None)::
 
     out = roi_align_forward(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
-    (grad_input,) = roi_align_backward(grad_out, input, boxes, output_size, spatial_scale,
+    (grad_input,) = roi_align_backward(grad_out, input.shape, boxes, output_size, spatial_scale,
                                        sampling_ratio, aligned)
     out, argmax = roi_pool_forward(input, boxes, output_size, spatial_scale, return_argmax=True)
-    (grad_input,) = roi_pool_backward(grad_out, input, boxes, output_size, spatial_scale,
-                                      argmax=argmax)   # argmax=None recomputes it
+    (grad_input,) = roi_pool_backward(grad_out, input.shape, boxes, output_size, spatial_scale,
+                                      argmax=argmax)
     ps_roi_align_forward / ps_roi_align_backward, ps_roi_pool_forward / ps_roi_pool_backward
     out = deform_roi_pool_forward(input, boxes, offset, output_size, spatial_scale,
                                   sampling_ratio, gamma)
@@ -52,6 +53,7 @@ gradient is scattered with float atomic adds (last bits vary from run to run) un
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -70,6 +72,7 @@ from ..validation import (
     float_array,
     grad_array,
     integer,
+    integers,
     needs_flags,
     pair,
     real,
@@ -128,16 +131,57 @@ def _input(op: str, input: Any) -> Array:
     return inp
 
 
+@dataclass(frozen=True)
+class InputShape:
+    """Stands in for the input of a backward that uses only its shape: the shape, and the dtype
+    and device of the incoming gradient (which must be the input's)."""
+
+    shape: tuple[int, int, int, int]
+    dtype: np.dtype
+    device: str
+
+
+def input_shape_of(op: str, input_shape: Any, grad_out: Any) -> InputShape:
+    """Validate a backward's ``input_shape`` (N, C, H, W), taking dtype and device from
+    ``grad_out``."""
+    if getattr(input_shape, "ndim", 1) != 1:  # the input itself, as before the shape-only API
+        raise TypeError(
+            f"{op}: input_shape must be the input's shape (N, C, H, W), got an array of shape "
+            f"{tuple(input_shape.shape)}; pass input.shape"
+        )
+    shape = integers(op, "input_shape", input_shape)
+    if len(shape) != 4 or min(shape) < 0:
+        raise ValueError(
+            f"{op}: input_shape must be 4 non-negative ints (N, C, H, W), got {input_shape!r}"
+        )
+    g = unwrap(grad_out)
+    device = device_of(op, grad_out=g)
+    dtype = np.dtype(getattr(g, "dtype", np.asarray(g).dtype))
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"{op}: grad_out must be float32 or float64, got {dtype}")
+    return InputShape(shape, dtype, device)  # type: ignore[arg-type]
+
+
+def _input_and_device(op: str, input: Any) -> tuple[Any, str]:
+    """The checked input (or its :class:`InputShape` stand-in) and its device."""
+    if isinstance(input, InputShape):
+        return input, input.device
+    input = unwrap(input)
+    return _input(op, input), device_of(op, input=input)
+
+
 def _rois(op: str, boxes: Any, inp: Array) -> np.ndarray:
     """Boxes as the (K, 5) host array (batch_index, x1, y1, x2, y2) in the input's dtype."""
     B = inp.shape[0]
     dtype = np.dtype(inp.dtype)
+    # a shape-only backward takes the dtype from grad_out: name that in dtype messages
+    ref = {"grad_out" if isinstance(inp, InputShape) else "input": inp}
     if isinstance(boxes, (list, tuple)):
         parts = []
         for i, b in enumerate(boxes):
             name = f"boxes[{i}]"
             a = float_array(op, name, _host(b))
-            same_dtype(op, input=inp, **{name: a})
+            same_dtype(op, **ref, **{name: a})
             if a.ndim != 2 or a.shape[1] != 4:
                 raise ValueError(
                     f"{op}: {name} must be an (L, 4) array of (x1, y1, x2, y2) for image {i}, "
@@ -151,7 +195,7 @@ def _rois(op: str, boxes: Any, inp: Array) -> np.ndarray:
                 f"{op}: boxes must be a (K, 5) array or a list of (L, 4) arrays, got None"
             )
         rois = float_array(op, "boxes", _host(boxes))
-        same_dtype(op, input=inp, boxes=rois)
+        same_dtype(op, **ref, boxes=rois)
         if rois.ndim != 2 or rois.shape[1] != 5:
             raise ValueError(
                 f"{op}: boxes must be a (K, 5) array of (batch_index, x1, y1, x2, y2) or a list "
@@ -243,9 +287,7 @@ def prepare_roi_align(
     op: str = "roi_align",
 ) -> RoIArgs:
     """Validate the arguments of :func:`roi_align` (or, with ``op``, :func:`ps_roi_align`)."""
-    input = unwrap(input)
-    device = device_of(op, input=input)
-    inp = _input(op, input)
+    inp, device = _input_and_device(op, input)
     PH, PW = pair(op, "output_size", output_size, minimum=1)
     s = real(op, "spatial_scale", spatial_scale)
     ratio = _sampling_ratio(op, sampling_ratio)
@@ -293,7 +335,7 @@ def roi_align_forward(
 
 def roi_align_backward(
     grad_out: ArrayLike,
-    input: ArrayLike,
+    input_shape: Sequence[int],
     boxes: Boxes,
     output_size: IntPair,
     spatial_scale: float = 1.0,
@@ -301,8 +343,10 @@ def roi_align_backward(
     aligned: bool = False,
     needs: Needs = (True,),
 ) -> tuple[Array | None]:
-    """Array-level :func:`roi_align` backward: ``(grad_input,)`` (only input's shape is used)."""
-    a = prepare_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    """Array-level :func:`roi_align` backward: ``(grad_input,)`` of shape ``input_shape``
+    (N, C, H, W), for ``grad_out`` (K, C, PH, PW) of the input's dtype and device."""
+    shape = input_shape_of("roi_align", input_shape, grad_out)
+    a = prepare_roi_align(shape, boxes, output_size, spatial_scale, sampling_ratio, aligned)
     return _kernels(a.device).roi_align_backward(
         _grad(a, grad_out), a.rois, a.input_shape, *a.params, needs_flags(a.op, needs, ("input",))
     )
@@ -375,15 +419,17 @@ def ps_roi_align_forward(
 
 def ps_roi_align_backward(
     grad_out: ArrayLike,
-    input: ArrayLike,
+    input_shape: Sequence[int],
     boxes: Boxes,
     output_size: IntPair,
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     needs: Needs = (True,),
 ) -> tuple[Array | None]:
-    """Array-level :func:`ps_roi_align` backward: ``(grad_input,)`` (only input's shape is used)."""
-    a = prepare_ps_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio)
+    """Array-level :func:`ps_roi_align` backward: ``(grad_input,)`` of shape ``input_shape``
+    (N, C, H, W), for ``grad_out`` (K, C/(PH*PW), PH, PW) of the input's dtype and device."""
+    shape = input_shape_of("ps_roi_align", input_shape, grad_out)
+    a = prepare_ps_roi_align(shape, boxes, output_size, spatial_scale, sampling_ratio)
     return _kernels(a.device).ps_roi_align_backward(
         _grad(a, grad_out), a.rois, a.input_shape, *a.params, needs_flags(a.op, needs, ("input",))
     )
@@ -543,9 +589,7 @@ def prepare_roi_pool(
     op: str = "roi_pool",
 ) -> RoIArgs:
     """Validate the arguments of :func:`roi_pool` (or, with ``op``, :func:`ps_roi_pool`)."""
-    input = unwrap(input)
-    device = device_of(op, input=input)
-    inp = _input(op, input)
+    inp, device = _input_and_device(op, input)
     PH, PW = pair(op, "output_size", output_size, minimum=1)
     s = real(op, "spatial_scale", spatial_scale)
     rois = _rois(op, boxes, inp)
@@ -621,24 +665,26 @@ def roi_pool_forward(
 
 def roi_pool_backward(
     grad_out: ArrayLike,
-    input: ArrayLike,
+    input_shape: Sequence[int],
     boxes: Boxes,
     output_size: IntPair,
     spatial_scale: float = 1.0,
     argmax: ArrayLike | None = None,
     needs: Needs = (True,),
 ) -> tuple[Array | None]:
-    """Array-level :func:`roi_pool` backward: ``(grad_input,)``: each bin's gradient goes to its
-    argmax. Pass the forward's ``argmax`` to skip recomputing it from ``input``."""
-    a = prepare_roi_pool(input, boxes, output_size, spatial_scale)
+    """Array-level :func:`roi_pool` backward: ``(grad_input,)`` of shape ``input_shape``
+    (N, C, H, W); each bin's gradient goes to its ``argmax`` (the forward's, required: the
+    backward has no input values to find it again)."""
+    shape = input_shape_of("roi_pool", input_shape, grad_out)
+    a = prepare_roi_pool(shape, boxes, output_size, spatial_scale)
     g = _grad(a, grad_out)
     flags = needs_flags(a.op, needs, ("input",))
     if argmax is None:
-        if not flags[0]:
-            return (None,)
-        _, argmax = _kernels(a.device).roi_pool_forward(a.input, a.rois, *a.params)
-    else:
-        argmax = _argmax(a, argmax)
+        raise TypeError(
+            "roi_pool: roi_pool_backward needs the forward's argmax "
+            "(roi_pool_forward(..., return_argmax=True))"
+        )
+    argmax = _argmax(a, argmax)
     return _kernels(a.device).roi_pool_backward(g, a.rois, argmax, a.input_shape, *a.params, flags)
 
 
@@ -692,14 +738,16 @@ def ps_roi_pool_forward(
 
 def ps_roi_pool_backward(
     grad_out: ArrayLike,
-    input: ArrayLike,
+    input_shape: Sequence[int],
     boxes: Boxes,
     output_size: IntPair,
     spatial_scale: float = 1.0,
     needs: Needs = (True,),
 ) -> tuple[Array | None]:
-    """Array-level :func:`ps_roi_pool` backward: ``(grad_input,)`` (only input's shape is used)."""
-    a = prepare_ps_roi_pool(input, boxes, output_size, spatial_scale)
+    """Array-level :func:`ps_roi_pool` backward: ``(grad_input,)`` of shape ``input_shape``
+    (N, C, H, W), for ``grad_out`` (K, C/(PH*PW), PH, PW) of the input's dtype and device."""
+    shape = input_shape_of("ps_roi_pool", input_shape, grad_out)
+    a = prepare_ps_roi_pool(shape, boxes, output_size, spatial_scale)
     return _kernels(a.device).ps_roi_pool_backward(
         _grad(a, grad_out), a.rois, a.input_shape, *a.params, needs_flags(a.op, needs, ("input",))
     )
