@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from ..cuda import is_cuda_array
+from ..cuda import as_device_array, is_cuda_array
 from ..function import Context, Function
 from ..kernels.cpu import roi as cpu_kernels
 from ..tensor import Tensor, unwrap
@@ -156,7 +156,8 @@ def input_shape_of(op: str, input_shape: Any, grad_out: Any) -> InputShape:
         )
     g = unwrap(grad_out)
     device = device_of(op, grad_out=g)
-    dtype = np.dtype(getattr(g, "dtype", np.asarray(g).dtype))
+    g = as_device_array(g) if device == "cuda" else np.asarray(g)  # torch dtypes are not NumPy's
+    dtype = np.dtype(g.dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"{op}: grad_out must be float32 or float64, got {dtype}")
     return InputShape(shape, dtype, device)  # type: ignore[arg-type]
@@ -601,12 +602,14 @@ def prepare_roi_pool(
 
 def _argmax(a: RoIArgs, argmax: Any) -> Array:
     """A caller's argmax: an integer array of the output's shape, on the input's device, whose
-    entries index the H*W plane or are -1 (an empty bin): it is used as an index."""
+    entries index the H*W plane or are -1 (an empty bin): it is used as an index, so its range is
+    checked (a device argmax is copied to the host for that, once per call; the autograd node
+    keeps the forward's own argmax and skips the check)."""
     op = a.op
     argmax = unwrap(argmax)
     if is_cuda_array(argmax) != (a.device == "cuda"):
         raise ValueError(f"{op}: argmax must be on {a.device} like the input")
-    arr = argmax if is_cuda_array(argmax) else np.asarray(argmax)
+    arr = as_device_array(argmax) if is_cuda_array(argmax) else np.asarray(argmax)
     if np.dtype(arr.dtype).kind not in "iu":
         raise TypeError(
             f"{op}: argmax must hold integers (the flat plane indices roi_pool_forward returns), "
