@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -15,3 +17,30 @@ def test_readme_tour_runs():
     exec(compile(code, str(README) + " (tour)", "exec"), namespace)
     assert namespace["x"].grad.shape == (2, 8, 16, 16)
     assert namespace["offset"].grad.shape == (2, 18, 16, 16)
+
+
+def _snippets(after: str) -> list[str]:
+    """The ```python blocks of the README section that starts with ``after``."""
+    text = README.read_text()
+    section = text[text.index(after) :]
+    section = section[: section.index("\n## ", 1)]
+    blocks = section.split("```python")[1:]
+    return [b[: b.index("```")] for b in blocks]
+
+
+def test_readme_torch_snippet_runs():
+    pytest.importorskip("torch")
+    code = next(b for b in _snippets("## From PyTorch and JAX") if "deformnp.torch" in b)
+    namespace: dict = {}
+    exec(compile(code, str(README) + " (torch)", "exec"), namespace)
+    assert tuple(namespace["out"].shape) == (1, 80, 32)
+    assert tuple(namespace["offset"].grad.shape) == (2, 18, 16, 16)
+
+
+def test_readme_jax_snippet_runs():
+    pytest.importorskip("jax")
+    code = next(b for b in _snippets("## From PyTorch and JAX") if "deformnp.jax" in b)
+    namespace: dict = {}
+    exec(compile(code, str(README) + " (jax)", "exec"), namespace)
+    gx, goff, gw = namespace["grads"]
+    assert gx.shape == (2, 4, 8, 8) and goff.shape == (2, 18, 8, 8) and gw.shape == (4, 4, 3, 3)
