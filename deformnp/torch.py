@@ -86,6 +86,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules.utils import _pair
 
 from . import ops as _ops
+from . import threads as _threads
 
 __all__ = [
     # torchvision.ops
@@ -233,6 +234,10 @@ class _DeformConv2dFunction(torch.autograd.Function):
         padding: IntPair,
         dilation: IntPair,
     ) -> Tensor:
+        if input.device.type == "cpu":
+            # torch's OpenMP workers (loaded before deformnp could ask them to sleep) would spin
+            # over the GEMMs of this op's backward; see deformnp.threads
+            _threads.passive_openmp_workers()
         ctx.geometry = (stride, padding, dilation)
         ctx.save_for_backward(input, offset, weight, bias, mask)
         with _launch(input.device):
