@@ -266,6 +266,15 @@ def _roi_data(C: int = 256) -> tuple[np.ndarray, np.ndarray, float]:
     return x, boxes, s
 
 
+def _shape_only(backward_op: Callable[..., Any]) -> Callable[..., Any]:
+    """A RoI backward that takes the input's shape, called as ``backward(g, x, boxes, ...)``."""
+
+    def backward(g: Any, x: Any, boxes: Any, *args: Any) -> Any:
+        return backward_op(g, x.shape, boxes, *args)
+
+    return backward
+
+
 def _roi_case(
     device: str,
     size: str,
@@ -308,7 +317,8 @@ def _roi_align(device: str) -> BenchCase | None:
     g = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
     return _roi_case(
         device, "input (2,256,50,50), 512 boxes, 7x7, sampling_ratio 2, aligned", x, g,
-        ops.roi_align_forward, ops.roi_align_backward, boxes, (7, s, 2, True), "roi_align",
+        ops.roi_align_forward, _shape_only(ops.roi_align_backward), boxes, (7, s, 2, True),
+        "roi_align",
     )  # fmt: skip
 
 
@@ -332,7 +342,8 @@ def _ps_roi_align(device: str) -> BenchCase | None:
     g = np.random.default_rng(0).standard_normal((512, 8, 7, 7)).astype(np.float32)
     return _roi_case(
         device, "input (2,392,50,50), 512 boxes, 7x7, 8 output channels", x, g,
-        ops.ps_roi_align_forward, ops.ps_roi_align_backward, boxes, (7, s, 2), "ps_roi_align",
+        ops.ps_roi_align_forward, _shape_only(ops.ps_roi_align_backward), boxes, (7, s, 2),
+        "ps_roi_align",
     )  # fmt: skip
 
 
@@ -341,7 +352,7 @@ def _ps_roi_pool(device: str) -> BenchCase | None:
     g = np.random.default_rng(0).standard_normal((512, 8, 7, 7)).astype(np.float32)
     return _roi_case(
         device, "input (2,392,50,50), 512 boxes, 7x7, 8 output channels", x, g,
-        ops.ps_roi_pool_forward, ops.ps_roi_pool_backward, boxes, (7, s), "ps_roi_pool",
+        ops.ps_roi_pool_forward, _shape_only(ops.ps_roi_pool_backward), boxes, (7, s), "ps_roi_pool",
     )  # fmt: skip
 
 
