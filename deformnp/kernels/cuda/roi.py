@@ -537,6 +537,17 @@ def deform_roi_pool_backward(
 # ---------------------------------------------------------------------------- RoI Pool family
 
 
+@cuda.jit(device=True)
+def _pool_bin(s, hs, he, ws, we, NB, PH, PW):
+    """Bin unit s = k*NB + q (q = ph*PW + pw) of the integer-bin pools: (k, q) and its rows
+    [h0, h1) and columns [w0, w1)."""
+    k = s // NB
+    q = s - k * NB
+    ph = q // PW
+    pw = q - ph * PW
+    return k, q, hs[k * PH + ph], he[k * PH + ph], ws[k * PW + pw], we[k * PW + pw]
+
+
 @cuda.jit(cache=not SIMULATOR)
 def _pool_forward(
     x, batch, hs, he, ws, we, out, argmax, K, NB, PH, PW, H, W, G, Cg, ps, lanes, lbits
@@ -551,14 +562,7 @@ def _pool_forward(
     for t in range(cuda.grid(1), total, cuda.gridsize(1)):
         lane = t & (lanes - 1)
         s = t >> lbits
-        k = s // NB
-        q = s - k * NB
-        ph = q // PW
-        pw = q - ph * PW
-        h0 = hs[k * PH + ph]
-        h1 = he[k * PH + ph]
-        w0 = ws[k * PW + pw]
-        w1 = we[k * PW + pw]
+        k, q, h0, h1, w0, w1 = _pool_bin(s, hs, he, ws, we, NB, PH, PW)
         g = q if G > 1 else 0
         base = (batch[k] * G + g) * HW * Cg
         empty_bin = h1 <= h0 or w1 <= w0
@@ -597,14 +601,7 @@ def _pool_grad_input(gcl, batch, hs, he, ws, we, gbuf, K, NB, PH, PW, H, W, Cg, 
     for t in range(cuda.grid(1), total, cuda.gridsize(1)):
         lane = t & (lanes - 1)
         s = t >> lbits
-        k = s // NB
-        q = s - k * NB
-        ph = q // PW
-        pw = q - ph * PW
-        h0 = hs[k * PH + ph]
-        h1 = he[k * PH + ph]
-        w0 = ws[k * PW + pw]
-        w1 = we[k * PW + pw]
+        k, q, h0, h1, w0, w1 = _pool_bin(s, hs, he, ws, we, NB, PH, PW)
         if h1 <= h0 or w1 <= w0:
             continue
         area = ft((h1 - h0) * (w1 - w0))
@@ -624,14 +621,7 @@ def _pool_keys(batch, hs, he, ws, we, cstart, keys, wts, src, K, NB, PH, PW, H, 
     HW = H * W
     total = K * NB
     for s in range(cuda.grid(1), total, cuda.gridsize(1)):
-        k = s // NB
-        q = s - k * NB
-        ph = q // PW
-        pw = q - ph * PW
-        h0 = hs[k * PH + ph]
-        h1 = he[k * PH + ph]
-        w0 = ws[k * PW + pw]
-        w1 = we[k * PW + pw]
+        k, q, h0, h1, w0, w1 = _pool_bin(s, hs, he, ws, we, NB, PH, PW)
         if h1 <= h0 or w1 <= w0:
             continue
         inv = ft(1) / ft((h1 - h0) * (w1 - w0))
