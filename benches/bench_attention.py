@@ -1,6 +1,9 @@
-"""Benchmarks of multi-scale deformable attention at the SPEC section 13 size, and of the DAT layer.
+"""Benchmarks of multi-scale deformable attention, and of the DAT layer.
 
-SPEC 13: N=1, levels (32,32), (16,16), (8,8), (4,4), Lq = S = 1360, M=8, D=32, P=4, float32;
+Timings (pytest-benchmark, ``suite.py``): the reference size and Deformable-DETR's encoder size
+(N=2, levels (100,152),(50,76),(25,38),(13,19), Lq = S = 20197), at Numba's thread count and at
+one thread, the cases ``python -m deformnp bench`` times. Peak memory: the reference size,
+N=1, levels (32,32), (16,16), (8,8), (4,4), Lq = S = 1360, M=8, D=32, P=4, float32;
 forward and forward+backward, against Deformable-DETR's PyTorch formulation
 (``ms_deform_attn_core_pytorch``: one grid_sample per level) in the same process with
 torch.set_num_threads(numba.get_num_threads()).
@@ -28,6 +31,7 @@ import time
 import numba
 import numpy as np
 import pytest
+from suite import parametrize, run
 
 import deformnp as dn
 from deformnp.cases.bench import torch_ms_deform_attn_core
@@ -113,24 +117,16 @@ CASES = {
 # ---------------------------------------------------------------------------- pytest-benchmark
 
 
-def test_ms_deform_attn_forward(benchmark, data):
-    benchmark.extra_info["size"] = SIZE
-    benchmark(_ours_forward(data))
+@parametrize(["ms_deform_attn"])
+def test_deformnp(benchmark, op, size, n, which):
+    """Both sizes (the reference size and Deformable-DETR's encoder), current threads and 1: the
+    cases ``python -m deformnp bench`` times."""
+    run(benchmark, op, size, n, which)
 
 
-def test_ms_deform_attn_forward_backward(benchmark, data):
-    benchmark.extra_info["size"] = SIZE
-    benchmark(_ours_forward_backward(data))
-
-
-def test_torch_grid_sample_formulation_forward(benchmark, data):
-    benchmark.extra_info["size"] = SIZE
-    benchmark(_torch_forward(data))
-
-
-def test_torch_grid_sample_formulation_forward_backward(benchmark, data):
-    benchmark.extra_info["size"] = SIZE
-    benchmark(_torch_forward_backward(data))
+@parametrize(["ms_deform_attn"])
+def test_torch_grid_sample_formulation(benchmark, op, size, n, which):
+    run(benchmark, op, size, n, which, "torch_")
 
 
 def _dat_layer(dtype=np.float32):

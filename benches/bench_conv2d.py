@@ -1,34 +1,30 @@
-"""conv2d timings: input (4, 64, 32, 32), weight (64, 64, 3, 3), padding 1, float32, forward and
-forward+backward, against torch in the same process with the same thread count.
+"""deformnp's dense conv2d timings, float32, forward and forward+backward: input (4, 64, 32, 32)
+and (8, 128, 64, 64), 3x3 weight, padding 1 (the shapes of the deformable convolution's two
+sizes), against torch in one process with the same thread count (runs at Numba's thread count
+and at one thread).
 
-Run: python -m pytest benches/bench_conv2d.py --benchmark-enable (with torch installed for the
-comparison). The data and callables are the ones ``python -m deformnp bench`` times (the conv2d
-entry of ``deformnp.cases.bench``), so the figures agree.
+    python -m pytest benches/bench_conv2d.py --benchmark-enable
+    python benches/bench_conv2d.py          # the CLI's table for conv2d, and memory
+
+The callables are those ``python -m deformnp bench`` times (``deformnp.cases.bench``).
 """
 
 from __future__ import annotations
 
-import pytest
+from suite import main, parametrize, run
 
-from deformnp.cases import bench_cases
-
-(CASE,) = bench_cases("conv2d", "cpu")
-PASSES = ["forward", "forward_backward"]
+OPS = ["conv2d"]
 
 
-@pytest.mark.parametrize("which", PASSES)
-def test_deformnp(benchmark, which):
-    benchmark.group = f"conv2d {which} {CASE.size}"
-    fn = getattr(CASE, which)
-    fn()  # warm up (allocations, BLAS threads)
-    benchmark.pedantic(fn, rounds=30, warmup_rounds=2)
+@parametrize(OPS)
+def test_deformnp(benchmark, op, size, n, which):
+    run(benchmark, op, size, n, which)
 
 
-@pytest.mark.parametrize("which", PASSES)
-def test_torch(benchmark, which):
-    fn = getattr(CASE, f"torch_{which}")
-    if fn is None:
-        pytest.skip("torch is not installed")
-    benchmark.group = f"conv2d {which} {CASE.size}"
-    fn()
-    benchmark.pedantic(fn, rounds=30, warmup_rounds=2)
+@parametrize(OPS)
+def test_torch(benchmark, op, size, n, which):
+    run(benchmark, op, size, n, which, "torch_")
+
+
+if __name__ == "__main__":
+    main(OPS)

@@ -1,78 +1,34 @@
-"""grid_sample timings at the SPEC section 13 size: input (4, 64, 32, 32), grid (4, 32, 32, 2),
-float32, zeros padding, align_corners=False; forward and forward+backward, against
-torch.nn.functional.grid_sample in one process with torch.set_num_threads(numba.get_num_threads()).
-Also bilinear_interpolate at the same size (4096 points), against grid_sample(align_corners=True).
+"""grid_sample and bilinear_interpolate timings, float32, forward and forward+backward, against
+torch.nn.functional.grid_sample in one process with the same thread count (runs at Numba's
+thread count and at one thread):
+
+* grid_sample: input (4, 64, 32, 32), grid (4, 32, 32, 2) (the reference size) and input
+  (8, 64, 128, 128), grid (8, 128, 128, 2) (large); zeros padding, align_corners=False;
+* bilinear_interpolate: input (4, 64, 32, 32), 1024 points, against grid_sample with
+  align_corners=True at the same points.
 
     python -m pytest benches/bench_grid_sample.py --benchmark-enable
-    python benches/bench_grid_sample.py          # a table of min / median ms and ratios
+    python benches/bench_grid_sample.py          # the CLI's table for these ops, and memory
 
-The callables are those ``python -m deformnp bench`` times (the ops' entries of
-``deformnp.cases.bench``).
+The callables are those ``python -m deformnp bench`` times (``deformnp.cases.bench``).
 """
 
 from __future__ import annotations
 
-import sys
-import time
-from collections.abc import Callable
-from typing import Any
+from suite import main, parametrize, run
 
-import numpy as np
-import pytest
-
-from deformnp.cases import bench_cases
-
-CASES = {op: bench_cases(op, "cpu")[0] for op in ("grid_sample", "bilinear_interpolate")}
-PASSES = ["forward", "forward_backward"]
+OPS = ["grid_sample", "bilinear_interpolate"]
 
 
-@pytest.mark.parametrize("op", list(CASES))
-@pytest.mark.parametrize("which", PASSES)
-def test_deformnp(benchmark, op, which):
-    case = CASES[op]
-    benchmark.group = f"{op} {which} {case.size}"
-    fn = getattr(case, which)
-    fn()  # warm up (Numba cache, allocations)
-    benchmark.pedantic(fn, rounds=50, warmup_rounds=2)
+@parametrize(OPS)
+def test_deformnp(benchmark, op, size, n, which):
+    run(benchmark, op, size, n, which)
 
 
-@pytest.mark.parametrize("op", list(CASES))
-@pytest.mark.parametrize("which", PASSES)
-def test_torch(benchmark, op, which):
-    case = CASES[op]
-    fn = getattr(case, f"torch_{which}")
-    if fn is None:
-        pytest.skip("torch is not installed")
-    benchmark.group = f"{op} {which} {case.size}"
-    fn()
-    benchmark.pedantic(fn, rounds=50, warmup_rounds=2)
-
-
-def _time(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times), 1e3 * float(np.median(times))
-
-
-def main(repeat: int = 50) -> None:
-    import numba
-
-    print(f"float32, {numba.get_num_threads()} threads")
-    for op, case in CASES.items():
-        for which in PASSES:
-            ours = _time(getattr(case, which), repeat)
-            line = f"{op:22s} {which:17s} deformnp min {ours[0]:7.3f} ms  median {ours[1]:7.3f} ms"
-            theirs = getattr(case, f"torch_{which}")
-            if theirs is not None:
-                t = _time(theirs, repeat)
-                line += f" | torch min {t[0]:7.3f} ms  median {t[1]:7.3f} ms | deformnp / torch {ours[0] / t[0]:5.2f}x"
-            print(line)
-        print(f"  ({case.size})")
+@parametrize(OPS)
+def test_torch(benchmark, op, size, n, which):
+    run(benchmark, op, size, n, which, "torch_")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 50)
+    main(OPS)

@@ -2,8 +2,9 @@
 
     python -m deformnp            the main job: ``check``, then a short ``bench``
     python -m deformnp check      gradcheck every registered op (float64, central differences)
-    python -m deformnp bench      time forward and forward+backward at the SPEC 13 sizes (float32),
-                                  CPU, CUDA when present, and torch/torchvision when installed
+    python -m deformnp bench      time forward and forward+backward (float32) at the reference and
+                                  large sizes, at the current thread count and at one thread, CPU,
+                                  CUDA when present, and torch/torchvision when installed
     python -m deformnp info       versions, Numba threading layer and thread count, CUDA
 
 The cases are the tables of ``deformnp.cases`` (``check_cases``, ``bench_cases``): an op added
@@ -81,23 +82,24 @@ def run_check(only: Sequence[str] | None = None, out: Any = sys.stdout) -> bool:
 # ---------------------------------------------------------------------------- bench
 
 
-def _time(fn: Callable[[], Any], repeat: int, sync: Callable[[], Any] | None) -> float:
-    """Median wall time in ms over ``repeat`` runs after one warm-up run."""
-    return _time_pair(fn, None, repeat, sync, None)[0]
+def _time(fn: Callable[[], Any], repeat: int | None, sync: Callable[[], Any] | None) -> float:
+    """Median wall time in ms after one warm-up run (``repeat``: see :func:`_time_series`)."""
+    return _time_series([(fn, sync)], repeat)[0]
 
 
-def _time_pair(
-    ours: Callable[[], Any],
-    theirs: Callable[[], Any] | None,
-    repeat: int,
-    sync: Callable[[], Any] | None,
-    their_sync: Callable[[], Any] | None,
-) -> tuple[float, float | None]:
-    """Median wall times in ms of ``ours`` and ``theirs`` over ``repeat`` runs each, after a
-    warm-up run of each. The runs alternate (ours, theirs, ours, ...) so that a burst of load
-    from elsewhere on the machine slows both alike rather than one side's whole series, and the
-    garbage collector is off while they run, as in ``timeit``."""
-    fns = [(ours, sync)] + ([(theirs, their_sync)] if theirs is not None else [])
+# Without --repeat, a series stops after MAX_RUNS runs, or once it has MIN_RUNS and has taken
+# SERIES_S seconds, or has 3 and has taken 4 * SERIES_S (the slow torch cases at the large sizes).
+MIN_RUNS, MAX_RUNS, SERIES_S = 5, 25, 2.0
+
+
+def _time_series(
+    fns: Sequence[tuple[Callable[[], Any], Callable[[], Any] | None]], repeat: int | None
+) -> list[float]:
+    """Median wall times in ms of each ``(fn, sync)`` after a warm-up run of each, over
+    ``repeat`` runs each (or, when ``repeat`` is None, as many as MIN_RUNS / MAX_RUNS / SERIES_S
+    allow). The runs alternate (a, b, c, a, b, c, ...) so that a burst of load from elsewhere
+    on the machine slows every side alike rather than one side's whole series, and the garbage
+    collector is off while they run, as in ``timeit``."""
     times: list[list[float]] = [[] for _ in fns]
     for fn, done in fns:
         fn()
@@ -106,19 +108,31 @@ def _time_pair(
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
+    start = time.perf_counter()
     try:
-        for _ in range(repeat):
+        runs = 0
+        while True:
             for (fn, done), series in zip(fns, times):
                 t0 = time.perf_counter()
                 fn()
                 if done:
                     done()
                 series.append(time.perf_counter() - t0)
+            runs += 1
+            elapsed = time.perf_counter() - start
+            if repeat is not None:
+                if runs >= repeat:
+                    break
+            elif (
+                runs >= MAX_RUNS
+                or (runs >= MIN_RUNS and elapsed >= SERIES_S)
+                or (runs >= 3 and elapsed >= 4 * SERIES_S)
+            ):
+                break
     finally:
         if gc_was_enabled:
             gc.enable()
-    medians = [1e3 * statistics.median(series) for series in times]
-    return medians[0], (medians[1] if theirs is not None else None)
+    return [1e3 * statistics.median(series) for series in times]
 
 
 def _torch_sync(device: str) -> Callable[[], Any] | None:
@@ -130,83 +144,159 @@ def _torch_sync(device: str) -> Callable[[], Any] | None:
     return torch.cuda.synchronize
 
 
-def _torch_threads() -> str | None:
+def _set_threads(n: int) -> None:
+    """Numba's and (when installed) torch's thread counts."""
+    import numba
+
+    numba.set_num_threads(n)
     try:
-        import numba
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(n)
+
+
+def _torch_version() -> str | None:
+    try:
         import torch
     except Exception:
         return None
-    torch.set_num_threads(numba.get_num_threads())
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"torch {torch.__version__}"
 
 
 def run_bench(
     only: Sequence[str] | None = None,
-    repeat: int = 10,
+    repeat: int | None = None,
     devices: Sequence[str] = ("cpu", "cuda"),
     out: Any = sys.stdout,
+    sizes: Sequence[str] = ("reference",),
+    threads: Sequence[int] | None = None,
+    floor: bool = False,
 ) -> None:
-    """Time every op's bench case and print ms and ratios against torch."""
+    """Time every op's bench case (at ``sizes``, with each of ``threads`` Numba and torch
+    threads; default: the current count) and print ms, ratios against torch and, for the gather
+    ops, rates in channel-samples per second."""
     import numba
 
     from . import cuda
     from .cases.bench import OPS, bench_cases
 
-    torch_info = _torch_threads()
+    current = numba.get_num_threads()
+    counts = list(dict.fromkeys(threads or [current]))
+    torch_info = _torch_version()
     wanted = [d for d in devices if d == "cpu" or (d == "cuda" and cuda.is_available())]
     rows: list[list[str]] = []
-    cpu_ms: dict[tuple[str, str], float] = {}
-    for name in _selected(only, OPS):
-        for device in wanted:
-            for case in bench_cases(name, device):
-                for phase, ours, theirs in (
-                    ("forward", case.forward, case.torch_forward),
-                    ("fwd+bwd", case.forward_backward, case.torch_forward_backward),
-                ):
-                    ref = None
-                    try:
-                        ms, ref = _time_pair(ours, theirs, repeat, case.sync, _torch_sync(device))
-                    except Exception as exc:  # a comparison that fails must not stop the table
-                        if theirs is None:
-                            raise
-                        print(f"{name} {phase}: torch comparison failed: {exc}", file=out)
-                        ms = _time(ours, repeat, case.sync)
-                    if device == "cpu":
-                        cpu_ms[(name, phase)] = ms
-                    vs_cpu = ""
-                    if device == "cuda" and (name, phase) in cpu_ms:
-                        vs_cpu = f"{cpu_ms[(name, phase)] / ms:.1f}x"
-                    rows.append(
-                        [
-                            name,
-                            case.size,
-                            device,
-                            phase,
-                            f"{ms:.3f}",
-                            "-" if ref is None else f"{ref:.3f}",
-                            "-" if ref is None else f"{ref / ms:.2f}x",
-                            vs_cpu,
-                        ]
-                    )
+    dense_lines: list[str] = []
+    cpu_ms: dict[tuple[str, str, str, int], float] = {}
+    try:
+        for name in _selected(only, OPS):
+            for device in wanted:
+                for case in bench_cases(name, device, tuple(sizes)):
+                    for n in counts if device == "cpu" else [current]:
+                        _set_threads(n)
+                        _bench_case(case, device, n, repeat, rows, dense_lines, cpu_ms, out)
+    finally:
+        _set_threads(current)
+    reps = (
+        f"median of {repeat}"
+        if repeat
+        else f"median of {MIN_RUNS}-{MAX_RUNS} (about {SERIES_S:g} s a series)"
+    )
     print(
-        f"Timings (float32, median of {repeat} after warm-up, deformnp and torch runs alternating; numba {numba.__version__}, "
-        f"{numba.get_num_threads()} threads; {torch_info or 'torch not installed'})",
+        f"Timings (float32, {reps} after warm-up, deformnp and torch runs alternating, "
+        f"torch with Numba's thread count; numba {numba.__version__}; "
+        f"{torch_info or 'torch not installed'})",
         file=out,
     )
     if "cuda" in devices and "cuda" not in wanted:
         print("CUDA: not available (no GPU or numba-cuda not installed); CPU only", file=out)
-    header = [
-        "op",
-        "size",
-        "device",
-        "phase",
-        "deformnp ms",
-        "torch ms",
-        "speed-up vs torch",
-        "CUDA vs CPU",
-    ]
+    header = ["op", "size", "device", "threads", "phase", "deformnp ms", "torch ms", "speed-up vs torch", "G ch-samples/s"]  # fmt: skip
+    if any(r[-1] for r in rows):
+        header.append("CUDA vs CPU")
+    else:
+        rows = [r[:-1] for r in rows]
     print(_table(rows, header), file=out)
+    print(
+        "G ch-samples/s: channel-samples (one bilinear sample, or one pooled pixel, of one "
+        "channel) per second of the forward.",
+        file=out,
+    )
+    for line in dense_lines:
+        print(line, file=out)
+    if floor:
+        _print_floor(counts, out)
     print(file=out)
+
+
+def _bench_case(
+    case: Any,
+    device: str,
+    n: int,
+    repeat: int | None,
+    rows: list[list[str]],
+    dense_lines: list[str],
+    cpu_ms: dict[tuple[str, str, str, int], float],
+    out: Any,
+) -> None:
+    """Time one case at ``n`` threads, both phases; append its rows."""
+    tsync = _torch_sync(device)
+    for phase, ours, theirs, dense in (
+        ("forward", case.forward, case.torch_forward, case.torch_dense_forward),
+        ("fwd+bwd", case.forward_backward, case.torch_forward_backward, case.torch_dense_forward_backward),
+    ):  # fmt: skip
+        fns = [(ours, case.sync)]
+        fns += [(theirs, tsync)] if theirs is not None else []
+        fns += [(dense, tsync)] if dense is not None else []
+        try:
+            ms, *others = _time_series(fns, repeat)
+        except Exception as exc:  # a comparison that fails must not stop the table
+            if len(fns) == 1:
+                raise
+            print(f"{case.op} {phase}: torch comparison failed: {exc}", file=out)
+            ms, others, theirs, dense = _time(ours, repeat, case.sync), [], None, None
+        ref = others[0] if theirs is not None else None
+        if dense is not None:
+            dense_ms = others[-1]
+            dense_lines.append(
+                f"{case.op} {case.scale} {phase} at {n} thread(s): {ms:.3f} ms is {ms / dense_ms:.2f}x "
+                f"torch's dense conv2d of the same shape ({dense_ms:.3f} ms)"
+            )
+        if device == "cpu":
+            cpu_ms[(case.op, case.size, phase, n)] = ms
+        vs_cpu = ""
+        if device == "cuda" and (case.op, case.size, phase, n) in cpu_ms:
+            vs_cpu = f"{cpu_ms[(case.op, case.size, phase, n)] / ms:.1f}x"
+        rate = "-"
+        if case.samples and phase == "forward":
+            rate = f"{case.samples / ms / 1e6:.2f}"
+        rows.append(
+            [
+                case.op,
+                case.size,
+                device,
+                str(n),
+                phase,
+                f"{ms:.3f}",
+                "-" if ref is None else f"{ref:.3f}",
+                "-" if ref is None else f"{ref / ms:.2f}x",
+                rate,
+                vs_cpu,
+            ]
+        )
+
+
+def _print_floor(counts: Sequence[int], out: Any) -> None:
+    """The machine's floors (``deformnp.cases.floor``) at each thread count."""
+    from .cases.floor import measure_floor
+
+    print("Floors of this machine (best of 10):", file=out)
+    for n in counts:
+        f = measure_floor(n)
+        print(
+            f"  {n} thread(s): contiguous read {f.read_gb_s:.1f} GB/s; random-row gather "
+            f"(4 rows of 256 float32 channels a sample) {f.gather_g_s:.2f} G ch-samples/s",
+            file=out,
+        )
 
 
 # ---------------------------------------------------------------------------- info
@@ -284,6 +374,23 @@ def _threading_layer() -> str:
 # ---------------------------------------------------------------------------- main
 
 
+def _thread_counts(text: str) -> list[int]:
+    """``--threads``: "2,1" -> [2, 1]; each count between 1 and Numba's maximum."""
+    import numba
+
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    top = numba.config.NUMBA_NUM_THREADS
+    bad = [n for n in counts if not 1 <= n <= top]
+    if bad:
+        raise argparse.ArgumentTypeError(f"thread counts must be between 1 and {top}, got {bad}")
+    return counts
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deformnp",
@@ -293,10 +400,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     p_check = sub.add_parser("check", help="gradcheck every op (float64)")
     p_check.add_argument("--op", action="append", help="only this op (repeatable)")
-    p_bench = sub.add_parser("bench", help="time every op at the SPEC 13 sizes")
+    p_bench = sub.add_parser(
+        "bench", help="time every op at the reference and large sizes, at N threads and at 1"
+    )
     p_bench.add_argument("--op", action="append", help="only this op (repeatable)")
-    p_bench.add_argument("--repeat", type=int, default=20, help="timed runs per case (median)")
+    p_bench.add_argument(
+        "--repeat", type=int, default=None, help="timed runs per case (median; default: adaptive)"
+    )
     p_bench.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    p_bench.add_argument(
+        "--size", choices=["reference", "large", "all"], default="all", help="default: all"
+    )
+    p_bench.add_argument(
+        "--threads",
+        type=_thread_counts,
+        default=None,
+        help="comma-separated thread counts (default: the current count, then 1)",
+    )
+    p_bench.add_argument(
+        "--floor", action="store_true", help="also measure the machine's read and gather floors"
+    )
     sub.add_parser("info", help="versions, threads, CUDA availability")
     args = parser.parse_args(argv)
 
@@ -306,14 +429,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return 0 if run_check(args.op) else 1
     if args.command == "bench":
+        import numba
+
         devices = ("cpu", "cuda") if args.device == "all" else (args.device,)
-        run_bench(args.op, repeat=args.repeat, devices=devices)
+        sizes = ("reference", "large") if args.size == "all" else (args.size,)
+        threads = args.threads or [numba.get_num_threads(), 1]
+        run_bench(args.op, args.repeat, devices, sizes=sizes, threads=threads, floor=args.floor)
         return 0
     # the main job
     run_info()
     print()
     ok = run_check()
-    run_bench(repeat=5)
+    run_bench(repeat=5)  # reference sizes, current thread count
     return 0 if ok else 1
 
 

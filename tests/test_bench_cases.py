@@ -6,6 +6,8 @@ array-level API must fail here, not on a user's first run. Timings are never ass
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -21,3 +23,63 @@ def test_bench_case_runs(op):
         if grads is not None:
             grads = grads if isinstance(grads, (tuple, list)) else (grads,)
             assert any(g is not None and np.isfinite(np.asarray(g)).all() for g in grads), op
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+def test_large_case_forward_runs(op):
+    """The large sizes (``bench --size large``) build and their forward runs."""
+    for case in bench_cases(op, "cpu", ("large",)):
+        assert case.scale == "large"
+        assert case.forward() is not None
+
+
+def test_channel_sample_counts():
+    """A gather op's rate counts one sample of one channel: N*C*Hout*Wout for grid_sample, one
+    per sampling point of every bin and channel for roi_align, per pooled pixel for roi_pool."""
+    (gs,) = bench_cases("grid_sample", "cpu", ("large",))
+    assert gs.samples == 8 * 64 * 128 * 128
+    (ra,) = bench_cases("roi_align", "cpu")
+    assert ra.samples == 512 * 256 * 7 * 7 * 2 * 2
+    (rp,) = bench_cases("roi_pool", "cpu")
+    # every bin reads at least one pixel (the boxes are at least 7 pixels wide) and the bins of
+    # a box overlap by at most one row/column, so the count lies between these bounds
+    assert 512 * 256 * 49 <= rp.samples <= 512 * 256 * 4 * 50 * 50
+    assert bench_cases("conv2d", "cpu")[0].samples == 0
+    with pytest.raises(ValueError, match="unknown bench size"):
+        bench_cases("roi_align", "cpu", ("huge",))
+
+
+def test_bench_table_threads_and_rates():
+    """The CLI's table: one row per (case, thread count, phase), the thread count in its
+    column, a rate for the forward of a gather op, and the floors when asked."""
+    from deformnp.__main__ import run_bench
+
+    out = io.StringIO()
+    run_bench(
+        ["bilinear_interpolate"], repeat=1, devices=("cpu",), out=out, threads=[1], floor=False
+    )
+    text = out.getvalue()
+    header = next(line for line in text.splitlines() if line.startswith("op "))
+    assert "threads" in header and "G ch-samples/s" in header and "CUDA vs CPU" not in header
+    rows = [line.split() for line in text.splitlines() if line.startswith("bilinear_interpolate")]
+    assert len(rows) == 2
+    fwd = next(r for r in rows if "forward" in r)
+    assert float(fwd[-1]) > 0  # the rate
+    assert fwd[fwd.index("cpu") + 1] == "1"
+
+
+def test_thread_counts_argument():
+    from deformnp.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--threads", "0"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--threads", "two"])
+
+
+def test_floor_measures_positive_rates():
+    from deformnp.cases.floor import measure_floor
+
+    f = measure_floor(1, repeat=1, read_mib=4, samples=1024)
+    assert f.threads == 1 and f.read_gb_s > 0 and f.gather_g_s > 0

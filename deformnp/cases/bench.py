@@ -1,5 +1,14 @@
-"""The benchmark table: every op at the SPEC section 13 reference sizes (float32), with its
-torch / torchvision counterpart on the same data when those are installed.
+"""The benchmark table: every op at its reference size (SPEC section 13) and, for the ops whose
+speed matters at scale, a large size (float32), with its torch / torchvision counterpart on the
+same data when those are installed.
+
+Large sizes: grid_sample (8, 64, 128, 128) with a 128x128 grid; roi_align and roi_pool on
+(2, 256, 100, 152) with 1000 boxes (a detector's stride-8 map of an 800x1216 image);
+ms_deform_attn at Deformable-DETR's encoder size (N=2, levels (100,152)..(13,19),
+Lq = S = 20197); deform_conv2d and conv2d B=8, 128->128, 64x64.
+
+Each gather op's case counts its *channel-samples* (one bilinear sample, or one pooled pixel,
+of one channel) so that a timing reads as a rate.
 
 ``python -m deformnp bench`` and the suites in ``benches/`` time these very callables, so their
 figures agree. A builder returns None where it cannot run (a CUDA case without a GPU, or under
@@ -18,9 +27,11 @@ from .. import functional as F
 from .. import ops
 from ..function import no_grad
 from ..tensor import Tensor
-from .inputs import boxes_in, spec13_attention
+from .inputs import ENCODER_LEVELS, attention_inputs, boxes_in, spec13_attention
 
-__all__ = ["BenchCase", "bench_cases", "OPS", "bench_device", "torch_device"]
+__all__ = ["BenchCase", "bench_cases", "OPS", "SIZES", "bench_device", "torch_device"]
+
+SIZES = ("reference", "large")
 
 
 @dataclass
@@ -29,7 +40,10 @@ class BenchCase:
 
     ``torch_forward`` / ``torch_forward_backward`` (optional) do the same with torch/torchvision
     on the same data; they are built only when torch imports. ``device`` is "cpu" or "cuda";
-    ``sync`` waits for the device (None on the CPU).
+    ``sync`` waits for the device (None on the CPU). ``scale`` is "reference" or "large";
+    ``samples`` the channel-samples one forward computes (0 for an op that does not gather).
+    ``torch_dense_forward`` / ``torch_dense_forward_backward`` (deform_conv2d only) run torch's
+    dense conv2d of the same shape: the floor a deformable convolution's GEMMs set.
     """
 
     size: str
@@ -40,6 +54,10 @@ class BenchCase:
     device: str = "cpu"
     sync: Callable[[], Any] | None = None
     op: str = ""
+    scale: str = "reference"
+    samples: int = 0
+    torch_dense_forward: Callable[[], Any] | None = None
+    torch_dense_forward_backward: Callable[[], Any] | None = None
 
 
 def bench_device(device: str, *arrays: Any) -> tuple[tuple, Callable[[], Any] | None] | None:
@@ -112,16 +130,22 @@ def _with_torch(
     return case
 
 
-def _conv2d(device: str) -> BenchCase | None:
+def _conv_shape(size: str) -> tuple[int, int, int]:
+    """(B, C, H) of the deformable convolution (and its dense twin) at ``size``."""
+    return (4, 64, 32) if size == "reference" else (8, 128, 64)
+
+
+def _conv2d(device: str, size: str) -> BenchCase | None:
     """input (4, 64, 32, 32), weight (64, 64, 3, 3), padding 1, float32 (the dense convolution a
-    deformable one of the SPEC 13 size does the GEMMs of)."""
+    deformable one of the SPEC 13 size does the GEMMs of); large: (8, 128, 64, 64)."""
     if device != "cpu":
         return None
+    B, C, H = _conv_shape(size)
     rng = np.random.default_rng(0)
-    x_np = rng.standard_normal((4, 64, 32, 32)).astype(np.float32)
-    w_np = (rng.standard_normal((64, 64, 3, 3)) * 0.05).astype(np.float32)
-    b_np = rng.standard_normal(64).astype(np.float32)
-    g_np = rng.standard_normal((4, 64, 32, 32)).astype(np.float32)
+    x_np = rng.standard_normal((B, C, H, H)).astype(np.float32)
+    w_np = (rng.standard_normal((C, C, 3, 3)) * 0.05).astype(np.float32)
+    b_np = rng.standard_normal(C).astype(np.float32)
+    g_np = rng.standard_normal((B, C, H, H)).astype(np.float32)
     x, w, b = (Tensor(a, requires_grad=True) for a in (x_np, w_np, b_np))
 
     def forward() -> Any:
@@ -134,7 +158,9 @@ def _conv2d(device: str) -> BenchCase | None:
         F.conv2d(x, w, b, padding=1).backward(g_np)
 
     case = BenchCase(
-        "input (4, 64, 32, 32), weight (64, 64, 3, 3), padding 1", forward, forward_backward
+        f"input ({B}, {C}, {H}, {H}), weight ({C}, {C}, 3, 3), padding 1",
+        forward,
+        forward_backward,
     )
 
     def conv(tx: Any, tw: Any, tb: Any) -> Any:
@@ -145,8 +171,10 @@ def _conv2d(device: str) -> BenchCase | None:
     return _with_torch(case, conv, (x_np, w_np, b_np), (0, 1, 2), g_np)
 
 
-def _bilinear_interpolate(device: str) -> BenchCase | None:
+def _bilinear_interpolate(device: str, size: str) -> BenchCase | None:
     """The grid_sample size of SPEC 13 as points: input (4, 64, 32, 32), 1024 points."""
+    if size != "reference":
+        return None
     rng = np.random.default_rng(0)
     N, C, H, W, P = 4, 64, 32, 32, 1024
     x = rng.standard_normal((N, C, H, W)).astype(np.float32)
@@ -169,6 +197,7 @@ def _bilinear_interpolate(device: str) -> BenchCase | None:
     case = BenchCase(
         f"input ({N},{C},{H},{W}), {P} points", forward, forward_backward, device=device, sync=sync
     )
+    case.samples = N * C * P
 
     def torch_sample(tx: Any, tg: Any) -> Any:
         import torch.nn.functional as TF
@@ -182,10 +211,13 @@ def _bilinear_interpolate(device: str) -> BenchCase | None:
     )
 
 
-def _grid_sample(device: str) -> BenchCase | None:
-    """SPEC 13: input (4, 64, 32, 32), grid (4, 32, 32, 2), float32, zeros, align_corners=False."""
+def _grid_sample(device: str, size: str) -> BenchCase | None:
+    """SPEC 13: input (4, 64, 32, 32), grid (4, 32, 32, 2), float32, zeros, align_corners=False;
+    large: input (8, 64, 128, 128), grid (8, 128, 128, 2)."""
     rng = np.random.default_rng(0)
-    N, C, Hin, Win, H, W = 4, 64, 32, 32, 32, 32
+    N, C, Hin, Win, H, W = (
+        (4, 64, 32, 32, 32, 32) if size == "reference" else (8, 64, 128, 128, 128, 128)
+    )
     x = rng.standard_normal((N, C, Hin, Win)).astype(np.float32)
     grd = rng.uniform(-1.1, 1.1, (N, H, W, 2)).astype(np.float32)
     go = rng.standard_normal((N, C, H, W)).astype(np.float32)
@@ -207,6 +239,7 @@ def _grid_sample(device: str) -> BenchCase | None:
         forward_backward,
         device=device,
         sync=sync,
+        samples=N * C * H * W,
     )
 
     def torch_sample(tx: Any, tg: Any) -> Any:
@@ -217,10 +250,13 @@ def _grid_sample(device: str) -> BenchCase | None:
     return _with_torch(case, torch_sample, (x, grd), (0, 1), go)
 
 
-def _deform_conv2d(device: str) -> BenchCase | None:
-    """SPEC 13: B=4, Cin=Cout=64, 32x32, 3x3, padding 1, one offset group, with mask, float32."""
+def _deform_conv2d(device: str, size: str) -> BenchCase | None:
+    """SPEC 13: B=4, Cin=Cout=64, 32x32, 3x3, padding 1, one offset group, with mask, float32;
+    large: B=8, 128->128, 64x64. Beside torchvision's op, torch's dense conv2d of the same shape
+    (the floor: the same GEMMs without the gather)."""
     rng = np.random.default_rng(0)
-    B, C, H, W, k = 4, 64, 32, 32, 3
+    B, C, H = _conv_shape(size)
+    W, k = H, 3
     x = rng.standard_normal((B, C, H, W)).astype(np.float32)
     off = rng.uniform(-2, 2, (B, 2 * k * k, H, W)).astype(np.float32)
     m = rng.uniform(0, 1, (B, k * k, H, W)).astype(np.float32)
@@ -245,6 +281,7 @@ def _deform_conv2d(device: str) -> BenchCase | None:
         forward_backward,
         device=device,
         sync=sync,
+        samples=B * C * k * k * H * W,
     )
 
     def tv_deform_conv2d(tx: Any, toff: Any, tm: Any, tw: Any, tb: Any) -> Any:
@@ -252,18 +289,43 @@ def _deform_conv2d(device: str) -> BenchCase | None:
 
         return torchvision.ops.deform_conv2d(tx, toff, tw, tb, padding=1, mask=tm)
 
+    def dense_conv2d(tx: Any, tw: Any, tb: Any) -> Any:
+        import torch
+
+        return torch.nn.functional.conv2d(tx, tw, tb, padding=1)
+
+    dense = _with_torch(
+        BenchCase(case.size, forward, forward_backward, device=device),
+        dense_conv2d, (x, w, bias), (0, 1, 2), go,
+    )  # fmt: skip
+    case.torch_dense_forward = dense.torch_forward
+    case.torch_dense_forward_backward = dense.torch_forward_backward
     return _with_torch(
         case, tv_deform_conv2d, (x, off, m, w, bias), (0, 1, 2, 3, 4), go, torchvision=True
     )
 
 
-def _roi_data(C: int = 256) -> tuple[np.ndarray, np.ndarray, float]:
-    """SPEC 13: input (2, C, 50, 50), 512 boxes inside an 800x800 image, spatial_scale 1/16."""
+def _roi_data(C: int = 256, size: str = "reference") -> tuple[np.ndarray, np.ndarray, float]:
+    """SPEC 13: input (2, C, 50, 50), 512 boxes inside an 800x800 image, spatial_scale 1/16;
+    large: input (2, C, 100, 152), 1000 boxes inside a 1600x2432 image."""
     rng = np.random.default_rng(0)
     s = 1.0 / 16.0
-    x = rng.standard_normal((2, C, 50, 50)).astype(np.float32)
-    boxes = boxes_in(rng, 512, 2, 50, 50, s).astype(np.float32)
+    H, W, K = (50, 50, 512) if size == "reference" else (100, 152, 1000)
+    x = rng.standard_normal((2, C, H, W)).astype(np.float32)
+    boxes = boxes_in(rng, K, 2, H, W, s).astype(np.float32)
     return x, boxes, s
+
+
+def _pooled_pixels(mode: str, boxes: np.ndarray, x: np.ndarray, s: float) -> int:
+    """Pixels the integer bins of roi_pool / ps_roi_pool (7x7) read, summed over the boxes."""
+    from ..kernels.roi_geometry import pool_bins
+
+    _, hs, he, ws, we = pool_bins(mode, boxes, (7, 7), s, x.shape[2], x.shape[3], x.dtype)
+    return int(((he - hs)[:, :, None] * (we - ws)[:, None, :]).sum())
+
+
+def _roi_label(x: np.ndarray, K: int, rest: str) -> str:
+    return f"input ({','.join(map(str, x.shape))}), {K} boxes, {rest}"
 
 
 def _shape_only(backward_op: Callable[..., Any]) -> Callable[..., Any]:
@@ -285,6 +347,8 @@ def _roi_case(
     boxes: np.ndarray,
     args: tuple,
     torchvision_op: str | None,
+    samples: int,
+    scale: str,
 ) -> BenchCase | None:
     """A RoI op's case: ``forward_op(x, boxes, *args)`` and its backward, and the torchvision op
     of that name on the same data."""
@@ -300,7 +364,9 @@ def _roi_case(
         forward_op(x, boxes, *args)
         return backward_op(g, x, boxes, *args)
 
-    case = BenchCase(size, forward, forward_backward, device=device, sync=sync)
+    case = BenchCase(
+        size, forward, forward_backward, device=device, sync=sync, samples=samples, scale=scale
+    )
     if torchvision_op is None:
         return case
 
@@ -312,19 +378,21 @@ def _roi_case(
     return _with_torch(case, tv_op, (x_host, boxes), (0,), g_host, torchvision=True)
 
 
-def _roi_align(device: str) -> BenchCase | None:
-    x, boxes, s = _roi_data()
-    g = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
+def _roi_align(device: str, size: str) -> BenchCase | None:
+    x, boxes, s = _roi_data(256, size)
+    K = len(boxes)
+    g = np.random.default_rng(1).standard_normal((K, 256, 7, 7)).astype(np.float32)
     return _roi_case(
-        device, "input (2,256,50,50), 512 boxes, 7x7, sampling_ratio 2, aligned", x, g,
+        device, _roi_label(x, K, "7x7, sampling_ratio 2, aligned"), x, g,
         ops.roi_align_forward, _shape_only(ops.roi_align_backward), boxes, (7, s, 2, True),
-        "roi_align",
+        "roi_align", K * 256 * 49 * 4, size,
     )  # fmt: skip
 
 
-def _roi_pool(device: str) -> BenchCase | None:
-    x, boxes, s = _roi_data()
-    g = np.random.default_rng(1).standard_normal((512, 256, 7, 7)).astype(np.float32)
+def _roi_pool(device: str, size: str) -> BenchCase | None:
+    x, boxes, s = _roi_data(256, size)
+    K = len(boxes)
+    g = np.random.default_rng(1).standard_normal((K, 256, 7, 7)).astype(np.float32)
 
     def backward(g: Any, x: Any, boxes: Any, *args: Any) -> Any:
         # the forward's argmax, as the autograd node keeps it
@@ -332,31 +400,38 @@ def _roi_pool(device: str) -> BenchCase | None:
         return ops.roi_pool_backward(g, x.shape, boxes, *args, argmax=argmax)
 
     return _roi_case(
-        device, "input (2,256,50,50), 512 boxes, 7x7", x, g, ops.roi_pool_forward, backward,
-        boxes, (7, s), "roi_pool",
+        device, _roi_label(x, K, "7x7"), x, g, ops.roi_pool_forward, backward,
+        boxes, (7, s), "roi_pool", 256 * _pooled_pixels("roi_pool", boxes, x, s), size,
     )  # fmt: skip
 
 
-def _ps_roi_align(device: str) -> BenchCase | None:
+def _ps_roi_align(device: str, size: str) -> BenchCase | None:
+    if size != "reference":
+        return None
     x, boxes, s = _roi_data(8 * 49)
     g = np.random.default_rng(0).standard_normal((512, 8, 7, 7)).astype(np.float32)
     return _roi_case(
         device, "input (2,392,50,50), 512 boxes, 7x7, 8 output channels", x, g,
         ops.ps_roi_align_forward, _shape_only(ops.ps_roi_align_backward), boxes, (7, s, 2),
-        "ps_roi_align",
+        "ps_roi_align", 512 * 8 * 49 * 4, size,
     )  # fmt: skip
 
 
-def _ps_roi_pool(device: str) -> BenchCase | None:
+def _ps_roi_pool(device: str, size: str) -> BenchCase | None:
+    if size != "reference":
+        return None
     x, boxes, s = _roi_data(8 * 49)
     g = np.random.default_rng(0).standard_normal((512, 8, 7, 7)).astype(np.float32)
     return _roi_case(
         device, "input (2,392,50,50), 512 boxes, 7x7, 8 output channels", x, g,
         ops.ps_roi_pool_forward, _shape_only(ops.ps_roi_pool_backward), boxes, (7, s), "ps_roi_pool",
+        8 * _pooled_pixels("ps_roi_pool", boxes, x, s), size,
     )  # fmt: skip
 
 
-def _deform_roi_pool(device: str) -> BenchCase | None:
+def _deform_roi_pool(device: str, size: str) -> BenchCase | None:
+    if size != "reference":
+        return None
     x, boxes, s = _roi_data()
     rng = np.random.default_rng(2)
     off = rng.uniform(-1, 1, (512, 2, 7, 7)).astype(np.float32)
@@ -369,11 +444,13 @@ def _deform_roi_pool(device: str) -> BenchCase | None:
         device, "roi_align's size, offsets in [-1, 1], gamma 0.1", x, g,
         lambda x, b, *a: ops.deform_roi_pool_forward(x, b, offd, *a),
         lambda g, x, b, *a: ops.deform_roi_pool_backward(g, x, b, offd, *a),
-        boxes, (7, s, 2, 0.1), None,
+        boxes, (7, s, 2, 0.1), None, 512 * 256 * 49 * 4, size,
     )  # fmt: skip
 
 
-def _deform_ps_roi_pool(device: str) -> BenchCase | None:
+def _deform_ps_roi_pool(device: str, size: str) -> BenchCase | None:
+    if size != "reference":
+        return None
     x, boxes, s = _roi_data(8 * 49)
     rng = np.random.default_rng(2)
     off = rng.standard_normal((512, 2, 7, 7)).astype(np.float32)
@@ -386,7 +463,7 @@ def _deform_ps_roi_pool(device: str) -> BenchCase | None:
         device, "R-FCN head: input (2,392,50,50), 512 boxes, 7x7, 4x4 samples", x, g,
         lambda x, b, *a: ops.deform_ps_roi_pool_forward(x, b, offd, *a),
         lambda g, x, b, *a: ops.deform_ps_roi_pool_backward(g, x, b, offd, *a),
-        boxes, (s, 8, 7, 7, None, 4, 0.1), None,
+        boxes, (s, 8, 7, 7, None, 4, 0.1), None, 512 * 8 * 49 * 16, size,
     )  # fmt: skip
 
 
@@ -417,10 +494,16 @@ def torch_ms_deform_attn_core(
     return out.transpose(1, 2).contiguous()
 
 
-def _ms_deform_attn(device: str) -> BenchCase | None:
+def _ms_deform_attn(device: str, size: str) -> BenchCase | None:
     """SPEC 13: N=1, levels (32,32),(16,16),(8,8),(4,4), Lq=S=1360, M=8, D=32, P=4, float32,
-    against Deformable-DETR's grid_sample formulation."""
-    data = spec13_attention(np.float32)
+    against Deformable-DETR's grid_sample formulation; large: Deformable-DETR's encoder, N=2,
+    levels (100,152),(50,76),(25,38),(13,19), Lq=S=20197."""
+    if size == "reference":
+        data = spec13_attention(np.float32)
+        label = "N=1, L=4 (32..4), Lq=S=1360, M=8, D=32, P=4"
+    else:
+        data = attention_inputs(ENCODER_LEVELS, 2, np.float32)
+        label = "encoder: N=2, L=4 (100x152..13x19), Lq=S=20197, M=8, D=32, P=4"
     names = ("value", "sampling_locations", "attention_weights", "grad_output")
     host = tuple(data[k] for k in names)
     placed = bench_device(device, *host)
@@ -437,12 +520,14 @@ def _ms_deform_attn(device: str) -> BenchCase | None:
         ops.ms_deform_attn(leaves[0], shapes, starts, *leaves[1:]).backward(grad)
         return leaves[0].grad
 
+    N, Lq, M, L, P, _ = loc.shape
     case = BenchCase(
-        "N=1, L=4 (32..4), Lq=S=1360, M=8, D=32, P=4",
+        label,
         forward,
         forward_backward,
         device=device,
         sync=sync,
+        samples=N * Lq * M * L * P * value.shape[3],
     )
     levels = [tuple(int(s) for s in row) for row in shapes]
 
@@ -452,7 +537,7 @@ def _ms_deform_attn(device: str) -> BenchCase | None:
     return _with_torch(case, core, host[:3], (0, 1, 2), host[3])
 
 
-_BUILDERS: dict[str, Callable[[str], BenchCase | None]] = {
+_BUILDERS: dict[str, Callable[[str, str], BenchCase | None]] = {
     "bilinear_interpolate": _bilinear_interpolate,
     "grid_sample": _grid_sample,
     "deform_conv2d": _deform_conv2d,
@@ -469,15 +554,23 @@ _BUILDERS: dict[str, Callable[[str], BenchCase | None]] = {
 OPS = tuple(_BUILDERS)
 
 
-def bench_cases(op: str | None = None, device: str = "cpu") -> list[BenchCase]:
-    """The bench cases (of one op, or of all) that can run on ``device``."""
+def bench_cases(
+    op: str | None = None, device: str = "cpu", sizes: tuple[str, ...] = ("reference",)
+) -> list[BenchCase]:
+    """The bench cases (of one op, or of all) at ``sizes`` ("reference", "large") that can run on
+    ``device``."""
     if op is not None and op not in _BUILDERS:
         raise ValueError(f"unknown op {op!r}; the ops with bench cases are {', '.join(OPS)}")
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        raise ValueError(f"unknown bench size(s) {unknown}; the sizes are {', '.join(SIZES)}")
     cases = []
     for name, build in _BUILDERS.items():
         if op is None or name == op:
-            case = build(device)
-            if case is not None:
-                case.op = name
-                cases.append(case)
+            for size in sizes:
+                case = build(device, size)
+                if case is not None:
+                    case.op = name
+                    case.scale = size
+                    cases.append(case)
     return cases

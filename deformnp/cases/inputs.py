@@ -207,10 +207,23 @@ def spec13_attention(dtype: Any = np.float32, seed: int = 0) -> dict[str, Any]:
     """The SPEC section 13 ``ms_deform_attn`` inputs: N=1, levels (32,32),(16,16),(8,8),(4,4),
     Lq = S = 1360, M = 8, D = 32, P = 4; locations uniform over the maps, weights softmaxed, and
     a ``grad_output``."""
+    return attention_inputs(SPEC13_LEVELS, 1, dtype, seed)
+
+
+# Deformable-DETR's encoder on an 800x1216 image: the feature maps of strides 8, 16, 32, 64
+ENCODER_LEVELS = ((100, 152), (50, 76), (25, 38), (13, 19))
+
+
+def attention_inputs(
+    levels: Sequence[tuple[int, int]], N: int, dtype: Any = np.float32, seed: int = 0
+) -> dict[str, Any]:
+    """``ms_deform_attn`` inputs of an encoder over ``levels``: Lq = S (every pixel of every level
+    queries), M = 8, D = 32, P = 4; locations uniform over the maps, weights softmaxed, and a
+    ``grad_output``."""
     rng = np.random.default_rng(seed)
-    shapes, starts = level_layout(SPEC13_LEVELS)
+    shapes, starts = level_layout(levels)
     S = int(shapes.prod(axis=1).sum())
-    N, Lq, M, D, L, P = 1, S, 8, 32, len(SPEC13_LEVELS), 4
+    Lq, M, D, L, P = S, 8, 32, len(levels), 4
     logits = rng.standard_normal((N, Lq, M, L * P))
     w = np.exp(logits - logits.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
