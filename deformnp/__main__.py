@@ -374,6 +374,14 @@ def _threading_layer() -> str:
 # ---------------------------------------------------------------------------- main
 
 
+def _prog() -> str:
+    """The name the user typed: ``deformnp`` (the console command) or ``python -m deformnp``."""
+    import os
+
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "deformnp" if name in ("deformnp", "deformnp.exe") else "python -m deformnp"
+
+
 def _thread_counts(text: str) -> list[int]:
     """``--threads``: "2,1" -> [2, 1]; each count between 1 and Numba's maximum."""
     import numba
@@ -393,10 +401,13 @@ def _thread_counts(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deformnp",
+        prog=_prog(),
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"deformnp {__version__}")
     sub = parser.add_subparsers(dest="command")
     p_check = sub.add_parser("check", help="gradcheck every op (float64)")
     p_check.add_argument("--op", action="append", help="only this op (repeatable)")
@@ -409,7 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_bench.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     p_bench.add_argument(
-        "--size", choices=["reference", "large", "all"], default="all", help="default: all"
+        "--size",
+        choices=["reference", "large", "all"],
+        default="reference",
+        help="default: reference",
     )
     p_bench.add_argument(
         "--threads",
@@ -432,8 +446,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         import numba
 
         devices = ("cpu", "cuda") if args.device == "all" else (args.device,)
+        if devices == ("cuda",):
+            from . import cuda
+
+            if not cuda.is_available():
+                print(
+                    f"{parser.prog} bench: --device cuda selects nothing: no CUDA GPU is "
+                    "available to Numba (see `info`)",
+                    file=sys.stderr,
+                )
+                return 2
         sizes = ("reference", "large") if args.size == "all" else (args.size,)
-        threads = args.threads or [numba.get_num_threads(), 1]
+        threads = args.threads or [numba.get_num_threads()]
         run_bench(args.op, args.repeat, devices, sizes=sizes, threads=threads, floor=args.floor)
         return 0
     # the main job

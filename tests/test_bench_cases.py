@@ -83,3 +83,17 @@ def test_floor_measures_positive_rates():
 
     f = measure_floor(1, repeat=1, read_mib=4, samples=1024)
     assert f.threads == 1 and f.read_gb_s > 0 and f.gather_g_s > 0
+
+
+def test_version_and_cuda_without_gpu(capsys):
+    import deformnp
+    from deformnp import cuda
+    from deformnp.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"deformnp {deformnp.__version__}"
+    if not cuda.is_available():
+        assert main(["bench", "--device", "cuda"]) == 2
+        assert "selects nothing" in capsys.readouterr().err
