@@ -6,23 +6,22 @@ the suite's ops plus each case's peak extra memory.
     python -m pytest benches/bench_roi.py --benchmark-enable     # pytest-benchmark's tables
     python benches/bench_roi.py                                  # the CLI's table + memory
 
-Thread counts: Numba's and torch's are both set to the test's count (torch follows Numba, as in
-the CLI), and restored afterwards.
+Thread counts: Numba's, the BLAS library's and torch's are all set to the test's count
+(``deformnp.cases.bench.thread_limit``, as in the CLI), and restored afterwards.
 """
 
 from __future__ import annotations
 
 import functools
 import tracemalloc
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numba
 import pytest
 
 from deformnp.__main__ import run_bench
-from deformnp.cases.bench import SIZES, BenchCase, bench_cases
+from deformnp.cases.bench import SIZES, BenchCase, bench_cases, thread_limit
 
 PASSES = ["forward", "forward_backward"]
 THREADS = list(dict.fromkeys([numba.get_num_threads(), 1]))
@@ -33,26 +32,6 @@ def case(op: str, size: str) -> BenchCase | None:
     """The CPU case of ``op`` at ``size`` (built once; None when the op has no such size)."""
     found = bench_cases(op, "cpu", (size,))
     return found[0] if found else None
-
-
-@contextmanager
-def threads(n: int) -> Iterator[None]:
-    """Numba and torch (when installed) at ``n`` threads."""
-    prev = numba.get_num_threads()
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    prev_torch = torch.get_num_threads() if torch else None
-    numba.set_num_threads(n)
-    if torch:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(prev)
-        if torch:
-            torch.set_num_threads(prev_torch)
 
 
 def parametrize(ops: Sequence[str]) -> Callable[[Callable[..., Any]], Any]:
@@ -77,7 +56,7 @@ def run(benchmark: Any, op: str, size: str, n: int, which: str, side: str = "") 
         what = side.rstrip("_").replace("_", " ")
         pytest.skip(f"{op}: no {what} counterpart (torch/torchvision not installed?)")
     benchmark.group = f"{op} {which} {c.size} {n} thread(s)"
-    with threads(n):
+    with thread_limit(n):
         fn()  # warm up (Numba cache, allocations, thread pools)
         slow = size == "large" or side == "torch_"
         benchmark.pedantic(fn, rounds=5 if slow else 20, warmup_rounds=1)

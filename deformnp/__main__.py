@@ -144,18 +144,6 @@ def _torch_sync(device: str) -> Callable[[], Any] | None:
     return torch.cuda.synchronize
 
 
-def _set_threads(n: int) -> None:
-    """Numba's and (when installed) torch's thread counts."""
-    import numba
-
-    numba.set_num_threads(n)
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.set_num_threads(n)
-
-
 def _torch_version() -> str | None:
     try:
         import torch
@@ -179,7 +167,7 @@ def run_bench(
     import numba
 
     from . import cuda
-    from .cases.bench import OPS, bench_cases
+    from .cases.bench import OPS, bench_cases, thread_limit
 
     current = numba.get_num_threads()
     counts = list(dict.fromkeys(threads or [current]))
@@ -188,15 +176,12 @@ def run_bench(
     rows: list[list[str]] = []
     dense_lines: list[str] = []
     cpu_ms: dict[tuple[str, str, str, int], float] = {}
-    try:
-        for name in _selected(only, OPS):
-            for device in wanted:
-                for case in bench_cases(name, device, tuple(sizes)):
-                    for n in counts if device == "cpu" else [current]:
-                        _set_threads(n)
+    for name in _selected(only, OPS):
+        for device in wanted:
+            for case in bench_cases(name, device, tuple(sizes)):
+                for n in counts if device == "cpu" else [current]:
+                    with thread_limit(n):
                         _bench_case(case, device, n, repeat, rows, dense_lines, cpu_ms, out)
-    finally:
-        _set_threads(current)
     reps = (
         f"median of {repeat}"
         if repeat
@@ -204,7 +189,7 @@ def run_bench(
     )
     print(
         f"Timings (float32, {reps} after warm-up, deformnp and torch runs alternating, "
-        f"torch with Numba's thread count; numba {numba.__version__}; "
+        f"Numba, BLAS and torch at the row's thread count; numba {numba.__version__}; "
         f"{torch_info or 'torch not installed'})",
         file=out,
     )

@@ -17,7 +17,9 @@ Numba's CUDA simulator, far too slow for these sizes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +31,15 @@ from ..function import no_grad
 from ..tensor import Tensor
 from .inputs import ENCODER_LEVELS, attention_inputs, boxes_in, spec13_attention
 
-__all__ = ["BenchCase", "bench_cases", "OPS", "SIZES", "bench_device", "torch_device"]
+__all__ = [
+    "BenchCase",
+    "bench_cases",
+    "OPS",
+    "SIZES",
+    "bench_device",
+    "torch_device",
+    "thread_limit",
+]
 
 SIZES = ("reference", "large")
 
@@ -90,6 +100,29 @@ def torch_device(device: str) -> str | None:
     if device == "cuda":
         return "cuda" if torch.cuda.is_available() else None
     return "cpu"
+
+
+@contextmanager
+def thread_limit(n: int) -> Iterator[None]:
+    """Run the enclosed timings on ``n`` threads everywhere: Numba's kernels, the BLAS library
+    NumPy calls for the GEMMs (deform_conv2d, conv2d; through threadpoolctl, which finds
+    OpenBLAS / MKL / BLIS) and torch when it is loaded. Each is restored afterwards."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    torch = sys.modules.get("torch")
+    prev = numba.get_num_threads()
+    prev_torch = torch.get_num_threads() if torch is not None else None
+    with threadpool_limits(limits=n, user_api="blas"):
+        numba.set_num_threads(n)
+        if torch is not None:
+            torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            numba.set_num_threads(prev)
+            if torch is not None:
+                torch.set_num_threads(prev_torch)
 
 
 def _with_torch(
