@@ -23,12 +23,21 @@ kernel); the figures against torch are in benches/RESULTS.md.
   one head's map is one contiguous (S, D) block and a pixel is a contiguous run of D values. The
   value gradient is accumulated in that layout and copied back (``from_head_major``). The two
   copies take about 6% of a forward+backward.
-* **Plans in batches.** The plans of up to ``PLAN_BATCH`` points (four corner offsets and their
-  weights) are computed in one loop into small stack arrays, one array per quantity; that loop
-  has no stores LLVM must assume alias the inputs, so it vectorizes (floor, compares, selects
-  across points). The channel loops then read the plans back from L1.
+* **Level by level.** The forward's tasks are (n, m, a chunk of ``QC`` queries) and the
+  backward's (n, m, level, chunk of queries): a task reads one head's map one level at a time,
+  so at Deformable-DETR's encoder size (levels (100,152)..(13,19)) three levels of four are
+  small enough for the core's L2 cache, and the level's size and first row are loop constants
+  of the plan loop. The forward keeps the output rows of its ``QC`` queries on the stack
+  (``ACC_ELEMENTS`` values) and adds the levels into them in turn, so each output element
+  still sums its points in the order (level, point).
+* **Plans in batches.** The plans of up to ``PLAN_BATCH`` points of a level (four corner offsets
+  and their weights; several queries' points when P is small) are computed in one loop into
+  small stack arrays, one array per quantity; that loop has no stores LLVM must assume alias the
+  inputs, so it vectorizes (floor, compares, selects across points). The channel loops then
+  read the plans back from L1.
 * **Channel count as a constant.** ``kernels(D)`` builds the kernels with D fixed at compile
-  time: the forward's accumulator then lives in registers across a query's points. ``kernels(0)``
+  time: the channel loops get a constant trip count, and the forward's accumulator row can
+  stay in registers across a query's points on one level. ``kernels(0)``
   is the generic build for any D up to ``GENERIC_CHANNELS``; ``channels_for`` picks the build
   (the specialised one only for large problems or large D, so small calls never compile a new
   variant). Both are built from the same source below, and all builds are cached on disk.
@@ -38,13 +47,15 @@ kernel); the figures against torch are in benches/RESULTS.md.
 
 Parallelism and determinism:
 
-* forward: ``prange`` over (n, q); each iteration writes the row out[n, q, :] only.
-* backward: ``prange`` over tasks (n, m, chunk of queries). A task owns the gradients of the
-  locations and weights of its queries (owner computes), and scatters into its own copy of the
-  (n, m) block of the head-major value gradient: chunk 0 writes ``grad_value_hm`` itself, chunk
-  c >= 1 a buffer ``grad_value_extra[c - 1]``; ``from_head_major`` adds them in chunk order.
-  The number of chunks, and the build, depend on the shapes only, never on the thread count, so
-  gradients are bit-identical with any number of threads.
+* forward: ``prange`` over tasks (n, m, chunk of ``QC`` queries); a task writes the rows
+  out[n, q, m*D : (m+1)*D] of its queries only.
+* backward: ``prange`` over tasks (n, m, level l, chunk of queries). A task owns the gradients
+  of the locations and weights of its queries' points on level l (owner computes), and scatters
+  into its own copy of level l's rows of the (n, m) block of the head-major value gradient:
+  chunk 0 writes ``grad_value_hm`` itself, chunk c >= 1 a buffer ``grad_value_extra[c - 1]``;
+  ``from_head_major`` adds them in chunk order. The number of chunks (``n_chunks``, which
+  counts the (n, m, l) slices), and the build, depend on the shapes only, never on the thread
+  count, so gradients are bit-identical with any number of threads.
 
 Index arithmetic is 64-bit throughout. Flat offsets into value / grad_value are converted to
 uint64 before indexing: they are never negative, and unsigned indices spare Numba's
@@ -70,6 +81,7 @@ from numba.extending import intrinsic
 
 from .sampling import threads_for, zero_fade_plan
 
+ACC_ELEMENTS = 2048  # forward accumulator rows of a task: QC * D values on the stack
 PLAN_BATCH = 32  # sampling points whose plans are computed in one vectorized loop
 GENERIC_CHANNELS = 64  # the generic build serves D <= this (its stack buffers have this size)
 SPECIALISE_WORK = 1 << 21  # sampling points times channels from which D is compiled in
@@ -148,17 +160,15 @@ def _level_slots(spatial_shapes, level_start_index, P):
 
 
 @njit(inline="always", cache=True)
-def _sampling_point(loc, attn, slot_h, slot_w, slot_start, head, p, i, D):
-    """Point p (flat index into attention_weights) in slot i of head block ``head``: the flat
-    offsets of its four corners in the head-major value, its zero-fade plan and its weight.
-    Indices are unsigned, so the loop that calls this vectorizes with plain loads."""
-    H = slot_h[i]
-    W = slot_w[i]
+def _level_point(loc, attn, H, W, row0, p, D):
+    """Point p (flat index into attention_weights) on a level of H x W pixels whose first
+    head-major row is row0: the flat offsets of its four corners in the head-major value, its
+    zero-fade plan and its weight. The index is unsigned, so the loops that call this vectorize
+    with plain loads."""
     x = float64(loc[p + p]) * W - 0.5
     y = float64(loc[p + p + uint64(1)]) * H - 0.5
     idx, w, cy, cx = zero_fade_plan(y, x, H, W)
-    row = head + slot_start[i]
-    off = ((row + idx[0]) * D, (row + idx[1]) * D, (row + idx[2]) * D, (row + idx[3]) * D)
+    off = ((row0 + idx[0]) * D, (row0 + idx[1]) * D, (row0 + idx[2]) * D, (row0 + idx[3]) * D)
     return off, w, cy, cx, float64(attn[p])
 
 
@@ -192,6 +202,8 @@ def kernels(channels: int) -> tuple[Any, Any]:
     BUF = channels if channels > 0 else GENERIC_CHANNELS
     B = PLAN_BATCH
     B4 = 4 * PLAN_BATCH
+    QC = max(1, ACC_ELEMENTS // BUF)  # queries per forward task
+    QCB = QC * BUF
 
     def forward(value_hm, slot_h, slot_w, slot_start, sampling_locations, attention_weights, out):
         """out[n, q, m*D + d] = sum_{l,p} A * zero_fade(V_l[n, m, :, :, d], v*H_l - .5, u*W_l - .5)."""
@@ -200,64 +212,81 @@ def kernels(channels: int) -> tuple[Any, Any]:
             raise ValueError("ms_deform_attn: value's D does not fit this kernel build")
         D = DK if DK > 0 else Dv
         Lq = sampling_locations.shape[1]
-        LP = slot_h.shape[0]
+        L = sampling_locations.shape[3]
+        P = sampling_locations.shape[4]
         dt = value_hm.dtype
         v = value_hm.reshape(-1)
         o = out.reshape(-1)
         loc = sampling_locations.reshape(-1)
         attn = attention_weights.reshape(-1)
-        for nq in prange(N * Lq):
-            n = nq // Lq
-            q = nq - n * Lq
-            acc = carray(_stack_ptr(BUF, dt), (BUF,))
-            # plan of a batch of points: corner offsets (4, B) and weights a * w (4, B)
+        n_qc = (Lq + QC - 1) // QC
+        for task in prange(N * M * n_qc):
+            nm = task // n_qc
+            n = nm // M
+            m = nm - n * M
+            q0 = (task - nm * n_qc) * QC
+            nq = min(Lq, q0 + QC) - q0
+            acc = carray(_stack_ptr(QCB, dt), (QC, BUF))  # the rows out[n, q0:q0+nq, m]
             off = carray(_stack_ptr(B4, np.int64), (4, B))
             wgt = carray(_stack_ptr(B4, dt), (4, B))
-            live = carray(_stack_ptr(B, np.uint8), (B,))  # 1 where some weight is non-zero
-            for m in range(M):
-                head = (n * M + m) * S
-                pt = ((n * Lq + q) * M + m) * LP  # flat index of point (n, q, m, 0, 0)
+            live = carray(_stack_ptr(B, np.uint8), (B,))
+            for qq in range(nq):
                 for d in range(D):
-                    acc[d] = 0.0
-                for i0 in range(0, LP, B):
-                    nb = min(B, LP - i0)
-                    for j in range(nb):
-                        i = uint64(i0 + j)
-                        corner, w, _, _, a = _sampling_point(
-                            loc, attn, slot_h, slot_w, slot_start, head, uint64(pt) + i, i, D
-                        )
-                        off[0, j] = corner[0]
-                        off[1, j] = corner[1]
-                        off[2, j] = corner[2]
-                        off[3, j] = corner[3]
-                        wgt[0, j] = a * w[0]
-                        wgt[1, j] = a * w[1]
-                        wgt[2, j] = a * w[2]
-                        wgt[3, j] = a * w[3]
-                        # out of range (or on the fading edge): contributes nothing
-                        live[j] = w[0] != 0.0 or w[1] != 0.0 or w[2] != 0.0 or w[3] != 0.0
-                    for j in range(nb):
-                        if live[j] == 0:
-                            continue
-                        o0 = uint64(off[0, j])
-                        o1 = uint64(off[1, j])
-                        o2 = uint64(off[2, j])
-                        o3 = uint64(off[3, j])
-                        a0 = wgt[0, j]
-                        a1 = wgt[1, j]
-                        a2 = wgt[2, j]
-                        a3 = wgt[3, j]
-                        for d in range(D):
-                            ud = uint64(d)
-                            acc[ud] += (
-                                a0 * v[o0 + ud]
-                                + a1 * v[o1 + ud]
-                                + a2 * v[o2 + ud]
-                                + a3 * v[o3 + ud]
-                            )
-                r = uint64((n * Lq + q) * M * D + m * D)
+                    acc[qq, d] = 0.0
+            for lev in range(L):  # level by level: one level's map at a time in the cache
+                H = slot_h[lev * P]
+                W = slot_w[lev * P]
+                if H <= 0 or W <= 0:  # an empty level contributes nothing
+                    continue
+                row0 = nm * S + slot_start[lev * P]
+                for p0 in range(0, P, B):
+                    np_ = min(B, P - p0)
+                    qpb = max(1, B // np_)  # queries per plan batch
+                    for qa in range(0, nq, qpb):
+                        nqb = min(qpb, nq - qa)
+                        for qq in range(nqb):
+                            pt = (((n * Lq + q0 + qa + qq) * M + m) * L + lev) * P + p0
+                            for pp in range(np_):
+                                j = qq * np_ + pp
+                                corner, w, _, _, a = _level_point(
+                                    loc, attn, H, W, row0, uint64(pt + pp), D
+                                )
+                                off[0, j] = corner[0]
+                                off[1, j] = corner[1]
+                                off[2, j] = corner[2]
+                                off[3, j] = corner[3]
+                                wgt[0, j] = a * w[0]
+                                wgt[1, j] = a * w[1]
+                                wgt[2, j] = a * w[2]
+                                wgt[3, j] = a * w[3]
+                                # out of range (or on the fading edge): contributes nothing
+                                live[j] = w[0] != 0.0 or w[1] != 0.0 or w[2] != 0.0 or w[3] != 0.0
+                        for qq in range(nqb):
+                            row = acc[qa + qq]
+                            for pp in range(np_):
+                                j = qq * np_ + pp
+                                if live[j] == 0:
+                                    continue
+                                o0 = uint64(off[0, j])
+                                o1 = uint64(off[1, j])
+                                o2 = uint64(off[2, j])
+                                o3 = uint64(off[3, j])
+                                a0 = wgt[0, j]
+                                a1 = wgt[1, j]
+                                a2 = wgt[2, j]
+                                a3 = wgt[3, j]
+                                for d in range(D):
+                                    ud = uint64(d)
+                                    row[ud] += (
+                                        a0 * v[o0 + ud]
+                                        + a1 * v[o1 + ud]
+                                        + a2 * v[o2 + ud]
+                                        + a3 * v[o3 + ud]
+                                    )
+            for qq in range(nq):
+                r = uint64(((n * Lq + q0 + qq) * M + m) * D)
                 for d in range(D):
-                    o[r + uint64(d)] = acc[d]
+                    o[r + uint64(d)] = acc[qq, d]
         return out
 
     def backward(
@@ -279,9 +308,10 @@ def kernels(channels: int) -> tuple[Any, Any]:
         """Gradients of ``forward`` for value (head-major), sampling_locations, attention_weights.
 
         Every output is written whole, so none needs zeroing: ``grad_value_hm`` (N, M, S, D)
-        and ``grad_value_extra`` (n_chunks - 1, N*M*S*D) are zeroed block by block by the tasks
-        that scatter into them (with ``need_value`` False they may be empty), the location and
-        weight gradients point by point (with ``need_loc_attn`` False they may be empty).
+        and ``grad_value_extra`` (n_chunks - 1, N*M*S*D) are zeroed level block by level block
+        by the tasks that scatter into them (with ``need_value`` False they may be empty), the
+        location and weight gradients point by point (with ``need_loc_attn`` False they may be
+        empty).
 
         For a point with plan (idx, w, cy, cx), attention weight a and incoming gradient g[d],
         with the per-corner channel sums t_k = sum_d g[d] * V[idx[k], d]:
@@ -296,7 +326,8 @@ def kernels(channels: int) -> tuple[Any, Any]:
             raise ValueError("ms_deform_attn: value's D does not fit this kernel build")
         D = DK if DK > 0 else Dv
         Lq = sampling_locations.shape[1]
-        LP = slot_h.shape[0]
+        L = sampling_locations.shape[3]
+        P = sampling_locations.shape[4]
         dt = value_hm.dtype
         v = value_hm.reshape(-1)
         g = grad_out.reshape(-1)
@@ -306,92 +337,119 @@ def kernels(channels: int) -> tuple[Any, Any]:
         gloc = grad_sampling_locations.reshape(-1)
         gattn = grad_attention_weights.reshape(-1)
         chunk = (Lq + n_chunks - 1) // n_chunks
-        for task in prange(N * M * n_chunks):
+        for task in prange(N * M * L * n_chunks):
             c = task % n_chunks
-            nm = task // n_chunks
+            nml = task // n_chunks
+            nm = nml // L
+            lev = nml - nm * L
             n = nm // M
             m = nm - n * M
             gv = gv0 if c == 0 else grad_value_extra[c - 1]
-            head = (n * M + m) * S
-            if need_value:  # this task's (n, m) block of its buffer, zeroed by the thread using it
-                gv[head * Dv : (head + S) * Dv] = 0.0
+            H = slot_h[lev * P]
+            W = slot_w[lev * P]
+            row0 = nm * S + slot_start[lev * P]
+            if need_value:  # this task's level block of its buffer, zeroed by the thread using it
+                gv[row0 * Dv : (row0 + max(H, 0) * max(W, 0)) * Dv] = 0.0
+            qs = c * chunk
+            qe = min(Lq, qs + chunk)
+            if H <= 0 or W <= 0:  # an empty level: no pixel to read, zero gradients
+                if need_loc_attn:
+                    for q in range(qs, qe):
+                        pt = (((n * Lq + q) * M + m) * L + lev) * P
+                        for pp in range(P):
+                            gattn[pt + pp] = 0.0
+                            gloc[2 * (pt + pp)] = 0.0
+                            gloc[2 * (pt + pp) + 1] = 0.0
+                continue
             gq = carray(_stack_ptr(BUF, dt), (BUF,))  # grad_out[n, q, m*D : (m+1)*D]
             off = carray(_stack_ptr(B4, np.int64), (4, B))
             wk = carray(_stack_ptr(B4, np.float64), (4, B))
             cyk = carray(_stack_ptr(B4, np.float64), (4, B))
             cxk = carray(_stack_ptr(B4, np.float64), (4, B))
             ak = carray(_stack_ptr(B, np.float64), (B,))
-            for q in range(c * chunk, min(Lq, (c + 1) * chunk)):
-                go = uint64((n * Lq + q) * M * D + m * D)
-                for d in range(D):
-                    gq[d] = g[go + uint64(d)]
-                pt = ((n * Lq + q) * M + m) * LP
-                for i0 in range(0, LP, B):
-                    nb = min(B, LP - i0)
-                    for j in range(nb):
-                        i = uint64(i0 + j)
-                        corner, w, cy, cx, ak[j] = _sampling_point(
-                            loc, attn, slot_h, slot_w, slot_start, head, uint64(pt) + i, i, D
-                        )
-                        off[0, j] = corner[0]
-                        wk[0, j] = w[0]
-                        cyk[0, j] = cy[0]
-                        cxk[0, j] = cx[0]
-                        off[1, j] = corner[1]
-                        wk[1, j] = w[1]
-                        cyk[1, j] = cy[1]
-                        cxk[1, j] = cx[1]
-                        off[2, j] = corner[2]
-                        wk[2, j] = w[2]
-                        cyk[2, j] = cy[2]
-                        cxk[2, j] = cx[2]
-                        off[3, j] = corner[3]
-                        wk[3, j] = w[3]
-                        cyk[3, j] = cy[3]
-                        cxk[3, j] = cx[3]
-                    for j in range(nb):
-                        i = uint64(i0 + j)
-                        p = uint64(pt) + i
-                        if slot_h[i] <= 0 or slot_w[i] <= 0:  # an empty level: no pixel to read
+            for p0 in range(0, P, B):
+                np_ = min(B, P - p0)
+                qpb = max(1, B // np_)  # queries per plan batch
+                for qa in range(qs, qe, qpb):
+                    nqb = min(qpb, qe - qa)
+                    for qq in range(nqb):
+                        pt = (((n * Lq + qa + qq) * M + m) * L + lev) * P + p0
+                        for pp in range(np_):
+                            j = qq * np_ + pp
+                            corner, w, cy, cx, ak[j] = _level_point(
+                                loc, attn, H, W, row0, uint64(pt + pp), D
+                            )
+                            off[0, j] = corner[0]
+                            wk[0, j] = w[0]
+                            cyk[0, j] = cy[0]
+                            cxk[0, j] = cx[0]
+                            off[1, j] = corner[1]
+                            wk[1, j] = w[1]
+                            cyk[1, j] = cy[1]
+                            cxk[1, j] = cx[1]
+                            off[2, j] = corner[2]
+                            wk[2, j] = w[2]
+                            cyk[2, j] = cy[2]
+                            cxk[2, j] = cx[2]
+                            off[3, j] = corner[3]
+                            wk[3, j] = w[3]
+                            cyk[3, j] = cy[3]
+                            cxk[3, j] = cx[3]
+                    for qq in range(nqb):
+                        q = qa + qq
+                        go = uint64(((n * Lq + q) * M + m) * D)
+                        for d in range(D):
+                            gq[d] = g[go + uint64(d)]
+                        pt = (((n * Lq + q) * M + m) * L + lev) * P + p0
+                        for pp in range(np_):
+                            j = qq * np_ + pp
+                            p = uint64(pt + pp)
+                            a = ak[j]
                             if need_loc_attn:
-                                gattn[p] = 0.0
-                                gloc[p + p] = 0.0
-                                gloc[p + p + uint64(1)] = 0.0
-                            continue
-                        a = ak[j]
-                        if need_loc_attn:
-                            o0 = uint64(off[0, j])
-                            o1 = uint64(off[1, j])
-                            o2 = uint64(off[2, j])
-                            o3 = uint64(off[3, j])
-                            t0 = dt.type(0.0)
-                            t1 = dt.type(0.0)
-                            t2 = dt.type(0.0)
-                            t3 = dt.type(0.0)
-                            for d in range(D):
-                                ud = uint64(d)
-                                gd = gq[ud]
-                                t0 += gd * v[o0 + ud]
-                                t1 += gd * v[o1 + ud]
-                                t2 += gd * v[o2 + ud]
-                                t3 += gd * v[o3 + ud]
-                            gattn[p] = wk[0, j] * t0 + wk[1, j] * t1 + wk[2, j] * t2 + wk[3, j] * t3
-                            gx = cxk[0, j] * t0 + cxk[1, j] * t1 + cxk[2, j] * t2 + cxk[3, j] * t3
-                            gy = cyk[0, j] * t0 + cyk[1, j] * t1 + cyk[2, j] * t2 + cyk[3, j] * t3
-                            gloc[p + p] = a * gx * slot_w[i]
-                            gloc[p + p + uint64(1)] = a * gy * slot_h[i]
-                        if need_value:
-                            # corners with zero weight (masked, or the point out of range) get
-                            # nothing. The loop runs to the array's D, not the constant: a
-                            # constant trip count gets fully unrolled, and LLVM leaves that
-                            # read-modify-write scalar (3x slower, measured).
-                            for k in range(4):
-                                if wk[k, j] != 0.0:
-                                    aw = dt.type(a * wk[k, j])
-                                    ok = uint64(off[k, j])
-                                    for d in range(Dv):
-                                        ud = uint64(d)
-                                        gv[ok + ud] += aw * gq[ud]
+                                o0 = uint64(off[0, j])
+                                o1 = uint64(off[1, j])
+                                o2 = uint64(off[2, j])
+                                o3 = uint64(off[3, j])
+                                t0 = dt.type(0.0)
+                                t1 = dt.type(0.0)
+                                t2 = dt.type(0.0)
+                                t3 = dt.type(0.0)
+                                for d in range(D):
+                                    ud = uint64(d)
+                                    gd = gq[ud]
+                                    t0 += gd * v[o0 + ud]
+                                    t1 += gd * v[o1 + ud]
+                                    t2 += gd * v[o2 + ud]
+                                    t3 += gd * v[o3 + ud]
+                                gattn[p] = (
+                                    wk[0, j] * t0 + wk[1, j] * t1 + wk[2, j] * t2 + wk[3, j] * t3
+                                )
+                                gx = (
+                                    cxk[0, j] * t0
+                                    + cxk[1, j] * t1
+                                    + cxk[2, j] * t2
+                                    + cxk[3, j] * t3
+                                )
+                                gy = (
+                                    cyk[0, j] * t0
+                                    + cyk[1, j] * t1
+                                    + cyk[2, j] * t2
+                                    + cyk[3, j] * t3
+                                )
+                                gloc[p + p] = a * gx * W
+                                gloc[p + p + uint64(1)] = a * gy * H
+                            if need_value:
+                                # corners with zero weight (masked, or the point out of range)
+                                # get nothing. The loop runs to the array's D, not the constant:
+                                # a constant trip count gets fully unrolled, and LLVM leaves
+                                # that read-modify-write scalar (3x slower, measured).
+                                for k in range(4):
+                                    if wk[k, j] != 0.0:
+                                        aw = dt.type(a * wk[k, j])
+                                        ok = uint64(off[k, j])
+                                        for d in range(Dv):
+                                            ud = uint64(d)
+                                            gv[ok + ud] += aw * gq[ud]
         return grad_value_hm
 
     build = f"D{channels}" if channels else "generic"
@@ -418,17 +476,18 @@ def _value_head_major(value, cache):
     return value_hm
 
 
-# The backward splits each (n, m) slice's queries into at most MAX_CHUNKS chunks, each with its
-# own copy of grad_value, so that small N*M still gives enough parallel tasks. The count depends
-# on the shapes only (never on the thread count), which keeps gradients bit-identical across
-# thread counts.
+# The backward splits the queries of each (n, m, level) slice into at most MAX_CHUNKS chunks,
+# each with its own copy of grad_value, so that few slices still give enough parallel tasks.
+# The count depends on the shapes only (never on the thread count), which keeps gradients
+# bit-identical across thread counts.
 TARGET_TASKS = 16
 MAX_CHUNKS = 4
 MIN_QUERIES_PER_CHUNK = 128
 
 
 def n_chunks(N: int, M: int, Lq: int) -> int:
-    """Query chunks per (n, m) slice in the backward (shapes only: see above)."""
+    """Query chunks per slice in the backward for N images of M slices each (the backward
+    passes M * L: its slices are (n, m, level)) and Lq queries (shapes only: see above)."""
     tasks = max(N * M, 1)
     if tasks >= TARGET_TASKS:
         return 1
@@ -480,7 +539,7 @@ def ms_deform_attn_backward(
     if run:
         points = sampling_locations.size // 2
         _, backward = kernels(channels_for(D, points))
-        chunks = n_chunks(N, M, Lq) if need_value else 1
+        chunks = n_chunks(N, M * L, Lq) if need_value else 1
         with threads_for(points * (2 * D + 8)):
             value_hm = _value_head_major(value, cache)
             slots = _level_slots(spatial_shapes, level_start_index, P)
