@@ -30,29 +30,40 @@ How the work is laid out:
 
 * The per-RoI geometry (bin starts and sizes, sampling grids, integer pooling bins) is computed
   once in NumPy, in the formulas' own words, by ``kernels/roi_geometry.py`` (shared with CUDA).
-* Every sampling op is then a weighted sum over a *tap table*: for each bin (and, for
-  ``deform_ps_roi_pool``, each class) the distinct pixels its samples touch, each with the summed
-  weight of the shared ``clamp_plan`` corners that hit it divided by the bin's sample count (and,
-  for offset gradients, the summed d/dy and d/dx coefficients times d(coordinate)/d(offset)).
-  Tap tables are built by two float64 kernels (``_align_taps``, ``_dps_taps``): the only place
-  the ops sample. The consumers are a handful of generic gather/scatter kernels, so Numba
-  compiles little. The pooling ops (roi_pool, ps_roi_pool) read their integer bins directly.
+* A bin of the RoI Align family samples through its *taps*: the distinct pixels its samples
+  touch, each with the summed weight of the shared ``clamp_plan`` corners that hit it divided by
+  the bin's sample count (and, for offset gradients, the summed d/dy and d/dx coefficients times
+  d(coordinate)/d(offset)). ``_align_bin`` (and ``_dps_taps`` for deform_ps_roi_pool) are the
+  only places the ops sample. The forwards and ps_roi_align's backward build a bin's taps where
+  they use them (plans fused, nothing stored); the roi_align / deform_roi_pool backwards and
+  deform_ps_roi_pool use a *tap table* built by two float64 passes (count, fill) of
+  ``_align_taps`` / ``_dps_taps``. The pooling ops (roi_pool, ps_roi_pool) read their integer
+  bins directly.
 * roi_align, deform_roi_pool and roi_pool (the benchmarked ops) work on a channels-last copy of
-  the feature map, so each tap (pixel) is one contiguous, vectorised loop over the channels. The
-  position-sensitive ops, which read one channel per bin, work plane by plane on NCHW: a task
-  owns an input plane and handles every output that reads it (forward) or scatters into it
-  (backward), so the plane stays in cache.
+  the feature map, so each tap (pixel) is one contiguous, vectorised loop over the channels. Their
+  forwards give a task one RoI: it fills a (bins, C) buffer that stays in cache, then writes
+  out[k] (C, bins) from it; tasks visit the RoIs in a spatial order (``spatial_order``) so that
+  neighbouring tasks read overlapping parts of the map while it is in cache. roi_pool keeps its
+  running max and argmax in two alternating rows (whole-row vectorised selects; int32 argmax
+  inside, stored in the argmax's type at the end).
+* The position-sensitive ops read one channel per bin and work plane by plane on NCHW: a task
+  owns input planes and handles every output that reads them (forward) or scatters into them
+  (backward), so the planes stay in cache. ps_roi_align's task owns (image, bin q), i.e. the
+  planes co*PH*PW + q, and builds bin q's taps once per RoI for all of them.
 * Parallelism and determinism: forwards and offset gradients ``prange`` over RoIs or planes,
   each task writing only its own outputs (channel sums in a fixed order). Input gradients are
-  owner computed: a task owns (image b, block of channels) or one input plane and scatters into
-  it from image b's RoIs in increasing order, so the order of the additions into any gradient
-  element never depends on the thread count (or the blocking): gradients are bit-identical with
-  any number of threads.
+  owner computed: a task owns (image b, a band of input rows: roi_align / deform_roi_pool,
+  accumulated channels-last in a private buffer, bins and RoIs that miss the band skipped),
+  (image b, block of channels: roi_pool) or input planes (position-sensitive ops), and scatters
+  into them from image b's RoIs in increasing order, so the order of the additions into any
+  gradient element never depends on the thread count (or the banding/blocking): gradients are
+  bit-identical with any number of threads.
 
 Coordinates, plans and tap weights are float64. roi_align / deform_roi_pool / roi_pool run in
 the data dtype (their channel loops accumulate in it); offset gradients sum in float64; the
-position-sensitive ops run on a float64 copy of their input and round their results. Indices are
-int64 throughout (roi_pool's argmax is stored in the smallest type holding H*W - 1).
+position-sensitive ops read their input in its dtype, sum in float64 (gradients in private
+float64 planes) and round their results. Indices are int64 throughout (roi_pool's argmax is
+stored in the smallest type holding H*W - 1).
 """
 
 from __future__ import annotations
@@ -76,6 +87,18 @@ def by_image(batch: np.ndarray, B: int) -> tuple[np.ndarray, np.ndarray]:
     return order, starts
 
 
+def spatial_order(
+    batch: np.ndarray, cy: np.ndarray, cx: np.ndarray, band: float = 8.0
+) -> np.ndarray:
+    """The order in which the channels-last forwards visit RoIs: by image, then by band of
+    ``band`` feature rows of the box centre, then by the centre's column. Neighbouring tasks then
+    read overlapping parts of the map while they are still in cache (at the large size this
+    halves the forward's time). Each output has one writer, so no result depends on it."""
+    with np.errstate(invalid="ignore"):
+        rows = np.floor(np.asarray(cy, np.float64) / band)
+    return np.lexsort((np.asarray(cx, np.float64), rows, batch)).astype(np.int64)
+
+
 def channel_block(B: int, C: int, cb: int = 128) -> int:
     """Channels per input-gradient task: as many as possible (the per-tap work is a loop over
     them) while leaving two tasks per thread. The blocking never changes a result: every gradient
@@ -94,11 +117,6 @@ def inverse_channel_map(cmap: np.ndarray, C: int) -> tuple[np.ndarray, np.ndarra
     order = np.argsort(flat, kind="stable")
     ofs = np.searchsorted(flat[order], np.arange(C + 1)).astype(np.int64)
     return ofs, (order // NB).astype(np.int64), (order % NB).astype(np.int64)
-
-
-def ps_channel_map(Cout: int, NB: int) -> np.ndarray:
-    """Position-sensitive ops: output channel co at bin q = ph*PW + pw reads channel co*NB + q."""
-    return np.arange(Cout * NB, dtype=np.int64).reshape(Cout, NB)
 
 
 # ============================================================================ tap tables
@@ -313,69 +331,214 @@ def _table(build, args: tuple, nsets: int, coefs: bool) -> tuple:
 
 
 @njit(parallel=True, cache=True)
-def _gather_nhwc(xh, batch, tofs, ti, tw, out):
-    """out[k, c, ph, pw] = sum over the taps (p, w) of set k*PH*PW + ph*PW + pw of
-    w * xh[batch[k], p, c] (channels-last input, one contiguous loop over c per tap; the sum
-    runs in the data dtype)."""
+def _align_gather_nhwc(xh, fgeo, igeo, off, has_off, perm, out):
+    """RoI Align / deform_roi_pool forward, plans fused: out[k, c, ph, pw] = sum over the taps
+    (p, w) of bin (ph, pw) of RoI k (``_align_bin``, weights / count) of w * xh[b, p, c].
+
+    A task owns a RoI (RoIs visited in ``perm``'s order): it builds each bin's taps (the shared ``clamp_plan`` corners, merged) and
+    sums their rows of contiguous channels, one vectorised loop per tap, into a (bins, C) buffer
+    that stays in L1/L2 (the sum runs in the data dtype, taps in sample order), then writes
+    out[k] (C, bins) from it. No tap table is stored."""
     B, H, W, C = xh.shape
     K, _, PH, PW = out.shape
     NB = PH * PW
     HW = H * W
     xf = xh.reshape(-1)
-    for k in prange(K):
-        b = batch[k]
-        acc = np.empty(C, xh.dtype)
+    dummy = np.zeros(1, np.float64)
+    for i in prange(K):
+        k = perm[i]
+        b = igeo[k, 0]
+        cap = max(4 * igeo[k, 1] * igeo[k, 2], 1)
+        count = float(max(igeo[k, 1] * igeo[k, 2], 1))
+        si = np.empty(cap, np.int64)
+        sw = np.empty(cap, np.float64)
+        slot = np.empty(_SLOTS, np.int64)
+        buf = np.zeros((NB, C), xh.dtype)
         for q in range(NB):
             ph = q // PW
             pw = q - ph * PW
-            acc[:] = 0.0
-            s = k * NB + q
-            for t in range(tofs[s], tofs[s + 1]):
-                base = (b * HW + ti[t]) * C
+            n = _align_bin(fgeo, igeo, off, has_off, k, ph, pw, H, W, False, slot, si, sw, dummy, dummy)  # fmt: skip
+            acc = buf[q]
+            for t in range(n):
+                base = (b * HW + si[t]) * C
                 row = xf[base : base + C]  # a slice: the loop below vectorises
-                wt = xf.dtype.type(tw[t])
+                wt = xf.dtype.type(sw[t] / count)
                 for c in range(C):
                     acc[c] += wt * row[c]
-            for c in range(C):
-                out[k, c, ph, pw] = acc[c]
+        ok = out[k].reshape(C, NB)
+        for c in range(C):
+            for q in range(NB):
+                ok[c, q] = buf[q, c]
 
 
 @njit(parallel=True, cache=True)
-def _scatter_nhwc(gout, tofs, ti, tw, order, starts, cb, gin):
+def _set_rows(tofs, ti, W, NB, rlo, rhi):
+    """Row span of each tap set s (rlo[s] > rhi[s] when empty) and, at rlo/rhi[nsets + k], of
+    RoI k's NB sets: what lets a band task skip the bins that cannot touch its rows."""
+    K = (tofs.shape[0] - 1) // NB
+    nsets = K * NB
+    for k in prange(K):
+        klo = np.int64(2**62)
+        khi = np.int64(-1)
+        for s in range(k * NB, (k + 1) * NB):
+            lo = np.int64(2**62)
+            hi = np.int64(-1)
+            for t in range(tofs[s], tofs[s + 1]):
+                r = ti[t] // W
+                lo = min(lo, r)
+                hi = max(hi, r)
+            rlo[s] = lo
+            rhi[s] = hi
+            klo = min(klo, lo)
+            khi = max(khi, hi)
+        rlo[nsets + k] = klo
+        rhi[nsets + k] = khi
+
+
+@njit(parallel=True, cache=True)
+def _scatter_bands(gout, tofs, ti, tw, rlo, rhi, order, starts, rows, gin):
     """gin[b, c, p] = sum of w * gout[k, c, ph, pw] over every tap (p, w) of every bin of image
-    b's RoIs k, added in increasing k. A task owns (image b, a block of cb channels): it
-    accumulates in a private channels-last (H*W, cb) buffer in the data dtype, then writes its
-    channels of gin (NCHW)."""
+    b's RoIs k, added in increasing k (then bin, then tap). A task owns (image b, a band of
+    ``rows`` input rows): it accumulates, in a private channels-last (rows*W, C) buffer in the
+    data dtype, the taps that fall in its band (one contiguous loop over the channels per tap;
+    bins and RoIs whose rows miss the band are skipped), then writes gin[b, :, band]. The order
+    of the additions into an element never depends on the banding or the thread count."""
     K, C, PH, PW = gout.shape
     B, _, H, W = gin.shape
     NB = PH * PW
     HW = H * W
-    nblk = (C + cb - 1) // cb
-    for task in prange(B * nblk):
-        b = task // nblk
-        c0 = (task - b * nblk) * cb
-        nc = min(c0 + cb, C) - c0
-        acc = np.zeros(HW * nc, gout.dtype)
-        g = np.empty(nc, gout.dtype)
+    nsets = K * NB
+    nband = (H + rows - 1) // rows
+    gf = gin.reshape(-1)
+    for task in prange(B * nband):
+        b = task // nband
+        r0 = (task - b * nband) * rows
+        r1 = min(r0 + rows, H)
+        p0 = r0 * W
+        p1 = r1 * W
+        acc = np.zeros((p1 - p0) * C, gout.dtype)
+        gt = np.empty((NB, C), gout.dtype)
         for r in range(starts[b], starts[b + 1]):
             k = order[r]
+            if rhi[nsets + k] < r0 or rlo[nsets + k] >= r1:
+                continue
+            # the bins qa..qb that may touch the band: their gout[k] columns, channels-last
+            qa = NB
+            qb = -1
             for q in range(NB):
                 s = k * NB + q
-                if tofs[s + 1] == tofs[s]:
+                if rhi[s] >= r0 and rlo[s] < r1:
+                    qa = min(qa, q)
+                    qb = q
+            gk = gout[k].reshape(C, NB)
+            for c in range(C):
+                for q in range(qa, qb + 1):
+                    gt[q, c] = gk[c, q]
+            for q in range(qa, qb + 1):
+                s = k * NB + q
+                if rhi[s] < r0 or rlo[s] >= r1:
                     continue
-                ph = q // PW
-                pw = q - ph * PW
-                for c in range(nc):
-                    g[c] = gout[k, c0 + c, ph, pw]
+                g = gt[q]
                 for t in range(tofs[s], tofs[s + 1]):
-                    base = ti[t] * nc
-                    row = acc[base : base + nc]
+                    p = ti[t]
+                    if p < p0 or p >= p1:
+                        continue
+                    base = (p - p0) * C
+                    row = acc[base : base + C]
                     wt = acc.dtype.type(tw[t])
-                    for c in range(nc):
+                    for c in range(C):
                         row[c] += wt * g[c]
-        for c in range(nc):
+        for j0 in range(0, p1 - p0, 16):
+            j1 = min(j0 + 16, p1 - p0)
+            for c in range(C):
+                dst = (b * C + c) * HW + p0
+                for j in range(j0, j1):
+                    gf[dst + j] = acc[j * C + c]
+
+
+def band_rows(H: int, W: int, C: int, itemsize: int, target: int = 1 << 20) -> int:
+    """Input rows per input-gradient band: a (rows*W, C) accumulator of about ``target`` bytes,
+    at least one row. The banding never changes a result."""
+    return max(1, min(H, target // max(1, W * C * itemsize)))
+
+
+@njit(parallel=True, cache=True)
+def _ps_align_forward(x, fgeo, igeo, order, starts, out):
+    """ps_roi_align, plans fused: out[k, co, ph, pw] = sum over the taps (p, w) of bin q = ph*PW
+    + pw of RoI k (``_align_bin``, weights / count) of w * x[b, co*PH*PW + q, p], summed in
+    float64 (NCHW input, any float dtype). A task owns (image b, bin q): the input planes co*NB + q
+    that only bin q reads; it builds bin q's taps once per RoI of image b and reads them from
+    each of its planes (Cout planes, in cache). Each output has one writer."""
+    B, C, H, W = x.shape
+    K, Cout, PH, PW = out.shape
+    NB = PH * PW
+    dummy = np.zeros(1, np.float64)
+    off = np.zeros((1, 2, 1, 1), np.float64)
+    for task in prange(B * NB):
+        b = task // NB
+        q = task - b * NB
+        ph = q // PW
+        pw = q - ph * PW
+        cap = 4
+        for r in range(starts[b], starts[b + 1]):
+            k = order[r]
+            cap = max(cap, 4 * igeo[k, 1] * igeo[k, 2])
+        si = np.empty(cap, np.int64)
+        sw = np.empty(cap, np.float64)
+        slot = np.empty(_SLOTS, np.int64)
+        for r in range(starts[b], starts[b + 1]):
+            k = order[r]
+            count = float(max(igeo[k, 1] * igeo[k, 2], 1))
+            n = _align_bin(fgeo, igeo, off, False, k, ph, pw, H, W, False, slot, si, sw, dummy, dummy)  # fmt: skip
+            for t in range(n):
+                sw[t] = sw[t] / count
+            for co in range(Cout):
+                plane = x[b, co * NB + q].reshape(-1)
+                acc = 0.0
+                for t in range(n):
+                    acc += sw[t] * plane[si[t]]
+                out[k, co, ph, pw] = acc
+
+
+@njit(parallel=True, cache=True)
+def _ps_align_backward(gout, fgeo, igeo, order, starts, gin):
+    """The adjoint of ``_ps_align_forward``: a task owns (image b, bin q), i.e. the gradient
+    planes co*NB + q, and adds w * gout[k, co, ph, pw] at each tap of bin q of image b's RoIs k,
+    in increasing k (then tap order), in private float64 planes that it then rounds into gin."""
+    B, C, H, W = gin.shape
+    K, Cout, PH, PW = gout.shape
+    NB = PH * PW
+    HW = H * W
+    dummy = np.zeros(1, np.float64)
+    off = np.zeros((1, 2, 1, 1), np.float64)
+    for task in prange(B * NB):
+        b = task // NB
+        q = task - b * NB
+        ph = q // PW
+        pw = q - ph * PW
+        cap = 4
+        for r in range(starts[b], starts[b + 1]):
+            k = order[r]
+            cap = max(cap, 4 * igeo[k, 1] * igeo[k, 2])
+        si = np.empty(cap, np.int64)
+        sw = np.empty(cap, np.float64)
+        slot = np.empty(_SLOTS, np.int64)
+        acc = np.zeros((Cout, HW), np.float64)
+        for r in range(starts[b], starts[b + 1]):
+            k = order[r]
+            count = float(max(igeo[k, 1] * igeo[k, 2], 1))
+            n = _align_bin(fgeo, igeo, off, False, k, ph, pw, H, W, False, slot, si, sw, dummy, dummy)  # fmt: skip
+            for t in range(n):
+                sw[t] = sw[t] / count
+            for co in range(Cout):
+                g = np.float64(gout[k, co, ph, pw])
+                a = acc[co]
+                for t in range(n):
+                    a[si[t]] += sw[t] * g
+        for co in range(Cout):
+            plane = gin[b, co * NB + q].reshape(-1)
             for p in range(HW):
-                gin[b, c0 + c, p // W, p % W] = acc[p * nc + c]
+                plane[p] = acc[co, p]
 
 
 @njit(parallel=True, cache=True)
@@ -412,7 +575,8 @@ def _gather_cmap(x, tofs, ti, tw, sl, order, starts, inv_ofs, inv_co, inv_q, cec
 def _scatter_cmap(gout, tofs, ti, tw, sl, order, starts, inv_ofs, inv_co, inv_q, cec, gin):
     """The adjoint of ``_gather_cmap``: a task owns one input plane (b, cin) and adds, for every
     (co, q) reading cin and image b's RoIs k in increasing order, w * gout[k, co, q] at each tap
-    (the order of the additions into a gradient element: (co, q) pairs, then RoIs, then taps)."""
+    (the order of the additions into a gradient element: (co, q) pairs, then RoIs, then taps), in
+    a private float64 plane that it then rounds into gin's plane (any float dtype)."""
     B, C, H, W = gin.shape
     K, Cout, PH, PW = gout.shape
     NB = PH * PW
@@ -422,7 +586,7 @@ def _scatter_cmap(gout, tofs, ti, tw, sl, order, starts, inv_ofs, inv_co, inv_q,
     for task in prange(B * C):
         b = task // C
         cin = task - b * C
-        plane = gf[task * HW : (task + 1) * HW]
+        plane = np.zeros(HW, np.float64)
         for e in range(inv_ofs[cin], inv_ofs[cin + 1]):
             co = inv_co[e]
             q = inv_q[e]
@@ -430,10 +594,12 @@ def _scatter_cmap(gout, tofs, ti, tw, sl, order, starts, inv_ofs, inv_co, inv_q,
             o_cq = co * NB + q
             for r in range(starts[b], starts[b + 1]):
                 k = order[r]
-                g = go[k * Cout * NB + o_cq]
+                g = np.float64(go[k * Cout * NB + o_cq])
                 s = k * sl[0] + s_cq
                 for t in range(tofs[s], tofs[s + 1]):
                     plane[ti[t]] += tw[t] * g
+        for p in range(HW):
+            gf[task * HW + p] = plane[p]
 
 
 @njit(parallel=True, cache=True)
@@ -490,49 +656,69 @@ def _dots(xh, gout, batch, tofs, ti, tcy, tcx, sl, cmap, cec, ncls, identity, do
 
 
 @njit(parallel=True, cache=True)
-def _pool_forward_nhwc(xh, batch, hs, he, ws, we, out, argmax):
+def _pool_forward_nhwc(xh, batch, hs, he, ws, we, perm, awork, out, argmax):
     """Max over each bin [hs, he) x [ws, we), the first maximum in row-major order winning (NaN
     counts as the maximum, the first NaN wins: numpy.argmax over the bin); empty bin: 0, -1.
-    Channels-last input: each pixel is one contiguous loop over the channels."""
+    Channels-last input: each pixel is one contiguous, vectorised select over the channels. A
+    task owns a RoI (RoIs visited in ``perm``'s order): it pools its bins into a (bins, C) buffer (the running max and argmax
+    alternate between two rows, so the select stores whole rows; the argmax is in ``awork``'s
+    type, int32 when H*W fits, whatever ``argmax``'s type), then writes out[k] and argmax[k]."""
     B, H, W, C = xh.shape
     K, _, PH, PW = out.shape
+    NB = PH * PW
     HW = H * W
     xf = xh.reshape(-1)
-    for k in prange(K):
+    for i in prange(K):
+        k = perm[i]
         b = batch[k]
-        m = np.empty(C, xh.dtype)
-        a = np.empty(C, argmax.dtype)
-        for ph in range(PH):
-            for pw in range(PW):
-                h0 = hs[k, ph]
-                h1 = he[k, ph]
-                w0 = ws[k, pw]
-                w1 = we[k, pw]
-                if h1 <= h0 or w1 <= w0:
+        mb = np.empty((NB, C), xh.dtype)
+        ab = np.empty((NB, C), awork.dtype)
+        m2 = np.empty((2, C), xh.dtype)
+        a2 = np.empty((2, C), awork.dtype)
+        for q in range(NB):
+            ph = q // PW
+            pw = q - ph * PW
+            h0 = hs[k, ph]
+            h1 = he[k, ph]
+            w0 = ws[k, pw]
+            w1 = we[k, pw]
+            if h1 <= h0 or w1 <= w0:
+                mb[q, :] = 0.0
+                ab[q, :] = -1
+                continue
+            p0 = h0 * W + w0
+            base = (b * HW + p0) * C
+            m2[0, :] = xf[base : base + C]
+            a2[0, :] = p0
+            cur = 0
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    p = h * W + w
+                    if p == p0:
+                        continue
+                    base = (b * HW + p) * C
+                    row = xf[base : base + C]  # a slice: the loop below vectorises
+                    mi = m2[cur]
+                    ai = a2[cur]
+                    mo = m2[1 - cur]
+                    ao = a2[1 - cur]
+                    pa = awork.dtype.type(p)
                     for c in range(C):
-                        out[k, c, ph, pw] = 0.0
-                        argmax[k, c, ph, pw] = -1
-                    continue
-                p0 = h0 * W + w0
-                base = (b * HW + p0) * C
-                m[:] = xf[base : base + C]
-                a[:] = p0
-                for h in range(h0, h1):
-                    for w in range(w0, w1):
-                        p = h * W + w
-                        if p == p0:
-                            continue
-                        base = (b * HW + p) * C
-                        row = xf[base : base + C]  # a slice: the loop below vectorises
-                        for c in range(C):
-                            v = row[c]
-                            mc = m[c]
-                            take = v > mc or (v != v and mc == mc)
-                            m[c] = v if take else mc
-                            a[c] = p if take else a[c]
-                for c in range(C):
-                    out[k, c, ph, pw] = m[c]
-                    argmax[k, c, ph, pw] = a[c]
+                        v = row[c]
+                        mc = mi[c]
+                        ac = ai[c]
+                        take = (v > mc) | ((v != v) & (mc == mc))
+                        mo[c] = v if take else mc
+                        ao[c] = pa if take else ac
+                    cur = 1 - cur
+            mb[q, :] = m2[cur]
+            ab[q, :] = a2[cur]
+        ok = out[k].reshape(C, NB)
+        ak = argmax[k].reshape(C, NB)
+        for c in range(C):
+            for q in range(NB):
+                ok[c, q] = mb[q, c]
+                ak[c, q] = ab[q, c]
 
 
 @njit(parallel=True, cache=True)
@@ -591,14 +777,15 @@ def _ps_pool_forward(x, hs, he, ws, we, order, starts, out):
             acc = 0.0
             for h in range(h0, h1):
                 for w in range(w0, w1):
-                    acc += x[b, cin, h, w]
+                    acc += np.float64(x[b, cin, h, w])
             out[k, co, ph, pw] = acc / ((h1 - h0) * (w1 - w0))
 
 
 @njit(parallel=True, cache=True)
 def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
     """The adjoint of ``_ps_pool_forward``: a task owns one input plane (b, cin) and spreads
-    gout[k, co, ph, pw] / area over the bin, for image b's RoIs in increasing order."""
+    gout[k, co, ph, pw] / area over the bin, for image b's RoIs in increasing order, in a private
+    float64 plane that it then rounds into gin's plane."""
     B, C, H, W = gin.shape
     K, Cout, PH, PW = gout.shape
     NB = PH * PW
@@ -608,6 +795,7 @@ def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
         co = cin // NB
         ph = (cin // PW) % PH
         pw = cin % PW
+        plane = np.zeros((H, W), np.float64)
         for r in range(starts[b], starts[b + 1]):
             k = order[r]
             h0 = hs[k, ph]
@@ -616,10 +804,11 @@ def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
             w1 = we[k, pw]
             if h1 <= h0 or w1 <= w0:
                 continue
-            g = gout[k, co, ph, pw] / ((h1 - h0) * (w1 - w0))
+            g = np.float64(gout[k, co, ph, pw]) / ((h1 - h0) * (w1 - w0))
             for h in range(h0, h1):
                 for w in range(w0, w1):
-                    gin[b, cin, h, w] += g
+                    plane[h, w] += g
+        gin[b, cin] = plane
 
 
 # ============================================================================ module API
@@ -629,14 +818,10 @@ def _nhwc(x: np.ndarray, dtype: Any = None) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=dtype)
 
 
-def _f64(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, np.float64)
-
-
 def _offset64(offset: Any, shape: tuple) -> tuple[np.ndarray, bool]:
     if offset is None:
         return np.zeros(shape, np.float64), False
-    return _f64(offset), True
+    return np.ascontiguousarray(offset, np.float64), True
 
 
 def _work(rois: np.ndarray, C: int, output_size: tuple) -> int:
@@ -684,18 +869,20 @@ def _align_forward(
     if out.size == 0 or H * W == 0:
         return out
     with threads_for(_work(rois, Cin, output_size)):
-        batch, sl, (tofs, ti, tw, _, _) = _align_setup(
-            mode, input.shape, rois, offset, output_size, spatial_scale, sampling_ratio, aligned,
-            gamma, False,
-        )  # fmt: skip
-        if mode == "ps_roi_align":
-            out64 = np.zeros(out.shape, np.float64)
-            order, starts = by_image(batch, B)
-            inv = inverse_channel_map(ps_channel_map(Cout, PH * PW), Cin)
-            _gather_cmap(_f64(input), tofs, ti, tw, sl, order, starts, *inv, Cout, out64)
-            out[...] = out64
-        else:
-            _gather_nhwc(_nhwc(input), batch, tofs, ti, tw, out)
+        if mode != "ps_roi_align":
+            fgeo, igeo = align_geometry(
+                mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma
+            )
+            off, has_off = _offset64(offset, (1, 2, PH, PW))
+            with np.errstate(invalid="ignore", over="ignore"):  # non-finite boxes: NaN, last
+                cy = fgeo[:, 0] + 0.5 * PH * fgeo[:, 2]
+                cx = fgeo[:, 1] + 0.5 * PW * fgeo[:, 3]
+            perm = spatial_order(igeo[:, 0], cy, cx)
+            _align_gather_nhwc(_nhwc(input), fgeo, igeo, off, has_off, perm, out)
+            return out
+        fgeo, igeo = align_geometry(mode, rois, output_size, spatial_scale, sampling_ratio, True)
+        order, starts = by_image(np.ascontiguousarray(igeo[:, 0]), B)
+        _ps_align_forward(np.ascontiguousarray(input), fgeo, igeo, order, starts, out)
     return out
 
 
@@ -727,20 +914,26 @@ def _align_backward(
     if K == 0 or B * C * H * W == 0 or not (need_in or need_off):
         return g_in, g_off
     with threads_for(_work(rois, C, output_size)):
+        if mode == "ps_roi_align":
+            fgeo, igeo = align_geometry(
+                mode, rois, output_size, spatial_scale, sampling_ratio, True
+            )
+            order, starts = by_image(np.ascontiguousarray(igeo[:, 0]), B)
+            g = np.ascontiguousarray(grad_out)
+            _ps_align_backward(g, fgeo, igeo, order, starts, g_in)
+            return g_in, None
         batch, sl, (tofs, ti, tw, tcy, tcx) = _align_setup(
             mode, input_shape, rois, offset, output_size, spatial_scale, sampling_ratio, aligned,
             gamma, need_off,
         )  # fmt: skip
         order, starts = by_image(batch, B)
-        if mode == "ps_roi_align":
-            Cout = grad_out.shape[1]
-            g64 = np.zeros(input_shape, np.float64)
-            inv = inverse_channel_map(ps_channel_map(Cout, NB), C)
-            _scatter_cmap(_f64(grad_out), tofs, ti, tw, sl, order, starts, *inv, Cout, g64)
-            g_in[...] = g64
-            return g_in, None
         if need_in:
-            _scatter_nhwc(grad_out, tofs, ti, tw, order, starts, channel_block(B, C), g_in)
+            rlo = np.empty(K * NB + K, np.int64)
+            rhi = np.empty(K * NB + K, np.int64)
+            _set_rows(tofs, ti, W, NB, rlo, rhi)
+            rows = band_rows(H, W, C, g_in.itemsize)
+            g = np.ascontiguousarray(grad_out)
+            _scatter_bands(g, tofs, ti, tw, rlo, rhi, order, starts, rows, g_in)
         if need_off:
             dots = np.zeros((K * NB, 2), np.float64)
             cmap = np.zeros((1, 1), np.int64)  # unused: identity
@@ -827,7 +1020,9 @@ def roi_pool_forward(input, rois, output_size, spatial_scale):
         batch, hs, he, ws, we = pool_bins(
             "roi_pool", rois, output_size, spatial_scale, H, W, input.dtype
         )
-        _pool_forward_nhwc(_nhwc(input), batch, hs, he, ws, we, out, argmax)
+        awork = np.zeros(1, np.int32 if H * W < 2**31 else np.int64)
+        perm = spatial_order(batch, 0.5 * (hs[:, 0] + he[:, -1]), 0.5 * (ws[:, 0] + we[:, -1]))
+        _pool_forward_nhwc(_nhwc(input), batch, hs, he, ws, we, perm, awork, out, argmax)
     return out, argmax
 
 
@@ -843,8 +1038,11 @@ def roi_pool_backward(grad_out, rois, argmax, input_shape, output_size, spatial_
     with threads_for(_work(rois, C, output_size)):
         batch = np.asarray(rois[:, 0]).astype(np.int64)
         order, starts = by_image(batch, B)
-        cb = channel_block(B, C, 16)
-        _argmax_scatter(grad_out, argmax, order, starts, cb, g_in)
+        # a task's cb gradient planes stay in L2 (about 256 KiB) while its RoIs scatter
+        cb = 1 << max(0, int(np.log2(max(1, (256 * 1024) // (H * W * g_in.itemsize)))))
+        cb = channel_block(B, C, min(cb, 128))
+        g = np.ascontiguousarray(grad_out)
+        _argmax_scatter(g, np.ascontiguousarray(argmax), order, starts, cb, g_in)
     return (g_in,)
 
 
@@ -861,9 +1059,8 @@ def ps_roi_pool_forward(input, rois, output_size, spatial_scale):
         batch, hs, he, ws, we = pool_bins(
             "ps_roi_pool", rois, output_size, spatial_scale, H, W, input.dtype
         )
-        out64 = np.zeros(out.shape, np.float64)
-        _ps_pool_forward(_f64(input), hs, he, ws, we, *by_image(batch, B), out64)
-        out[...] = out64
+        x = np.ascontiguousarray(input)
+        _ps_pool_forward(x, hs, he, ws, we, *by_image(batch, B), out)
     return out
 
 
@@ -880,9 +1077,8 @@ def ps_roi_pool_backward(grad_out, rois, input_shape, output_size, spatial_scale
             "ps_roi_pool", rois, output_size, spatial_scale, H, W, grad_out.dtype
         )
         order, starts = by_image(batch, B)
-        g64 = np.zeros(g_in.shape, np.float64)
-        _ps_pool_backward(_f64(grad_out), hs, he, ws, we, order, starts, g64)
-        g_in[...] = g64
+        g = np.ascontiguousarray(grad_out)
+        _ps_pool_backward(g, hs, he, ws, we, order, starts, g_in)
     return (g_in,)
 
 
@@ -947,11 +1143,9 @@ def deform_ps_roi_pool_forward(
             input.shape, rois, offset, spatial_scale, output_dim, group_size, pooled_size,
             part_size, sample_per_part, trans_std, input.dtype, False,
         )  # fmt: skip
-        out64 = np.zeros(out.shape, np.float64)
         order, starts = by_image(batch, B)
         inv = inverse_channel_map(cmap, C)
-        _gather_cmap(_f64(input), tofs, ti, tw, sl, order, starts, *inv, cec, out64)
-        out[...] = out64
+        _gather_cmap(np.ascontiguousarray(input), tofs, ti, tw, sl, order, starts, *inv, cec, out)
     return out
 
 
@@ -980,17 +1174,15 @@ def deform_ps_roi_pool_backward(
     if K == 0 or input.size == 0 or not (need_in or need_off):
         return g_in, g_off
     with threads_for(_work(rois, output_dim, (pooled_size, pooled_size))):
-        g64 = _f64(grad_out)
         batch, part, ncls, cec, cmap, sl, (tofs, ti, tw, tcy, tcx) = _dps_setup(
             input.shape, rois, offset, spatial_scale, output_dim, group_size, pooled_size,
             part_size, sample_per_part, trans_std, input.dtype, need_off,
         )  # fmt: skip
         if need_in:
             order, starts = by_image(batch, B)
-            gi64 = np.zeros(input.shape, np.float64)
             inv = inverse_channel_map(cmap, C)
-            _scatter_cmap(g64, tofs, ti, tw, sl, order, starts, *inv, cec, gi64)
-            g_in[...] = gi64
+            g = np.ascontiguousarray(grad_out)
+            _scatter_cmap(g, tofs, ti, tw, sl, order, starts, *inv, cec, g_in)
         if need_off:
             dots = np.zeros((K * ncls * P * P, 2), np.float64)
             g = np.ascontiguousarray(grad_out, input.dtype)
