@@ -1,198 +1,370 @@
-"""CPU kernels of ``bilinear_interpolate`` (SPEC section 4): input (N, C, H, W), points (N, P, 2)
-as (y, x) pixel coordinates, output (N, C, P), under either border rule (the plans of
-``kernels/rules.py``, compiled in ``sampling.py``). ``grid_sample`` uses ``sample_points`` and
-``sample_points_grad`` after its coordinate transform.
+"""CPU kernels of ``bilinear_interpolate`` (SPEC section 4) and of ``grid_sample`` (SPEC section 5).
 
-The kernels work channels-last: the input (and the output gradient) are copied to (N, H, W, C)
-(and (N, P, C)), so each corner of a plan is a contiguous run of C values.
+Both ops sample input (N, C, H, W) at P points per image and return (N, C, P); they differ only
+in where a point's plan comes from (``_plan``):
+
+* ``POINTS``: ``src`` (N, P, 2) holds (y, x) pixel coordinates, sampled under either border rule
+  (the plans of ``kernels/rules.py``, compiled in ``sampling.py``);
+* ``GRID``: ``src`` (N, P, 2) holds grid_sample's normalized (x, y); the coordinate rule
+  (``grid_coordinate``: unnormalize, then the padding mode) gives the pixel coordinate and its
+  derivative d coordinate / d grid, then the zero-fade plan. The gradient of a grid value is
+  d/d coordinate * d coordinate / d grid.
+
+The kernels work on the NCHW layout directly (no transposed copies): a plan (four corner indices
+into a plane and their weights) is computed once per point and used for every channel, and the
+channel loop runs innermost, GROUP (8) channels at a time with a constant trip count, so the
+plan stays in registers while the corners are read from (or scattered into) one H x W plane per
+channel. Indices are unsigned (uint64) in the loops, which spares Numba's negative-index
+wraparound on every access.
 
 Parallelism and determinism:
 
-* forward: ``prange`` over (n, block of points); a task computes each point's plan once,
-  samples all channels into a (block, C) buffer and stores it into its own outputs.
-* backward, pass 1 (``_sample_backward_points``): ``prange`` over points; a point computes its
-  plan once, stores it for pass 2, and (owner computes) its own gradient from four dot products
-  over the channels, in a fixed order.
-* backward, pass 2 (``_sample_backward_input``): ``prange`` over tasks (n, block of channels); a
-  task owns those channels of the input gradient of image n and scatters into them point by
-  point in a fixed order, so the blocking (which may follow the thread count) never changes a
-  sum: the gradient is bit-identical with any thread count.
+* forward (``_sample_forward``): ``prange`` over (n, block of points); a task computes its points'
+  plans into a local buffer, then samples every channel group at them.
+* backward, pass 1 (``_sample_backward_points``): ``prange`` over (n, block of points); a task
+  computes and stores its points' plans for pass 2 and (owner computes) their gradients: four
+  sums over the channels per point, in channel order (each group of 8 summed in the data dtype,
+  the group sums added in float64).
+* backward, pass 2 (``_sample_backward_input``): ``prange`` over (n, block of channels); a task
+  owns those planes of the input gradient (planes that fit in about half an L2) and scatters
+  into them point by point in a fixed order, so the blocking (which may follow the thread
+  count) never changes a sum: the gradient is bit-identical with any thread count.
 
-Coordinates are float64 (float32 points are converted) and plans are float64; the plans'
-weights are rounded to the data dtype for the channel loops.
+Coordinates, coordinate derivatives and plans are float64 (as ``rules`` computes them); the
+plans' weights are rounded to the data dtype for the channel loops, and corner indices are
+stored as int32 when a plane has fewer than 2**31 elements. The kernels contract a * b + c into
+fused multiply-adds (``fastmath={"contract"}``): a fixed compiled order, the same for any
+thread count.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import float64, njit, prange, uint64
 
-from .sampling import (
-    CLAMP,
-    ZERO_FADE,
-    axpy,
-    channel_block,
-    channels_last,
-    combine4,
-    dot4,
-    fill_zero,
-    plan_of,
-    threads_for,
-)
+from .sampling import CLAMP, ZERO_FADE, grid_coordinate, plan_of, threads_for, zero_fade_plan
 
-_BLOCK = 32  # points per forward task
+POINTS = 0  # src holds (y, x) pixel coordinates
+GRID = 1  # src holds grid_sample's normalized (x, y)
+
+_PBLOCK = 1024  # points per forward / points-gradient task (at most)
+_L2_PLANES = 1 << 18  # bytes of input-gradient planes a pass-2 task keeps (about half an L2)
 
 
-@njit(parallel=True, cache=True)
-def _sample_forward(inp_t, pts, rule, out):
-    """out[n, c, p] = sample(channel c of inp_t[n], pts[n, p]); inp_t is channels-last
-    (N, H, W, C), out (N, C, P). A task samples a block of points into a (block, C) buffer
-    (contiguous channel runs) and stores it transposed."""
-    N, H, W, C = inp_t.shape
-    P = pts.shape[1]
-    v = inp_t.reshape(-1)
+@njit(inline="always", cache=True)
+def _plan(src, kind, rule, padding, align, n, p, H, W):
+    """The plan of point p of image n and the coordinate derivatives: (idx, w, cy, cx, dy, dx),
+    where dy = d y / d src (1 for POINTS) and likewise dx."""
+    if kind == POINTS:
+        idx, w, cy, cx = plan_of(rule, float64(src[n, p, 0]), float64(src[n, p, 1]), H, W)
+        return idx, w, cy, cx, 1.0, 1.0
+    x, dx = grid_coordinate(float64(src[n, p, 0]), W, align, padding)
+    y, dy = grid_coordinate(float64(src[n, p, 1]), H, align, padding)
+    idx, w, cy, cx = zero_fade_plan(y, x, H, W)
+    return idx, w, cy, cx, dy, dx
+
+
+# The innermost channel loops take GROUP channels with a constant trip count: LLVM unrolls them
+# into straight-line scalar code with the point's plan in registers (a loop over a run-time
+# number of channels gets versioned for vectorization, with per-point overlap checks that cost
+# more than the samples; measured 1.6x slower).
+GROUP = 8
+
+
+@njit(inline="always", cache=True)
+def _blend(v, b, i0, i1, i2, i3, w0, w1, w2, w3):
+    """The sample of the plane of v starting at b: sum_k w[k] * plane[i[k]]."""
+    return w0 * v[b + i0] + w1 * v[b + i1] + w2 * v[b + i2] + w3 * v[b + i3]
+
+
+@njit(inline="always", cache=True)
+def _scatter(gi, b, i0, i1, i2, i3, w0, w1, w2, w3, gc):
+    """plane[i[k]] += w[k] * gc for the plane of gi starting at b."""
+    gi[b + i0] += w0 * gc
+    gi[b + i1] += w1 * gc
+    gi[b + i2] += w2 * gc
+    gi[b + i3] += w3 * gc
+
+
+@njit(inline="always", cache=True)
+def _dots(d, v, b, i0, i1, i2, i3, gc):
+    """d[k] + gc * plane[i[k]] for the plane of v starting at b."""
+    return (
+        d[0] + gc * v[b + i0],
+        d[1] + gc * v[b + i1],
+        d[2] + gc * v[b + i2],
+        d[3] + gc * v[b + i3],
+    )
+
+
+@njit(inline="always", cache=True)
+def _add_corner(gi, q, HW, w, g):
+    """gi[q + c * HW] += w * g[c] for the GROUP channels c, every load before any store: the
+    planes often lie a multiple of 4 KiB apart, and a load behind a store to the same address
+    modulo 4 KiB waits for that store."""
+    q1 = q + HW
+    q2 = q1 + HW
+    q3 = q2 + HW
+    q4 = q3 + HW
+    q5 = q4 + HW
+    q6 = q5 + HW
+    q7 = q6 + HW
+    a = (gi[q], gi[q1], gi[q2], gi[q3], gi[q4], gi[q5], gi[q6], gi[q7])
+    gi[q] = a[0] + w * g[0]
+    gi[q1] = a[1] + w * g[1]
+    gi[q2] = a[2] + w * g[2]
+    gi[q3] = a[3] + w * g[3]
+    gi[q4] = a[4] + w * g[4]
+    gi[q5] = a[5] + w * g[5]
+    gi[q6] = a[6] + w * g[6]
+    gi[q7] = a[7] + w * g[7]
+
+
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def _sample_forward(inp, src, kind, rule, padding, align, pblock, idx_t, out):
+    """out[n, c, p] = sample(channel c of inp[n], plan of point p); inp (N, C, H, W), out
+    (N, C, P). A task takes a block of points of one image: their plans into a local buffer
+    (indices of dtype ``idx_t``), then, GROUP channels at a time (innermost), each point's four
+    corners in each channel's plane."""
+    N, C, H, W = inp.shape
+    P = src.shape[1]
+    HW = uint64(H * W)
+    uP = uint64(P)
+    v = inp.reshape(-1)
     o = out.reshape(-1)
-    nblk = (P + _BLOCK - 1) // _BLOCK
+    nblk = (P + pblock - 1) // pblock
     for task in prange(N * nblk):
         n = task // nblk
-        p0 = (task - n * nblk) * _BLOCK
-        p1 = min(p0 + _BLOCK, P)
-        buf = np.empty((_BLOCK, C), out.dtype)
-        wv = np.empty(4, out.dtype)  # the plan's weights in the data dtype
-        base = n * H * W
+        p0 = (task - n * nblk) * pblock
+        p1 = min(p0 + pblock, P)
+        pidx = np.empty((p1 - p0, 4), idx_t)
+        pw = np.empty((p1 - p0, 4), out.dtype)
         for p in range(p0, p1):
-            pi, pw, pcy, pcx = plan_of(rule, pts[n, p, 0], pts[n, p, 1], H, W)
-            dst = buf[p - p0]
-            if pw[0] == 0.0 and pw[1] == 0.0 and pw[2] == 0.0 and pw[3] == 0.0:
-                fill_zero(dst)
-                continue
+            pi, w, _, _, _, _ = _plan(src, kind, rule, padding, align, n, p, H, W)
             for k in range(4):
-                wv[k] = pw[k]
-            combine4(
-                dst,
-                v[(base + pi[0]) * C : (base + pi[0] + 1) * C],
-                v[(base + pi[1]) * C : (base + pi[1] + 1) * C],
-                v[(base + pi[2]) * C : (base + pi[2] + 1) * C],
-                v[(base + pi[3]) * C : (base + pi[3] + 1) * C],
-                wv[0], wv[1], wv[2], wv[3],
-            )  # fmt: skip
-        for c in range(C):
-            ob = (n * C + c) * P
+                pidx[p - p0, k] = pi[k]
+                pw[p - p0, k] = w[k]
+        for c0 in range(0, C, GROUP):
+            cb = min(GROUP, C - c0)
             for p in range(p0, p1):
-                o[ob + p] = buf[p - p0, c]
+                q = p - p0
+                w0 = pw[q, 0]
+                w1 = pw[q, 1]
+                w2 = pw[q, 2]
+                w3 = pw[q, 3]
+                i0 = uint64(pidx[q, 0])
+                i1 = uint64(pidx[q, 1])
+                i2 = uint64(pidx[q, 2])
+                i3 = uint64(pidx[q, 3])
+                b = uint64(n * C + c0) * HW  # start of channel c0's plane
+                ob = uint64(n * C + c0) * uP + uint64(p)  # out[n, c0, p]
+                if w0 == 0 and w1 == 0 and w2 == 0 and w3 == 0:
+                    for _ in range(cb):
+                        o[ob] = 0
+                        ob += uP
+                elif cb == GROUP:
+                    for _ in range(GROUP):  # a constant trip count: unrolled by LLVM
+                        o[ob] = _blend(v, b, i0, i1, i2, i3, w0, w1, w2, w3)
+                        b += HW
+                        ob += uP
+                else:
+                    for _ in range(cb):
+                        o[ob] = _blend(v, b, i0, i1, i2, i3, w0, w1, w2, w3)
+                        b += HW
+                        ob += uP
 
 
-@njit(parallel=True, cache=True)
-def _sample_backward_points(inp_t, gout_t, pts, rule, need_pts, pidx, pwts, gpts):
-    """Per point (owner): its plan into pidx / pwts (for the input gradient) and, with
-    ``need_pts``, gpts[n, p] = sum_c gout[n, p, c] * (d sample / dy, d sample / dx)."""
-    N, H, W, C = inp_t.shape
-    P = pts.shape[1]
-    v = inp_t.reshape(-1)
-    g = gout_t.reshape(-1)
-    for t in prange(N * P):
-        n = t // P
-        p = t - n * P
-        pi, pw, pcy, pcx = plan_of(rule, pts[n, p, 0], pts[n, p, 1], H, W)
-        for k in range(4):
-            pidx[n, p, k] = pi[k]
-            pwts[n, p, k] = pw[k]
-        if need_pts:
-            base = n * H * W
-            d0, d1, d2, d3 = dot4(
-                g[t * C : (t + 1) * C],
-                v[(base + pi[0]) * C : (base + pi[0] + 1) * C],
-                v[(base + pi[1]) * C : (base + pi[1] + 1) * C],
-                v[(base + pi[2]) * C : (base + pi[2] + 1) * C],
-                v[(base + pi[3]) * C : (base + pi[3] + 1) * C],
-            )
-            gpts[n, p, 0] = pcy[0] * d0 + pcy[1] * d1 + pcy[2] * d2 + pcy[3] * d3
-            gpts[n, p, 1] = pcx[0] * d0 + pcx[1] * d1 + pcx[2] * d2 + pcx[3] * d3
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def _sample_backward_points(
+    inp, gout, src, kind, rule, padding, align, pblock, need_src, zero, pidx, pwts, gsrc
+):
+    """Per block of points of one image (owner): the plans into pidx / pwts (for pass 2) and,
+    with ``need_src``, the gradient of each point's coordinates (src's order and dtype): with
+    d[k] = sum_c gout[n, c, p] * inp[n, c, corner k], d sample / dy = sum_k cy[k] d[k], times
+    dy / d src (likewise x). The sums run in channel order: GROUP channels innermost, summed in
+    the data dtype (``zero`` is its 0), their sum added to a float64 total."""
+    N, C, H, W = inp.shape
+    P = src.shape[1]
+    HW = uint64(H * W)
+    uP = uint64(P)
+    v = inp.reshape(-1)
+    g = gout.reshape(-1)
+    nblk = (P + pblock - 1) // pblock
+    for task in prange(N * nblk):
+        n = task // nblk
+        p0 = (task - n * nblk) * pblock
+        p1 = min(p0 + pblock, P)
+        for p in range(p0, p1):
+            pi, w, _, _, _, _ = _plan(src, kind, rule, padding, align, n, p, H, W)
+            for k in range(4):
+                pidx[n, p, k] = pi[k]
+                pwts[n, p, k] = w[k]
+        if not need_src:
+            continue
+        d = np.zeros((p1 - p0, 4), np.float64)
+        for c0 in range(0, C, GROUP):
+            cb = min(GROUP, C - c0)
+            for p in range(p0, p1):
+                q = p - p0
+                i0 = uint64(pidx[n, p, 0])
+                i1 = uint64(pidx[n, p, 1])
+                i2 = uint64(pidx[n, p, 2])
+                i3 = uint64(pidx[n, p, 3])
+                b = uint64(n * C + c0) * HW  # start of channel c0's plane
+                gb = uint64(n * C + c0) * uP + uint64(p)  # gout[n, c0, p]
+                dq = (zero, zero, zero, zero)  # this group's sums, in the data dtype
+                if cb == GROUP:
+                    for _ in range(GROUP):  # a constant trip count: unrolled by LLVM
+                        dq = _dots(dq, v, b, i0, i1, i2, i3, g[gb])
+                        b += HW
+                        gb += uP
+                else:
+                    for _ in range(cb):
+                        dq = _dots(dq, v, b, i0, i1, i2, i3, g[gb])
+                        b += HW
+                        gb += uP
+                for k in range(4):
+                    d[q, k] += float64(dq[k])
+        for p in range(p0, p1):
+            q = p - p0
+            _, _, cy, cx, dy, dx = _plan(src, kind, rule, padding, align, n, p, H, W)
+            gy = cy[0] * d[q, 0] + cy[1] * d[q, 1] + cy[2] * d[q, 2] + cy[3] * d[q, 3]
+            gx = cx[0] * d[q, 0] + cx[1] * d[q, 1] + cx[2] * d[q, 2] + cx[3] * d[q, 3]
+            if kind == POINTS:
+                gsrc[n, p, 0] = gy * dy
+                gsrc[n, p, 1] = gx * dx
+            else:
+                gsrc[n, p, 0] = gx * dx
+                gsrc[n, p, 1] = gy * dy
 
 
-@njit(parallel=True, cache=True)
-def _sample_backward_input(gout_t, pidx, pwts, cblock, gin):
-    """gin[n, c] = sum over points p (in order) of w * gout_t[n, p, c] scattered at p's corners.
-    Tasks own (n, block of channels): they scatter into a channels-last buffer of their block,
-    then store it into gin (N, C, H, W)."""
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def _sample_backward_input(gout, pidx, pwts, cblock, gin):
+    """gin[n, c] = sum over points p (in order) of w * gout[n, c, p] scattered at p's corners.
+    Tasks own (n, block of ``cblock`` channels): they zero their planes of gin (N, C, H, W),
+    then scatter into them point by point, GROUP channels at a time innermost (each point's plan
+    read once for them)."""
     N, C, H, W = gin.shape
     P = pidx.shape[1]
-    HW = H * W
-    g = gout_t.reshape(-1)
+    HW = uint64(H * W)
+    uP = uint64(P)
+    uP2 = uP + uP
+    g = gout.reshape(-1)
     gi = gin.reshape(-1)
     ncb = (C + cblock - 1) // cblock
     for task in prange(N * ncb):
         n = task // ncb
         c0 = (task - n * ncb) * cblock
         c1 = min(c0 + cblock, C)
-        cb = c1 - c0
-        acc = np.zeros(HW * cb, gin.dtype)
-        for p in range(P):
-            if (
-                pwts[n, p, 0] == 0.0
-                and pwts[n, p, 1] == 0.0
-                and pwts[n, p, 2] == 0.0
-                and pwts[n, p, 3] == 0.0
-            ):
-                continue
-            row = (n * P + p) * C
-            gv = g[row + c0 : row + c1]
-            for k in range(4):
-                s = pidx[n, p, k] * cb
-                axpy(acc[s : s + cb], pwts[n, p, k], gv)
-        for c in range(c0, c1):
-            ob = (n * C + c) * HW
-            for q in range(HW):
-                gi[ob + q] = acc[q * cb + c - c0]
+        gi[(n * C + c0) * H * W : (n * C + c1) * H * W] = 0
+        for ci in range(c0, c1, GROUP):
+            cb = min(GROUP, c1 - ci)
+            for p in range(P):
+                w0 = pwts[n, p, 0]
+                w1 = pwts[n, p, 1]
+                w2 = pwts[n, p, 2]
+                w3 = pwts[n, p, 3]
+                if w0 == 0 and w1 == 0 and w2 == 0 and w3 == 0:
+                    continue
+                i0 = uint64(pidx[n, p, 0])
+                i1 = uint64(pidx[n, p, 1])
+                i2 = uint64(pidx[n, p, 2])
+                i3 = uint64(pidx[n, p, 3])
+                b = uint64(n * C + ci) * HW  # start of channel ci's plane
+                gb = uint64(n * C + ci) * uP + uint64(p)  # gout[n, ci, p]
+                if cb == GROUP:
+                    gv = (g[gb], g[gb + uP], g[gb + uP2], g[gb + uP2 + uP])
+                    gb += uP2 + uP2
+                    gv = gv + (g[gb], g[gb + uP], g[gb + uP2], g[gb + uP2 + uP])
+                    _add_corner(gi, b + i0, HW, w0, gv)
+                    _add_corner(gi, b + i1, HW, w1, gv)
+                    _add_corner(gi, b + i2, HW, w2, gv)
+                    _add_corner(gi, b + i3, HW, w3, gv)
+                else:
+                    for _ in range(cb):
+                        _scatter(gi, b, i0, i1, i2, i3, w0, w1, w2, w3, g[gb])
+                        b += HW
+                        gb += uP
 
 
 BORDERS = {"zero": ZERO_FADE, "clamp": CLAMP}
 
 
-def sample_points(input, pts, rule):
-    """input (N, C, H, W), pts (N, P, 2) float64 (y, x) -> (N, C, P) under rule 0/1."""
+def _idx_dtype(H: int, W: int) -> type:
+    return np.int32 if H * W < 2**31 else np.int64
+
+
+def _point_block(N: int, P: int) -> int:
+    """Points per task: at most _PBLOCK, and small enough for two tasks per thread."""
+    import numba
+
+    per_image = -(-2 * numba.get_num_threads() // max(1, N))
+    return max(1, min(_PBLOCK, -(-P // per_image)))
+
+
+def _channel_block(N: int, C: int, HW: int, itemsize: int) -> int:
+    """Channels per input-gradient task: a multiple of GROUP, planes that fit in about half an
+    L2 (at least GROUP), and about two tasks per thread. No result depends on it."""
+    import numba
+
+    fit = max(GROUP, _L2_PLANES // max(1, HW * itemsize) // GROUP * GROUP)
+    ncb = max(1, -(-2 * numba.get_num_threads() // max(1, N)))
+    per_task = -(-C // ncb)
+    return max(1, min(fit, -(-per_task // GROUP) * GROUP))
+
+
+def sample(input, src, kind, rule=ZERO_FADE, padding=0, align=False):
+    """input (N, C, H, W) sampled at the N x P points of src (N, P, 2) -> (N, C, P)."""
     N, C, H, W = input.shape
-    P = pts.shape[1]
-    if N * C * P == 0 or H * W == 0:
-        return np.zeros((N, C, P), dtype=input.dtype)
-    with threads_for(N * C * P):
-        out = np.empty((N, C, P), dtype=input.dtype)
-        _sample_forward(channels_last(input).reshape(N, H, W, C), pts, rule, out)
+    P = src.shape[1]
+    out = np.empty((N, C, P), dtype=input.dtype)
+    if N * C * P == 0:
         return out
-
-
-def sample_points_grad(grad_out, input, pts, rule, needs=(True, True)):
-    """(grad_input (N, C, H, W) or None, grad_points (N, P, 2) float64 or None)."""
-    N, C, H, W = input.shape
-    P = pts.shape[1]
-    g_in = np.zeros(input.shape, dtype=input.dtype) if needs[0] else None
-    g_pts = np.zeros((N, P, 2), dtype=np.float64) if needs[1] else None
-    if N * C * P == 0 or H * W == 0 or not (needs[0] or needs[1]):
-        return g_in, g_pts
+    if H * W == 0:
+        out[...] = 0
+        return out
     with threads_for(N * C * P):
-        inp_t = channels_last(input).reshape(N, H, W, C)
-        gout_t = channels_last(grad_out.reshape(N, C, P))
-        pidx = np.empty((N, P, 4), np.int64)
+        _sample_forward(
+            np.ascontiguousarray(input), src, kind, rule, padding, bool(align),
+            _point_block(N, P), _idx_dtype(H, W), out,
+        )  # fmt: skip
+    return out
+
+
+def sample_grad(grad_out, input, src, kind, rule=ZERO_FADE, padding=0, align=False, needs=(1, 1)):
+    """(grad_input (N, C, H, W) or None, grad_src (src's shape and dtype) or None) for grad_out
+    (N, C, P)."""
+    N, C, H, W = input.shape
+    P = src.shape[1]
+    g_src = np.zeros(src.shape, dtype=src.dtype) if needs[1] else None
+    if N * C * P == 0 or H * W == 0 or not (needs[0] or needs[1]):
+        g_in = np.zeros(input.shape, dtype=input.dtype) if needs[0] else None
+        return g_in, g_src
+    input = np.ascontiguousarray(input)
+    grad_out = np.ascontiguousarray(grad_out, input.dtype).reshape(N, C, P)
+    with threads_for(N * C * P):
+        pidx = np.empty((N, P, 4), _idx_dtype(H, W))
         pwts = np.empty((N, P, 4), input.dtype)
-        gp = g_pts if needs[1] else np.empty((1, 1, 2), np.float64)
-        _sample_backward_points(inp_t, gout_t, pts, rule, bool(needs[1]), pidx, pwts, gp)
+        gs = g_src if needs[1] else np.empty((1, 1, 2), src.dtype)
+        _sample_backward_points(
+            input, grad_out, src, kind, rule, padding, bool(align), _point_block(N, P),
+            bool(needs[1]), input.dtype.type(0), pidx, pwts, gs,
+        )  # fmt: skip
+        g_in = None
         if needs[0]:
-            _sample_backward_input(gout_t, pidx, pwts, channel_block(N, C), g_in)
-    return g_in, g_pts
+            g_in = np.empty(input.shape, dtype=input.dtype)
+            cb = _channel_block(N, C, H * W, input.itemsize)
+            _sample_backward_input(grad_out, pidx, pwts, cb, g_in)
+    return g_in, g_src
 
 
 def bilinear_interpolate_forward(input, points, border):
     """input (N, C, H, W), points (N, P, 2) as (y, x), border "zero" or "clamp" -> (N, C, P)."""
-    pts = np.ascontiguousarray(points, np.float64)
-    return sample_points(input, pts, BORDERS[border])
+    return sample(input, np.ascontiguousarray(points), POINTS, BORDERS[border])
 
 
 def bilinear_interpolate_backward(grad_out, input, points, border, needs):
     """(grad_input, grad_points) for grad_out (N, C, P), None where ``needs`` is False;
     grad_points has points' dtype."""
-    pts = np.ascontiguousarray(points, np.float64)
-    grad_out = np.ascontiguousarray(grad_out, input.dtype)
-    g_in, g_pts = sample_points_grad(grad_out, input, pts, BORDERS[border], tuple(needs))
-    if g_pts is not None:
-        g_pts = g_pts.astype(points.dtype, copy=False)
-    return g_in, g_pts
+    pts = np.ascontiguousarray(points)
+    return sample_grad(grad_out, input, pts, POINTS, BORDERS[border], needs=tuple(needs))
