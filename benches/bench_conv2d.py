@@ -11,20 +11,12 @@ The callables are those ``python -m deformnp bench`` times (``deformnp.cases.ben
 
 from __future__ import annotations
 
-from suite import main, parametrize, run
+from suite import main, make_tests
 
 OPS = ["conv2d"]
 
 
-@parametrize(OPS)
-def test_deformnp(benchmark, op, size, n, which):
-    run(benchmark, op, size, n, which)
-
-
-@parametrize(OPS)
-def test_torch(benchmark, op, size, n, which):
-    run(benchmark, op, size, n, which, "torch_")
-
+test_deformnp, test_torch = make_tests(OPS, "", "torch_")
 
 if __name__ == "__main__":
     main(OPS)

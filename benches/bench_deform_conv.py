@@ -12,25 +12,14 @@ The callables are those ``python -m deformnp bench`` times (``deformnp.cases.ben
 
 from __future__ import annotations
 
-from suite import main, parametrize, run
+from suite import main, make_tests
 
 OPS = ["deform_conv2d"]
 
 
-@parametrize(OPS)
-def test_deformnp(benchmark, op, size, n, which):
-    run(benchmark, op, size, n, which)
-
-
-@parametrize(OPS)
-def test_torchvision(benchmark, op, size, n, which):
-    run(benchmark, op, size, n, which, "torch_")
-
-
-@parametrize(OPS)
-def test_torch_dense_conv2d(benchmark, op, size, n, which):
-    run(benchmark, op, size, n, which, "torch_dense_")
-
+test_deformnp, test_torchvision, test_torch_dense_conv2d = make_tests(
+    OPS, "", "torch_", "torch_dense_"
+)
 
 if __name__ == "__main__":
     main(OPS)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from suite import main, parametrize, run
+from suite import main, make_tests
 
 OPS = [
     "roi_align",
@@ -29,15 +29,7 @@ OPS = [
 ]
 
 
-@parametrize(OPS)
-def test_deformnp(benchmark, op, size, n, which):
-    run(benchmark, op, size, n, which)
-
-
-@parametrize(OPS)
-def test_torchvision(benchmark, op, size, n, which):
-    run(benchmark, op, size, n, which, "torch_")
-
+test_deformnp, test_torchvision = make_tests(OPS, "", "torch_")
 
 if __name__ == "__main__":
     main(sys.argv[1:] or OPS)

@@ -62,6 +62,20 @@ def run(benchmark: Any, op: str, size: str, n: int, which: str, side: str = "") 
         benchmark.pedantic(fn, rounds=5 if slow else 20, warmup_rounds=1)
 
 
+def make_tests(ops: Sequence[str], *sides: str) -> tuple[Callable[..., None], ...]:
+    """One benchmark test per side ("" deformnp, "torch_", "torch_dense_"), each parametrized
+    over (op, size, threads, pass): ``test_deformnp, test_torch = make_tests(OPS, "", "torch_")``."""
+
+    def make(side: str) -> Callable[..., None]:
+        @parametrize(ops)
+        def test(benchmark: Any, op: str, size: str, n: int, which: str) -> None:
+            run(benchmark, op, size, n, which, side)
+
+        return test
+
+    return tuple(make(side) for side in sides)
+
+
 def peak_extra_mib(fn: Callable[[], Any]) -> float:
     """Peak of the NumPy allocations (tracemalloc) one call makes, in MiB (the kernels allocate
     nothing large outside NumPy)."""
