@@ -96,7 +96,24 @@ def same_dtype(op: str, **arrays: Any) -> np.dtype:
     dtypes = {name: np.dtype(a.dtype) for name, a in arrays.items() if a is not None}
     if len(set(dtypes.values())) > 1:
         given = ", ".join(f"{n} {d}" for n, d in dtypes.items())
-        raise TypeError(f"{op}: inputs must share one float dtype, got {given}")
+        first = next(iter(dtypes.values()))
+
+        def method(d: np.dtype) -> str:  # Tensor.float() / .double(), Module.float() / .double()
+            return "double" if d == np.float64 else "float"
+
+        w = dtypes.get("weight", first)
+        if w != first:
+            # the usual cause: float64 data into a layer, whose parameters are float32 (as torch's)
+            hint = (
+                f"a layer's parameters are float32 unless converted: pass {w} data "
+                f"(array.astype(np.{w}) or Tensor.{method(w)}()) or convert the layer to "
+                f"{first} (layer.{method(first)}())"
+            )
+        else:
+            hint = (
+                f"cast them to one dtype, e.g. array.astype(np.{first}) or Tensor.{method(first)}()"
+            )
+        raise TypeError(f"{op}: inputs must share one float dtype, got {given}; {hint}")
     return next(iter(dtypes.values()))
 
 

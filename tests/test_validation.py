@@ -393,3 +393,24 @@ def test_deterministic_switch_takes_a_bool():
         assert dn.are_deterministic_algorithms_enabled() is True
     finally:
         dn.use_deterministic_algorithms(False)
+
+
+def test_dtype_mismatch_says_how_to_fix_it():
+    """float64 data into a float32 layer (the usual mistake) names both fixes; any other mix
+    says to cast to one dtype."""
+    import deformnp as dn
+
+    layer = nn.DeformConv2d(4, 4, 3, padding=1)
+    x = dn.tensor(np.zeros((1, 4, 5, 5)))
+    off = dn.tensor(np.zeros((1, 18, 5, 5)))
+    with pytest.raises(TypeError) as exc:
+        layer(x, off)
+    msg = str(exc.value)
+    assert msg.startswith("deform_conv2d: inputs must share one float dtype, got input float64")
+    assert "array.astype(np.float32) or Tensor.float()" in msg and "layer.double()" in msg
+    assert layer.double()(x, off).dtype == np.float64  # the fix it names works
+    assert layer.float()(x.float(), off.float()).dtype == np.float32
+    with pytest.raises(TypeError, match=r"cast them to one dtype, e.g. array.astype\(np.float64\)"):
+        ops.grid_sample(
+            dn.tensor(np.zeros((1, 1, 2, 2))), dn.tensor(np.zeros((1, 1, 1, 2), np.float32))
+        )
