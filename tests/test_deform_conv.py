@@ -122,14 +122,15 @@ def test_forward_pair_equals_op(rng):
     np.testing.assert_array_equal(ops.deform_conv2d_forward(**a), ops.deform_conv2d(**a).numpy())
 
 
-def test_chunked_batches_match_one_chunk(rng, monkeypatch):
-    """Batches split into several chunks (small COLS_BUDGET) give the same results."""
+def test_one_row_tasks_match_whole_images(rng, monkeypatch):
+    """Images split into one-row tasks (tiny column budgets) give the same results."""
     a = make(rng, CONFIGS[3])
     out = ops.deform_conv2d_forward(**a)
     go = rng.standard_normal(out.shape)
     grads = ops.deform_conv2d_backward(go, **a)
     monkeypatch.setattr(kernels, "COLS_BUDGET", 1)
-    assert kernels.chunk_size(8, 9, 30) == 1
+    monkeypatch.setattr(kernels, "FWD_COLS_BUDGET", 1)
+    assert kernels.task_rows(72, 6, 5) == 1 and kernels.task_rows(72, 6, 5, 1) == 1
     np.testing.assert_allclose(ops.deform_conv2d_forward(**a), out, rtol=1e-13, atol=1e-13)
     for u, v in zip(ops.deform_conv2d_backward(go, **a), grads):
         if v is not None:
@@ -395,6 +396,62 @@ def test_backward_deterministic_across_runs_and_threads(rng):
         single_blas = ops.deform_conv2d_backward(go, **a)  # the GEMMs on one BLAS thread too
     for u, v, w, z in zip(first, again, single, single_blas):
         assert u.tobytes() == v.tobytes() == w.tobytes() == z.tobytes()
+
+
+def test_forward_row_block_tasks_match(rng, monkeypatch):
+    """One output row per forward task (FWD_COLS_BUDGET = 1) gives the whole-image result."""
+    a = make(rng, CONFIGS[3])
+    out = ops.deform_conv2d_forward(**a)
+    monkeypatch.setattr(kernels, "FWD_COLS_BUDGET", 1)
+    np.testing.assert_allclose(ops.deform_conv2d_forward(**a), out, rtol=1e-13, atol=1e-13)
+
+
+def test_backward_deterministic_row_block_tasks(rng, monkeypatch):
+    # one output row per task: an image's input gradient is the sum of its row blocks' buffers
+    monkeypatch.setattr(kernels, "COLS_BUDGET", 1)
+    assert kernels.task_rows(8 * 9, 20, 20) == 1
+    cfg = (3, 16, 20, 20, 8, 3, 3, 2, 2, 1, 1, 1, True, True)
+    a = make(rng, cfg, np.float32, offset_scale=4.0)
+    go = rng.standard_normal(ops.deform_conv2d_forward(**a).shape).astype(np.float32)
+    first = ops.deform_conv2d_backward(go, **a)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        single = ops.deform_conv2d_backward(go, **a)
+    finally:
+        numba.set_num_threads(before)
+    with threadpool_limits(limits=1, user_api="blas"):
+        single_blas = ops.deform_conv2d_backward(go, **a)
+    for u, w, z in zip(first, single, single_blas):
+        assert u.tobytes() == w.tobytes() == z.tobytes()
+
+
+def test_concurrent_calls_match_and_restore_blas_threads(rng):
+    """Calls from two Python threads at once give the results of one call, and NumPy's BLAS
+    thread count is what it was before (the kernels run BLAS on one thread inside a call)."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    cfg = (3, 16, 20, 20, 8, 3, 3, 2, 2, 1, 1, 1, True, True)
+    a = make(rng, cfg, np.float32, offset_scale=4.0)
+    go = rng.standard_normal(ops.deform_conv2d_forward(**a).shape).astype(np.float32)
+    before = [d["num_threads"] for d in threadpool_info()]
+    want = ops.deform_conv2d_backward(go, **a)
+    got = [None] * 4
+
+    def call(i):
+        got[i] = ops.deform_conv2d_backward(go, **a)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in got:
+        for u, v in zip(r, want):
+            assert (u is None and v is None) or u.tobytes() == v.tobytes()
+    assert [d["num_threads"] for d in threadpool_info()] == before
 
 
 # ------------------------------------------------------------------ torchvision parity

@@ -11,71 +11,80 @@ channels of offset group og:
 The kernels work on a channels-last copy of the input (B, H, W, Cin): the bilinear plan of a
 sampling point is computed once (from the shared ``zero_fade_plan``) and then applied to all
 Cin/G channels of its offset group as contiguous runs of memory, which the compiler vectorizes.
-The columns matrix is (P, Cin*K), P = nb*Hout*Wout rows (one per output pixel of a chunk of nb
-batch items), with column (grp*K + k)*cin_g + cl for channel c = grp*cin_g + cl of weight group
-grp, so that each weight group's columns are one block. With Wm = weight permuted to (Cout, kh,
-kw, Cin/g) and flattened to (Cout, K*Cin/g):
+The work is split into tasks of output rows of one image (``task_rows``: a task's columns
+matrix holds at most FWD_COLS_BUDGET elements in the forward, COLS_BUDGET in the backward). A task's
+columns matrix is (P, Cin*K), P = its rows * Wout, with column (grp*K + k)*cin_g + cl for
+channel c = grp*cin_g + cl of weight group grp, so that each weight group's columns are one
+block. With Wm = weight permuted to (Cout, kh, kw, Cin/g) and flattened to (Cout, K*Cin/g), per
+task, for each weight group:
 
-    forward    cols = im2col(input)                          (_im2col, per (b, oy) row)
-               out^T[:, group] = cols[:, group] @ Wm[group]^T            (BLAS GEMM)
-    backward   grad_cols[:, group] = grad_out^T[:, group] @ Wm[group]    (GEMM)
-               grad_offset, grad_mask, cols and the plans                (_backward_points)
-               grad_Wm[group] += grad_out^T[:, group]^T @ cols[:, group] (GEMM)
-               grad_input += scatter of the plans' m * w * grad_cols     (_col2im)
+    forward    cols = im2col(input rows)                              (_im2col)
+               out[b, group, rows] = Wm[group] @ cols[:, group]^T     (BLAS, written as NCHW)
+    backward   grad_cols[:, group] = grad_out[b, group, rows]^T @ Wm[group]   (BLAS, in place)
+               grad_offset, grad_mask, cols and the plans             (_backward_points)
+               buffer_j = scatter of the plans' m * w * grad_cols     (_col2im, channels-last)
+               grad_Wm share = grad_out[b, group, rows] @ cols[:, group]      (BLAS)
+               grad_input[b] = sum_j buffer_j over the image's row blocks j in order
+               grad_Wm = sum of the shares in task order
 
-Chunks of batch items bound the memory of the columns (COLS_BUDGET elements).
-
-Parallelism and determinism (bit-identical results for any thread count):
-
-* ``_im2col`` and ``_backward_points``: ``prange`` over (b, oy) rows; a row task writes only its
-  own columns, plans and offset / mask gradients, summing over channels in a fixed order;
-* ``_col2im``: ``prange`` over (b, offset group, block of channels); a task owns those channels
-  of the input gradient, scatters into a channels-last buffer of them in a fixed (oy, ox, k)
-  order (so the block size, which may follow the thread count, changes no sum) and stores it;
-  output-pixel-major order keeps consecutive scatters within a few input rows of the buffer;
-* GEMMs are BLAS calls whose partitioning does not depend on Numba's thread count; chunk results
-  are accumulated in chunk order; the chunk size depends on the shapes only.
+Parallelism and determinism (bit-identical results for any thread count): one level of
+parallelism. ``run_tasks`` hands the tasks to a pool of numba.get_num_threads() Python threads;
+the kernels are serial and release the GIL, and NumPy's BLAS runs on one thread inside each
+task (threadpoolctl, for the duration of the call), so no second thread pool spins beside the
+first (measured: Numba's parallel loops and OpenBLAS's threads in turn, each pool waiting
+while the other worked, cost ~2x the CPU time at 2 threads). The tasks depend on the shapes
+only; every output element of a task has one writer (the rows' output, offset and mask
+gradients), or is summed in a fixed order: an image's row-block buffers by the block that
+finishes last, j in order; the weight-gradient shares on the calling thread, in task order.
+One thread (or a small problem, ``threads_for``) runs the tasks in order on the calling thread.
 
 Index arithmetic is int64 (Numba integers); the channel-run loops index flat arrays with uint64
 offsets, which Numba does not check for wraparound, so LLVM vectorizes them. Plans are float64;
 sums over channels run in float64; columns and GEMMs keep the data dtype (float32 data runs
-float32 GEMMs, as torchvision does). The plans of the backward are kept per (b, og, q, k).
+float32 GEMMs, as torchvision does). The plans of the backward are kept per task (og, q, k).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
+from threadpoolctl import ThreadpoolController
 
-from .sampling import channels_last, from_channels_last, threads_for, zero_fade_plan
+from .sampling import axpy, combine4, combine_dot4, fill_zero, threads_for, zero_fade_plan
 
-# Largest columns matrix (elements) per chunk of batch items: 2**23 elements is 32 MB in
-# float32; a chunk always holds at least one batch item.
-COLS_BUDGET = 1 << 23
+# Largest columns matrix (elements) of one task (rows of one image): 2**21 elements, 8 MB in
+# float32; each thread holds one task's columns (and the backward its grad_cols) at a time.
+COLS_BUDGET = 1 << 21
+# The forward's tasks are smaller (2**19 elements, 2 MB in float32: the columns stay near the
+# cache between _im2col and the GEMM; measured 6-8% less CPU time than 2**21 at both bench
+# sizes); the backward's are not, since each row block costs a whole-image buffer of the input
+# gradient (measured: 2**18 or less was slower).
+FWD_COLS_BUDGET = 1 << 19
 
 
-@njit(parallel=True, cache=True)
-def _im2col(inp_t, off, msk, b0, nb, kh, kw, sh, sw, ph, pw, dh, dw, cin_g, runs, cols):
-    """cols[(b - b0)*HW + oy*Wout + ox, (grp*K + k)*cin_g + cl] = m * sample(input[b, c], y, x)
-    for b in [b0, b0 + nb); inp_t is the channels-last input (B, H, W, Cin); ``runs`` from
-    ``channel_runs``."""
+@njit(nogil=True, cache=True)
+def _im2col(inp_t, off, msk, b, oy0, oy1, kh, kw, sh, sw, ph, pw, dh, dw, cin_g, runs, cols):
+    """cols[(oy - oy0)*Wout + ox, (grp*K + k)*cin_g + cl] = m * sample(input[b, c], y, x) for
+    the output rows oy in [oy0, oy1) of image b; inp_t is the channels-last input (B, H, W,
+    Cin); ``runs`` from ``channel_runs``. Serial: one task of the caller's thread pool."""
     B, H, W, Cin = inp_t.shape
     K = kh * kw
     G = msk.shape[1] // K
-    Hout = off.shape[2]
     Wout = off.shape[3]
-    HW = Hout * Wout
     CK = Cin * K
     v = inp_t.reshape(-1)
     cf = cols.reshape(-1)
-    for task in prange(nb * Hout):
-        bl = task // Hout
-        oy = task - bl * Hout
-        b = b0 + bl
-        wv = np.empty(4, cols.dtype)  # the plan's weights in the data dtype
+    wv = np.empty(4, cols.dtype)  # the plan's weights in the data dtype
+    base = b * H * W
+    for oy in range(oy0, oy1):
         for og in range(G):
             for k in range(K):
                 i = k // kw
@@ -89,16 +98,15 @@ def _im2col(inp_t, off, msk, b0, nb, kh, kw, sh, sw, ph, pw, dh, dw, cin_g, runs
                     for t in range(4):
                         wv[t] = m * pwt[t]
                     zero = wv[0] == 0.0 and wv[1] == 0.0 and wv[2] == 0.0 and wv[3] == 0.0
-                    base = b * H * W
-                    row = (bl * HW + oy * Wout + ox) * CK + k * cin_g
+                    row = ((oy - oy0) * Wout + ox) * CK + k * cin_g
                     for r in range(runs.shape[1]):  # og's channels, one weight group at a time
                         c = runs[og, r, 0]
                         n = np.uint64(runs[og, r, 1] - c)
                         d = np.uint64(row + runs[og, r, 2] + c)
                         if zero:
-                            _fill_zero(cf, d, n)
+                            fill_zero(cf, d, n)
                         else:
-                            _combine4(
+                            combine4(
                                 cf, d, v, n,
                                 np.uint64((base + pi[0]) * Cin + c),
                                 np.uint64((base + pi[1]) * Cin + c),
@@ -108,79 +116,36 @@ def _im2col(inp_t, off, msk, b0, nb, kh, kw, sh, sw, ph, pw, dh, dw, cin_g, runs
                             )  # fmt: skip
 
 
-# Channel-run loops on flat arrays with unsigned offsets (d, a0..a3, n: np.uint64): Numba
-# checks signed indices for wraparound, which keeps LLVM from vectorizing the loop; unsigned
-# ones need no check (measured: 3x faster than the same loop over array slices).
-
-
-@njit(cache=True)
-def _fill_zero(out, d, n):
-    for u in range(n):
-        out[d + u] = 0.0
-
-
-@njit(cache=True)
-def _combine4(out, d, v, n, a0, a1, a2, a3, w0, w1, w2, w3):
-    """out[d + u] = w0*v[a0 + u] + w1*v[a1 + u] + w2*v[a2 + u] + w3*v[a3 + u], u < n."""
-    for u in range(n):
-        out[d + u] = w0 * v[a0 + u] + w1 * v[a1 + u] + w2 * v[a2 + u] + w3 * v[a3 + u]
-
-
-@njit(fastmath={"reassoc", "contract"}, cache=True)
-def _dot4(g, d, v, n, a0, a1, a2, a3):
-    """(sum_u g[d + u] * v[a_t + u] for t = 0..3), summed in float64. Reassociation lets the
-    compiler vectorize the sums; the compiled order is fixed, so results are reproducible."""
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    for u in range(n):
-        gu = np.float64(g[d + u])
-        s0 += gu * v[a0 + u]
-        s1 += gu * v[a1 + u]
-        s2 += gu * v[a2 + u]
-        s3 += gu * v[a3 + u]
-    return s0, s1, s2, s3
-
-
-@njit(cache=True)
-def _axpy(r, s, w, g, d, n):
-    """r[s + u] += w * g[d + u], u < n (one corner of a sample scattering a channel run)."""
-    for u in range(n):
-        r[s + u] += w * g[d + u]
-
-
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def _backward_points(
-    inp_t, off, msk, gcols, b0, nb, kh, kw, sh, sw, ph, pw, dh, dw, cin_g, runs,
+    inp_t, off, msk, gcols, b, oy0, oy1, kh, kw, sh, sw, ph, pw, dh, dw, cin_g, runs,
     need_sums, need_cols, cols, goff, gmsk, pidx, pwts,
 ):  # fmt: skip
-    """For batch items [b0, b0 + nb), owner per (b, oy) row:
+    """For the output rows oy in [oy0, oy1) of image b (q = (oy - oy0)*Wout + ox the task's
+    row of gcols / cols):
 
-    goff[b, 2(og K + k)]     = m * sum_c grad_cols[., c K + k] * d sample / dy   (need_sums)
-    goff[b, 2(og K + k) + 1] = m * sum_c grad_cols[., c K + k] * d sample / dx
-    gmsk[b, og K + k]        =     sum_c grad_cols[., c K + k] * sample
+    goff[b, 2(og K + k)]     = m * sum_c grad_cols[q, c K + k] * d sample / dy   (need_sums)
+    goff[b, 2(og K + k) + 1] = m * sum_c grad_cols[q, c K + k] * d sample / dx
+    gmsk[b, og K + k]        =     sum_c grad_cols[q, c K + k] * sample
     cols                     = the columns, as _im2col                          (need_cols)
-    pidx[bl, og, q, k], pwts[bl, og, q, k] = the plan's corners and m * weights (always)
+    pidx[og, q, k], pwts[og, q, k] = the plan's corners and m * weights        (always)
 
     With d_t = sum_c grad_cols * V_c[corner t] (four dot products over the channels), the sums
-    are sum_t cy_t d_t, sum_t cx_t d_t and sum_t w_t d_t.
+    are sum_t cy_t d_t, sum_t cx_t d_t and sum_t w_t d_t. Serial: one task of the thread pool.
     """
     B, H, W, Cin = inp_t.shape
     K = kh * kw
     G = msk.shape[1] // K
-    Hout = off.shape[2]
     Wout = off.shape[3]
-    HW = Hout * Wout
     CK = Cin * K
     v = inp_t.reshape(-1)
     gc = gcols.reshape(-1)
     cf = cols.reshape(-1)
-    for task in prange(nb * Hout):
-        bl = task // Hout
-        oy = task - bl * Hout
-        b = b0 + bl
-        wv = np.empty(4, pwts.dtype)
+    wv = np.empty(4, pwts.dtype)
+    cout = cf if need_cols else np.empty(Cin, cols.dtype)  # scratch row of columns
+    gsrc = gc if need_sums else np.zeros(Cin, gcols.dtype)  # zero grad_cols
+    base = b * H * W
+    for oy in range(oy0, oy1):
         for og in range(G):
             for k in range(K):
                 i = k // kw
@@ -191,15 +156,14 @@ def _backward_points(
                     x = (ox * sw - pw + j * dw) + off[b, ch + 1, oy, ox]
                     m = msk[b, og * K + k, oy, ox]
                     pi, pwt, pcy, pcx = zero_fade_plan(y, x, H, W)
-                    q = oy * Wout + ox
+                    q = (oy - oy0) * Wout + ox
                     for t in range(4):
                         wv[t] = m * pwt[t]
-                        pidx[bl, og, q, k, t] = pi[t]
-                        pwts[bl, og, q, k, t] = wv[t]
+                        pidx[og, q, k, t] = pi[t]
+                        pwts[og, q, k, t] = wv[t]
                     if not (need_sums or need_cols):
                         continue
-                    base = b * H * W
-                    row = (bl * HW + q) * CK + k * cin_g
+                    row = q * CK + k * cin_g
                     d0 = 0.0
                     d1 = 0.0
                     d2 = 0.0
@@ -212,14 +176,16 @@ def _backward_points(
                         a1 = np.uint64((base + pi[1]) * Cin + c)
                         a2 = np.uint64((base + pi[2]) * Cin + c)
                         a3 = np.uint64((base + pi[3]) * Cin + c)
-                        if need_cols:
-                            _combine4(cf, d, v, n, a0, a1, a2, a3, wv[0], wv[1], wv[2], wv[3])
-                        if need_sums:
-                            e0, e1, e2, e3 = _dot4(gc, d, v, n, a0, a1, a2, a3)
-                            d0 += e0
-                            d1 += e1
-                            d2 += e2
-                            d3 += e3
+                        # columns into cf (or the scratch row), sums of gc (or of zeros)
+                        dc = d if need_cols else np.uint64(c)
+                        dg = d if need_sums else np.uint64(c)
+                        e0, e1, e2, e3 = combine_dot4(
+                            cout, dc, gsrc, dg, v, n, a0, a1, a2, a3, wv[0], wv[1], wv[2], wv[3]
+                        )
+                        d0 += e0
+                        d1 += e1
+                        d2 += e2
+                        d3 += e3
                     if need_sums:
                         accy = pcy[0] * d0 + pcy[1] * d1 + pcy[2] * d2 + pcy[3] * d3
                         accx = pcx[0] * d0 + pcx[1] * d1 + pcx[2] * d2 + pcx[3] * d3
@@ -229,56 +195,77 @@ def _backward_points(
                         gmsk[b, og * K + k, oy, ox] = accm
 
 
-@njit(parallel=True, cache=True)
-def _col2im(gcols, pidx, pwts, b0, nb, kh, kw, cin_g, runs, cblock, gin):
-    """gin[b, c] = sum over (q, k) of m * w * grad_cols[q, column of (c, k)] scattered at the
-    plan's corners, for b in [b0, b0 + nb); gin (B, Cin, H, W). Tasks own (b, og, block of
-    channels): they scatter into a channels-last buffer of their block in (q, k, corner) order
-    whatever the block (so the block size never changes a sum), then store it into gin. The
-    output-pixel-major order keeps the scattered corners of consecutive steps near each other
-    (a few input rows of the buffer at a time)."""
-    B, Cin, H, W = gin.shape
-    G = pidx.shape[1]
+@njit(nogil=True, cache=True)
+def _col2im(gcols, pidx, pwts, kh, kw, cin_g, runs, acc):
+    """acc[pix, c] += m * w * grad_cols[q, column of (c, k)] at the plan's corners pix, over
+    the task's rows q and kernel points k in (q, k, corner) order; acc is a channels-last (H*W,
+    Cin) buffer of one image (flat). Output-pixel-major order keeps consecutive scatters within
+    a few input rows of the buffer. Serial: one task of the thread pool."""
+    G = pidx.shape[0]
+    P = pidx.shape[1]
     K = kh * kw
-    HW = pidx.shape[2]
-    HWin = H * W
-    cpg = Cin // G
-    CK = Cin * K
-    ncb = (cpg + cblock - 1) // cblock
+    CK = gcols.shape[1]
+    Cin = CK // K
     gc = gcols.reshape(-1)
-    gi = gin.reshape(-1)
-    for task in prange(nb * G * ncb):
-        bl = task // (G * ncb)
-        rest = task - bl * (G * ncb)
-        og = rest // ncb
-        ca = og * cpg + (rest - og * ncb) * cblock
-        cb = min(ca + cblock, (og + 1) * cpg)
-        nc = cb - ca
-        acc = np.zeros(HWin * nc, gin.dtype)
-        for q in range(HW):
+    for q in range(P):
+        for og in range(G):
             for k in range(K):
                 if (
-                    pwts[bl, og, q, k, 0] == 0.0
-                    and pwts[bl, og, q, k, 1] == 0.0
-                    and pwts[bl, og, q, k, 2] == 0.0
-                    and pwts[bl, og, q, k, 3] == 0.0
+                    pwts[og, q, k, 0] == 0.0
+                    and pwts[og, q, k, 1] == 0.0
+                    and pwts[og, q, k, 2] == 0.0
+                    and pwts[og, q, k, 3] == 0.0
                 ):
                     continue
-                row = (bl * HW + q) * CK + k * cin_g
-                for r in range(runs.shape[1]):  # og's channels in [ca, cb), by weight group
-                    c = max(ca, runs[og, r, 0])
-                    ce = min(cb, runs[og, r, 1])
-                    if c >= ce:
-                        continue
+                row = q * CK + k * cin_g
+                for r in range(runs.shape[1]):  # og's channels, one weight group at a time
+                    c = runs[og, r, 0]
+                    n = np.uint64(runs[og, r, 1] - c)
                     d = np.uint64(row + runs[og, r, 2] + c)
-                    n = np.uint64(ce - c)
                     for t in range(4):
-                        s = np.uint64(pidx[bl, og, q, k, t] * nc - ca + c)
-                        _axpy(acc, s, pwts[bl, og, q, k, t], gc, d, n)
-        for c in range(ca, cb):
-            ob = ((b0 + bl) * Cin + c) * HWin
-            for pix in range(HWin):
-                gi[ob + pix] = acc[pix * nc + c - ca]
+                        s = np.uint64(pidx[og, q, k, t] * Cin + c)
+                        axpy(acc, s, pwts[og, q, k, t], gc, d, n)
+
+
+@njit(nogil=True, cache=True)
+def _sum_channels_first(accs, gi):
+    """gi[c, pix] = sum_j accs[j, pix*C + c], j in order: the channels-last input gradients of
+    an image's row blocks (flat), summed into the image's (C, H*W) gradient, in tiles of 16
+    channels by 64 pixels."""
+    C, P = gi.shape
+    nj = accs.shape[0]
+    for c0 in range(0, C, 16):
+        c1 = min(c0 + 16, C)
+        for p0 in range(0, P, 64):
+            p1 = min(p0 + 64, P)
+            for c in range(c0, c1):
+                for p in range(p0, p1):
+                    a = accs[0, p * C + c]
+                    for j in range(1, nj):
+                        a += accs[j, p * C + c]
+                    gi[c, p] = a
+
+
+@njit(nogil=True, cache=True)
+def _to_channels_last(src, dst):
+    """dst[p, c] = src[c, p] for one image, in tiles of 8 channels by 64 pixels."""
+    C, P = src.shape
+    for c0 in range(0, C, 8):
+        c1 = min(c0 + 8, C)
+        for p0 in range(0, P, 64):
+            p1 = min(p0 + 64, P)
+            for p in range(p0, p1):
+                for c in range(c0, c1):
+                    dst[p, c] = src[c, p]
+
+
+def _channels_last_input(input: Any) -> Any:
+    """The channels-last copy (B, H, W, Cin) of input, one image per task."""
+    B, Cin, H, W = input.shape
+    src = input.reshape(B, Cin, H * W)
+    dst = np.empty((B, H * W, Cin), input.dtype)
+    run_tasks(lambda b: _to_channels_last(src[b], dst[b]), [(b,) for b in range(B)], blas=False)
+    return dst.reshape(B, H, W, Cin)
 
 
 def _geometry(input: Any, offset: Any, weight: Any) -> tuple[int, ...]:
@@ -309,16 +296,76 @@ def channel_runs(Cin: int, G: int, cin_g: int, K: int) -> np.ndarray:
     return runs
 
 
-def chunk_size(Cin: int, K: int, HW: int) -> int:
-    """Batch items per chunk so the columns matrix stays within COLS_BUDGET elements."""
-    return max(1, COLS_BUDGET // max(1, Cin * K * HW))
+def task_rows(CK: int, Hout: int, Wout: int, budget: int = 0) -> int:
+    """Output rows of one image per task: the task's columns matrix (rows*Wout, CK) stays within
+    ``budget`` (default COLS_BUDGET) elements, the rows split evenly. Depends on the shapes only (so does every sum,
+    whatever the thread count)."""
+    per = max(1, (budget or COLS_BUDGET) // max(1, CK * Wout))
+    n = -(-Hout // per)
+    return -(-Hout // n)
 
 
-def _channel_block(nb: int, G: int, cpg: int) -> int:
-    """Channels per ``_col2im`` task: about two tasks per thread when the channels allow (blocks
-    of >= 8 channels). The result never depends on it (see ``_col2im``)."""
-    ncb = max(1, min(cpg // 8, -(-2 * numba.get_num_threads() // max(1, nb * G))))
-    return -(-cpg // ncb)
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_BLAS: list = []  # [ThreadpoolController] once needed
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE: list = [0, None]  # calls inside a one-BLAS-thread region, their limiter
+
+
+def _after_fork() -> None:  # a forked child has none of the parent's worker threads
+    global _BLAS_LOCK
+    _POOLS.clear()
+    _BLAS_LOCK = threading.Lock()
+    _BLAS_STATE[:] = [0, None]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """NumPy's BLAS on one thread while any call (from any thread) is inside; the first call in
+    sets the limit, the last one out restores what it found."""
+    with _BLAS_LOCK:
+        if _BLAS_STATE[0] == 0:
+            if not _BLAS:
+                _BLAS.append(ThreadpoolController())
+            _BLAS_STATE[1] = _BLAS[0].limit(limits=1, user_api="blas")
+        _BLAS_STATE[0] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE[0] -= 1
+            if _BLAS_STATE[0] == 0:
+                _BLAS_STATE[1].restore_original_limits()
+                _BLAS_STATE[1] = None
+
+
+def run_tasks(fn: Any, tasks: list, reduce: Any = None, blas: bool = True) -> None:
+    """fn(*t) for each task t on numba.get_num_threads() threads (the calling one alone when it
+    is 1, as ``threads_for`` sets for small problems), with NumPy's BLAS on one thread inside
+    the tasks (``blas``): one level of parallelism, no second thread pool spinning beside the
+    first. ``reduce(t, fn(*t))`` runs on the calling thread in task order, whatever the
+    threads."""
+    n = min(numba.get_num_threads(), len(tasks))
+    if n <= 1:
+        for t in tasks:
+            r = fn(*t)
+            if reduce is not None:
+                reduce(t, r)
+        return
+    pool = _POOLS.get(n)
+    if pool is None:
+        pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="deformnp-dcv")
+    with _one_blas_thread() if blas else contextlib.nullcontext():
+        futures = [pool.submit(fn, *t) for t in tasks]
+        for i, t in enumerate(tasks):
+            r = futures[i].result()
+            futures[i] = None  # drop the result's buffers once reduced
+            if reduce is not None:
+                reduce(t, r)
+            del r
 
 
 def _mask_or_ones(mask: Any, B: int, G: int, K: int, Hout: int, Wout: int, dtype: Any) -> Any:
@@ -368,29 +415,30 @@ def _forward(
     dtype = input.dtype
     with threads_for(B * HW * K * Cin):
         msk = _mask_or_ones(mask, B, G, K, Hout, Wout, dtype)
-        inp_t = channels_last(input).reshape(B, H, W, Cin)
+        inp_t = _channels_last_input(input)
         wm = _weight_matrix(weight)
         runs = channel_runs(Cin, G, cin_g, K)
         cout_g = Cout // g
         kc = K * cin_g
-        step = chunk_size(Cin, K, HW)
-        for b0 in range(0, B, step):
-            nb = min(step, B - b0)
-            cols = np.empty((nb, HW, Cin * K), dtype=dtype)
+        rows = task_rows(Cin * K, Hout, Wout, FWD_COLS_BUDGET)
+        outf = out.reshape(B, Cout, HW)
+
+        def task(b: int, oy0: int) -> None:
+            oy1 = min(oy0 + rows, Hout)
+            p0, p1 = oy0 * Wout, oy1 * Wout
+            cols = np.empty((p1 - p0, Cin * K), dtype=dtype)
             _im2col(
-                inp_t, offset, msk, b0, nb, kh, kw, *stride, *padding, *dilation, cin_g, runs, cols
-            )
-            cols2 = cols.reshape(nb * HW, Cin * K)
-            if g == 1:
-                out_t = cols2 @ wm.T
-            else:
-                out_t = np.empty((nb * HW, Cout), dtype=dtype)
-                for grp in range(g):
-                    out_t[:, grp * cout_g : (grp + 1) * cout_g] = (
-                        cols2[:, grp * kc : (grp + 1) * kc]
-                        @ wm[grp * cout_g : (grp + 1) * cout_g].T
-                    )
-            from_channels_last(out_t.reshape(nb, HW, Cout), out[b0 : b0 + nb].reshape(nb, Cout, HW))
+                inp_t, offset, msk, b, oy0, oy1, kh, kw, *stride, *padding, *dilation, cin_g,
+                runs, cols,
+            )  # fmt: skip
+            for grp in range(g):  # out[b, group, rows] = Wm[group] @ cols[:, group]^T
+                np.matmul(
+                    wm[grp * cout_g : (grp + 1) * cout_g],
+                    cols[:, grp * kc : (grp + 1) * kc].T,
+                    out=outf[b, grp * cout_g : (grp + 1) * cout_g, p0:p1],
+                )
+
+        run_tasks(task, [(b, oy0) for b in range(B) for oy0 in range(0, Hout, rows)])
     if bias is not None:
         out += bias.reshape(1, Cout, 1, 1)
     return out
@@ -445,48 +493,72 @@ def _backward(
     HW = Hout * Wout
     dtype = input.dtype
     msk = _mask_or_ones(mask, B, G, K, Hout, Wout, dtype)
-    inp_t = channels_last(input).reshape(B, H, W, Cin)
+    inp_t = _channels_last_input(input)
     wm = _weight_matrix(weight)
     runs = channel_runs(Cin, G, cin_g, K)
     gwm = np.zeros_like(wm) if need_w else None
     need_sums = need_off or need_m
     goff = g_off if need_off else np.zeros(offset.shape, dtype)
     gmsk = g_m if need_m else np.zeros(msk.shape, dtype)
+    gin = g_in.reshape(B, Cin, H * W) if need_in else None
     cout_g = Cout // g
     kc = K * cin_g
-    step = chunk_size(Cin, K, HW)
-    for b0 in range(0, B, step):
-        nb = min(step, B - b0)
-        go_t = channels_last(grad_out[b0 : b0 + nb]).reshape(nb * HW, Cout)
-        cols = np.empty((nb * HW, Cin * K), dtype) if need_w else np.empty((1, 1), dtype)
+    CK = Cin * K
+    rows = task_rows(CK, Hout, Wout)
+    gof = grad_out.reshape(B, Cout, HW)
+    nblk = -(-Hout // rows)  # row blocks per image
+    lock = threading.Lock()
+    accs: list = [None] * B  # per image: the channels-last input gradients of its row blocks
+    left = [nblk] * B  # row blocks of the image still to scatter
+
+    def task(b: int, oy0: int) -> tuple:
+        oy1 = min(oy0 + rows, Hout)
+        p0, p1 = oy0 * Wout, oy1 * Wout
+        go_b = gof[b, :, p0:p1]  # the task's grad_out (Cout, P): BLAS reads it in place
         gcols = np.empty((1, 1), dtype)
         if need_in or need_sums:
-            if g == 1:
-                gcols = go_t @ wm
-            else:
-                gcols = np.empty((nb * HW, Cin * K), dtype)
-                for grp in range(g):
-                    gcols[:, grp * kc : (grp + 1) * kc] = (
-                        go_t[:, grp * cout_g : (grp + 1) * cout_g]
-                        @ wm[grp * cout_g : (grp + 1) * cout_g]
-                    )
-        if need_in or need_sums or need_w:
-            pidx = np.empty((nb, G, HW, K, 4), np.int64)
-            pwts = np.empty((nb, G, HW, K, 4), dtype)
-            _backward_points(
-                inp_t, offset, msk, gcols, b0, nb, kh, kw, *stride, *padding, *dilation, cin_g,
-                runs, need_sums, need_w, cols, goff, gmsk, pidx, pwts,
-            )  # fmt: skip
-            if need_in:
-                cb = _channel_block(nb, G, Cin // G)
-                _col2im(gcols, pidx, pwts, b0, nb, kh, kw, cin_g, runs, cb, g_in)
-        if need_w:
+            gcols = np.empty((p1 - p0, CK), dtype)
+            for grp in range(g):  # grad_cols[:, group] = grad_out[group]^T @ Wm[group]
+                np.matmul(
+                    go_b[grp * cout_g : (grp + 1) * cout_g].T,
+                    wm[grp * cout_g : (grp + 1) * cout_g],
+                    out=gcols[:, grp * kc : (grp + 1) * kc],
+                )
+        cols = np.empty((p1 - p0, CK), dtype) if need_w else np.empty((1, 1), dtype)
+        pidx = np.empty((G, p1 - p0, K, 4), np.int64)
+        pwts = np.empty((G, p1 - p0, K, 4), dtype)
+        _backward_points(
+            inp_t, offset, msk, gcols, b, oy0, oy1, kh, kw, *stride, *padding, *dilation,
+            cin_g, runs, need_sums, need_w, cols, goff, gmsk, pidx, pwts,
+        )  # fmt: skip
+        if need_in:  # into this block's buffer; the image's last block to finish sums them
+            with lock:
+                if accs[b] is None:
+                    accs[b] = np.zeros((nblk, H * W * Cin), dtype)
+                acc = accs[b]
+            blk = oy0 // rows
+            _col2im(gcols, pidx, pwts, kh, kw, cin_g, runs, acc[blk])
+            with lock:
+                left[b] -= 1
+                last = left[b] == 0
+            if last:
+                _sum_channels_first(acc, gin[b])
+                accs[b] = None
+        gw_t = None
+        if need_w:  # this task's share of grad_Wm[group] = grad_out[group] @ cols[:, group]
+            gw_t = np.empty((Cout, kc), dtype)
             for grp in range(g):
-                # as (cols^T @ go_t)^T: OpenBLAS's threads split this orientation well; the
-                # other one (go_t^T @ cols, a long inner dimension) took 5-8x the CPU time
-                gwm[grp * cout_g : (grp + 1) * cout_g] += (
-                    cols[:, grp * kc : (grp + 1) * kc].T
-                    @ go_t[:, grp * cout_g : (grp + 1) * cout_g]
-                ).T
+                np.matmul(
+                    go_b[grp * cout_g : (grp + 1) * cout_g],
+                    cols[:, grp * kc : (grp + 1) * kc],
+                    out=gw_t[grp * cout_g : (grp + 1) * cout_g],
+                )
+        return gw_t
+
+    def reduce(t: tuple, gw_t: Any) -> None:  # called in task order
+        if gw_t is not None:
+            gwm[...] += gw_t
+
+    run_tasks(task, [(b, oy0) for b in range(B) for oy0 in range(0, Hout, rows)], reduce)
     if need_w:
         g_w[...] = gwm.reshape(Cout, kh, kw, cin_g).transpose(0, 3, 1, 2)
