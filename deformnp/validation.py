@@ -3,7 +3,8 @@
 Each helper takes the name of the op (or layer) and of the argument, and raises a ``TypeError``
 (wrong kind of value) or a ``ValueError`` (right kind, wrong value) whose message names both,
 says what was expected and shows what was given, e.g. ``deform_conv2d: offset has 17 channels,
-expected 2*offset_groups*kh*kw = 18``. The helpers work on plain arrays (NumPy arrays and CUDA
+expected 2*offset_groups*kh*kw with offset_groups dividing the input's 4 channels (kernel 3x3):
+one of 18, 36, 72``. The helpers work on plain arrays (NumPy arrays and CUDA
 device arrays); callers unwrap Tensors first. Nothing here imports the autograd engine.
 
 Integer parameters (strides, paddings, sampling ratios, ...) must be Python or NumPy integers:

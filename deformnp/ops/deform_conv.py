@@ -170,18 +170,15 @@ def prepare(
             f"{OP}: offset has batch size {off.shape[0]}, expected input's batch size {B}"
         )
     oc = int(off.shape[1])
-    if oc == 0 or oc % (2 * K) != 0:
-        G = max(1, round(oc / (2 * K)))
+    if oc == 0 or oc % (2 * K) != 0 or Cin % (oc // (2 * K)) != 0:
+        # offset_groups must divide the input's channels: list the counts that work
+        valid = [2 * K * g for g in range(1, Cin + 1) if Cin % g == 0]
+        shown = ", ".join(map(str, valid[:8])) + (", ..." if len(valid) > 8 else "")
         raise ValueError(
-            f"{OP}: offset has {oc} channels, expected 2*offset_groups*kh*kw = {2 * G * K} "
-            f"(kernel {kh}x{kw}; offset_groups = offset.shape[1] // (2*kh*kw))"
+            f"{OP}: offset has {oc} channels, expected 2*offset_groups*kh*kw with offset_groups "
+            f"dividing the input's {Cin} channels (kernel {kh}x{kw}): one of {shown}"
         )
     G = oc // (2 * K)
-    if Cin % G != 0:
-        raise ValueError(
-            f"{OP}: input has {Cin} channels, not divisible by offset_groups = {G} "
-            f"(offset.shape[1] / (2*kh*kw) = {oc}/{2 * K})"
-        )
     if tuple(off.shape[2:]) != (Hout, Wout):
         raise ValueError(
             f"{OP}: offset has spatial size {tuple(off.shape[2:])}, expected the output size "
