@@ -470,6 +470,32 @@ def band_rows(H: int, W: int, C: int, itemsize: int, target: int = 1 << 20) -> i
     return max(1, min(H, target // max(1, W * C * itemsize)))
 
 
+@njit(inline="always", cache=True)
+def _ps_tap_buffers(igeo, order, starts, b):
+    """The scratch of a task's tap builds: tap pixels and weights large enough for any bin of
+    image b's RoIs (at most four corners for each of a bin's samples), the slot table, and the
+    empty offset / coefficient arrays ``_align_bin`` takes (no offset, no coefficients)."""
+    cap = 4
+    for r in range(starts[b], starts[b + 1]):
+        k = order[r]
+        cap = max(cap, 4 * igeo[k, 1] * igeo[k, 2])
+    si = np.empty(cap, np.int64)
+    sw = np.empty(cap, np.float64)
+    return si, sw, np.empty(_SLOTS, np.int64), np.zeros((1, 2, 1, 1)), np.zeros(1)
+
+
+@njit(inline="always", cache=True)
+def _ps_bin_taps(fgeo, igeo, k, ph, pw, H, W, scratch):
+    """The taps of bin (ph, pw) of RoI k (``_align_bin``, no offset) into si / sw, weights
+    divided by the bin's sample count (ps_roi_align averages its samples): their number."""
+    si, sw, slot, off, none = scratch
+    count = float(max(igeo[k, 1] * igeo[k, 2], 1))
+    n = _align_bin(fgeo, igeo, off, False, k, ph, pw, H, W, False, slot, si, sw, none, none)
+    for t in range(n):
+        sw[t] = sw[t] / count
+    return n
+
+
 @njit(parallel=True, cache=True)
 def _ps_align_forward(x, fgeo, igeo, order, starts, out):
     """ps_roi_align, plans fused: out[k, co, ph, pw] = sum over the taps (p, w) of bin q = ph*PW
@@ -483,28 +509,18 @@ def _ps_align_forward(x, fgeo, igeo, order, starts, out):
     NB = PH * PW
     xf = x.reshape(-1)
     of = out.reshape(-1)
-    dummy = np.zeros(1, np.float64)
-    off = np.zeros((1, 2, 1, 1), np.float64)
     for task in prange(B * NB):
         b = task // NB
         q = task - b * NB
         ph = q // PW
         pw = q - ph * PW
-        cap = 4
-        for r in range(starts[b], starts[b + 1]):
-            k = order[r]
-            cap = max(cap, 4 * igeo[k, 1] * igeo[k, 2])
-        si = np.empty(cap, np.int64)
-        sw = np.empty(cap, np.float64)
-        slot = np.empty(_SLOTS, np.int64)
+        scratch = _ps_tap_buffers(igeo, order, starts, b)
+        si, sw = scratch[0], scratch[1]
         base = np.uint64((b * C + q) * H * W)  # plane co*NB + q of image b: base + co*cs
         cs = np.uint64(NB * H * W)
         for r in range(starts[b], starts[b + 1]):
             k = order[r]
-            count = float(max(igeo[k, 1] * igeo[k, 2], 1))
-            n = _align_bin(fgeo, igeo, off, False, k, ph, pw, H, W, False, slot, si, sw, dummy, dummy)  # fmt: skip
-            for t in range(n):
-                sw[t] = sw[t] / count
+            n = _ps_bin_taps(fgeo, igeo, k, ph, pw, H, W, scratch)
             # eight planes at a time, in eight sums that stay in registers (each in tap order)
             for c0 in range(0, Cout - 7, 8):
                 p0 = base + np.uint64(c0) * cs
@@ -555,28 +571,18 @@ def _ps_align_backward(gout, fgeo, igeo, order, starts, gin):
     HW = H * W
     uHW = np.uint64(HW)
     go = gout.reshape(-1)
-    dummy = np.zeros(1, np.float64)
-    off = np.zeros((1, 2, 1, 1), np.float64)
     for task in prange(B * NB):
         b = task // NB
         q = task - b * NB
         ph = q // PW
         pw = q - ph * PW
-        cap = 4
-        for r in range(starts[b], starts[b + 1]):
-            k = order[r]
-            cap = max(cap, 4 * igeo[k, 1] * igeo[k, 2])
-        si = np.empty(cap, np.int64)
-        sw = np.empty(cap, np.float64)
-        slot = np.empty(_SLOTS, np.int64)
+        scratch = _ps_tap_buffers(igeo, order, starts, b)
+        si, sw = scratch[0], scratch[1]
         acc = np.zeros((Cout, HW), np.float64)
         af = acc.reshape(-1)
         for r in range(starts[b], starts[b + 1]):
             k = order[r]
-            count = float(max(igeo[k, 1] * igeo[k, 2], 1))
-            n = _align_bin(fgeo, igeo, off, False, k, ph, pw, H, W, False, slot, si, sw, dummy, dummy)  # fmt: skip
-            for t in range(n):
-                sw[t] = sw[t] / count
+            n = _ps_bin_taps(fgeo, igeo, k, ph, pw, H, W, scratch)
             # eight planes at a time, their gradients in registers, each tap adding to all
             # eight (unsigned offsets: no negative-index wraparound in the loop); then the
             # remaining planes one by one. Each element still receives its terms in tap order.
