@@ -31,10 +31,13 @@ kernel); the figures against torch are in benches/RESULTS.md.
   (``ACC_ELEMENTS`` values) and adds the levels into them in turn, so each output element
   still sums its points in the order (level, point).
 * **Plans in batches.** The plans of up to ``PLAN_BATCH`` points of a level (four corner offsets
-  and their weights; several queries' points when P is small) are computed in one loop into
-  small stack arrays, one array per quantity; that loop has no stores LLVM must assume alias the
-  inputs, so it vectorizes (floor, compares, selects across points). The channel loops then
-  read the plans back from L1.
+  and their weights; several queries' points when P is small) are computed together: their
+  locations and weights are first copied into small contiguous stack arrays, then one flat loop
+  over the batch computes the plans (``_level_plan``) into stack arrays, one array per
+  quantity. That loop has no stores LLVM must assume alias the inputs and reads consecutive
+  elements, so it vectorizes (floor, compares, selects across points); the copy took a stall
+  on the strided location loads out of it (perf: a fifth of the forward's samples). The channel
+  loops then read the plans back from L1.
 * **Channel count as a constant.** ``kernels(D)`` builds the kernels with D fixed at compile
   time: the channel loops get a constant trip count, and the forward's accumulator row can
   stay in registers across a query's points on one level. ``kernels(0)``
@@ -61,11 +64,14 @@ Index arithmetic is 64-bit throughout. Flat offsets into value / grad_value are 
 uint64 before indexing: they are never negative, and unsigned indices spare Numba's
 negative-index wrap-around test in the inner channel loops.
 
-Precision: plans are float64 (coordinates are computed in float64 from the stored locations);
-channel sums run in the data dtype, as in the anchors: the forward accumulates each output row,
-the backward the per-corner channel sums t_k = sum_d g[d] V[idx[k], d] and the scatter into
-grad_value. ``fastmath`` reassociation lets these sums vectorize; their order is fixed by the
-compiled code, so it does not depend on threads.
+Precision: plans are computed in the data's type (``ft = value.dtype.type``, as in the CUDA
+kernels): float32 data gets float32 coordinates and plans, float64 data float64 ones. (The
+float32 plan loop still runs four lanes, as the float64 one: the rule's floor converts to int64,
+one lane at a time on AVX2; it gains from half-width vectors and no float32/float64
+conversions.) Channel sums run in the data dtype, as in the anchors: the
+forward accumulates each output row, the backward the per-corner channel sums
+t_k = sum_d g[d] V[idx[k], d] and the scatter into grad_value. ``fastmath`` reassociation lets
+these sums vectorize; their order is fixed by the compiled code, so it does not depend on threads.
 """
 
 from __future__ import annotations
@@ -75,11 +81,11 @@ from typing import Any
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, float64, njit, prange, types, uint64
+from numba import carray, njit, prange, types, uint64
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .sampling import threads_for, zero_fade_plan
+from .sampling import threads_for, zero_fade_plan_ft
 
 ACC_ELEMENTS = 2048  # forward accumulator rows of a task: QC * D values on the stack
 PLAN_BATCH = 32  # sampling points whose plans are computed in one vectorized loop
@@ -160,16 +166,15 @@ def _level_slots(spatial_shapes, level_start_index, P):
 
 
 @njit(inline="always", cache=True)
-def _level_point(loc, attn, H, W, row0, p, D):
-    """Point p (flat index into attention_weights) on a level of H x W pixels whose first
-    head-major row is row0: the flat offsets of its four corners in the head-major value, its
-    zero-fade plan and its weight. The index is unsigned, so the loops that call this vectorize
-    with plain loads."""
-    x = float64(loc[p + p]) * W - 0.5
-    y = float64(loc[p + p + uint64(1)]) * H - 0.5
-    idx, w, cy, cx = zero_fade_plan(y, x, H, W)
+def _level_plan(u, v, H, W, Hf, Wf, row0, D, ft):
+    """Point (u, v) on a level of H x W pixels (Hf, Wf: the same in ``ft``) whose first
+    head-major row is row0: the flat offsets of its four corners in the head-major value and its
+    zero-fade plan, computed in ``ft`` (the data's float type)."""
+    x = ft(u) * Wf - ft(0.5)
+    y = ft(v) * Hf - ft(0.5)
+    idx, w, cy, cx = zero_fade_plan_ft(y, x, H, W, ft)
     off = ((row0 + idx[0]) * D, (row0 + idx[1]) * D, (row0 + idx[2]) * D, (row0 + idx[3]) * D)
-    return off, w, cy, cx, float64(attn[p])
+    return off, w, cy, cx
 
 
 def channels_for(D: int, points: int) -> int:
@@ -215,6 +220,7 @@ def kernels(channels: int) -> tuple[Any, Any]:
         L = sampling_locations.shape[3]
         P = sampling_locations.shape[4]
         dt = value_hm.dtype
+        ft = dt.type  # plans in the data's type: float32 data, float32 plans (8 lanes)
         v = value_hm.reshape(-1)
         o = out.reshape(-1)
         loc = sampling_locations.reshape(-1)
@@ -230,6 +236,9 @@ def kernels(channels: int) -> tuple[Any, Any]:
             off = carray(_stack_ptr(B4, np.int64), (4, B))
             wgt = carray(_stack_ptr(B4, dt), (4, B))
             live = carray(_stack_ptr(B, np.uint8), (B,))
+            us = carray(_stack_ptr(B, dt), (B,))
+            vs = carray(_stack_ptr(B, dt), (B,))
+            ak = carray(_stack_ptr(B, dt), (B,))
             for qq in range(nq):
                 for d in range(D):
                     acc[qq, d] = 0.0
@@ -238,29 +247,35 @@ def kernels(channels: int) -> tuple[Any, Any]:
                 W = slot_w[lev * P]
                 if H <= 0 or W <= 0:  # an empty level contributes nothing
                     continue
+                Hf = ft(H)
+                Wf = ft(W)
                 row0 = nm * S + slot_start[lev * P]
                 for p0 in range(0, P, B):
                     np_ = min(B, P - p0)
                     qpb = max(1, B // np_)  # queries per plan batch
                     for qa in range(0, nq, qpb):
                         nqb = min(qpb, nq - qa)
-                        for qq in range(nqb):
+                        for qq in range(nqb):  # the batch's inputs, gathered contiguous
                             pt = (((n * Lq + q0 + qa + qq) * M + m) * L + lev) * P + p0
                             for pp in range(np_):
                                 j = qq * np_ + pp
-                                corner, w, _, _, a = _level_point(
-                                    loc, attn, H, W, row0, uint64(pt + pp), D
-                                )
-                                off[0, j] = corner[0]
-                                off[1, j] = corner[1]
-                                off[2, j] = corner[2]
-                                off[3, j] = corner[3]
-                                wgt[0, j] = a * w[0]
-                                wgt[1, j] = a * w[1]
-                                wgt[2, j] = a * w[2]
-                                wgt[3, j] = a * w[3]
-                                # out of range (or on the fading edge): contributes nothing
-                                live[j] = w[0] != 0.0 or w[1] != 0.0 or w[2] != 0.0 or w[3] != 0.0
+                                p = uint64(pt + pp)
+                                us[j] = loc[p + p]
+                                vs[j] = loc[p + p + uint64(1)]
+                                ak[j] = attn[p]
+                        for j in range(nqb * np_):  # their plans, one flat vectorized loop
+                            corner, w, _, _ = _level_plan(us[j], vs[j], H, W, Hf, Wf, row0, D, ft)
+                            a = ak[j]
+                            off[0, j] = corner[0]
+                            off[1, j] = corner[1]
+                            off[2, j] = corner[2]
+                            off[3, j] = corner[3]
+                            wgt[0, j] = a * w[0]
+                            wgt[1, j] = a * w[1]
+                            wgt[2, j] = a * w[2]
+                            wgt[3, j] = a * w[3]
+                            # out of range (or on the fading edge): contributes nothing
+                            live[j] = w[0] != 0.0 or w[1] != 0.0 or w[2] != 0.0 or w[3] != 0.0
                         for qq in range(nqb):
                             row = acc[qa + qq]
                             for pp in range(np_):
@@ -329,6 +344,7 @@ def kernels(channels: int) -> tuple[Any, Any]:
         L = sampling_locations.shape[3]
         P = sampling_locations.shape[4]
         dt = value_hm.dtype
+        ft = dt.type  # plans in the data's type, as in the forward
         v = value_hm.reshape(-1)
         g = grad_out.reshape(-1)
         gv0 = grad_value_hm.reshape(-1)
@@ -363,38 +379,45 @@ def kernels(channels: int) -> tuple[Any, Any]:
                 continue
             gq = carray(_stack_ptr(BUF, dt), (BUF,))  # grad_out[n, q, m*D : (m+1)*D]
             off = carray(_stack_ptr(B4, np.int64), (4, B))
-            wk = carray(_stack_ptr(B4, np.float64), (4, B))
-            cyk = carray(_stack_ptr(B4, np.float64), (4, B))
-            cxk = carray(_stack_ptr(B4, np.float64), (4, B))
-            ak = carray(_stack_ptr(B, np.float64), (B,))
+            wk = carray(_stack_ptr(B4, dt), (4, B))
+            cyk = carray(_stack_ptr(B4, dt), (4, B))
+            cxk = carray(_stack_ptr(B4, dt), (4, B))
+            ak = carray(_stack_ptr(B, dt), (B,))
+            us = carray(_stack_ptr(B, dt), (B,))
+            vs = carray(_stack_ptr(B, dt), (B,))
+            Hf = ft(H)
+            Wf = ft(W)
             for p0 in range(0, P, B):
                 np_ = min(B, P - p0)
                 qpb = max(1, B // np_)  # queries per plan batch
                 for qa in range(qs, qe, qpb):
                     nqb = min(qpb, qe - qa)
-                    for qq in range(nqb):
+                    for qq in range(nqb):  # the batch's inputs, gathered contiguous
                         pt = (((n * Lq + qa + qq) * M + m) * L + lev) * P + p0
                         for pp in range(np_):
                             j = qq * np_ + pp
-                            corner, w, cy, cx, ak[j] = _level_point(
-                                loc, attn, H, W, row0, uint64(pt + pp), D
-                            )
-                            off[0, j] = corner[0]
-                            wk[0, j] = w[0]
-                            cyk[0, j] = cy[0]
-                            cxk[0, j] = cx[0]
-                            off[1, j] = corner[1]
-                            wk[1, j] = w[1]
-                            cyk[1, j] = cy[1]
-                            cxk[1, j] = cx[1]
-                            off[2, j] = corner[2]
-                            wk[2, j] = w[2]
-                            cyk[2, j] = cy[2]
-                            cxk[2, j] = cx[2]
-                            off[3, j] = corner[3]
-                            wk[3, j] = w[3]
-                            cyk[3, j] = cy[3]
-                            cxk[3, j] = cx[3]
+                            p = uint64(pt + pp)
+                            us[j] = loc[p + p]
+                            vs[j] = loc[p + p + uint64(1)]
+                            ak[j] = attn[p]
+                    for j in range(nqb * np_):  # their plans, one flat vectorized loop
+                        corner, w, cy, cx = _level_plan(us[j], vs[j], H, W, Hf, Wf, row0, D, ft)
+                        off[0, j] = corner[0]
+                        wk[0, j] = w[0]
+                        cyk[0, j] = cy[0]
+                        cxk[0, j] = cx[0]
+                        off[1, j] = corner[1]
+                        wk[1, j] = w[1]
+                        cyk[1, j] = cy[1]
+                        cxk[1, j] = cx[1]
+                        off[2, j] = corner[2]
+                        wk[2, j] = w[2]
+                        cyk[2, j] = cy[2]
+                        cxk[2, j] = cx[2]
+                        off[3, j] = corner[3]
+                        wk[3, j] = w[3]
+                        cyk[3, j] = cy[3]
+                        cxk[3, j] = cx[3]
                     for qq in range(nqb):
                         q = qa + qq
                         go = uint64(((n * Lq + q) * M + m) * D)
@@ -436,8 +459,8 @@ def kernels(channels: int) -> tuple[Any, Any]:
                                     + cyk[2, j] * t2
                                     + cyk[3, j] * t3
                                 )
-                                gloc[p + p] = a * gx * W
-                                gloc[p + p + uint64(1)] = a * gy * H
+                                gloc[p + p] = a * gx * Wf
+                                gloc[p + p + uint64(1)] = a * gy * Hf
                             if need_value:
                                 # corners with zero weight (masked, or the point out of range)
                                 # get nothing. The loop runs to the array's D, not the constant:
@@ -445,7 +468,7 @@ def kernels(channels: int) -> tuple[Any, Any]:
                                 # that read-modify-write scalar (3x slower, measured).
                                 for k in range(4):
                                     if wk[k, j] != 0.0:
-                                        aw = dt.type(a * wk[k, j])
+                                        aw = a * wk[k, j]
                                         ok = uint64(off[k, j])
                                         for d in range(Dv):
                                             ud = uint64(d)

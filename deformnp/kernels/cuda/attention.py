@@ -42,8 +42,8 @@ segment starts).
 **Precision.** Plans, accumulators and coefficients are in the data's dtype (``ft =
 value.dtype.type``; constants written ``ft(...)``, level sizes cast to ``ft``): a float32 launch
 does no float64 arithmetic (``python -m deformnp.cases.ptx --op ms_deform_attn``). The CPU
-kernels compute float64 plans for float32 data, so float32 results agree with them to float32
-rounding, not bit for bit.
+kernels compute float32 plans for float32 data too, but in another order (and with LLVM's
+contractions), so float32 results agree with them to float32 rounding, not bit for bit.
 """
 
 from __future__ import annotations
