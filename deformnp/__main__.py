@@ -407,8 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bench.add_argument(
         "--size",
         choices=["reference", "large", "all"],
-        default="reference",
-        help="default: reference",
+        default="all",
+        help="default: all",
     )
     p_bench.add_argument(
         "--threads",
@@ -442,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 return 2
         sizes = ("reference", "large") if args.size == "all" else (args.size,)
-        threads = args.threads or [numba.get_num_threads()]
+        threads = args.threads or [numba.get_num_threads(), 1]
         run_bench(args.op, args.repeat, devices, sizes=sizes, threads=threads, floor=args.floor)
         return 0
     # the main job
