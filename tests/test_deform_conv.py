@@ -380,8 +380,16 @@ def test_backward_deterministic_across_runs_and_threads(rng):
     a["offset"][:, ::3] = np.round(a["offset"][:, ::3])  # many samples on the same pixels
     go = rng.standard_normal(ops.deform_conv2d_forward(**a).shape).astype(np.float32)
     assert go.size // 8 * 9 * 16 >= SERIAL_WORK  # B*Hout*Wout * K * Cin
-    first = ops.deform_conv2d_backward(go, **a)
+    first, single, single_blas = _backward_at_thread_counts(go, a)
     again = ops.deform_conv2d_backward(go, **a)
+    for u, v, w, z in zip(first, again, single, single_blas):
+        assert u.tobytes() == v.tobytes() == w.tobytes() == z.tobytes()
+
+
+def _backward_at_thread_counts(go, a):
+    """The backward with the default threads, with one Numba thread, and with the GEMMs on one
+    BLAS thread."""
+    first = ops.deform_conv2d_backward(go, **a)
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
@@ -389,9 +397,8 @@ def test_backward_deterministic_across_runs_and_threads(rng):
     finally:
         numba.set_num_threads(before)
     with threadpool_limits(limits=1, user_api="blas"):
-        single_blas = ops.deform_conv2d_backward(go, **a)  # the GEMMs on one BLAS thread too
-    for u, v, w, z in zip(first, again, single, single_blas):
-        assert u.tobytes() == v.tobytes() == w.tobytes() == z.tobytes()
+        single_blas = ops.deform_conv2d_backward(go, **a)
+    return first, single, single_blas
 
 
 def test_forward_row_block_tasks_match(rng, monkeypatch):
@@ -409,15 +416,7 @@ def test_backward_deterministic_row_block_tasks(rng, monkeypatch):
     cfg = (3, 16, 20, 20, 8, 3, 3, 2, 2, 1, 1, 1, True, True)
     a = make(rng, cfg, np.float32, offset_scale=4.0)
     go = rng.standard_normal(ops.deform_conv2d_forward(**a).shape).astype(np.float32)
-    first = ops.deform_conv2d_backward(go, **a)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        single = ops.deform_conv2d_backward(go, **a)
-    finally:
-        numba.set_num_threads(before)
-    with threadpool_limits(limits=1, user_api="blas"):
-        single_blas = ops.deform_conv2d_backward(go, **a)
+    first, single, single_blas = _backward_at_thread_counts(go, a)
     for u, w, z in zip(first, single, single_blas):
         assert u.tobytes() == w.tobytes() == z.tobytes()
 
