@@ -187,25 +187,27 @@ def run_bench(
         if repeat
         else f"median of {MIN_RUNS}-{MAX_RUNS} (about {SERIES_S:g} s a series)"
     )
-    print(
-        f"Timings (float32, {reps} after warm-up, deformnp and torch runs alternating, "
-        f"Numba, BLAS and torch at the row's thread count; numba {numba.__version__}; "
-        f"{torch_info or 'torch not installed'})",
-        file=out,
+    has_torch = any(r[6] != "-" for r in rows)
+    compared = (
+        f"deformnp and torch runs alternating, Numba, BLAS and torch at the row's thread count; "
+        f"numba {numba.__version__}; {torch_info}"
+        if has_torch
+        else f"Numba and BLAS at the row's thread count; numba {numba.__version__}; "
+        f"{'no torch counterpart in this selection' if torch_info else 'torch not installed: no comparison'}"
     )
+    print(f"Timings (float32, {reps} after warm-up; {compared})", file=out)
     if "cuda" in devices and "cuda" not in wanted:
         print("CUDA: not available (no GPU or numba-cuda not installed); CPU only", file=out)
-    header = ["op", "size", "device", "threads", "phase", "deformnp ms", "torch ms", "speed-up vs torch", "G ch-samples/s"]  # fmt: skip
-    if any(r[-1] for r in rows):
-        header.append("CUDA vs CPU")
-    else:
-        rows = [r[:-1] for r in rows]
-    print(_table(rows, header), file=out)
-    print(
-        "G ch-samples/s: channel-samples (one bilinear sample, or one pooled pixel, of one "
-        "channel) per second of the forward.",
-        file=out,
-    )
+    header = ["op", "size", "device", "threads", "phase", "deformnp ms", "torch ms", "speed-up vs torch", "G ch-samples/s", "CUDA vs CPU"]  # fmt: skip
+    # no column that would be empty on every row (no torch, no gather op, no CUDA)
+    keep = [i for i in range(len(header)) if i < 6 or any(r[i] not in ("", "-") for r in rows)]
+    print(_table([[r[i] for i in keep] for r in rows], [header[i] for i in keep]), file=out)
+    if 8 in keep:
+        print(
+            "G ch-samples/s: channel-samples (one bilinear sample, or one pooled pixel, of one "
+            "channel) per second of the forward.",
+            file=out,
+        )
     for line in dense_lines:
         print(line, file=out)
     if floor:
