@@ -474,36 +474,13 @@ def _tv(name: str) -> Any:
 def ms_deform_attn_core_pytorch(
     value: Any, value_spatial_shapes: Any, sampling_locations: Any, attention_weights: Any
 ) -> Any:
-    """Deformable-DETR's pure-PyTorch multi-scale deformable attention
-    (models/ops/functions/ms_deform_attn_func.py, Apache-2.0): one ``grid_sample`` per level,
-    then the attention-weighted sum. value (N, S, M, D), levels [(H, W), ...], locations
-    (N, Lq, M, L, P, 2), weights (N, Lq, M, L, P) -> (N, Lq, M*D)."""
-    import torch
-    import torch.nn.functional as F
+    """Deformable-DETR's pure-PyTorch multi-scale deformable attention (one ``grid_sample`` per
+    level, then the attention-weighted sum), as the CPU benchmarks time it."""
+    from deformnp.cases.bench import torch_ms_deform_attn_core
 
-    N_, S_, M_, D_ = value.shape
-    _, Lq_, M_, L_, P_, _ = sampling_locations.shape
-    value_list = value.split([H_ * W_ for H_, W_ in value_spatial_shapes], dim=1)
-    sampling_grids = 2 * sampling_locations - 1
-    sampling_value_list = []
-    for lid_, (H_, W_) in enumerate(value_spatial_shapes):
-        # N_, H_*W_, M_, D_ -> N_, H_*W_, M_*D_ -> N_, M_*D_, H_*W_ -> N_*M_, D_, H_, W_
-        value_l_ = value_list[lid_].flatten(2).transpose(1, 2).reshape(N_ * M_, D_, H_, W_)
-        # N_, Lq_, M_, P_, 2 -> N_, M_, Lq_, P_, 2 -> N_*M_, Lq_, P_, 2
-        sampling_grid_l_ = sampling_grids[:, :, :, lid_].transpose(1, 2).flatten(0, 1)
-        # N_*M_, D_, Lq_, P_
-        sampling_value_l_ = F.grid_sample(
-            value_l_, sampling_grid_l_, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
-        sampling_value_list.append(sampling_value_l_)
-    # (N_, Lq_, M_, L_, P_) -> (N_, M_, Lq_, L_, P_) -> (N_*M_, 1, Lq_, L_*P_)
-    attention_weights = attention_weights.transpose(1, 2).reshape(N_ * M_, 1, Lq_, L_ * P_)
-    output = (
-        (torch.stack(sampling_value_list, dim=-2).flatten(-2) * attention_weights)
-        .sum(-1)
-        .view(N_, M_ * D_, Lq_)
+    return torch_ms_deform_attn_core(
+        value, value_spatial_shapes, sampling_locations, attention_weights
     )
-    return output.transpose(1, 2).contiguous()
 
 
 def bilinear_case(

@@ -56,43 +56,11 @@ except ImportError:  # checked before any work: the example is about the PyTorch
 import numpy as np
 
 import deformnp.torch as dnt
+from deformnp.cases.bench import torch_ms_deform_attn_core
 
-# ---------------------------------------------------------------- Deformable-DETR's formulation
-
-
-def ms_deform_attn_core_pytorch(
-    value: torch.Tensor,
-    value_spatial_shapes: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> torch.Tensor:
-    """Deformable-DETR's ``ms_deform_attn_core_pytorch``: value (N, S, M, D), sampling_locations
-    (N, Lq, M, L, P, 2) normalized (x, y), attention_weights (N, Lq, M, L, P) -> (N, Lq, M*D),
-    one bilinear ``F.grid_sample`` (zeros padding, align_corners=False) per level."""
-    N_, S_, M_, D_ = value.shape
-    _, Lq_, M_, L_, P_, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in value_spatial_shapes]
-    value_list = value.split([h * w for h, w in shapes], dim=1)
-    sampling_grids = 2 * sampling_locations - 1
-    sampling_value_list = []
-    for lid_, (H_, W_) in enumerate(shapes):
-        # N_, H_*W_, M_, D_ -> N_, H_*W_, M_*D_ -> N_, M_*D_, H_*W_ -> N_*M_, D_, H_, W_
-        value_l_ = value_list[lid_].flatten(2).transpose(1, 2).reshape(N_ * M_, D_, H_, W_)
-        # N_, Lq_, M_, P_, 2 -> N_, M_, Lq_, P_, 2 -> N_*M_, Lq_, P_, 2
-        sampling_grid_l_ = sampling_grids[:, :, :, lid_].transpose(1, 2).flatten(0, 1)
-        # N_*M_, D_, Lq_, P_
-        sampling_value_l_ = F.grid_sample(
-            value_l_, sampling_grid_l_, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
-        sampling_value_list.append(sampling_value_l_)
-    # (N_, Lq_, M_, L_, P_) -> (N_, M_, Lq_, L_, P_) -> (N_, M_, 1, Lq_, L_*P_)
-    attention_weights = attention_weights.transpose(1, 2).reshape(N_ * M_, 1, Lq_, L_ * P_)
-    output = (
-        (torch.stack(sampling_value_list, dim=-2).flatten(-2) * attention_weights)
-        .sum(-1)
-        .view(N_, M_ * D_, Lq_)
-    )
-    return output.transpose(1, 2).contiguous()
+# Deformable-DETR's formulation, ``ms_deform_attn_core_pytorch`` (one F.grid_sample per level),
+# as the benchmarks time it
+ms_deform_attn_core_pytorch = torch_ms_deform_attn_core
 
 
 class GridSampleMSDeformAttn(dnt.MSDeformAttn):
