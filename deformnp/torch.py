@@ -77,7 +77,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -114,7 +114,8 @@ __all__ = [
     "MSDeformAttn",
 ]
 
-BoxesLike = Tensor | Sequence[Tensor] | np.ndarray
+if TYPE_CHECKING:  # annotations only (strings at run time), so the module imports anywhere
+    BoxesLike = Tensor | Sequence[Tensor] | np.ndarray
 IntPair = int | tuple[int, int]
 
 
