@@ -104,3 +104,63 @@ def test_version_and_cuda_without_gpu(capsys):
     if not cuda.is_available():
         assert main(["bench", "--device", "cuda"]) == 2
         assert "selects nothing" in capsys.readouterr().err
+
+
+def test_cli_json_outputs(capsys):
+    """``check --json`` and ``bench --json`` print one JSON document on standard output (the
+    progress lines go to standard error) with every figure: min, median and max per timing."""
+    import json
+
+    from deformnp.__main__ import main
+
+    assert main(["check", "--op", "roi_pool", "--json"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["command"] == "check" and doc["ok"] is True
+    assert [r["op"] for r in doc["results"]] == ["roi_pool"]
+    assert 0 <= doc["results"][0]["worst_error"] < 1e-6
+    assert "check [1/1] roi_pool" in captured.err  # progress, off standard output
+
+    args = ["bench", "--op", "roi_pool", "--size", "reference", "--threads", "1", "--repeat", "2"]
+    assert main([*args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["command"] == "bench" and len(doc["results"]) == 2
+    for r in doc["results"]:
+        t = r["deformnp_ms"]
+        assert r["threads"] == 1 and t["runs"] == 2 and 0 < t["min"] <= t["median"] <= t["max"]
+    assert {r["phase"] for r in doc["results"]} == {"forward", "fwd+bwd"}
+
+
+def test_cli_refuses_a_request_that_selects_nothing(capsys):
+    """An unknown op (or one only ``check`` knows) is exit status 2 with the valid names."""
+    from deformnp.__main__ import main
+
+    assert main(["bench", "--op", "nn.MSDeformAttn"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown op(s) for bench: nn.MSDeformAttn" in err and "deform_conv2d" in err
+    assert main(["check", "--op", "nope"]) == 2
+    assert "unknown op(s) for check: nope" in capsys.readouterr().err
+
+
+def test_cli_help_lists_the_ops_and_the_main_job(capsys):
+    from deformnp.__main__ import main
+    from deformnp.cases import bench, check
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "Without a command it runs the main job" in text
+    assert all(op in text for op in check.OPS + bench.OPS)
+    assert "SPEC" not in text
+
+
+def test_check_table_labels_each_case():
+    """Cases of one op with several configurations are told apart by a case column."""
+    from deformnp.__main__ import run_check
+
+    out = io.StringIO()
+    assert run_check(["conv2d"], out=out)
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("conv2d")]
+    assert len(rows) == 6
+    assert sum("depthwise" in r for r in rows) == 3 and sum("2 groups" in r for r in rows) == 3
