@@ -35,7 +35,7 @@ from suite import parametrize, run
 
 import deformnp as dn
 from deformnp.cases.bench import torch_ms_deform_attn_core
-from deformnp.cases.inputs import spec13_attention as spec13_inputs
+from deformnp.cases.inputs import reference_attention as reference_inputs
 from deformnp.ops import ms_deform_attn, ms_deform_attn_forward
 
 SIZE = "N=1, levels (32,32),(16,16),(8,8),(4,4), Lq=S=1360, M=8, D=32, P=4, float32"
@@ -43,7 +43,7 @@ SIZE = "N=1, levels (32,32),(16,16),(8,8),(4,4), Lq=S=1360, M=8, D=32, P=4, floa
 
 @pytest.fixture(scope="module")
 def data():
-    return spec13_inputs(np.float32)
+    return reference_inputs(np.float32)
 
 
 def _ours_forward(d):
@@ -171,7 +171,7 @@ def rss(field):
             if line.startswith(field):
                 return int(line.split()[1])  # KiB
 
-d = B.spec13_inputs(np.float32)
+d = B.reference_inputs(np.float32)
 fn = B.CASES[{case!r}](d)
 fn(); fn()
 gc.collect()
@@ -235,7 +235,7 @@ def _median_ms(fn, repeat=20):
 
 
 def main() -> None:
-    d = spec13_inputs(np.float32)
+    d = reference_inputs(np.float32)
     fwd_io, bwd_io = io_megabytes(d)
     try:
         import torch  # noqa: F401

@@ -1,11 +1,11 @@
-"""ms_deform_attn (SPEC section 9): the core op against the naive reference, gradcheck, edge
-cases, validation messages, properties, determinism, and parity with Deformable-DETR's PyTorch
+"""ms_deform_attn (docs/ops/ms_deform_attn.rst): the core op against the naive reference, gradcheck,
+edge cases, validation messages, properties, determinism, and parity with Deformable-DETR's PyTorch
 formulation; and the MSDeformAttn layer against a torch re-implementation of Deformable-DETR's.
 
 Position gradients are checked with finite differences only at locations whose pixel coordinates
 y = v*H_l - 0.5, x = u*W_l - 0.5 have fractional parts in [0.1, 0.9] and stay away from the
 border lines (``locations_off_kinks``): the zero-fade rule has kinks at integer coordinates,
-where central differences are wrong (SPEC section 12).
+where central differences are wrong (docs/guide/autograd.rst).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from deformnp.cases import check_cases
 from deformnp.cases.inputs import (
     call_with_parameters,
     locations_off_kinks,
-    spec13_attention,
+    reference_attention,
 )
 from deformnp.nn import MSDeformAttn
 from deformnp.ops import ms_deform_attn, ms_deform_attn_backward, ms_deform_attn_forward
@@ -496,7 +496,7 @@ def test_build_choice():
     assert K.channels_for(32, 10) == 0  # small problem: the generic build
     assert K.channels_for(32, K.SPECIALISE_WORK // 32) == 32  # large problem: D compiled in
     assert K.channels_for(K.GENERIC_CHANNELS + 1, 1) == K.GENERIC_CHANNELS + 1  # D too large
-    data = spec13_attention()
+    data = reference_attention()
     points = data["sampling_locations"].size // 2
     assert K.channels_for(32, points) == 32  # the benchmark runs the specialised build
 
@@ -526,7 +526,7 @@ def test_kernel_builds_refuse_a_d_they_were_not_built_for():
 
 
 def test_specialised_build_matches_reference_and_generic_build(rng, monkeypatch):
-    # D = 32 in float64: the build the SPEC 13 benchmark uses (there in float32), with points
+    # D = 32 in float64: the build the reference benchmark uses (there in float32), with points
     # in and out of range, an empty last level (no pixel may be read there) and L*P larger than
     # one plan batch
     from deformnp.kernels.cpu import attention as K
@@ -609,7 +609,7 @@ def test_registry_check_and_bench_cases():
     (bench,) = bench_cases("ms_deform_attn", "cpu")
     assert bench is not None and bench_cases("ms_deform_attn", "cuda") == []
     assert bench.forward().shape == (1, 1360, 256)
-    data = spec13_attention()
+    data = reference_attention()
     assert data["value"].shape == (1, 1360, 8, 32) and data["value"].dtype == np.float32
 
 

@@ -1,4 +1,4 @@
-"""The benchmark table: every op at its reference size (SPEC section 13) and, for the ops whose
+"""The benchmark table: every op at its reference size and, for the ops whose
 speed matters at scale, a large size (float32), with its torch / torchvision counterpart on the
 same data when those are installed.
 
@@ -29,7 +29,7 @@ from .. import functional as F
 from .. import ops
 from ..function import no_grad
 from ..tensor import Tensor
-from .inputs import ENCODER_LEVELS, attention_inputs, boxes_in, spec13_attention
+from .inputs import ENCODER_LEVELS, attention_inputs, boxes_in, reference_attention
 
 __all__ = [
     "BenchCase",
@@ -72,7 +72,7 @@ class BenchCase:
 
 def bench_device(device: str, *arrays: Any) -> tuple[tuple, Callable[[], Any] | None] | None:
     """Place a bench builder's host arrays on ``device``: ``(arrays, sync)``, or None when the
-    device cannot run benchmarks (no GPU; or Numba's CUDA simulator, far too slow for the SPEC 13
+    device cannot run benchmarks (no GPU; or Numba's CUDA simulator, far too slow for the reference
     sizes). ``sync`` waits for the device (None on the CPU)."""
     if device == "cpu":
         return arrays, None
@@ -170,7 +170,7 @@ def _conv_shape(size: str) -> tuple[int, int, int]:
 
 def _conv2d(device: str, size: str) -> BenchCase | None:
     """input (4, 64, 32, 32), weight (64, 64, 3, 3), padding 1, float32 (the dense convolution a
-    deformable one of the SPEC 13 size does the GEMMs of); large: (8, 128, 64, 64)."""
+    deformable one of the reference size does the GEMMs of); large: (8, 128, 64, 64)."""
     if device != "cpu":
         return None
     B, C, H = _conv_shape(size)
@@ -205,7 +205,7 @@ def _conv2d(device: str, size: str) -> BenchCase | None:
 
 
 def _bilinear_interpolate(device: str, size: str) -> BenchCase | None:
-    """The grid_sample size of SPEC 13 as points: input (4, 64, 32, 32), 1024 points."""
+    """The reference grid_sample size as points: input (4, 64, 32, 32), 1024 points."""
     if size != "reference":
         return None
     rng = np.random.default_rng(0)
@@ -245,7 +245,7 @@ def _bilinear_interpolate(device: str, size: str) -> BenchCase | None:
 
 
 def _grid_sample(device: str, size: str) -> BenchCase | None:
-    """SPEC 13: input (4, 64, 32, 32), grid (4, 32, 32, 2), float32, zeros, align_corners=False;
+    """Reference size: input (4, 64, 32, 32), grid (4, 32, 32, 2), float32, zeros, align_corners=False;
     large: input (8, 64, 128, 128), grid (8, 128, 128, 2)."""
     rng = np.random.default_rng(0)
     N, C, Hin, Win, H, W = (
@@ -284,7 +284,7 @@ def _grid_sample(device: str, size: str) -> BenchCase | None:
 
 
 def _deform_conv2d(device: str, size: str) -> BenchCase | None:
-    """SPEC 13: B=4, Cin=Cout=64, 32x32, 3x3, padding 1, one offset group, with mask, float32;
+    """Reference size: B=4, Cin=Cout=64, 32x32, 3x3, padding 1, one offset group, with mask, float32;
     large: B=8, 128->128, 64x64. Beside torchvision's op, torch's dense conv2d of the same shape
     (the floor: the same GEMMs without the gather)."""
     rng = np.random.default_rng(0)
@@ -339,7 +339,7 @@ def _deform_conv2d(device: str, size: str) -> BenchCase | None:
 
 
 def _roi_data(C: int = 256, size: str = "reference") -> tuple[np.ndarray, np.ndarray, float]:
-    """SPEC 13: input (2, C, 50, 50), 512 boxes inside an 800x800 image, spatial_scale 1/16;
+    """Reference size: input (2, C, 50, 50), 512 boxes inside an 800x800 image, spatial_scale 1/16;
     large: input (2, C, 100, 152), 1000 boxes inside a 1600x2432 image."""
     rng = np.random.default_rng(0)
     s = 1.0 / 16.0
@@ -528,11 +528,11 @@ def torch_ms_deform_attn_core(
 
 
 def _ms_deform_attn(device: str, size: str) -> BenchCase | None:
-    """SPEC 13: N=1, levels (32,32),(16,16),(8,8),(4,4), Lq=S=1360, M=8, D=32, P=4, float32,
+    """Reference size: N=1, levels (32,32),(16,16),(8,8),(4,4), Lq=S=1360, M=8, D=32, P=4, float32,
     against Deformable-DETR's grid_sample formulation; large: Deformable-DETR's encoder, N=2,
     levels (100,152),(50,76),(25,38),(13,19), Lq=S=20197."""
     if size == "reference":
-        data = spec13_attention(np.float32)
+        data = reference_attention(np.float32)
         label = "N=1, L=4 (32..4), Lq=S=1360, M=8, D=32, P=4"
     else:
         data = attention_inputs(ENCODER_LEVELS, 2, np.float32)

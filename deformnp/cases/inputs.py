@@ -1,11 +1,11 @@
 """Inputs for gradient checks and benchmarks, shared by the check table, the tests and benches.
 
-**Off the kinks.** The sampling rules have kinks (SPEC 4): at integer coordinates and on the
-border lines -1, 0, H-1, H, where the position derivative jumps and central differences are
-wrong (SPEC 12). Every generator here keeps each sampling coordinate's fractional part in
-[0.1, 0.9] and away from those lines, while still covering the border bands and the outside of
-the map. :func:`off_kink` is the test they all apply; :func:`fractional` the draw most of them
-start from.
+**Off the kinks.** The sampling rules have kinks (docs/ops/bilinear.rst): at integer
+coordinates and on the border lines -1, 0, H-1, H, where the position derivative jumps and
+central differences are wrong (docs/guide/autograd.rst). Every generator here keeps each sampling
+coordinate's fractional part in [0.1, 0.9] and away from those lines, while still covering the
+border bands and the outside of the map. :func:`off_kink` is the test they all apply;
+:func:`fractional` the draw most of them start from.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = [
     "deform_roi_offsets_off_kinks",
     "deform_ps_roi_offsets_off_kinks",
     "boxes_in",
-    "spec13_attention",
+    "reference_attention",
     "call_with_parameters",
 ]
 
@@ -200,14 +200,14 @@ def boxes_in(rng: Rng, K: int, B: int, H: int, W: int, s: float) -> np.ndarray:
     return np.stack([rng.integers(0, B, K), x1, y1, x1 + w, y1 + h], axis=1)
 
 
-SPEC13_LEVELS = ((32, 32), (16, 16), (8, 8), (4, 4))
+REFERENCE_LEVELS = ((32, 32), (16, 16), (8, 8), (4, 4))
 
 
-def spec13_attention(dtype: Any = np.float32, seed: int = 0) -> dict[str, Any]:
-    """The SPEC section 13 ``ms_deform_attn`` inputs: N=1, levels (32,32),(16,16),(8,8),(4,4),
+def reference_attention(dtype: Any = np.float32, seed: int = 0) -> dict[str, Any]:
+    """The reference-size ``ms_deform_attn`` inputs of the benchmarks: N=1, levels (32,32),(16,16),(8,8),(4,4),
     Lq = S = 1360, M = 8, D = 32, P = 4; locations uniform over the maps, weights softmaxed, and
     a ``grad_output``."""
-    return attention_inputs(SPEC13_LEVELS, 1, dtype, seed)
+    return attention_inputs(REFERENCE_LEVELS, 1, dtype, seed)
 
 
 # Deformable-DETR's encoder on an 800x1216 image: the feature maps of strides 8, 16, 32, 64
