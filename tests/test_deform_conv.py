@@ -1,5 +1,5 @@
-"""deform_conv2d (SPEC section 6) and its layers: reference, gradcheck, edge cases, validation,
-property tests, determinism, and parity with torchvision.ops.deform_conv2d."""
+"""deform_conv2d (docs/ops/deform_conv.rst) and its layers: reference, gradcheck, edge cases,
+validation, property tests, determinism, and parity with torchvision.ops.deform_conv2d."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def make(rng, cfg, dtype=np.float64, off_kinks=False, offset_scale=2.5):
     """Inputs for one configuration. With ``off_kinks`` every offset is an integer plus a
     fractional part in [0.1, 0.9]; the base sampling positions are integers, so every sampling
     coordinate stays off the integer kinks and off the border lines -1, 0, H-1, H (finite
-    differences are valid there, SPEC 12)."""
+    differences are valid there, docs/guide/autograd.rst)."""
     B, Cin, H, W, Cout, kh, kw, g, G, stride, padding, dilation, use_mask, use_bias = cfg
     Hout, Wout = out_size(H, W, kh, kw, stride, padding, dilation)
     K = kh * kw
@@ -492,6 +492,35 @@ def test_matches_torchvision(rng, cfg, dtype, huge):
             assert rel_err(ts[n].grad, tt[n].grad.numpy()) < (
                 tol if dtype == np.float64 else 1e-4
             ), n
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_matches_torchvision_on_border_lines_and_integers(rng, dtype):
+    """Sampling points exactly on y = -1, x = -1, y = H - 1, on integer coordinates and on
+    half-integers: torchvision 0.29.1's offset gradient takes the right-hand slope there too
+    (its kernel tests which corners are inside, not the point's range), so the two agree
+    everywhere, outputs and every gradient (mmcv's is zero on y = -1: see docs/ops/bilinear.rst)."""
+    torch = pytest.importorskip("torch")
+    tv = pytest.importorskip("torchvision")
+    B, C, H, W, K = 2, 3, 5, 6, 3
+    x = rng.standard_normal((B, C, H, W)).astype(dtype)
+    w = rng.standard_normal((4, C, K, K)).astype(dtype)
+    # padding 1: kernel point (i, j) of output (oy, ox) sits at (oy + i - 1, ox + j - 1); these
+    # offsets move it to integers, half-integers and the lines -1, H - 1, H, W
+    choices = np.array([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, -(H + 1.0), float(H), float(W)])
+    off = rng.choice(choices, (B, 2 * K * K, H, W)).astype(dtype)
+    m = rng.uniform(0.2, 1.0, (B, K * K, H, W)).astype(dtype)
+    ts = [dn.tensor(a, requires_grad=True) for a in (x, off, w, m)]
+    out = ops.deform_conv2d(ts[0], ts[1], ts[2], None, 1, 1, 1, ts[3])
+    go = rng.standard_normal(out.shape).astype(dtype)
+    out.backward(go)
+    tt = [torch.tensor(a, requires_grad=True) for a in (x, off, w, m)]
+    tout = tv.ops.deform_conv2d(tt[0], tt[1], tt[2], None, 1, 1, 1, tt[3])
+    tout.backward(torch.tensor(go))
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert rel_err(out.numpy(), tout.detach().numpy()) < tol
+    for name, a, b in zip(("input", "offset", "weight", "mask"), ts, tt):
+        assert rel_err(a.grad, b.grad.numpy()) < (tol if dtype == np.float64 else 1e-4), name
 
 
 # ------------------------------------------------------------------ layers
