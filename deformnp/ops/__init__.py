@@ -5,6 +5,10 @@ Every op takes Tensors or plain arrays and returns a Tensor; gradients flow to e
 takes and returns plain arrays, for wrapping in other frameworks (``deformnp.torch`` and
 ``deformnp.jax`` are built on them).
 
+The formulas and gradients of each op are derived on the operator pages: :doc:`/ops/bilinear`
+(``bilinear_interpolate``, ``grid_sample``), :doc:`/ops/deform_conv`, :doc:`/ops/roi`,
+:doc:`/ops/deform_roi` and :doc:`/ops/ms_deform_attn`.
+
 The array-level contract, the same for every pair:
 
 * **Arguments.** A forward takes the op's arguments. A backward takes ``grad_out`` (the gradient of

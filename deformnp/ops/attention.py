@@ -1,4 +1,6 @@
-"""Multi-scale deformable attention (SPEC section 9; anchor: Deformable-DETR's MSDeformAttn).
+"""Multi-scale deformable attention (anchor: Deformable-DETR's MSDeformAttn).
+
+See :doc:`/ops/ms_deform_attn` for the formula and gradients.
 
 ``ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
 attention_weights)`` is the core op of Deformable-DETR (``MSDeformAttnFunction``, or its pure
@@ -13,7 +15,7 @@ PyTorch form ``ms_deform_attn_core_pytorch``), with the same shapes and sampling
   the map fade to zero; NaN and inf sample zero);
 * attention_weights (N, Lq, M, L, P) (not normalised by the op: Deformable-DETR applies the
   softmax in the layer);
-* output (N, Lq, M*D):
+* output (N, Lq, M*D)::
 
       out[n, q, m*D + d] = sum_{l, p} A[n, q, m, l, p]
                            * zero_fade(V_l[n, :, :, m, d], y = v*H_l - 0.5, x = u*W_l - 0.5)
@@ -86,8 +88,24 @@ GRADIENTS = ("value", "sampling_locations", "attention_weights")
 
 
 def level_layout(shapes: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """``(spatial_shapes, level_start_index)`` as int64 arrays for a list of level sizes
-    (H_l, W_l): the level bookkeeping Deformable-DETR's encoder computes."""
+    """Deformable-DETR's level bookkeeping for a list of level sizes.
+
+    Parameters
+    ----------
+    shapes : array_like of int, shape (L, 2)
+        The level sizes ``(H_l, W_l)``.
+
+    Returns
+    -------
+    spatial_shapes : ndarray of int64, shape (L, 2)
+        ``shapes`` as an int64 array.
+    level_start_index : ndarray of int64, shape (L,)
+        The exclusive cumulative sum of ``H_l*W_l``.
+
+    See Also
+    --------
+    ms_deform_attn : The op that takes them.
+    """
     spatial_shapes = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
     sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
     level_start_index = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -218,9 +236,46 @@ def ms_deform_attn_forward(
     sampling_locations: ArrayLike,
     attention_weights: ArrayLike,
 ) -> Array:
-    """Array-level forward of :func:`ms_deform_attn`: plain arrays in, the (N, Lq, M*D) array out.
+    """Array-level forward of :func:`ms_deform_attn`: plain arrays in, a plain array out.
 
-    Validates its inputs exactly as :func:`ms_deform_attn` does.
+    Parameters
+    ----------
+    value : array_like, shape (N, S, M, D)
+        The values: ``M`` heads of ``D`` channels over ``S = sum_l H_l*W_l`` flattened
+        positions; level ``l`` occupies rows ``level_start_index[l]`` to
+        ``level_start_index[l] + H_l*W_l - 1``, row-major.
+    spatial_shapes : array_like of int, shape (L, 2)
+        Rows ``(H_l, W_l)``, the size of each level; int32 or int64, read on the host.
+    level_start_index : array_like of int, shape (L,)
+        The first row of each level in ``value``: the exclusive cumulative sum of
+        ``H_l*W_l`` (anything else is rejected); int32 or int64.
+    sampling_locations : array_like, shape (N, Lq, M, L, P, 2)
+        Normalized ``(x, y)`` per query, head, level and point: ``(0, 0)`` is the top-left
+        corner of the level's map and ``(1, 1)`` its bottom-right corner. Any real value is
+        allowed (points off the map fade to zero; NaN and inf sample 0).
+    attention_weights : array_like, shape (N, Lq, M, L, P)
+        The weight of each sample, used as given (Deformable-DETR applies the softmax in the
+        layer, not in the op).
+
+    Returns
+    -------
+    out : ndarray or CUDA device array, shape (N, Lq, M * D)
+        In the inputs' dtype, on their device.
+
+    Raises
+    ------
+    TypeError
+        If a float array is not float32/float64, the float arrays differ in dtype, or
+        ``spatial_shapes`` / ``level_start_index`` are not int32/int64.
+    ValueError
+        If a shape is inconsistent, ``spatial_shapes`` has a negative size, ``level_start_index`` is
+        not its exclusive cumulative sum, ``S`` differs from ``sum(H_l*W_l)``, ``D`` exceeds 4096 on
+        the CPU, or the arrays are on different devices.
+
+    See Also
+    --------
+    ms_deform_attn : The differentiable op.
+    ms_deform_attn_backward : The matching backward.
     """
     return _forward(
         prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
@@ -236,14 +291,58 @@ def ms_deform_attn_backward(
     attention_weights: ArrayLike,
     needs: Needs = (True, True, True),
 ) -> tuple[Array | None, Array | None, Array | None]:
-    """Array-level backward of :func:`ms_deform_attn`.
+    """Array-level backward of :func:`ms_deform_attn`: the gradients of its three float inputs.
 
-    Given ``grad_out`` (N, Lq, M*D) and the forward's inputs, returns
-    ``(grad_value, grad_sampling_locations, grad_attention_weights)``, each in its input's shape
-    and dtype, or None where ``needs`` (three booleans, in that order) is False. CPU gradients
-    are bit-identical on every run and with any number of threads; on CUDA the value gradient is
-    too when ``deformnp.use_deterministic_algorithms(True)`` is set (it uses float atomic adds
-    otherwise).
+    Parameters
+    ----------
+    grad_out : array_like, shape (N, Lq, M * D)
+        Gradient of the loss with respect to the forward's output, in the inputs' dtype and on
+        their device.
+    value : array_like, shape (N, S, M, D)
+        The forward's ``value``.
+    spatial_shapes : array_like of int, shape (L, 2)
+        Rows ``(H_l, W_l)``, the size of each level; int32 or int64, read on the host.
+    level_start_index : array_like of int, shape (L,)
+        The first row of each level in ``value``: the exclusive cumulative sum of
+        ``H_l*W_l`` (anything else is rejected); int32 or int64.
+    sampling_locations : array_like, shape (N, Lq, M, L, P, 2)
+        Normalized ``(x, y)`` per query, head, level and point: ``(0, 0)`` is the top-left
+        corner of the level's map and ``(1, 1)`` its bottom-right corner. Any real value is
+        allowed (points off the map fade to zero; NaN and inf sample 0).
+    attention_weights : array_like, shape (N, Lq, M, L, P)
+        The weight of each sample, used as given (Deformable-DETR applies the softmax in the
+        layer, not in the op).
+    needs : sequence of 3 bool, default (True, True, True)
+        Which gradients to compute: ``(value, sampling_locations, attention_weights)``.
+
+    Returns
+    -------
+    grad_value : ndarray or CUDA device array, shape (N, S, M, D), or None
+    grad_sampling_locations : ndarray or CUDA device array, shape (N, Lq, M, L, P, 2), or None
+    grad_attention_weights : ndarray or CUDA device array, shape (N, Lq, M, L, P), or None
+        Each in its input's dtype, or None where its ``needs`` flag is False.
+
+    Raises
+    ------
+    TypeError
+        If a float array is not float32/float64, the float arrays differ in dtype, or
+        ``spatial_shapes`` / ``level_start_index`` are not int32/int64. Also when ``needs`` is not a
+        sequence.
+    ValueError
+        If a shape is inconsistent, ``spatial_shapes`` has a negative size, ``level_start_index`` is
+        not its exclusive cumulative sum, ``S`` differs from ``sum(H_l*W_l)``, ``D`` exceeds 4096 on
+        the CPU, ``grad_out`` has the wrong shape, ``needs`` does not have 3 flags, or the arrays
+        are on different devices.
+
+    See Also
+    --------
+    ms_deform_attn_forward : The matching forward.
+
+    Notes
+    -----
+    CPU gradients are bit-identical on every run and with any number of threads; on CUDA the
+    value gradient is too when ``deformnp.use_deterministic_algorithms(True)`` is set (it uses
+    float atomic adds otherwise).
     """
     a = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     g = grad_array(
@@ -286,25 +385,87 @@ def ms_deform_attn(
     sampling_locations: TensorLike,
     attention_weights: TensorLike,
 ) -> Tensor:
-    """Multi-scale deformable attention, Deformable-DETR's ``MSDeformAttnFunction``.
+    r"""Multi-scale deformable attention, the core op of Deformable-DETR.
 
-    value (N, S, M, D), spatial_shapes (L, 2) int rows (H_l, W_l), level_start_index (L,) int,
-    sampling_locations (N, Lq, M, L, P, 2) normalized (x, y) in [0, 1] over each level (values
-    outside are allowed and fade to zero), attention_weights (N, Lq, M, L, P) -> Tensor
-    (N, Lq, M*D) with
+    Deformable-DETR's ``MSDeformAttnFunction`` (or its pure PyTorch form
+    ``ms_deform_attn_core_pytorch``), with the same shapes and sampling rule. Gradients flow to
+    ``value``, ``sampling_locations`` and ``attention_weights`` when they are Tensors that
+    require grad.
 
-        out[n, q, m*D + d] = sum_{l, p} A[n, q, m, l, p]
-                             * zero_fade(V_l[n, :, :, m, d], y = v*H_l - 0.5, x = u*W_l - 0.5)
+    Parameters
+    ----------
+    value : Tensor or array_like, shape (N, S, M, D)
+        The values: ``M`` heads of ``D`` channels over ``S = sum_l H_l*W_l`` flattened
+        positions; level ``l`` occupies rows ``level_start_index[l]`` to
+        ``level_start_index[l] + H_l*W_l - 1``, row-major.
+    spatial_shapes : array_like of int, shape (L, 2)
+        Rows ``(H_l, W_l)``, the size of each level; int32 or int64, read on the host.
+    level_start_index : array_like of int, shape (L,)
+        The first row of each level in ``value``: the exclusive cumulative sum of
+        ``H_l*W_l`` (anything else is rejected); int32 or int64.
+    sampling_locations : Tensor or array_like, shape (N, Lq, M, L, P, 2)
+        Normalized ``(x, y)`` per query, head, level and point: ``(0, 0)`` is the top-left
+        corner of the level's map and ``(1, 1)`` its bottom-right corner. Any real value is
+        allowed (points off the map fade to zero; NaN and inf sample 0).
+    attention_weights : Tensor or array_like, shape (N, Lq, M, L, P)
+        The weight of each sample, used as given (Deformable-DETR applies the softmax in the
+        layer, not in the op).
 
-    Gradients flow to value, sampling_locations and attention_weights. Any batch size works
-    (no ``im2col_step``). Single-scale attention is L = 1::
+    Returns
+    -------
+    Tensor, shape (N, Lq, M * D)
+        Head ``m`` fills channels ``m*D`` to ``m*D + D - 1``.
 
-        out = ms_deform_attn(value,                      # (N, H*W, M, D)
-                             np.array([[H, W]]), np.array([0]),
-                             locations, weights)         # (N, Lq, M, 1, P, 2), (N, Lq, M, 1, P)
+    Raises
+    ------
+    TypeError
+        If a float array is not float32/float64, the float arrays differ in dtype, or
+        ``spatial_shapes`` / ``level_start_index`` are not int32/int64.
+    ValueError
+        If a shape is inconsistent, ``spatial_shapes`` has a negative size, ``level_start_index`` is
+        not its exclusive cumulative sum, ``S`` differs from ``sum(H_l*W_l)``, ``D`` exceeds 4096 on
+        the CPU, or the arrays are on different devices.
 
-    See the module docstring for the array-level pair ``ms_deform_attn_forward`` /
-    ``ms_deform_attn_backward``.
+    See Also
+    --------
+    deformnp.nn.MSDeformAttn : The layer (projections, softmax, output projection).
+    level_layout : ``spatial_shapes`` and ``level_start_index`` from a list of level sizes.
+    ms_deform_attn_forward, ms_deform_attn_backward : The array-level pair.
+
+    Notes
+    -----
+    With :math:`V_l` level :math:`l` of ``value`` as an :math:`H_l \times W_l` map and
+    :math:`(u, v)` the sampling location,
+
+    .. math::
+
+        \mathrm{out}[n, q, mD + d] = \sum_{l, p} A[n, q, m, l, p]\;
+        V_l[n, \cdot, \cdot, m, d]\big(y = v H_l - 0.5,\; x = u W_l - 0.5\big),
+
+    each sample taken with the zero-fade rule of :func:`bilinear_interpolate`: this is
+    ``grid_sample(..., padding_mode="zeros", align_corners=False)`` at ``grid = 2*loc - 1``, as
+    in ``ms_deform_attn_core_pytorch``. The location gradient is the exact derivative of that
+    rule (the right-hand slope at integer pixel coordinates). Any batch size works (no
+    ``im2col_step``); single-scale deformable attention is the case ``L = 1``. See
+    :doc:`/ops/ms_deform_attn` for the formula and gradients.
+
+    Examples
+    --------
+    Two levels, 4x4 and 2x2; every query samples the centre of each level with weight 0.5:
+
+    >>> import numpy as np
+    >>> from deformnp.ops import ms_deform_attn
+    >>> N, M, D, Lq, L, P = 1, 2, 8, 3, 2, 1
+    >>> shapes = np.array([[4, 4], [2, 2]])
+    >>> starts = np.array([0, 16])
+    >>> value = np.ones((N, 16 + 4, M, D))
+    >>> loc = np.full((N, Lq, M, L, P, 2), 0.5)
+    >>> attn = np.full((N, Lq, M, L, P), 0.5)
+    >>> out = ms_deform_attn(value, shapes, starts, loc, attn)
+    >>> out.shape
+    (1, 3, 16)
+    >>> float(out.numpy()[0, 0, 0])
+    1.0
     """
     args = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return MSDeformAttnFunction.apply(value, sampling_locations, attention_weights, args=args)

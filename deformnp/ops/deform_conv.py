@@ -1,4 +1,6 @@
-"""Deformable convolution v1 and v2 (SPEC section 6; anchor: ``torchvision.ops.deform_conv2d``).
+"""Deformable convolution v1 and v2 (anchor: ``torchvision.ops.deform_conv2d``).
+
+See :doc:`/ops/deform_conv` for the formula and gradients.
 
 ``deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None)``
 has torchvision's signature and semantics:
@@ -11,13 +13,13 @@ has torchvision's signature and semantics:
 * Kernel point k = i*kw + j (row-major). Input channel c belongs to offset group c // (Cin/G);
   for it dy = offset[b, 2*K*og + 2*k], dx = offset[b, 2*K*og + 2*k + 1], m = mask[b, K*og + k]
   (K = kh*kw), all at (oy, ox). Sampling point y = oy*sh - ph + i*dh + dy,
-  x = ox*sw - pw + j*dw + dx, sampled with the zero-fade rule of SPEC section 4.
+  x = ox*sw - pw + j*dw + dx, sampled with the zero-fade rule of ``bilinear_interpolate``.
 * out[b, co, oy, ox] = bias[co] + sum over the input channels c of co's weight group and over k
   of weight[co, c_local, i, j] * m * sample(input[b, c], y, x).
 
 Gradients flow to input, offset, mask, weight and bias. The offset gradient is the exact
 derivative of the zero-fade rule (the right-hand slope at integer coordinates, including the
-border line y = -1 / x = -1 where torchvision's is not); offsets that are NaN, infinite or huge
+border line y = -1 / x = -1, as torchvision's; mmcv's is zero there); offsets that are NaN, infinite or huge
 (+-1e6) sample zero and get zero gradient. Any batch size works, including 0 (no
 ``im2col_step`` divisibility rule). The CPU backward is deterministic: bit-identical gradients on
 every run and with any number of threads. On CUDA the input gradient is scattered with float
@@ -227,7 +229,53 @@ def deform_conv2d_forward(
     dilation: IntPair = 1,
     mask: ArrayLike | None = None,
 ) -> Array:
-    """Array-level forward: out (B, Cout, Hout, Wout); see the module docstring."""
+    """Array-level forward of :func:`deform_conv2d`: plain arrays in, a plain array out.
+
+    Parameters
+    ----------
+    input : array_like, shape (B, Cin, H, W)
+        The input feature map, float32 or float64.
+    offset : array_like, shape (B, 2 * G * kh * kw, Hout, Wout)
+        Sampling offsets, ``(dy, dx)`` interleaved per kernel point and offset group: channel
+        ``2 * (g * kh * kw + k)`` is ``dy`` and the next one ``dx`` of kernel point ``k`` in
+        offset group ``g``. The number of offset groups ``G`` is inferred and must divide
+        ``Cin``.
+    weight : array_like, shape (Cout, Cin // groups, kh, kw)
+        Convolution weights; ``groups = Cin // weight.shape[1]`` must divide ``Cin`` and
+        ``Cout``.
+    bias : array_like, shape (Cout,), optional
+        Added to every output position; None for no bias.
+    stride : int or (int, int), default 1
+        Stride ``(sh, sw)`` of the output positions.
+    padding : int or (int, int), default 0
+        Implicit zero padding ``(ph, pw)`` on both sides.
+    dilation : int or (int, int), default 1
+        Spacing ``(dh, dw)`` between kernel points.
+    mask : array_like, shape (B, G * kh * kw, Hout, Wout), optional
+        Modulation scalars (DCN v2), channel ``g * kh * kw + k`` for kernel point ``k`` of
+        offset group ``g``; None means all ones (DCN v1).
+
+    Returns
+    -------
+    out : ndarray or CUDA device array, shape (B, Cout, Hout, Wout)
+        In the inputs' dtype, on their device;
+        ``Hout = (H + 2*ph - (dh*(kh - 1) + 1)) // sh + 1``, likewise ``Wout``.
+
+    Raises
+    ------
+    TypeError
+        If a float array is not float32/float64, the float arrays differ in dtype, or ``stride``,
+        ``padding`` or ``dilation`` is not an int or a pair of ints.
+    ValueError
+        If a shape is inconsistent (the messages list the offset channel counts that would work),
+        the output would be smaller than 1x1, ``stride`` or ``dilation`` is < 1, ``padding`` < 0, or
+        the arrays are on different devices.
+
+    See Also
+    --------
+    deform_conv2d : The differentiable op.
+    deform_conv2d_backward : The matching backward.
+    """
     return _forward(prepare(input, offset, weight, bias, stride, padding, dilation, mask))
 
 
@@ -243,10 +291,68 @@ def deform_conv2d_backward(
     mask: ArrayLike | None = None,
     needs: Needs = (True, True, True, True, True),
 ) -> tuple[Array | None, Array | None, Array | None, Array | None, Array | None]:
-    """Array-level backward: (grad_input, grad_offset, grad_weight, grad_bias, grad_mask).
+    """Array-level backward of :func:`deform_conv2d`: the gradients of its five inputs.
 
-    ``needs`` has one flag per gradient in that order; unneeded ones are None, as are those of a
-    None ``bias`` or ``mask``.
+    Parameters
+    ----------
+    grad_out : array_like, shape (B, Cout, Hout, Wout)
+        Gradient of the loss with respect to the forward's output, in the inputs' dtype and on
+        their device.
+    input : array_like, shape (B, Cin, H, W)
+        The forward's ``input``.
+    offset : array_like, shape (B, 2 * G * kh * kw, Hout, Wout)
+        Sampling offsets, ``(dy, dx)`` interleaved per kernel point and offset group: channel
+        ``2 * (g * kh * kw + k)`` is ``dy`` and the next one ``dx`` of kernel point ``k`` in
+        offset group ``g``. The number of offset groups ``G`` is inferred and must divide
+        ``Cin``.
+    weight : array_like, shape (Cout, Cin // groups, kh, kw)
+        Convolution weights; ``groups = Cin // weight.shape[1]`` must divide ``Cin`` and
+        ``Cout``.
+    bias : array_like, shape (Cout,), optional
+        The forward's ``bias``; here it only tells whether a bias gradient exists.
+    stride : int or (int, int), default 1
+        Stride ``(sh, sw)`` of the output positions.
+    padding : int or (int, int), default 0
+        Implicit zero padding ``(ph, pw)`` on both sides.
+    dilation : int or (int, int), default 1
+        Spacing ``(dh, dw)`` between kernel points.
+    mask : array_like, shape (B, G * kh * kw, Hout, Wout), optional
+        Modulation scalars (DCN v2), channel ``g * kh * kw + k`` for kernel point ``k`` of
+        offset group ``g``; None means all ones (DCN v1).
+    needs : sequence of 5 bool, default (True, True, True, True, True)
+        Which gradients to compute: ``(input, offset, weight, bias, mask)``.
+
+    Returns
+    -------
+    grad_input : ndarray or CUDA device array, shape (B, Cin, H, W), or None
+    grad_offset : ndarray or CUDA device array, shape (B, 2 * G * kh * kw, Hout, Wout), or None
+    grad_weight : ndarray or CUDA device array, shape (Cout, Cin // groups, kh, kw), or None
+    grad_bias : ndarray or CUDA device array, shape (Cout,), or None
+    grad_mask : ndarray or CUDA device array, shape (B, G * kh * kw, Hout, Wout), or None
+        Each gradient is None where its ``needs`` flag is False; ``grad_bias`` and
+        ``grad_mask`` are also None when ``bias`` or ``mask`` is None.
+
+    Raises
+    ------
+    TypeError
+        If a float array is not float32/float64, the float arrays differ in dtype, or ``stride``,
+        ``padding`` or ``dilation`` is not an int or a pair of ints. Also when ``needs`` is not a
+        sequence.
+    ValueError
+        If a shape is inconsistent (the messages list the offset channel counts that would work),
+        the output would be smaller than 1x1, ``stride`` or ``dilation`` is < 1, ``padding`` < 0,
+        ``grad_out`` has the wrong shape, ``needs`` does not have 5 flags, or the arrays are on
+        different devices.
+
+    See Also
+    --------
+    deform_conv2d_forward : The matching forward.
+
+    Notes
+    -----
+    The CPU backward is deterministic: bit-identical gradients on every run and with any number
+    of threads. On CUDA the input gradient is scattered with float atomic adds unless
+    ``deformnp.use_deterministic_algorithms(True)`` is set.
     """
     a = prepare(input, offset, weight, bias, stride, padding, dilation, mask)
     g = grad_array(OP, "grad_out", grad_out, a.input.dtype, a.out_shape, a.device)
@@ -289,10 +395,90 @@ def deform_conv2d(
     dilation: IntPair = 1,
     mask: TensorLike | None = None,
 ) -> Tensor:
-    """Deformable convolution (v1; v2 with ``mask``), torchvision's signature and semantics.
+    r"""Deformable convolution (v1; v2 with ``mask``), torchvision's signature and semantics.
 
-    See the module docstring. Takes Tensors or arrays; gradients flow to every input that
-    requires grad (input, offset, weight, bias, mask).
+    The op of ``torchvision.ops.deform_conv2d``: a convolution whose kernel point ``k`` at each
+    output position samples the input at a learned offset, bilinearly, optionally scaled by a
+    learned mask. Gradients flow to every Tensor input that requires grad (``input``,
+    ``offset``, ``weight``, ``bias``, ``mask``).
+
+    Parameters
+    ----------
+    input : Tensor or array_like, shape (B, Cin, H, W)
+        The input feature map, float32 or float64.
+    offset : Tensor or array_like, shape (B, 2 * G * kh * kw, Hout, Wout)
+        Sampling offsets, ``(dy, dx)`` interleaved per kernel point and offset group: channel
+        ``2 * (g * kh * kw + k)`` is ``dy`` and the next one ``dx`` of kernel point ``k`` in
+        offset group ``g``. The number of offset groups ``G`` is inferred and must divide
+        ``Cin``.
+    weight : Tensor or array_like, shape (Cout, Cin // groups, kh, kw)
+        Convolution weights; ``groups = Cin // weight.shape[1]`` must divide ``Cin`` and
+        ``Cout``.
+    bias : Tensor or array_like, shape (Cout,), optional
+        Added to every output position; None for no bias.
+    stride : int or (int, int), default 1
+        Stride ``(sh, sw)`` of the output positions.
+    padding : int or (int, int), default 0
+        Implicit zero padding ``(ph, pw)`` on both sides.
+    dilation : int or (int, int), default 1
+        Spacing ``(dh, dw)`` between kernel points.
+    mask : Tensor or array_like, shape (B, G * kh * kw, Hout, Wout), optional
+        Modulation scalars (DCN v2), channel ``g * kh * kw + k`` for kernel point ``k`` of
+        offset group ``g``; None means all ones (DCN v1).
+
+    Returns
+    -------
+    Tensor, shape (B, Cout, Hout, Wout)
+        In the inputs' dtype; ``Hout = (H + 2*ph - (dh*(kh - 1) + 1)) // sh + 1``, likewise
+        ``Wout``.
+
+    Raises
+    ------
+    TypeError
+        If a float array is not float32/float64, the float arrays differ in dtype, or ``stride``,
+        ``padding`` or ``dilation`` is not an int or a pair of ints.
+    ValueError
+        If a shape is inconsistent (the messages list the offset channel counts that would work),
+        the output would be smaller than 1x1, ``stride`` or ``dilation`` is < 1, ``padding`` < 0, or
+        the arrays are on different devices.
+
+    See Also
+    --------
+    deformnp.nn.DeformConv2d : The layer.
+    deform_conv2d_forward, deform_conv2d_backward : The array-level pair.
+
+    Notes
+    -----
+    With ``K = kh*kw`` kernel points ``k = i*kw + j`` (row-major), input channel ``c`` in offset
+    group :math:`g` and :math:`\Delta y, \Delta x, m` read at ``(oy, ox)`` from channels
+    ``2*(g*K + k)``, ``2*(g*K + k) + 1`` of ``offset`` and ``g*K + k`` of ``mask``:
+
+    .. math::
+
+        \mathrm{out}[b, o, o_y, o_x] = \mathrm{bias}[o] + \sum_{c, k} w[o, c, i, j]\; m\;
+        x_c(o_y s_h - p_h + i\,d_h + \Delta y,\; o_x s_w - p_w + j\,d_w + \Delta x),
+
+    the sum over the input channels ``c`` of output channel ``o``'s weight group, each sampled
+    with the zero-fade rule of :func:`bilinear_interpolate`. The offset gradient is the exact
+    derivative of that rule (the right-hand slope at integer coordinates, including the border
+    line -1, as torchvision's; mmcv's is zero there); NaN, infinite or huge offsets sample 0 and get zero
+    gradient. Any batch size works, including 0 (no ``im2col_step`` divisibility rule). See
+    :doc:`/ops/deform_conv` for the formula and gradients.
+
+    Examples
+    --------
+    With zero offsets and no mask, a deformable convolution is a plain convolution:
+
+    >>> import numpy as np
+    >>> from deformnp.ops import deform_conv2d
+    >>> x = np.ones((1, 2, 5, 5))
+    >>> w = np.ones((4, 2, 3, 3))
+    >>> offset = np.zeros((1, 2 * 3 * 3, 3, 3))  # one offset group, output 3x3
+    >>> out = deform_conv2d(x, offset, w)
+    >>> out.shape
+    (1, 4, 3, 3)
+    >>> float(out.numpy()[0, 0, 0, 0])
+    18.0
     """
     args = prepare(input, offset, weight, bias, stride, padding, dilation, mask)
     return DeformConv2dFunction.apply(input, offset, weight, bias, mask, args=args)

@@ -1,5 +1,7 @@
-"""The RoI pooling family (SPEC sections 7 and 8): RoI Pool, RoI Align, their position-sensitive
-forms, mmcv's deformable RoI pooling and Deformable-ConvNets' deformable PS RoI pooling.
+"""The RoI pooling family: RoI Pool, RoI Align, their position-sensitive forms, mmcv's
+deformable RoI pooling and Deformable-ConvNets' deformable PS RoI pooling.
+
+See :doc:`/ops/roi` and :doc:`/ops/deform_roi` for the formulas and gradients.
 
 Boxes (every op): a (K, 5) array of (batch_index, x1, y1, x2, y2) in input-image coordinates, or
 a list of (L_i, 4) arrays, one per image (torchvision's ``convert_boxes_to_roi_format``: the list
@@ -7,9 +9,10 @@ position is the batch index). Boxes must have the input's float dtype (mixed dty
 TypeError, as in torchvision) and every batch index must be an integer in [0, B). Boxes are not
 differentiated. ``output_size`` is an int or a pair (PH, PW). Output (K, C', PH, PW).
 ``round`` is C's (half away from zero). Gradients flow to the feature map and, for the
-deformable ops, to the offsets; they are exact derivatives of the forward (SPEC 4).
+deformable ops, to the offsets; they are exact derivatives of the forward (the right-hand slope
+at integer coordinates, zero inside a clamped band).
 
-Decisions (beyond SPEC 7/8):
+Decisions:
 
 * Box geometry and sample coordinates of the RoI Align family are computed in float64 for both
   dtypes (torchvision computes in the input's dtype); float32 outputs therefore agree with
@@ -37,7 +40,7 @@ input, the others are None)::
     out, argmax = roi_pool_forward(input, boxes, output_size, spatial_scale, return_argmax=True)
     (grad_input,) = roi_pool_backward(grad_out, input.shape, boxes, output_size, spatial_scale,
                                       argmax=argmax)
-    ps_roi_align_forward / ps_roi_align_backward, ps_roi_pool_forward / ps_roi_pool_backward
+    # likewise ps_roi_align_forward / _backward and ps_roi_pool_forward / _backward
     out = deform_roi_pool_forward(input, boxes, offset, output_size, spatial_scale,
                                   sampling_ratio, gamma)
     grad_input, grad_offset = deform_roi_pool_backward(grad_out, input, boxes, offset, ...)
@@ -329,7 +332,49 @@ def roi_align_forward(
     sampling_ratio: int = -1,
     aligned: bool = False,
 ) -> Array:
-    """Array-level :func:`roi_align` forward: (K, C, PH, PW)."""
+    """Array-level forward of :func:`roi_align`: plain arrays in, a plain array out.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int, default -1
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+    aligned : bool, default False
+        True shifts the boxes by -0.5 pixel (pixel centres at integer + 0.5, as in
+        torchvision's ``aligned=True``) and drops the minimum RoI size of 1.
+
+    Returns
+    -------
+    out : ndarray or CUDA device array, shape (K, C, PH, PW)
+        In ``input``'s dtype, on its device.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type.
+    ValueError
+        If a shape is wrong, a sampling grid is too large (``sampling_ratio`` > 4096, or an adaptive
+        grid of more than 2**24 samples per bin), a batch index is not an integer in [0, N),
+        ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are on different
+        devices.
+
+    See Also
+    --------
+    roi_align : The differentiable op.
+    roi_align_backward : The matching backward.
+    """
     a = prepare_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
     return _kernels(a.device).roi_align_forward(a.input, a.rois, *a.params)
 
@@ -344,8 +389,60 @@ def roi_align_backward(
     aligned: bool = False,
     needs: Needs = (True,),
 ) -> tuple[Array | None]:
-    """Array-level :func:`roi_align` backward: ``(grad_input,)`` of shape ``input_shape``
-    (N, C, H, W), for ``grad_out`` (K, C, PH, PW) of the input's dtype and device."""
+    """Array-level backward of :func:`roi_align`: the gradient of its input.
+
+    Parameters
+    ----------
+    grad_out : array_like, shape (K, C, PH, PW)
+        Gradient of the loss with respect to the forward's output, in the input's dtype and on
+        its device.
+    input_shape : sequence of 4 int
+        The forward input's shape ``(N, C, H, W)`` (only its shape is needed).
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int, default -1
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+    aligned : bool, default False
+        True shifts the boxes by -0.5 pixel (pixel centres at integer + 0.5, as in
+        torchvision's ``aligned=True``) and drops the minimum RoI size of 1.
+    needs : sequence of 1 bool, default (True,)
+        Which gradients to compute: ``(input,)``.
+
+    Returns
+    -------
+    grad_input : ndarray or CUDA device array, shape (N, C, H, W), or None
+        Returned as the 1-tuple ``(grad_input,)``; None where ``needs[0]`` is False.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type, or ``needs``
+        is not a sequence; also when ``input_shape`` is an array rather than a shape.
+    ValueError
+        If a shape is wrong, a sampling grid is too large (``sampling_ratio`` > 4096, or an adaptive
+        grid of more than 2**24 samples per bin), a batch index is not an integer in [0, N),
+        ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are on different
+        devices; also when ``grad_out`` has the wrong shape or ``needs`` the wrong length.
+
+    See Also
+    --------
+    roi_align_forward : The matching forward.
+
+    Notes
+    -----
+    CPU gradients are deterministic (bit-identical with any number of threads). On CUDA the input
+    gradient is scattered with float atomic adds unless
+    ``deformnp.use_deterministic_algorithms(True)`` is set.
+    """
     shape = input_shape_of("roi_align", input_shape, grad_out)
     a = prepare_roi_align(shape, boxes, output_size, spatial_scale, sampling_ratio, aligned)
     return _kernels(a.device).roi_align_backward(
@@ -361,12 +458,83 @@ def roi_align(
     sampling_ratio: int = -1,
     aligned: bool = False,
 ) -> Tensor:
-    """RoI Align (torchvision.ops.roi_align): input (N, C, H, W) -> (K, C, PH, PW).
+    r"""RoI Align, as ``torchvision.ops.roi_align``: bilinear average pooling over each box.
 
-    o = 0.5 if aligned else 0; start = x1*s - o, end = x2*s - o (same for y); roi_w = end - start,
-    and if not aligned roi_w = max(roi_w, 1); bin_w = roi_w / PW; gw = sampling_ratio if > 0 else
-    ceil(roi_w / PW) samples per bin column (gh likewise); sample x = start + pw*bin_w + (ix +
-    0.5)*bin_w/gw; clamp rule (SPEC 4); output = sum / max(gh*gw, 1). Gradient to ``input``.
+    Each box is divided into ``PH x PW`` bins; each bin averages a regular grid of bilinear
+    samples of the input. The gradient flows to ``input`` when it is a Tensor that requires
+    grad (boxes are not differentiated).
+
+    Parameters
+    ----------
+    input : Tensor or array_like, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int, default -1
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+    aligned : bool, default False
+        True shifts the boxes by -0.5 pixel (pixel centres at integer + 0.5, as in
+        torchvision's ``aligned=True``) and drops the minimum RoI size of 1.
+
+    Returns
+    -------
+    Tensor, shape (K, C, PH, PW)
+        One pooled map per box, in ``input``'s dtype.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type.
+    ValueError
+        If a shape is wrong, a sampling grid is too large (``sampling_ratio`` > 4096, or an adaptive
+        grid of more than 2**24 samples per bin), a batch index is not an integer in [0, N),
+        ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are on different
+        devices.
+
+    See Also
+    --------
+    deformnp.nn.RoIAlign : The layer.
+    ps_roi_align : The position-sensitive form.
+    deform_roi_pool : RoI Align with learned bin offsets.
+    roi_align_forward, roi_align_backward : The array-level pair.
+
+    Notes
+    -----
+    With ``o = 0.5`` if ``aligned`` else 0, the box starts at :math:`x_0 = x_1 s - o` and has
+    width :math:`w = x_2 s - x_1 s` (at least 1 when not ``aligned``), likewise :math:`y_0` and
+    :math:`h`; bins are :math:`b_w = w / PW` wide, sampled on a :math:`g_h \times g_w` grid
+    (``sampling_ratio``, or :math:`\lceil w / PW \rceil` when it is <= 0):
+
+    .. math::
+
+        \mathrm{out}[k, c, i, j] = \frac{1}{\max(g_h g_w, 1)} \sum_{a < g_h} \sum_{b < g_w}
+        x_c\Big(y_0 + i\,b_h + (a + \tfrac12) \frac{b_h}{g_h},\;
+        x_0 + j\,b_w + (b + \tfrac12) \frac{b_w}{g_w}\Big),
+
+    each sample taken with the clamp rule of :func:`bilinear_interpolate`. Box geometry and
+    sample coordinates are computed in float64 for both dtypes (torchvision uses the input's
+    dtype). See :doc:`/ops/roi` for the formulas and gradients.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from deformnp.ops import roi_align
+    >>> x = np.ones((2, 3, 8, 8))
+    >>> boxes = np.array([[0, 0.0, 0.0, 4.0, 4.0], [1, 2.0, 2.0, 6.0, 7.0]])
+    >>> out = roi_align(x, boxes, output_size=2, sampling_ratio=2)
+    >>> out.shape
+    (2, 3, 2, 2)
+    >>> float(out.numpy().max())
+    1.0
     """
     args = prepare_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
     return RoIAlignFunction.apply(input, args=args)
@@ -413,7 +581,46 @@ def ps_roi_align_forward(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
 ) -> Array:
-    """Array-level :func:`ps_roi_align` forward: (K, C/(PH*PW), PH, PW)."""
+    """Array-level forward of :func:`ps_roi_align`: plain arrays in, a plain array out.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C, H, W)
+        The feature map, float32 or float64; ``C`` a multiple of ``PH*PW``.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int, default -1
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+
+    Returns
+    -------
+    out : ndarray or CUDA device array, shape (K, C / (PH*PW), PH, PW)
+        In ``input``'s dtype, on its device.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type.
+    ValueError
+        If a shape is wrong, ``C`` is not a multiple of ``PH*PW``, a sampling grid is too large
+        (``sampling_ratio`` > 4096, or an adaptive grid of more than 2**24 samples per bin), a batch
+        index is not an integer in [0, N), ``output_size`` < 1, ``spatial_scale`` is not finite, or
+        the arrays are on different devices.
+
+    See Also
+    --------
+    ps_roi_align : The differentiable op.
+    ps_roi_align_backward : The matching backward.
+    """
     a = prepare_ps_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio)
     return _kernels(a.device).ps_roi_align_forward(a.input, a.rois, *a.params)
 
@@ -427,8 +634,58 @@ def ps_roi_align_backward(
     sampling_ratio: int = -1,
     needs: Needs = (True,),
 ) -> tuple[Array | None]:
-    """Array-level :func:`ps_roi_align` backward: ``(grad_input,)`` of shape ``input_shape``
-    (N, C, H, W), for ``grad_out`` (K, C/(PH*PW), PH, PW) of the input's dtype and device."""
+    """Array-level backward of :func:`ps_roi_align`: the gradient of its input.
+
+    Parameters
+    ----------
+    grad_out : array_like, shape (K, C / (PH*PW), PH, PW)
+        Gradient of the loss with respect to the forward's output, in the input's dtype and on
+        its device.
+    input_shape : sequence of 4 int
+        The forward input's shape ``(N, C, H, W)`` (only its shape is needed).
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int, default -1
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+    needs : sequence of 1 bool, default (True,)
+        Which gradients to compute: ``(input,)``.
+
+    Returns
+    -------
+    grad_input : ndarray or CUDA device array, shape (N, C, H, W), or None
+        Returned as the 1-tuple ``(grad_input,)``; None where ``needs[0]`` is False.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type, or ``needs``
+        is not a sequence; also when ``input_shape`` is an array rather than a shape.
+    ValueError
+        If a shape is wrong, ``C`` is not a multiple of ``PH*PW``, a sampling grid is too large
+        (``sampling_ratio`` > 4096, or an adaptive grid of more than 2**24 samples per bin), a batch
+        index is not an integer in [0, N), ``output_size`` < 1, ``spatial_scale`` is not finite, or
+        the arrays are on different devices; also when ``grad_out`` has the wrong shape or ``needs``
+        the wrong length.
+
+    See Also
+    --------
+    ps_roi_align_forward : The matching forward.
+
+    Notes
+    -----
+    CPU gradients are deterministic (bit-identical with any number of threads). On CUDA the input
+    gradient is scattered with float atomic adds unless
+    ``deformnp.use_deterministic_algorithms(True)`` is set.
+    """
     shape = input_shape_of("ps_roi_align", input_shape, grad_out)
     a = prepare_ps_roi_align(shape, boxes, output_size, spatial_scale, sampling_ratio)
     return _kernels(a.device).ps_roi_align_backward(
@@ -443,11 +700,65 @@ def ps_roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
 ) -> Tensor:
-    """Position-sensitive RoI Align (torchvision.ops.ps_roi_align): (K, C/(PH*PW), PH, PW).
+    """Position-sensitive RoI Align, as ``torchvision.ops.ps_roi_align``.
 
-    Output channel co at bin (ph, pw) averages input channel (co*PH + ph)*PW + pw over the bin's
-    samples; always aligned (o = 0.5), no minimum size, average over max(gh*gw, 1) (torchvision
-    divides by gh*gw and gives NaN for an empty grid; deformnp gives 0). Gradient to ``input``.
+    RoI Align where each bin reads its own group of channels: output channel ``co`` at bin
+    ``(ph, pw)`` averages input channel ``(co*PH + ph)*PW + pw``. The gradient flows to
+    ``input`` when it is a Tensor that requires grad.
+
+    Parameters
+    ----------
+    input : Tensor or array_like, shape (N, C, H, W)
+        The feature map, float32 or float64; ``C`` a multiple of ``PH*PW``.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int, default -1
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+
+    Returns
+    -------
+    Tensor, shape (K, C / (PH*PW), PH, PW)
+        In ``input``'s dtype.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type.
+    ValueError
+        If a shape is wrong, ``C`` is not a multiple of ``PH*PW``, a sampling grid is too large
+        (``sampling_ratio`` > 4096, or an adaptive grid of more than 2**24 samples per bin), a batch
+        index is not an integer in [0, N), ``output_size`` < 1, ``spatial_scale`` is not finite, or
+        the arrays are on different devices.
+
+    See Also
+    --------
+    deformnp.nn.PSRoIAlign : The layer.
+    roi_align : The plain form.
+    ps_roi_align_forward, ps_roi_align_backward : The array-level pair.
+
+    Notes
+    -----
+    The sampling is :func:`roi_align`'s with ``aligned=True`` (no minimum RoI size), averaged
+    over ``max(gh*gw, 1)`` samples: an empty grid gives 0 (torchvision divides by ``gh*gw`` and
+    gives NaN). See :doc:`/ops/roi` for the formulas and gradients.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from deformnp.ops import ps_roi_align
+    >>> x = np.ones((1, 2 * 3 * 3, 8, 8))  # 2 output channels, 3x3 bins
+    >>> out = ps_roi_align(x, [np.array([[0.0, 0.0, 6.0, 6.0]])], output_size=3)
+    >>> out.shape
+    (1, 2, 3, 3)
     """
     args = prepare_ps_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio)
     return PSRoIAlignFunction.apply(input, args=args)
@@ -519,7 +830,51 @@ def deform_roi_pool_forward(
     sampling_ratio: int = 0,
     gamma: float = 0.1,
 ) -> Array:
-    """Array-level :func:`deform_roi_pool` forward: (K, C, PH, PW)."""
+    """Array-level forward of :func:`deform_roi_pool`: plain arrays in, a plain array out.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    offset : array_like, shape (K, 2, PH, PW), optional
+        The normalized shift of each bin: channel 0 is x, channel 1 is y (mmcv's order), in
+        ``input``'s dtype. None for no shift.
+    output_size : int or (int, int), default 7
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int, default 0
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+    gamma : float, default 0.1
+        Scale of the offsets: bin ``(ph, pw)`` moves by ``gamma * offset * (roi_w, roi_h)``.
+
+    Returns
+    -------
+    out : ndarray or CUDA device array, shape (K, C, PH, PW)
+        In ``input``'s dtype, on its device.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type.
+    ValueError
+        If a shape is wrong, a sampling grid is too large (``sampling_ratio`` > 4096, or an adaptive
+        grid of more than 2**24 samples per bin), a batch index is not an integer in [0, N),
+        ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are on different
+        devices.
+
+    See Also
+    --------
+    deform_roi_pool : The differentiable op.
+    deform_roi_pool_backward : The matching backward.
+    """
     a = prepare_deform_roi_pool(
         input, boxes, offset, output_size, spatial_scale, sampling_ratio, gamma
     )
@@ -537,9 +892,62 @@ def deform_roi_pool_backward(
     gamma: float = 0.1,
     needs: Needs = (True, True),
 ) -> tuple[Array | None, Array | None]:
-    """Array-level :func:`deform_roi_pool` backward: ``(grad_input, grad_offset)``.
+    """Array-level backward of :func:`deform_roi_pool`: the gradients of ``input`` and ``offset``.
 
-    grad_offset is None when offset is None. The offset gradient needs input's values.
+    Parameters
+    ----------
+    grad_out : array_like, shape (K, C, PH, PW)
+        Gradient of the loss with respect to the forward's output, in the input's dtype and on
+        its device.
+    input : array_like, shape (N, C, H, W)
+        The forward's ``input`` (its values are needed for the offset gradient).
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    offset : array_like, shape (K, 2, PH, PW), optional
+        The normalized shift of each bin: channel 0 is x, channel 1 is y (mmcv's order), in
+        ``input``'s dtype. None for no shift.
+    output_size : int or (int, int), default 7
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int, default 0
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+    gamma : float, default 0.1
+        Scale of the offsets: bin ``(ph, pw)`` moves by ``gamma * offset * (roi_w, roi_h)``.
+    needs : sequence of 2 bool, default (True, True)
+        Which gradients to compute: ``(input, offset)``.
+
+    Returns
+    -------
+    grad_input : ndarray or CUDA device array, shape (N, C, H, W), or None
+    grad_offset : ndarray or CUDA device array, shape (K, 2, PH, PW), or None
+        None where the ``needs`` flag is False; ``grad_offset`` also when ``offset`` is None.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type, or ``needs``
+        is not a sequence.
+    ValueError
+        If a shape is wrong, a sampling grid is too large (``sampling_ratio`` > 4096, or an adaptive
+        grid of more than 2**24 samples per bin), a batch index is not an integer in [0, N),
+        ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are on different
+        devices; also when ``grad_out`` has the wrong shape or ``needs`` the wrong length.
+
+    See Also
+    --------
+    deform_roi_pool_forward : The matching forward.
+
+    Notes
+    -----
+    CPU gradients are deterministic (bit-identical with any number of threads). On CUDA the input
+    gradient is scattered with float atomic adds unless
+    ``deformnp.use_deterministic_algorithms(True)`` is set.
     """
     a = prepare_deform_roi_pool(
         input, boxes, offset, output_size, spatial_scale, sampling_ratio, gamma
@@ -559,19 +967,83 @@ def deform_roi_pool(
     sampling_ratio: int = 0,
     gamma: float = 0.1,
 ) -> Tensor:
-    """Deformable RoI pooling (mmcv.ops.deform_roi_pool, DCN paper): (K, C, PH, PW).
+    r"""Deformable RoI pooling, as ``mmcv.ops.deform_roi_pool`` (the DCN paper's).
 
-    RoI Align with aligned=True and no minimum size (start = x1*s - 0.5, roi_w = x2*s - x1*s),
-    where bin (ph, pw) is shifted by the paper's delta p = gamma * offset o (roi_w, roi_h):
-    start_x += gamma*roi_w*offset[k, 0, ph, pw], start_y += gamma*roi_h*offset[k, 1, ph, pw]
-    (offset (K, 2, PH, PW), channel 0 = x, mmcv's order); then sample and average as RoI Align
-    (gw = sampling_ratio if > 0 else ceil(roi_w / PW), from the unshifted RoI; count
-    max(gh*gw, 1)). ``offset=None`` is plain aligned RoI Align without the minimum size.
+    RoI Align (``aligned=True``, no minimum RoI size) whose bins are shifted by learned,
+    box-relative offsets. Gradients flow to ``input`` and ``offset`` when they are Tensors that
+    require grad.
 
-    Gradients flow to ``input`` and ``offset``. The offset gradient is the exact derivative,
-    gamma*roi_w/count * sum over samples and channels of grad * d sample/dx, including the
-    clamped bands of the border rule where it is zero (mmcv's CUDA backward is not the derivative
-    of its forward there).
+    Parameters
+    ----------
+    input : Tensor or array_like, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    offset : Tensor or array_like, shape (K, 2, PH, PW), optional
+        The normalized shift of each bin: channel 0 is x, channel 1 is y (mmcv's order), in
+        ``input``'s dtype. None for no shift.
+    output_size : int or (int, int), default 7
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int, default 0
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+    gamma : float, default 0.1
+        Scale of the offsets: bin ``(ph, pw)`` moves by ``gamma * offset * (roi_w, roi_h)``.
+
+    Returns
+    -------
+    Tensor, shape (K, C, PH, PW)
+        In ``input``'s dtype.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type.
+    ValueError
+        If a shape is wrong, a sampling grid is too large (``sampling_ratio`` > 4096, or an adaptive
+        grid of more than 2**24 samples per bin), a batch index is not an integer in [0, N),
+        ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are on different
+        devices.
+
+    See Also
+    --------
+    deformnp.nn.DeformRoIPool : The layer.
+    roi_align : The undeformed op.
+    deform_ps_roi_pool : The position-sensitive deformable form.
+    deform_roi_pool_forward, deform_roi_pool_backward : The array-level pair.
+
+    Notes
+    -----
+    With :math:`x_0 = x_1 s - 0.5` and :math:`w = x_2 s - x_1 s` (likewise :math:`y_0, h`), bin
+    ``(ph, pw)`` of box ``k`` starts at
+
+    .. math::
+
+        x_0 + p_w \frac{w}{PW} + \gamma\, w\, \mathrm{offset}[k, 0, p_h, p_w], \qquad
+        y_0 + p_h \frac{h}{PH} + \gamma\, h\, \mathrm{offset}[k, 1, p_h, p_w],
+
+    and is sampled and averaged as in :func:`roi_align` (the adaptive grid taken from the
+    unshifted box). ``offset=None`` is aligned RoI Align without the minimum size. The offset
+    gradient is the exact derivative of the forward, zero inside the clamped bands of the
+    border rule (mmcv's CUDA backward is not the derivative of its forward there). See
+    :doc:`/ops/deform_roi` for the formulas and gradients.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from deformnp.ops import deform_roi_pool
+    >>> x = np.random.default_rng(0).random((1, 4, 16, 16))
+    >>> boxes = np.array([[0, 1.0, 1.0, 9.0, 9.0]])
+    >>> offset = np.zeros((1, 2, 7, 7))
+    >>> out = deform_roi_pool(x, boxes, offset, output_size=7, gamma=0.1)
+    >>> out.shape
+    (1, 4, 7, 7)
     """
     args = prepare_deform_roi_pool(
         input, boxes, offset, output_size, spatial_scale, sampling_ratio, gamma
@@ -658,9 +1130,47 @@ def roi_pool_forward(
     spatial_scale: float = 1.0,
     return_argmax: bool = False,
 ) -> Array | tuple[Array, Array]:
-    """Array-level :func:`roi_pool` forward: (K, C, PH, PW), and with ``return_argmax`` also the
-    argmax: the flat index into the H*W plane of each bin's maximum, -1 for an empty bin, in the
-    smallest of int16/int32/int64 that holds H*W - 1 (CPU)."""
+    """Array-level forward of :func:`roi_pool`: plain arrays in, plain arrays out.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    return_argmax : bool, default False
+        Also return the argmax, which :func:`roi_pool_backward` needs.
+
+    Returns
+    -------
+    out : ndarray or CUDA device array, shape (K, C, PH, PW)
+        In ``input``'s dtype, on its device.
+    argmax : ndarray or CUDA device array of int, shape (K, C, PH, PW)
+        Only with ``return_argmax``: the flat index into the ``H*W`` plane of each bin's
+        maximum, -1 for an empty bin; on the CPU in the smallest of int16/int32/int64 that holds
+        ``H*W - 1``.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type.
+    ValueError
+        If a shape is wrong, a batch index is not an integer in [0, N), ``output_size`` < 1,
+        ``spatial_scale`` is not finite, or the arrays are on different devices.
+
+    See Also
+    --------
+    roi_pool : The differentiable op.
+    roi_pool_backward : The matching backward.
+    """
     a = prepare_roi_pool(input, boxes, output_size, spatial_scale)
     out, argmax = _kernels(a.device).roi_pool_forward(a.input, a.rois, *a.params)
     return (out, argmax) if return_argmax else out
@@ -675,9 +1185,61 @@ def roi_pool_backward(
     argmax: ArrayLike | None = None,
     needs: Needs = (True,),
 ) -> tuple[Array | None]:
-    """Array-level :func:`roi_pool` backward: ``(grad_input,)`` of shape ``input_shape``
-    (N, C, H, W); each bin's gradient goes to its ``argmax`` (the forward's, required: the
-    backward has no input values to find it again)."""
+    """Array-level backward of :func:`roi_pool`: the gradient of its input.
+
+    Each bin's gradient goes to the position of its maximum, given by the forward's
+    ``argmax`` (the backward has no input values to find it again).
+
+    Parameters
+    ----------
+    grad_out : array_like, shape (K, C, PH, PW)
+        Gradient of the loss with respect to the forward's output, in the input's dtype and on
+        its device.
+    input_shape : sequence of 4 int
+        The forward input's shape ``(N, C, H, W)`` (only its shape is needed).
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    argmax : array_like of int, shape (K, C, PH, PW)
+        The argmax of ``roi_pool_forward(..., return_argmax=True)``: integers in
+        ``[-1, H*W)``, on the input's device. Required (the default None is a TypeError).
+    needs : sequence of 1 bool, default (True,)
+        Which gradients to compute: ``(input,)``.
+
+    Returns
+    -------
+    grad_input : ndarray or CUDA device array, shape (N, C, H, W), or None
+        Returned as the 1-tuple ``(grad_input,)``; None where ``needs[0]`` is False.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type, ``argmax`` is
+        missing or not integer, or ``needs`` is not a sequence; also when ``input_shape`` is an
+        array rather than a shape.
+    ValueError
+        If a shape is wrong, ``argmax`` has values outside [-1, H*W), a batch index is not an
+        integer in [0, N), ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are
+        on different devices; also when ``grad_out`` has the wrong shape or ``needs`` the wrong
+        length.
+
+    See Also
+    --------
+    roi_pool_forward : The matching forward.
+
+    Notes
+    -----
+    CPU gradients are deterministic (bit-identical with any number of threads). On CUDA the input
+    gradient is scattered with float atomic adds unless
+    ``deformnp.use_deterministic_algorithms(True)`` is set.
+    """
     shape = input_shape_of("roi_pool", input_shape, grad_out)
     a = prepare_roi_pool(shape, boxes, output_size, spatial_scale)
     g = _grad(a, grad_out)
@@ -694,12 +1256,63 @@ def roi_pool_backward(
 def roi_pool(
     input: TensorLike, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0
 ) -> Tensor:
-    """RoI max pooling (torchvision.ops.roi_pool): input (N, C, H, W) -> (K, C, PH, PW).
+    """RoI max pooling, as ``torchvision.ops.roi_pool``.
 
-    start = round(x1*s), end = round(x2*s) (C round; same for y); roi_w = max(end - start + 1, 1);
-    bin_w = roi_w / PW; bin columns [floor(pw*bin_w) + start, ceil((pw+1)*bin_w) + start) clipped
-    to [0, W]; max over the bin, the first maximum in row-major order wins (NaN counts as the
-    maximum); an empty bin gives 0. The gradient goes to each bin's argmax (none for an empty bin).
+    Each box is rounded to whole pixels and divided into ``PH x PW`` integer bins; each bin
+    takes its maximum. The gradient flows to ``input`` when it is a Tensor that requires grad,
+    to each bin's maximum.
+
+    Parameters
+    ----------
+    input : Tensor or array_like, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+
+    Returns
+    -------
+    Tensor, shape (K, C, PH, PW)
+        In ``input``'s dtype.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type.
+    ValueError
+        If a shape is wrong, a batch index is not an integer in [0, N), ``output_size`` < 1,
+        ``spatial_scale`` is not finite, or the arrays are on different devices.
+
+    See Also
+    --------
+    deformnp.nn.RoIPool : The layer.
+    roi_align : Bilinear average pooling.
+    roi_pool_forward, roi_pool_backward : The array-level pair.
+
+    Notes
+    -----
+    ``start = round(x1*s)``, ``end = round(x2*s)`` (C's round, half away from zero; likewise
+    y); ``roi_w = max(end - start + 1, 1)``; ``bin_w = roi_w / PW``; bin column ``pw`` covers
+    ``[floor(pw*bin_w) + start, ceil((pw + 1)*bin_w) + start)`` clipped to ``[0, W]``. The bin
+    takes its maximum; the first maximum in row-major order wins and NaN counts as a maximum
+    (torchvision skips NaN); an empty bin gives 0 and no gradient. The bins are computed in the
+    input's dtype, like torchvision. See :doc:`/ops/roi` for the formulas and gradients.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from deformnp.ops import roi_pool
+    >>> x = np.arange(16.0).reshape(1, 1, 4, 4)
+    >>> roi_pool(x, np.array([[0, 0.0, 0.0, 3.0, 3.0]]), output_size=2).numpy()
+    array([[[[ 5.,  7.],
+             [13., 15.]]]])
     """
     args = prepare_roi_pool(input, boxes, output_size, spatial_scale)
     return RoIPoolFunction.apply(input, args=args)
@@ -734,7 +1347,42 @@ class PSRoIPoolFunction(Function):
 def ps_roi_pool_forward(
     input: ArrayLike, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0
 ) -> Array:
-    """Array-level :func:`ps_roi_pool` forward: (K, C/(PH*PW), PH, PW)."""
+    """Array-level forward of :func:`ps_roi_pool`: plain arrays in, a plain array out.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C, H, W)
+        The feature map, float32 or float64; ``C`` a multiple of ``PH*PW``.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+
+    Returns
+    -------
+    out : ndarray or CUDA device array, shape (K, C / (PH*PW), PH, PW)
+        In ``input``'s dtype, on its device.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type.
+    ValueError
+        If a shape is wrong, ``C`` is not a multiple of ``PH*PW``, a batch index is not an integer
+        in [0, N), ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are on
+        different devices.
+
+    See Also
+    --------
+    ps_roi_pool : The differentiable op.
+    ps_roi_pool_backward : The matching backward.
+    """
     a = prepare_ps_roi_pool(input, boxes, output_size, spatial_scale)
     return _kernels(a.device).ps_roi_pool_forward(a.input, a.rois, *a.params)
 
@@ -747,8 +1395,53 @@ def ps_roi_pool_backward(
     spatial_scale: float = 1.0,
     needs: Needs = (True,),
 ) -> tuple[Array | None]:
-    """Array-level :func:`ps_roi_pool` backward: ``(grad_input,)`` of shape ``input_shape``
-    (N, C, H, W), for ``grad_out`` (K, C/(PH*PW), PH, PW) of the input's dtype and device."""
+    """Array-level backward of :func:`ps_roi_pool`: the gradient of its input.
+
+    Parameters
+    ----------
+    grad_out : array_like, shape (K, C / (PH*PW), PH, PW)
+        Gradient of the loss with respect to the forward's output, in the input's dtype and on
+        its device.
+    input_shape : sequence of 4 int
+        The forward input's shape ``(N, C, H, W)`` (only its shape is needed).
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    needs : sequence of 1 bool, default (True,)
+        Which gradients to compute: ``(input,)``.
+
+    Returns
+    -------
+    grad_input : ndarray or CUDA device array, shape (N, C, H, W), or None
+        Returned as the 1-tuple ``(grad_input,)``; None where ``needs[0]`` is False.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type, or ``needs``
+        is not a sequence; also when ``input_shape`` is an array rather than a shape.
+    ValueError
+        If a shape is wrong, ``C`` is not a multiple of ``PH*PW``, a batch index is not an integer
+        in [0, N), ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are on
+        different devices; also when ``grad_out`` has the wrong shape or ``needs`` the wrong length.
+
+    See Also
+    --------
+    ps_roi_pool_forward : The matching forward.
+
+    Notes
+    -----
+    CPU gradients are deterministic (bit-identical with any number of threads). On CUDA the input
+    gradient is scattered with float atomic adds unless
+    ``deformnp.use_deterministic_algorithms(True)`` is set.
+    """
     shape = input_shape_of("ps_roi_pool", input_shape, grad_out)
     a = prepare_ps_roi_pool(shape, boxes, output_size, spatial_scale)
     return _kernels(a.device).ps_roi_pool_backward(
@@ -759,16 +1452,62 @@ def ps_roi_pool_backward(
 def ps_roi_pool(
     input: TensorLike, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0
 ) -> Tensor:
-    """Position-sensitive RoI average pooling (torchvision.ops.ps_roi_pool): (K, C/(PH*PW), PH, PW).
+    """Position-sensitive RoI average pooling, as ``torchvision.ops.ps_roi_pool``.
 
-    start = round(x1*s), end = round(x2*s); roi_w = max(end - start, 1); bins as in roi_pool,
-    clipped to [0, W] and [0, H]; output channel co at bin (ph, pw) averages input channel
-    (co*PH + ph)*PW + pw over the bin; an empty bin gives 0.
+    Output channel ``co`` at bin ``(ph, pw)`` averages input channel ``(co*PH + ph)*PW + pw``
+    over the bin. The gradient flows to ``input`` when it is a Tensor that requires grad.
 
-    Difference from torchvision: its forward clips the bins to [0, W-1] and [0, H-1] (so it never
-    pools the last row and column, and a bin there comes out empty), while its backward clips to
-    [0, W] and [0, H]. deformnp uses [0, W] and [0, H] in both, so forward and backward agree.
-    The outputs equal torchvision's wherever no bin reaches the last row or column.
+    Parameters
+    ----------
+    input : Tensor or array_like, shape (N, C, H, W)
+        The feature map, float32 or float64; ``C`` a multiple of ``PH*PW``.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+
+    Returns
+    -------
+    Tensor, shape (K, C / (PH*PW), PH, PW)
+        In ``input``'s dtype.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type.
+    ValueError
+        If a shape is wrong, ``C`` is not a multiple of ``PH*PW``, a batch index is not an integer
+        in [0, N), ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are on
+        different devices.
+
+    See Also
+    --------
+    deformnp.nn.PSRoIPool : The layer.
+    ps_roi_align : The bilinear form.
+    ps_roi_pool_forward, ps_roi_pool_backward : The array-level pair.
+
+    Notes
+    -----
+    ``start = round(x1*s)``, ``end = round(x2*s)``, ``roi_w = max(end - start, 1)``; the bins
+    are :func:`roi_pool`'s, clipped to ``[0, W]`` and ``[0, H]``; an empty bin gives 0.
+    torchvision's forward clips the bins to ``[0, W-1]`` and ``[0, H-1]`` (it never pools the
+    last row and column) while its backward clips to ``[0, W]`` and ``[0, H]``; deformnp uses
+    the latter in both, so forward and backward agree. The outputs equal torchvision's wherever
+    no bin reaches the last row or column. See :doc:`/ops/roi` for the formulas and gradients.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from deformnp.ops import ps_roi_pool
+    >>> x = np.ones((1, 4 * 2 * 2, 8, 8))  # 4 output channels, 2x2 bins
+    >>> ps_roi_pool(x, np.array([[0, 0.0, 0.0, 4.0, 4.0]]), output_size=2).shape
+    (1, 4, 2, 2)
     """
     args = prepare_ps_roi_pool(input, boxes, output_size, spatial_scale)
     return PSRoIPoolFunction.apply(input, args=args)
@@ -861,7 +1600,58 @@ def deform_ps_roi_pool_forward(
     sample_per_part: int = 4,
     trans_std: float = 0.0,
 ) -> Array:
-    """Array-level :func:`deform_ps_roi_pool` forward: (K, output_dim, pooled_size, pooled_size)."""
+    """Array-level forward of :func:`deform_ps_roi_pool`: plain arrays in, a plain array out.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C, H, W)
+        The feature map, float32 or float64, with ``C = output_dim * group_size**2``
+        channels.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    offset : array_like, shape (K, 2 * num_classes, part_size, part_size), or None
+        Normalized offsets per part cell, channel ``2*cls`` x and ``2*cls + 1`` y of class
+        ``cls``; ``num_classes`` must divide ``output_dim``. None for no offsets (as is
+        ``trans_std=0``).
+    spatial_scale : float
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    output_dim : int
+        Output channels ``D`` (at least 1).
+    group_size : int
+        Side of the position-sensitive channel grid (at least 1).
+    pooled_size : int
+        Output bins per side ``P`` (at least 1).
+    part_size : int, optional
+        Side of the offset grid; None or 0 means ``pooled_size``.
+    sample_per_part : int, default 4
+        Samples per bin along each axis (1 to 4096).
+    trans_std : float, default 0.0
+        Scale of the offsets: a bin moves by ``trans_std * offset * (roi_w, roi_h)``.
+
+    Returns
+    -------
+    out : ndarray or CUDA device array, shape (K, output_dim, pooled_size, pooled_size)
+        In ``input``'s dtype, on its device.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type.
+    ValueError
+        If a shape is wrong, ``C != output_dim * group_size**2``, ``num_classes`` does not divide
+        ``output_dim``, an integer parameter is out of range, a batch index is not an integer
+        in [0, N), ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are on
+        different devices.
+
+    See Also
+    --------
+    deform_ps_roi_pool : The differentiable op.
+    deform_ps_roi_pool_backward : The matching backward.
+    """
     a = prepare_deform_ps_roi_pool(
         input, boxes, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
         sample_per_part, trans_std,
@@ -883,7 +1673,70 @@ def deform_ps_roi_pool_backward(
     trans_std: float = 0.0,
     needs: Needs = (True, True),
 ) -> tuple[Array | None, Array | None]:
-    """Array-level :func:`deform_ps_roi_pool` backward: ``(grad_input, grad_offset)``."""
+    """Array-level backward of :func:`deform_ps_roi_pool`: the gradients of input and offset.
+
+    Parameters
+    ----------
+    grad_out : array_like, shape (K, output_dim, pooled_size, pooled_size)
+        Gradient of the loss with respect to the forward's output, in the input's dtype and on
+        its device.
+    input : array_like, shape (N, C, H, W)
+        The forward's ``input`` (its values are needed for the offset gradient), with
+        ``C = output_dim * group_size**2`` channels.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    offset : array_like, shape (K, 2 * num_classes, part_size, part_size), or None
+        Normalized offsets per part cell, channel ``2*cls`` x and ``2*cls + 1`` y of class
+        ``cls``; ``num_classes`` must divide ``output_dim``. None for no offsets (as is
+        ``trans_std=0``).
+    spatial_scale : float
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    output_dim : int
+        Output channels ``D`` (at least 1).
+    group_size : int
+        Side of the position-sensitive channel grid (at least 1).
+    pooled_size : int
+        Output bins per side ``P`` (at least 1).
+    part_size : int, optional
+        Side of the offset grid; None or 0 means ``pooled_size``.
+    sample_per_part : int, default 4
+        Samples per bin along each axis (1 to 4096).
+    trans_std : float, default 0.0
+        Scale of the offsets: a bin moves by ``trans_std * offset * (roi_w, roi_h)``.
+    needs : sequence of 2 bool, default (True, True)
+        Which gradients to compute: ``(input, offset)``.
+
+    Returns
+    -------
+    grad_input : ndarray or CUDA device array, shape (N, C, H, W), or None
+    grad_offset : ndarray or CUDA device array, shape (K, 2*num_classes, part_size, part_size)
+        None where the ``needs`` flag is False; ``grad_offset`` also when ``offset`` is None.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type, or ``needs``
+        is not a sequence.
+    ValueError
+        If a shape is wrong, ``C != output_dim * group_size**2``, ``num_classes`` does not divide
+        ``output_dim``, an integer parameter is out of range, a batch index is not an integer
+        in [0, N), ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are on
+        different devices; also when ``grad_out`` has the wrong shape or ``needs`` the wrong length.
+
+    See Also
+    --------
+    deform_ps_roi_pool_forward : The matching forward.
+
+    Notes
+    -----
+    CPU gradients are deterministic (bit-identical with any number of threads). On CUDA the input
+    gradient is scattered with float atomic adds unless
+    ``deformnp.use_deterministic_algorithms(True)`` is set.
+    """
     a = prepare_deform_ps_roi_pool(
         input, boxes, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
         sample_per_part, trans_std,
@@ -906,33 +1759,98 @@ def deform_ps_roi_pool(
     sample_per_part: int = 4,
     trans_std: float = 0.0,
 ) -> Tensor:
-    """Deformable position-sensitive RoI pooling (Deformable-ConvNets, R-FCN head).
+    """Deformable position-sensitive RoI pooling, as Deformable-ConvNets' R-FCN head.
 
-    input (N, output_dim*group_size**2, H, W) -> (K, output_dim, pooled_size, pooled_size);
-    offset (K, 2*num_classes, part_size, part_size) or None (no offsets; likewise trans_std = 0
-    makes the offsets irrelevant), num_classes dividing output_dim; part_size None (or 0) means
-    pooled_size. The forward is that implementation's, decision by decision:
+    Position-sensitive average pooling whose bins are shifted by learned, box-relative
+    offsets, one per part cell and class. Gradients flow to ``input`` and ``offset`` when they
+    are Tensors that require grad.
 
-    1. the box is rounded first: start = round(x1)*s - 0.5, end = (round(x2) + 1)*s - 0.5 (C
-       round), roi_w = max(end - start, 0.1) (likewise y); bin = roi_w / pooled_size, sub-bin =
-       bin / sample_per_part;
-    2. bin (ph, pw) lies in part cell (floor(ph/pooled_size*part_size), likewise pw) and group
-       cell (floor(ph*group_size/pooled_size), likewise pw, clamped to [0, group_size-1]); output
-       channel ctop belongs to class ctop // (output_dim / num_classes) and reads input channel
-       (ctop*group_size + group_h)*group_size + group_w;
-    3. the bin starts at (ph*bin_h + start_h + trans_std*offset[k, 2*cls+1, part_h, part_w]*
-       roi_h, pw*bin_w + start_w + trans_std*offset[k, 2*cls, part_h, part_w]*roi_w) (channel
-       2*cls is x);
-    4. sample_per_part**2 samples at the sub-bin starts (not centres): (hstart + ih*sub_h,
-       wstart + iw*sub_w);
-    5. a sample with x < -0.5 or x > W - 0.5 (or y likewise, or NaN) is skipped; the others are
-       clamped to [0, W-1] x [0, H-1] and interpolated bilinearly (the clamp rule of SPEC 4
-       restricted to that range);
+    Parameters
+    ----------
+    input : Tensor or array_like, shape (N, C, H, W)
+        The feature map, float32 or float64, with ``C = output_dim * group_size**2``
+        channels.
+    boxes : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+        The RoIs in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+        array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index).
+        In ``input``'s dtype; read on the host; not differentiated.
+    offset : Tensor or array_like, shape (K, 2 * num_classes, part_size, part_size), or None
+        Normalized offsets per part cell, channel ``2*cls`` x and ``2*cls + 1`` y of class
+        ``cls``; ``num_classes`` must divide ``output_dim``. None for no offsets (as is
+        ``trans_std=0``).
+    spatial_scale : float
+        Scale ``s`` from box coordinates to ``input``'s pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    output_dim : int
+        Output channels ``D`` (at least 1).
+    group_size : int
+        Side of the position-sensitive channel grid (at least 1).
+    pooled_size : int
+        Output bins per side ``P`` (at least 1).
+    part_size : int, optional
+        Side of the offset grid; None or 0 means ``pooled_size``.
+    sample_per_part : int, default 4
+        Samples per bin along each axis (1 to 4096).
+    trans_std : float, default 0.0
+        Scale of the offsets: a bin moves by ``trans_std * offset * (roi_w, roi_h)``.
+
+    Returns
+    -------
+    Tensor, shape (K, output_dim, pooled_size, pooled_size)
+        In ``input``'s dtype.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, ``boxes`` (or ``offset``) does not have ``input``'s
+        dtype, ``boxes`` is None, or an integer or real parameter has the wrong type.
+    ValueError
+        If a shape is wrong, ``C != output_dim * group_size**2``, ``num_classes`` does not divide
+        ``output_dim``, an integer parameter is out of range, a batch index is not an integer
+        in [0, N), ``output_size`` < 1, ``spatial_scale`` is not finite, or the arrays are on
+        different devices.
+
+    See Also
+    --------
+    deform_roi_pool : The deformable RoI pooling of mmcv.
+    ps_roi_pool : The undeformed position-sensitive pooling.
+    deform_ps_roi_pool_forward, deform_ps_roi_pool_backward : The array-level pair.
+
+    Notes
+    -----
+    The forward is Deformable-ConvNets', decision by decision:
+
+    1. the box is rounded first: ``start = round(x1)*s - 0.5``,
+       ``end = (round(x2) + 1)*s - 0.5`` (C's round), ``roi_w = max(end - start, 0.1)``
+       (likewise y); ``bin = roi_w / pooled_size``, ``sub_bin = bin / sample_per_part``;
+    2. bin ``(ph, pw)`` lies in part cell ``floor(ph / pooled_size * part_size)`` (likewise
+       ``pw``) and group cell ``floor(ph * group_size / pooled_size)`` (clamped to
+       ``[0, group_size - 1]``); output channel ``ctop`` belongs to class
+       ``ctop // (output_dim / num_classes)`` and reads input channel
+       ``(ctop*group_size + group_h)*group_size + group_w``;
+    3. the bin starts at its undeformed corner plus ``trans_std * offset * (roi_h, roi_w)``
+       (the offset of its class and part cell);
+    4. ``sample_per_part**2`` samples at the sub-bin starts (not centres);
+    5. a sample with ``x < -0.5`` or ``x > W - 0.5`` (likewise y, or NaN) is skipped; the
+       others are clamped to the map and interpolated bilinearly;
     6. the output is the mean over the valid samples, 0 when none is valid.
 
-    Gradients flow to ``input`` and ``offset``, exact: the offset gradient is
-    trans_std*roi_w/n * sum of grad * d sample/dx over valid samples (zero where clamped; the
-    right-hand slope at integer coordinates); the valid-sample count n is piecewise constant.
+    The gradients are exact: the offset gradient is zero where a sample is clamped and takes
+    the right-hand slope at integer coordinates. See :doc:`/ops/deform_roi` for the formulas
+    and gradients.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from deformnp.ops import deform_ps_roi_pool
+    >>> D, group, P = 2, 3, 3
+    >>> x = np.ones((1, D * group * group, 12, 12))
+    >>> boxes = np.array([[0, 1.0, 1.0, 8.0, 8.0]])
+    >>> offset = np.zeros((1, 2, P, P))  # one class
+    >>> out = deform_ps_roi_pool(x, boxes, offset, spatial_scale=1.0, output_dim=D,
+    ...                          group_size=group, pooled_size=P, trans_std=0.1)
+    >>> out.shape
+    (1, 2, 3, 3)
     """
     args = prepare_deform_ps_roi_pool(
         input, boxes, offset, spatial_scale, output_dim, group_size, pooled_size, part_size,
