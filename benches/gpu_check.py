@@ -922,7 +922,7 @@ def deform_ps_roi_pool_case(
 
 
 DETR_LEVELS = ((100, 152), (50, 76), (25, 38), (13, 19))
-SPEC13_LEVELS = ((32, 32), (16, 16), (8, 8), (4, 4))
+REFERENCE_LEVELS = ((32, 32), (16, 16), (8, 8), (4, 4))
 
 
 def ms_deform_attn_case(
@@ -1087,7 +1087,7 @@ def timing_cases(smoke: bool) -> list[tuple[str, Builder]]:
         ("ref", lambda dt: ps_roi_pool_case(dt, 2, 8, 50, 50, 512)),
         ("ref", lambda dt: deform_roi_pool_case(dt, 2, 256, 50, 50, 512)),
         ("ref", lambda dt: deform_ps_roi_pool_case(dt, 2, 8, 50, 50, 512)),
-        ("ref", lambda dt: ms_deform_attn_case(dt, 1, SPEC13_LEVELS, 8, 32, 4)),
+        ("ref", lambda dt: ms_deform_attn_case(dt, 1, REFERENCE_LEVELS, 8, 32, 4)),
         ("large", lambda dt: deform_conv2d_case(dt, 16, 256, 256, 64, 64)),
         ("large", lambda dt: ms_deform_attn_case(dt, 2, DETR_LEVELS, 8, 32, 4)),
     ]

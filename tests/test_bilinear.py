@@ -1,5 +1,6 @@
-"""bilinear_interpolate (SPEC section 4): reference, gradcheck, edge cases, validation, property
-tests, determinism, and parity with torch (grid_sample for zero-fade, roi_align for clamp)."""
+"""bilinear_interpolate (docs/ops/bilinear.rst): reference, gradcheck, edge cases, validation,
+property tests, determinism, and parity with torch (grid_sample for zero-fade, roi_align for
+clamp)."""
 
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def test_gradcheck(case):
 @pytest.mark.parametrize("border", BORDERS)
 def test_point_gradient_is_right_hand_slope_at_kinks(rng, border):
     """At integer coordinates and on the border lines the point gradient is the exact right-hand
-    derivative of the rule as written (SPEC 4): compare with a one-sided forward difference."""
+    derivative of the rule as written (docs/ops/bilinear.rst): compare with a one-sided forward
+    difference."""
     N, C, H, W = 1, 2, 4, 5
     x = rng.standard_normal((N, C, H, W))
     ys = [-1.0, 0.0, 1.0, H - 1.0, H - 0.5, float(H) - 1e-3]

@@ -1,4 +1,4 @@
-"""DeformableAttention2d (SPEC section 10; DAT's DAttentionBaseline, CVPR 2022): against a naive
+"""DeformableAttention2d (docs/ops/dat.rst; DAT's DAttentionBaseline, CVPR 2022): against a naive
 loop reference, gradcheck of the input and every parameter, edge cases, validation messages,
 and parity with a torch re-implementation of DAttentionBaseline loaded with the same weights.
 

@@ -1,6 +1,6 @@
-"""deform_roi_pool (mmcv) and deform_ps_roi_pool (Deformable-ConvNets), SPEC 8: naive reference,
-gradcheck on the feature map and the offsets (kept off the kinks, and inside the clamped bands
-where the exact derivative is zero), edge cases and property tests."""
+"""deform_roi_pool (mmcv) and deform_ps_roi_pool (Deformable-ConvNets), docs/ops/deform_roi.rst:
+naive reference, gradcheck on the feature map and the offsets (kept off the kinks, and inside the
+clamped bands where the exact derivative is zero), edge cases and property tests."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""grid_sample (SPEC section 5): reference, gradcheck, edge cases, validation, property tests,
-determinism, and parity with torch.nn.functional.grid_sample."""
+"""grid_sample (docs/ops/bilinear.rst): reference, gradcheck, edge cases, validation, property
+tests, determinism, and parity with torch.nn.functional.grid_sample."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""ps_roi_align and ps_roi_pool (SPEC 7): naive reference, gradcheck, edge cases, property tests,
-torchvision parity (and the documented ps_roi_pool difference at the last row and column)."""
+"""ps_roi_align and ps_roi_pool (docs/ops/roi.rst): naive reference, gradcheck, edge cases, property
+tests, torchvision parity (and the documented ps_roi_pool difference at the last row and column)."""
 
 from __future__ import annotations
 

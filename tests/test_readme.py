@@ -44,3 +44,18 @@ def test_readme_jax_snippet_runs():
     exec(compile(code, str(README) + " (jax)", "exec"), namespace)
     gx, goff, gw = namespace["grads"]
     assert gx.shape == (2, 4, 8, 8) and goff.shape == (2, 18, 8, 8) and gw.shape == (4, 4, 3, 3)
+
+
+def test_readme_cuda_snippet_runs():
+    """The CUDA section's snippet runs as written (here on Numba's CUDA simulator, which
+    tests/conftest.py switches on when there is no GPU)."""
+    from deformnp import cuda
+
+    if not cuda.is_available():
+        pytest.skip("no CUDA device and no simulator")
+    (code,) = _snippets("## CUDA")
+    namespace: dict = {}
+    exec(compile(code, str(README) + " (cuda)", "exec"), namespace)
+    assert cuda.is_cuda_array(namespace["off"].grad)
+    assert namespace["off"].grad.copy_to_host().shape == (2, 18, 8, 8)
+    assert namespace["w"].grad.copy_to_host().shape == (6, 4, 3, 3)

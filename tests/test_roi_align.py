@@ -1,4 +1,5 @@
-"""roi_align (SPEC 7): naive reference, gradcheck, edge cases, property tests, torchvision parity."""
+"""roi_align (docs/ops/roi.rst): naive reference, gradcheck, edge cases, property tests, torchvision
+parity."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""roi_pool (SPEC 7): naive reference, gradcheck, ties/NaN/empty bins, property tests, torchvision
-parity."""
+"""roi_pool (docs/ops/roi.rst): naive reference, gradcheck, ties/NaN/empty bins, property tests,
+torchvision parity."""
 
 from __future__ import annotations
 

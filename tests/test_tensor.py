@@ -1,4 +1,5 @@
-"""The autograd engine: recording, backward, accumulation, grad mode, dtypes (SPEC section 11)."""
+"""The autograd engine: recording, backward, accumulation, grad mode, dtypes
+(docs/guide/autograd.rst)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Per-RoI geometry of the RoI pooling family (SPEC sections 7 and 8), computed on the host in
-NumPy in the formulas' own words, and shared by the CPU and CUDA kernels: both devices pool
+"""Per-RoI geometry of the RoI pooling family (docs/ops/roi.rst, docs/ops/deform_roi.rst), on the
+host in NumPy in the formulas' own words, and shared by the CPU and CUDA kernels: both devices pool
 exactly the same bins.
 
 * :func:`align_geometry`: bin starts and sizes and sampling grids of the RoI Align family
@@ -46,7 +46,7 @@ def align_geometry(
     aligned: bool,
     gamma: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Geometry of the RoI Align family (SPEC 7 and 8), float64 for every dtype.
+    """Geometry of the RoI Align family (docs/ops/roi.rst, deform_roi.rst), float64 for every dtype.
 
     Returns ``fgeo`` (K, 6) = (start_y, start_x, bin_h, bin_w, gamma*roi_h, gamma*roi_w) and
     ``igeo`` (K, 3) = (batch index, gh, gw). roi_align: o = 0.5 if aligned else 0 and, when not
@@ -93,7 +93,7 @@ def pool_bins(
     W: int,
     dtype: Any,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Integer bins of roi_pool / ps_roi_pool (SPEC 7), as torchvision computes them.
+    """Integer bins of roi_pool / ps_roi_pool (docs/ops/roi.rst), as torchvision computes them.
 
     start = round(x1*s), end = round(x2*s); roi_w = max(end - start + 1, 1) (roi_pool) or
     max(end - start, 1) (ps_roi_pool); bin_w = roi_w / PW; bin pw covers columns
@@ -141,7 +141,7 @@ def deform_ps_geometry(
     sample_per_part: int,
     dtype: Any,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Geometry of Deformable-ConvNets' DeformablePSROIPooling (SPEC 8).
+    """Geometry of Deformable-ConvNets' DeformablePSROIPooling (docs/ops/deform_roi.rst).
 
     The box is rounded first (C round), then start = round(x1)*s - 0.5, end = (round(x2) + 1)*s -
     0.5, roi_w = max(end - start, 0.1), bin_w = roi_w / pooled_size, sub-bin = bin_w /

@@ -1,1 +1,2 @@
-"""Naive loop references in float64, written straight from SPEC.md (one module per op family)."""
+"""Naive loop references in float64, written straight from the formulas of docs/ops/ (one module per
+op family)."""

@@ -1,6 +1,7 @@
-"""Naive float64 reference of multi-scale deformable attention, straight from SPEC sections 4, 9.
+"""Naive float64 reference of multi-scale deformable attention, straight from
+docs/ops/ms_deform_attn.rst.
 
-Plain Python loops over the naive SPEC 4 sampler of ``reference/bilinear.py`` (deliberately not
+Plain Python loops over the naive zero-fade sampler of ``reference/bilinear.py`` (deliberately not
 the kernels' shared plan), for tiny shapes only.
 """
 
@@ -10,7 +11,7 @@ import math
 
 import numpy as np
 
-from .bilinear import zero_fade  # noqa: E402  (the SPEC 4 reference rule, one copy)
+from .bilinear import zero_fade  # noqa: E402  (the zero-fade reference rule, one copy)
 
 
 def ms_deform_attn(
@@ -43,7 +44,7 @@ def ms_deform_attn(
     return out
 
 
-# ---------------------------------------------------------------------------- DAT (SPEC 10)
+# ------------------------------------------------------------------------- DAT (docs/ops/dat.rst)
 
 
 def grid_sample_aligned(img: np.ndarray, gx: float, gy: float) -> np.ndarray:
@@ -90,7 +91,8 @@ def dat_attention(
     offset_range_factor: float,
     use_pe: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """DAT's deformable attention (SPEC 10) with loops; params by DAT's state-dict names."""
+    """DAT's deformable attention (docs/ops/dat.rst) with loops; params by DAT's state-dict
+    names."""
     x = np.asarray(x, np.float64)
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     B, C, H, W = x.shape

@@ -1,4 +1,5 @@
-"""Naive float64 references for bilinear sampling (SPEC section 4), straight from the formulas.
+"""Naive float64 references for bilinear sampling (docs/ops/bilinear.rst), straight from the
+formulas.
 
 Plain Python loops, one point and one channel at a time, independent of the kernels' plan
 helpers. ``zero_fade`` and ``clamp`` sample one 2-D map; ``bilinear_interpolate`` applies them
@@ -13,7 +14,7 @@ import numpy as np
 
 
 def zero_fade(V: np.ndarray, y: float, x: float) -> float:
-    """SPEC 4 zero-fade: 0 unless -1 < y < H and -1 < x < W; corners outside the map are 0."""
+    """Zero-fade rule: 0 unless -1 < y < H and -1 < x < W; corners outside the map are 0."""
     H, W = V.shape
     if not (-1 < y < H and -1 < x < W):
         return 0.0
@@ -36,7 +37,7 @@ def zero_fade(V: np.ndarray, y: float, x: float) -> float:
 
 
 def clamp(V: np.ndarray, y: float, x: float) -> float:
-    """SPEC 4 clamp (torchvision roi_align): 0 outside [-1, H] x [-1, W], else clamped corners."""
+    """Clamp rule (torchvision roi_align): 0 outside [-1, H] x [-1, W], else clamped corners."""
     H, W = V.shape
     if math.isnan(y) or math.isnan(x) or y < -1 or y > H or x < -1 or x > W:
         return 0.0

@@ -1,4 +1,4 @@
-"""Naive float64 reference for deform_conv2d (SPEC section 6), straight from the formula.
+"""Naive float64 reference for deform_conv2d (docs/ops/deform_conv.rst), straight from the formula.
 
 out[b, co, oy, ox] = bias[co] + sum over the channels c of co's weight group and kernel points
 k = i*kw + j of weight[co, c_local, i, j] * m * zero_fade(input[b, c], y, x), with

@@ -1,7 +1,7 @@
-"""Naive float64 reference for grid_sample (SPEC section 5), written from the formulas.
+"""Naive float64 reference for grid_sample (docs/ops/bilinear.rst), written from the formulas.
 
 Per output point: unnormalize gx, gy to pixel coordinates, apply the padding mode's coordinate
-rule, then sample with the zero-fade rule of SPEC section 4.
+rule, then sample with the zero-fade rule (docs/ops/bilinear.rst).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Naive loop references of the RoI pooling family, straight from SPEC sections 4, 7 and 8.
+"""Naive loop references of the RoI pooling family, straight from docs/ops/roi.rst and
+deform_roi.rst.
 
 Plain Python loops in float64, one sample at a time; no code shared with deformnp. ``rois`` is
 the (K, 5) array (batch_index, x1, y1, x2, y2). Each op has a forward and the gradients written
@@ -12,7 +13,7 @@ import math
 
 import numpy as np
 
-# ---------------------------------------------------------------------------- SPEC 4: clamp rule
+# ---------------------------------------------------------------------------- clamp rule
 
 
 def c_round(v: float) -> float:
@@ -82,7 +83,7 @@ def clamp_sample_grad(V: np.ndarray, y: float, x: float) -> tuple[float, float]:
     )
 
 
-# ---------------------------------------------------------------------------- SPEC 7: RoI Align
+# ---------------------------------------------------------------------------- RoI Align
 
 
 def _align_samples(roi, ph, pw, PH, PW, s, ratio, o, min_one, dx=0.0, dy=0.0):
@@ -170,7 +171,7 @@ def ps_roi_align_grad(x_shape, rois, grad, PH, PW, s=1.0, ratio=-1):
     return g
 
 
-# ---------------------------------------------------------------------------- SPEC 7: RoI Pool
+# ---------------------------------------------------------------------------- RoI Pool
 
 
 def _pool_bin(roi, ph, pw, PH, PW, s, H, W, plus_one, dtype=np.float64):
@@ -261,7 +262,7 @@ def ps_roi_pool_grad(x_shape, rois, grad, PH, PW, s=1.0, dtype=np.float64):
     return g
 
 
-# ---------------------------------------------------------------------------- SPEC 8: deformable
+# ---------------------------------------------------------------------------- deformable
 
 
 def deform_roi_pool(x, rois, offset, PH, PW, s=1.0, ratio=0, gamma=0.1):

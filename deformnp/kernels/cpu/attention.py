@@ -1,4 +1,4 @@
-"""CPU kernels of multi-scale deformable attention (SPEC section 9).
+"""CPU kernels of multi-scale deformable attention (see docs/ops/ms_deform_attn.rst).
 
 Layouts at the op boundary are Deformable-DETR's: value (N, S, M, D), spatial_shapes (L, 2) as
 (H_l, W_l), level_start_index (L,), sampling_locations (N, Lq, M, L, P, 2) as normalized
@@ -8,11 +8,11 @@ Chunking, allocation and the thread choice happen here, in ``ms_deform_attn_forw
 ``ms_deform_attn_backward`` (the same signatures as ``kernels/cuda/attention.py``).
 
 Sampling point p of head m at level l: y = v*H_l - 0.5, x = u*W_l - 0.5, zero-fade rule
-(``rules.zero_fade_plan``, SPEC section 4). Nothing of size (N, M, D, Lq, L, P) is ever
+(``rules.zero_fade_plan``, see docs/ops/bilinear.rst). Nothing of size (N, M, D, Lq, L, P) is ever
 materialised.
 
-How the kernels are fast. Profiling the first version at the SPEC 13 size showed per-point
-overhead, not memory traffic: scalar plan arithmetic, run-time alias checks before every
+How the kernels are fast. Profiling the first version at the reference benchmark size showed
+per-point overhead, not memory traffic: scalar plan arithmetic, run-time alias checks before every
 vectorized channel loop, and a query's accumulator going through memory for every point. The
 measures below took one thread from 7.2 to 3.1 ms (forward) and from 13.3 to 8.7 ms (backward
 kernel); the figures against torch are in benches/RESULTS.md.

@@ -1,4 +1,4 @@
-"""CPU kernels of ``bilinear_interpolate`` (SPEC section 4) and of ``grid_sample`` (SPEC section 5).
+"""CPU kernels of ``bilinear_interpolate`` and of ``grid_sample`` (see docs/ops/bilinear.rst).
 
 Both ops sample input (N, C, H, W) at P points per image and return (N, C, P); they differ only
 in where a point's plan comes from (``_plan``):

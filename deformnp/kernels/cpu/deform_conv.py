@@ -1,11 +1,12 @@
-"""CPU kernels of ``deform_conv2d`` (SPEC section 6): channels-last deformable im2col + BLAS GEMM.
+"""CPU kernels of ``deform_conv2d`` (docs/ops/deform_conv.rst): channels-last deformable im2col +
+BLAS GEMM.
 
 Shapes (validated by ``deformnp.ops.deform_conv``): input (B, Cin, H, W), offset (B, 2*G*K,
 Hout, Wout), mask (B, G*K, Hout, Wout), weight (Cout, Cin/g, kh, kw), K = kh*kw, G offset
 groups, g weight groups. Sampling point of kernel point k = i*kw + j at output (oy, ox) for the
 channels of offset group og:
 
-    y = oy*sh - ph + i*dh + dy,  x = ox*sw - pw + j*dw + dx   (zero-fade rule, SPEC 4)
+    y = oy*sh - ph + i*dh + dy,  x = ox*sw - pw + j*dw + dx   (zero-fade, docs/ops/bilinear.rst)
     dy = offset[b, 2*(og*K + k)], dx = offset[b, 2*(og*K + k) + 1], m = mask[b, og*K + k]
 
 The kernels work on a channels-last copy of the input (B, H, W, Cin): the bilinear plan of a

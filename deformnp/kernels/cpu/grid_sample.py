@@ -1,4 +1,4 @@
-"""CPU kernels of ``grid_sample`` (SPEC section 5).
+"""CPU kernels of ``grid_sample`` (see docs/ops/bilinear.rst).
 
 input (N, C, Hin, Win), grid (N, Hout, Wout, 2) holding normalized (x, y); bilinear only.
 

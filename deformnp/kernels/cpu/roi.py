@@ -1,4 +1,4 @@
-"""CPU kernels of the RoI pooling family (SPEC sections 7 and 8).
+"""CPU kernels of the RoI pooling family (see docs/ops/roi.rst and docs/ops/deform_roi.rst).
 
 The kernel contract (the same functions and signatures as ``kernels/cuda/roi.py``; ``rois`` is
 always the validated (K, 5) host array (batch_index, x1, y1, x2, y2) in the input's dtype,
@@ -166,7 +166,8 @@ def _merge(idx, w, cy, cx, coefs, slot, ti, tw, tcy, tcx, t0, n):
 
 @njit(inline="always", cache=True)
 def _align_bin(fgeo, igeo, off, has_off, k, ph, pw, H, W, coefs, slot, si, sw, scy, scx):
-    """Taps of bin (ph, pw) of RoI k (RoI Align family, SPEC 7 and 8) into si/sw/scy/scx[:n].
+    """Taps of bin (ph, pw) of RoI k (RoI Align family, docs/ops/roi.rst, deform_roi.rst) into
+    si/sw/scy/scx[:n].
 
     y = start_y + ph*bin_h + (iy + 0.5)*bin_h/gh, x likewise, for iy < gh, ix < gw; with an
     offset, start_x += gamma*roi_w*offset[k, 0, ph, pw] and start_y += gamma*roi_h*offset[k, 1,
@@ -1021,7 +1022,7 @@ def _align_forward(
     aligned: bool,
     gamma: float,
 ) -> np.ndarray:
-    """roi_align / ps_roi_align / deform_roi_pool forward (SPEC 7, 8) -> (K, C', PH, PW)."""
+    """roi_align / ps_roi_align / deform_roi_pool forward -> (K, C', PH, PW)."""
     B, Cin, H, W = input.shape
     PH, PW = output_size
     K = rois.shape[0]
@@ -1106,7 +1107,7 @@ def _align_backward(
 
 
 def roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
-    """roi_align (SPEC 7) -> (K, C, PH, PW)."""
+    """roi_align -> (K, C, PH, PW)."""
     return _align_forward(
         "roi_align", input, rois, None, output_size, spatial_scale, sampling_ratio, aligned, 0.0
     )
@@ -1124,7 +1125,7 @@ def roi_align_backward(
 
 
 def ps_roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio):
-    """ps_roi_align (SPEC 7) -> (K, C/(PH*PW), PH, PW)."""
+    """ps_roi_align -> (K, C/(PH*PW), PH, PW)."""
     return _align_forward(
         "ps_roi_align", input, rois, None, output_size, spatial_scale, sampling_ratio, True, 0.0
     )
@@ -1140,7 +1141,7 @@ def ps_roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scal
 
 
 def deform_roi_pool_forward(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma):
-    """deform_roi_pool (SPEC 8) -> (K, C, PH, PW); ``offset`` (K, 2, PH, PW) or None."""
+    """deform_roi_pool -> (K, C, PH, PW); ``offset`` (K, 2, PH, PW) or None."""
     return _align_forward(
         "deform_roi_pool", input, rois, offset, output_size, spatial_scale, sampling_ratio, True,
         gamma,
@@ -1167,7 +1168,7 @@ def argmax_dtype(H: int, W: int) -> Any:
 
 
 def roi_pool_forward(input, rois, output_size, spatial_scale):
-    """roi_pool (SPEC 7): (out (K, C, PH, PW), argmax), argmax the flat index into the H*W plane
+    """roi_pool: (out (K, C, PH, PW), argmax), argmax the flat index into the H*W plane
     of each bin's maximum, -1 for an empty bin, in the smallest of int16/int32/int64 that holds
     H*W - 1."""
     B, C, H, W = input.shape
@@ -1209,7 +1210,7 @@ def roi_pool_backward(grad_out, rois, argmax, input_shape, output_size, spatial_
 
 
 def ps_roi_pool_forward(input, rois, output_size, spatial_scale):
-    """ps_roi_pool (SPEC 7) -> (K, C/(PH*PW), PH, PW)."""
+    """ps_roi_pool -> (K, C/(PH*PW), PH, PW)."""
     B, Cin, H, W = input.shape
     PH, PW = output_size
     K = rois.shape[0]
@@ -1294,7 +1295,7 @@ def deform_ps_roi_pool_forward(
     sample_per_part: int,
     trans_std: float,
 ) -> np.ndarray:
-    """deform_ps_roi_pool (SPEC 8) -> (K, output_dim, pooled_size, pooled_size)."""
+    """deform_ps_roi_pool -> (K, output_dim, pooled_size, pooled_size)."""
     B, C, H, W = input.shape
     K = rois.shape[0]
     out = np.zeros((K, output_dim, pooled_size, pooled_size), input.dtype)

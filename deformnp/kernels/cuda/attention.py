@@ -1,4 +1,5 @@
-"""CUDA kernels of ``ms_deform_attn`` (SPEC section 9), mirroring ``kernels/cpu/attention.py``.
+"""CUDA kernels of ``ms_deform_attn`` (docs/ops/ms_deform_attn.rst), mirroring
+``kernels/cpu/attention.py``.
 
 value (N, S, M, D), spatial_shapes (L, 2) int64, level_start_index (L,) int64 (host arrays,
 copied to the device once per autograd node through ``cache``), sampling_locations

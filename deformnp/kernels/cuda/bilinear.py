@@ -1,4 +1,5 @@
-"""CUDA kernels of ``bilinear_interpolate`` (SPEC section 4), mirroring ``kernels/cpu/bilinear.py``.
+"""CUDA kernels of ``bilinear_interpolate`` (docs/ops/bilinear.rst), mirroring
+``kernels/cpu/bilinear.py``.
 
 input (N, C, H, W), points (N, P, 2) as (y, x), output (N, C, P), under either border rule
 (``plan_of`` of ``sampling.py``, the same rules as on the CPU). ``grid_sample.py`` shares the

@@ -1,5 +1,5 @@
-"""CUDA kernels of ``deform_conv2d`` (SPEC section 6): deformable im2col + tiled GEMM, mirroring
-``kernels/cpu/deform_conv.py``.
+"""CUDA kernels of ``deform_conv2d`` (docs/ops/deform_conv.rst): deformable im2col + tiled GEMM,
+mirroring ``kernels/cpu/deform_conv.py``.
 
 Shapes: input (B, Cin, H, W), offset (B, 2*G*K, Hout, Wout), mask (B, G*K, Hout, Wout), weight
 (Cout, Cin/g, kh, kw), K = kh*kw, G offset groups, g weight groups. Kernel point k = i*kw + j at

@@ -1,4 +1,5 @@
-"""CUDA kernels of ``grid_sample`` (SPEC section 5), mirroring ``kernels/cpu/grid_sample.py``.
+"""CUDA kernels of ``grid_sample`` (docs/ops/bilinear.rst), mirroring
+``kernels/cpu/grid_sample.py``.
 
 input (N, C, Hin, Win), grid (N, Hout, Wout, 2) holding normalized (x, y); bilinear only. Each
 grid point goes through grid_sample's coordinate rule (``rules.grid_coordinate``, the same code

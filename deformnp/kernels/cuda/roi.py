@@ -1,4 +1,5 @@
-"""CUDA kernels of the RoI pooling family (SPEC sections 7 and 8), mirroring ``kernels/cpu/roi.py``.
+"""CUDA kernels of the RoI pooling family (docs/ops/roi.rst, deform_roi.rst), mirroring
+``kernels/cpu/roi.py``.
 
 The kernel contract is the CPU module's (the same functions and signatures; see the list at the
 top of ``kernels/cpu/roi.py``).
@@ -791,8 +792,8 @@ def ps_roi_pool_backward(grad_out, rois, input_shape, output_size, spatial_scale
 @cuda.jit(device=True)
 def _dps_unit(fgeo, batch, part, group, off, has_off, trans_std, s, P, NB, ncls, PS, gs, ft):
     """Bin unit s -> (k, q, cls, hstart, wstart, group cell gq, batch index) (Deformable-ConvNets,
-    SPEC 8): hstart = ph*bin_h + start_h + ty*roi_h (wstart likewise with tx*roi_w), (tx, ty) =
-    offset[k, 2*cls (+1), part[ph], part[pw]] * trans_std."""
+    docs/ops/deform_roi.rst): hstart = ph*bin_h + start_h + ty*roi_h (wstart likewise with
+    tx*roi_w), (tx, ty) = offset[k, 2*cls (+1), part[ph], part[pw]] * trans_std."""
     cls = s % ncls
     u = s // ncls
     k = u // NB
