@@ -22,10 +22,21 @@ fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.0), gridspec_kw={"width_ratios
 yy, xx = np.mgrid[0:H, 0:W]
 ax.plot(xx.ravel(), yy.ravel(), "o", color="0.75", ms=5, zorder=1)
 ax.add_patch(plt.Rectangle((-1, -1), W + 1, H + 1, fill=False, ls=":", color="0.5"))
-ax.text(W - 0.05, -0.92, "range of the zero-fade rule:\n$-1 \\leq y < H$, $-1 \\leq x < W$",
-        ha="right", va="top", fontsize=7, color="0.35")
-corners = [(y0, x0, hy * hx, r"$h_y h_x$"), (y0, x0 + 1, hy * lx, r"$h_y l_x$"),
-           (y0 + 1, x0, ly * hx, r"$l_y h_x$"), (y0 + 1, x0 + 1, ly * lx, r"$l_y l_x$")]
+ax.text(
+    W - 0.05,
+    -0.92,
+    "range of the zero-fade rule:\n$-1 \\leq y < H$, $-1 \\leq x < W$",
+    ha="right",
+    va="top",
+    fontsize=7,
+    color="0.35",
+)
+corners = [
+    (y0, x0, hy * hx, r"$h_y h_x$"),
+    (y0, x0 + 1, hy * lx, r"$h_y l_x$"),
+    (y0 + 1, x0, ly * hx, r"$l_y h_x$"),
+    (y0 + 1, x0 + 1, ly * lx, r"$l_y l_x$"),
+]
 for cy, cx, wgt, name in corners:
     ax.plot([x, cx], [y, cy], "-", color="tab:blue", lw=0.8 + 4 * wgt, alpha=0.5, zorder=2)
     ax.plot(cx, cy, "s", color="tab:blue", ms=7, zorder=3)
@@ -56,6 +67,5 @@ bx.set_ylim(-0.1, 1.25)
 bx.set_xlabel("y (x = 2)")
 bx.set_ylabel("sample of a map of ones")
 bx.legend(loc="upper center", fontsize=8, ncol=2)
-bx.set_title(f"H = {H}: zero-fade ramps to 0 over one pixel; clamp holds, then drops",
-             fontsize=9)
+bx.set_title(f"H = {H}: zero-fade ramps to 0 over one pixel; clamp holds, then drops", fontsize=9)
 fig.tight_layout()

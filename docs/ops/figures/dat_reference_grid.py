@@ -18,7 +18,13 @@ from deformnp.nn import DeformableAttention2d
 H = W = 16
 rng = np.random.default_rng(3)
 layer = DeformableAttention2d(
-    8, 2, n_groups=1, stride=2, offset_range_factor=2.0, kernel_size=5, q_size=(H, W),
+    8,
+    2,
+    n_groups=1,
+    stride=2,
+    offset_range_factor=2.0,
+    kernel_size=5,
+    q_size=(H, W),
     dtype=np.float64,
 )
 for p in layer.parameters():  # random weights, so that the offsets are not small
@@ -27,7 +33,9 @@ layer.conv_offset[3].weight.data[...] = 0.4 * rng.standard_normal((2, 8, 1, 1))
 
 yy, xx = np.meshgrid(np.linspace(-1, 1, H), np.linspace(-1, 1, W), indexing="ij")
 image = np.exp(-((xx - 0.3) ** 2 + (yy + 0.2) ** 2) / 0.3)  # one smooth blob
-x = image[None, None] * rng.uniform(0.5, 1.5, (1, 8, 1, 1)) + 0.1 * rng.standard_normal((1, 8, H, W))
+x = image[None, None] * rng.uniform(0.5, 1.5, (1, 8, 1, 1)) + 0.1 * rng.standard_normal(
+    (1, 8, H, W)
+)
 y, pos, ref = layer(x)
 pos, ref = pos.numpy()[0, 0], ref.numpy()[0, 0]  # (Hk, Wk, 2) as normalized (y, x)
 Hk, Wk = ref.shape[:2]
@@ -40,14 +48,28 @@ ax.scatter(xx, yy, s=3, c="0.45", label="input pixel centres (align_corners=True
 for i in range(Hk):
     for j in range(Wk):
         ax.plot([ref[i, j, 1], pos[i, j, 1]], [ref[i, j, 0], pos[i, j, 0]], c="tab:red", lw=0.8)
-ax.scatter(ref[..., 1], ref[..., 0], s=30, facecolors="none", edgecolors="tab:blue",
-           label=f"reference points ({Hk} x {Wk} cell centres)")
+ax.scatter(
+    ref[..., 1],
+    ref[..., 0],
+    s=30,
+    facecolors="none",
+    edgecolors="tab:blue",
+    label=f"reference points ({Hk} x {Wk} cell centres)",
+)
 ax.scatter(pos[..., 1], pos[..., 0], s=14, c="tab:red", label="sampling positions pos")
 i, j = 2, 5
-ax.add_patch(plt.Rectangle(
-    (ref[i, j, 1] - s / Wk, ref[i, j, 0] - s / Hk), 2 * s / Wk, 2 * s / Hk,
-    fill=False, ls="--", ec="tab:blue", lw=1.2, label="reachable: |offset| < s/Hk, s/Wk",
-))
+ax.add_patch(
+    plt.Rectangle(
+        (ref[i, j, 1] - s / Wk, ref[i, j, 0] - s / Hk),
+        2 * s / Wk,
+        2 * s / Hk,
+        fill=False,
+        ls="--",
+        ec="tab:blue",
+        lw=1.2,
+        label="reachable: |offset| < s/Hk, s/Wk",
+    )
+)
 ax.set_xlim(-1.15, 1.15)
 ax.set_ylim(1.15, -1.15)  # y grows downwards, as image rows
 ax.set_aspect("equal")

@@ -26,8 +26,13 @@ for k in range(kh * kw):
     rx = ox * stride - padding + j * dilation
     dy, dx = offset[2 * k], offset[2 * k + 1]
     ax.plot(rx, ry, "s", mfc="none", mec="tab:blue", ms=10, mew=1.5, zorder=2)
-    ax.annotate("", xy=(rx + dx, ry + dy), xytext=(rx, ry),
-                arrowprops=dict(arrowstyle="->", color="0.3", lw=1.0), zorder=3)
+    ax.annotate(
+        "",
+        xy=(rx + dx, ry + dy),
+        xytext=(rx, ry),
+        arrowprops=dict(arrowstyle="->", color="0.3", lw=1.0),
+        zorder=3,
+    )
     ax.plot(rx + dx, ry + dy, "o", color="tab:red", ms=6, zorder=4)
     ax.text(rx - 0.28, ry - 0.22, str(k), color="tab:blue", fontsize=8)
 ax.plot([], [], "s", mfc="none", mec="tab:blue", ms=9, label="regular grid, kernel point k")
@@ -38,6 +43,9 @@ ax.set_ylim(H, -1)
 ax.set_aspect("equal")
 ax.set_xlabel("x (input column)")
 ax.set_ylabel("y (input row)")
-ax.set_title(f"output (oy, ox) = ({oy}, {ox}); stride {stride}, padding {padding}, "
-             f"dilation {dilation}", fontsize=9, pad=22)
+ax.set_title(
+    f"output (oy, ox) = ({oy}, {ox}); stride {stride}, padding {padding}, dilation {dilation}",
+    fontsize=9,
+    pad=22,
+)
 fig.tight_layout()

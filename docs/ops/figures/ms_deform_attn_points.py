@@ -38,12 +38,24 @@ for lev, (ax, (H, W)) in enumerate(zip(axes, levels)):
     ax.scatter(cx, cy, s=2, c="0.6", zorder=1)
     for m in range(M):
         ax.scatter(
-            loc[m, lev, :, 0], loc[m, lev, :, 1], s=1500 * weights[m, lev], color=colors[m],
-            alpha=0.8, edgecolors="k", linewidths=0.5, zorder=3,
+            loc[m, lev, :, 0],
+            loc[m, lev, :, 1],
+            s=1500 * weights[m, lev],
+            color=colors[m],
+            alpha=0.8,
+            edgecolors="k",
+            linewidths=0.5,
+            zorder=3,
             label=f"head {m}" if lev == 0 else None,
         )
-    ax.scatter(*reference[0, 0, lev], marker="+", s=120, c="k", zorder=4,
-               label="reference point" if lev == 0 else None)
+    ax.scatter(
+        *reference[0, 0, lev],
+        marker="+",
+        s=120,
+        c="k",
+        zorder=4,
+        label="reference point" if lev == 0 else None,
+    )
     ax.add_patch(plt.Rectangle((0, 0), 1, 1, fill=False, lw=1.2, ec="k", zorder=2))
     ax.set_xlim(-0.35, 1.35)
     ax.set_ylim(1.35, -0.35)  # y grows downwards, as image rows
