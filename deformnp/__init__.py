@@ -1,6 +1,6 @@
 """deformnp: deformable convolution, RoI pooling and deformable attention in NumPy + Numba.
 
-Public surface (see README.md and SPEC):
+Public surface (see README.md):
 
 * ``Tensor``, ``tensor``, ``no_grad``, ``enable_grad``: the tape-based autograd engine;
 * ``gradcheck``: finite-difference verification of any function of Tensors;
@@ -59,8 +59,11 @@ _LAZY = ("ops", "nn", "optim", "cuda")
 
 
 def __getattr__(name: str) -> ModuleType:
-    """``deformnp.ops``, ``nn``, ``optim`` and ``cuda``, imported on first use. (``from . import
-    ops`` here would call this function again: the submodule is imported by name.)"""
+    """Import ``deformnp.ops``, ``nn``, ``optim`` or ``cuda`` on first use.
+
+    (``from . import ops`` here would call this function again: the submodule is imported by
+    name.)
+    """
     if name in _LAZY:
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module

@@ -22,8 +22,29 @@ _enabled = False
 
 
 def use_deterministic_algorithms(mode: bool) -> None:
-    """Make every CUDA backward bit-reproducible (``True``) or allow atomics (``False``, the
-    default). CPU kernels are deterministic either way."""
+    """Make every CUDA backward bit-reproducible, or allow float atomics.
+
+    The analogue of ``torch.use_deterministic_algorithms``. CPU kernels are deterministic either
+    way. The switch changes only how the CUDA kernels form the input (value) gradients of the
+    sampling ops: each destination element sums its contributions, sorted by (destination,
+    contribution number), in that fixed order, instead of receiving float atomic adds whose
+    order (and so whose last bits) vary from run to run.
+
+    Parameters
+    ----------
+    mode : bool
+        True: sum each gradient element's contributions in a fixed order (bit-identical across
+        runs, slower backward). False (the default state): float atomic adds.
+
+    Raises
+    ------
+    TypeError
+        If ``mode`` is not a bool.
+
+    See Also
+    --------
+    are_deterministic_algorithms_enabled : The current state.
+    """
     global _enabled
     if not isinstance(mode, bool):
         raise TypeError(
@@ -33,5 +54,15 @@ def use_deterministic_algorithms(mode: bool) -> None:
 
 
 def are_deterministic_algorithms_enabled() -> bool:
-    """True when CUDA backwards avoid float atomics (see :func:`use_deterministic_algorithms`)."""
+    """Tell whether CUDA backwards avoid float atomics.
+
+    Returns
+    -------
+    bool
+        True after ``use_deterministic_algorithms(True)``; False by default.
+
+    See Also
+    --------
+    use_deterministic_algorithms : The switch.
+    """
     return _enabled

@@ -55,16 +55,40 @@ _grad_mode = _GradMode()
 
 
 def is_grad_enabled() -> bool:
-    """True when operations are being recorded for backward."""
+    """Tell whether operations are being recorded for backward (grad mode).
+
+    The analogue of ``torch.is_grad_enabled``. Grad mode is per thread and on by default.
+
+    Returns
+    -------
+    bool
+        False inside :class:`no_grad` or after ``set_grad_enabled(False)``.
+
+    See Also
+    --------
+    no_grad, enable_grad, set_grad_enabled : Change grad mode.
+    """
     return _grad_mode.enabled
 
 
 class set_grad_enabled:
     """Set grad mode on or off: as a function call, a context manager, or a decorator.
 
-    As in torch, ``set_grad_enabled(False)`` takes effect when called (so it also works as a plain
-    function call); used with ``with`` the previous mode is restored on exit, and used as a
-    decorator the mode applies only while the decorated function runs.
+    The analogue of ``torch.set_grad_enabled``. As in torch, ``set_grad_enabled(False)`` takes
+    effect when called (so it also works as a plain function call); used with ``with`` the
+    previous mode is restored on exit, and used as a decorator (``@set_grad_enabled(False)``)
+    the mode applies only while the decorated function runs (decorating leaves the current mode
+    unchanged). Grad mode is per thread.
+
+    Parameters
+    ----------
+    mode : bool
+        True to record operations for backward, False not to.
+
+    See Also
+    --------
+    no_grad, enable_grad : Fixed-mode context managers.
+    is_grad_enabled : The current mode.
     """
 
     def __init__(self, mode: bool) -> None:
@@ -123,13 +147,42 @@ class _Switch:
 
 
 class no_grad(_Switch):
-    """Disable recording, as a context manager (``with no_grad():``) or a decorator."""
+    """Disable recording of operations, as a context manager or a decorator.
+
+    The analogue of ``torch.no_grad``: inside ``with no_grad():`` (or a function decorated with
+    ``@no_grad()`` or ``@no_grad``) no op records a node, so results do not require grad and no
+    graph is kept. The previous mode is restored on exit. Grad mode is per thread.
+
+    Parameters
+    ----------
+    orig_func : callable, optional
+        The function being decorated, when used as ``@no_grad`` without parentheses (then the
+        call returns the wrapped function); leave it out otherwise.
+
+    See Also
+    --------
+    enable_grad, set_grad_enabled, is_grad_enabled
+    """
 
     _mode = False
 
 
 class enable_grad(_Switch):
-    """Re-enable recording inside a ``no_grad`` block (context manager or decorator)."""
+    """Re-enable recording of operations inside a ``no_grad`` block.
+
+    The analogue of ``torch.enable_grad``; a context manager (``with enable_grad():``) or a
+    decorator (``@enable_grad()`` or ``@enable_grad``). The previous mode is restored on exit.
+
+    Parameters
+    ----------
+    orig_func : callable, optional
+        The function being decorated, when used as ``@enable_grad`` without parentheses (then
+        the call returns the wrapped function); leave it out otherwise.
+
+    See Also
+    --------
+    no_grad, set_grad_enabled, is_grad_enabled
+    """
 
     _mode = True
 
@@ -177,14 +230,87 @@ class Node:
 
 
 class Function:
-    """Base class of differentiable operations; see the module docstring."""
+    """Base class of differentiable operations, in the style of ``torch.autograd.Function``.
+
+    A subclass defines two static methods, ``forward(ctx, *inputs, **kwargs)`` and
+    ``backward(ctx, grad)``, that work on plain arrays (NumPy, or CUDA device arrays where
+    :attr:`supports_cuda` is set), and is called through :meth:`apply`. By convention the
+    subclass is named ``<Op>Function``, so that it never shares a name with a layer::
+
+        class MulFunction(Function):
+            @staticmethod
+            def forward(ctx, a, b):          # plain arrays in, a plain array out
+                ctx.save_for_backward(a, b)
+                return a * b
+
+            @staticmethod
+            def backward(ctx, grad):         # one gradient per positional input of forward
+                a, b = ctx.saved_tensors
+                return grad * b, grad * a
+
+        z = MulFunction.apply(x, y)
+
+    Gradients that ``backward`` returns in a broadcast shape are summed back to each input's
+    shape by the engine, so no op has to handle broadcasting in its backward. Ops whose inputs
+    were checked by a preparation step pass the checked arrays to ``apply`` as a keyword
+    argument: the positional inputs are then only the node's parents (what gradients flow to).
+
+    See Also
+    --------
+    Tensor.backward : Replays the recorded nodes.
+    """
 
     @staticmethod
     def forward(ctx: Context, *args: Any, **kwargs: Any) -> Any:
+        """Compute the op's output from plain arrays (subclasses override this).
+
+        Parameters
+        ----------
+        ctx : Context
+            Per-call scratch space: ``ctx.save_for_backward(*arrays)`` keeps arrays for
+            ``backward`` (read back as ``ctx.saved_tensors``), any other attribute may be set,
+            and ``ctx.needs_input_grad`` holds one bool per positional input.
+        *args : array or object
+            The positional arguments of :meth:`apply`, Tensors unwrapped to their arrays.
+        **kwargs : object
+            The keyword arguments of :meth:`apply`, passed through unchanged.
+
+        Returns
+        -------
+        array
+            The output (wrapped in a Tensor by :meth:`apply`).
+
+        Raises
+        ------
+        NotImplementedError
+            Always, in the base class.
+        """
         raise NotImplementedError
 
     @staticmethod
     def backward(ctx: Context, grad: Any) -> Any:
+        """Return the gradients of the positional inputs (subclasses override this).
+
+        Parameters
+        ----------
+        ctx : Context
+            The context that ``forward`` filled.
+        grad : array
+            The gradient of the loss with respect to the output, in the output's shape and
+            dtype.
+
+        Returns
+        -------
+        array or None, or tuple of array or None
+            One gradient per positional input of ``forward``, in order (a single value for a
+            one-input op); None where an input needs no gradient. A gradient may be in a
+            broadcast shape: the engine sums it back to the input's shape.
+
+        Raises
+        ------
+        NotImplementedError
+            Always, in the base class.
+        """
         raise NotImplementedError
 
     #: Whether ``forward``/``backward`` accept CUDA device arrays. Only the deformable ops, the
@@ -194,6 +320,32 @@ class Function:
 
     @classmethod
     def apply(cls, *args: Any, **kwargs: Any) -> Any:
+        """Run the op on Tensors (or arrays) and record it for backward when needed.
+
+        Tensors among ``args`` are unwrapped to their arrays and ``forward`` runs on them. When
+        grad mode is on (see :func:`is_grad_enabled`), some positional Tensor requires grad and
+        the output is floating, the output requires grad and records a node (this Function, its
+        context, and the positional Tensors as parents). Integer or boolean outputs are
+        constants of the graph, as in torch.
+
+        Parameters
+        ----------
+        *args : Tensor, array or object
+            The positional inputs; gradients flow only to those that are Tensors.
+        **kwargs : object
+            Passed to ``forward`` unchanged (not parents of the node).
+
+        Returns
+        -------
+        Tensor
+            The output of ``forward``, wrapped.
+
+        Raises
+        ------
+        TypeError
+            If an input is a CUDA array and the op does not support CUDA (the message names the
+            op and says to move the input to the CPU).
+        """
         if not cls.supports_cuda:
             for a in args:
                 if is_cuda_array(a.data if isinstance(a, Tensor) else a):

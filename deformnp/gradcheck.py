@@ -7,8 +7,9 @@ inputs; a float32 input is refused because its rounding error swamps the compari
 The scalar that is differentiated is ``sum(out * w)`` with a fixed random weight ``w`` per output,
 so every output element and every input element is exercised in one backward pass.
 
-Finite differences are wrong at kinks (see SPEC section 12): keep sampling coordinates' fractional
-parts in [0.1, 0.9] and away from the border lines when checking position gradients.
+Finite differences are wrong at kinks (integer sampling coordinates, and the border lines -1, 0,
+H-1, H of the bilinear rule): keep sampling coordinates' fractional parts in [0.1, 0.9] and away
+from the border lines when checking position gradients.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ __all__ = ["gradcheck", "GradcheckError"]
 
 
 class GradcheckError(AssertionError):
-    """Raised by :func:`gradcheck` when an analytic gradient disagrees with finite differences."""
+    """Raised by :func:`gradcheck` when an analytic gradient disagrees with finite differences.
+
+    A subclass of ``AssertionError``, so a failed check inside a test reads as a failed
+    assertion. The message names the input, the worst element's index, the analytic and the
+    numerical value, and how many elements are off.
+    """
 
 
 def _outputs(out: Any) -> list[Tensor]:
@@ -46,13 +52,70 @@ def gradcheck(
     seed: int = 0,
     names: Sequence[str] | None = None,
 ) -> bool:
-    """Check ``fn(*inputs)``'s backward against central differences.
+    r"""Check ``fn(*inputs)``'s backward against central differences.
 
-    Every element ``x`` of every input with ``requires_grad`` is perturbed by ``+-eps``; the
-    numerical derivative must satisfy ``|analytic - numeric| <= atol + rtol * |numeric|``.
-    Returns True; on a mismatch raises :class:`GradcheckError` naming the input (by ``names`` or
-    position), the worst element's index and both values, or returns False when
-    ``raise_exception=False``.
+    The analogue of ``torch.autograd.gradcheck``. The differentiated scalar is
+    :math:`\sum_o \langle \mathrm{out}_o, w_o\rangle` with a fixed standard-normal weight
+    array :math:`w_o` per output Tensor (drawn from ``seed``), so one backward pass exercises
+    every output and input element. Every element :math:`x` of every input with
+    ``requires_grad`` is then perturbed by :math:`\pm\varepsilon` and must satisfy
+
+    .. math::
+
+        |g_\mathrm{analytic} - g_\mathrm{numeric}| \le \mathrm{atol}
+        + \mathrm{rtol}\,|g_\mathrm{numeric}|,
+        \qquad g_\mathrm{numeric} = \frac{f(x + \varepsilon) - f(x - \varepsilon)}
+        {2\varepsilon}.
+
+    A NaN or infinite gradient counts as a mismatch. The inputs are perturbed in place and
+    restored (their ``.grad`` too), so ``fn`` may also reach them through a closure, e.g.
+    ``gradcheck(lambda x, w: layer(x), (x, layer.weight))`` checks a layer's weight.
+
+    Finite differences are wrong at kinks: for position gradients (offsets, sampling locations,
+    grids) keep every sampling coordinate's fractional part in [0.1, 0.9] and away from the
+    border lines -1, 0, H-1, H.
+
+    Parameters
+    ----------
+    fn : callable
+        Called as ``fn(*inputs)``; returns a Tensor or a tuple/list of Tensors (non-Tensor
+        entries are ignored).
+    inputs : Tensor or sequence
+        The arguments of ``fn``. Those that are Tensors with ``requires_grad`` are checked; they
+        must be float64 and on the CPU.
+    eps : float, default 1e-6
+        The finite-difference step.
+    atol : float, default 1e-5
+        Absolute tolerance.
+    rtol : float, default 1e-3
+        Relative tolerance, on ``|numeric|``.
+    raise_exception : bool, default True
+        On a mismatch, raise :class:`GradcheckError` (True) or return False.
+    seed : int, default 0
+        Seed of the random output weights.
+    names : sequence of str, optional
+        Names of the inputs for the error message (else their positions).
+
+    Returns
+    -------
+    bool
+        True when every checked gradient agrees; False on a mismatch with
+        ``raise_exception=False``.
+
+    Raises
+    ------
+    GradcheckError
+        On a mismatch (with ``raise_exception=True``): the message names the input, the worst
+        element's index, both values and how many elements are off.
+    TypeError
+        If a checked input is not float64 or not on the CPU, or ``fn`` returns something other
+        than a Tensor or a tuple/list of Tensors.
+    ValueError
+        If no input requires grad, or no output depends on one.
+
+    See Also
+    --------
+    GradcheckError : The exception raised on a mismatch.
     """
     if isinstance(inputs, Tensor):
         inputs = (inputs,)

@@ -21,7 +21,37 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW"]
 
 
 class Optimizer:
-    """Base class: param groups, per-parameter state, ``zero_grad``."""
+    """Base class of the optimizers: param groups, per-parameter state, ``zero_grad``, ``step``.
+
+    The analogue of ``torch.optim.Optimizer``. A subclass supplies the defaults and the update
+    of one parameter; :meth:`step` applies it, in place and in the parameter's dtype, to every
+    parameter that has a ``.grad``. Parameters must be on the CPU.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or iterable of dict
+        The Parameters (or leaf Tensors) to optimize, or param groups: dicts holding
+        ``"params"`` and per-group overrides of the keyword defaults below.
+    defaults : dict
+        The default hyper-parameters of every group (each group may override them).
+
+    Attributes
+    ----------
+    param_groups : list of dict
+        The groups: ``"params"`` (a list of Tensors) and the hyper-parameters.
+    state : dict
+        Per-parameter state (momentum buffers, moment estimates), keyed by ``id(param)``.
+    defaults : dict
+        The defaults given to the constructor.
+
+    Raises
+    ------
+    TypeError
+        If ``params`` is a single Tensor, or holds something that is not a Tensor.
+    ValueError
+        If ``params`` is empty, holds a non-leaf Tensor, the same Tensor in two groups, or a
+        negative learning rate or weight decay.
+    """
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self.defaults = dict(defaults)
@@ -41,6 +71,22 @@ class Optimizer:
             self.add_param_group(g)
 
     def add_param_group(self, group: dict[str, Any]) -> None:
+        """Add a param group (torch's ``add_param_group``), filling in the defaults.
+
+        Parameters
+        ----------
+        group : dict
+            ``"params"`` (a Tensor or an iterable of Tensors) and optional overrides of the
+            optimizer's defaults (``"lr"``, ``"weight_decay"``, ...).
+
+        Raises
+        ------
+        TypeError
+            If a parameter is not a Tensor.
+        ValueError
+            If a parameter is not a leaf, is already in a group, or the group's learning rate
+            or weight decay is negative.
+        """
         group = dict(group)
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
@@ -71,6 +117,13 @@ class Optimizer:
             raise ValueError(f"{name}: invalid weight_decay {group['weight_decay']}")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of every optimized parameter.
+
+        Parameters
+        ----------
+        set_to_none : bool, default True
+            Set each ``.grad`` to None (True, as torch) or fill it with zeros (False).
+        """
         for group in self.param_groups:
             for p in group["params"]:
                 if set_to_none or p.grad is None:
@@ -82,6 +135,28 @@ class Optimizer:
         return self.state.setdefault(id(p), {})
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Update every parameter that has a ``.grad``, in place.
+
+        Parameters without a gradient are skipped. With ``maximize=True`` in a group, the
+        gradient is negated first. The update is done on the parameter's array in place, so
+        views of it see the change (a read-only array is replaced instead).
+
+        Parameters
+        ----------
+        closure : callable, optional
+            A function that re-evaluates the model and returns the loss; called first, with
+            grad mode on.
+
+        Returns
+        -------
+        object
+            The closure's return value, or None without a closure.
+
+        Raises
+        ------
+        NotImplementedError
+            If a parameter with a gradient lives on CUDA.
+        """
         loss = None
         if closure is not None:
             from .function import enable_grad
@@ -106,7 +181,15 @@ class Optimizer:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """State per parameter (indexed by position across the groups) and the group settings."""
+        """Return the optimizer's state, as torch's ``Optimizer.state_dict``.
+
+        Returns
+        -------
+        dict
+            ``"state"``: the per-parameter state (arrays copied) keyed by the parameter's
+            position across the groups; ``"param_groups"``: each group's settings with
+            ``"params"`` replaced by those positions.
+        """
         index: dict[int, int] = {}
         groups = []
         for g in self.param_groups:
@@ -123,6 +206,19 @@ class Optimizer:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` (arrays are copied).
+
+        Parameters
+        ----------
+        state_dict : dict
+            The output of :meth:`state_dict` of an optimizer over parameters in the same group
+            layout.
+
+        Raises
+        ------
+        ValueError
+            If the number of groups, or of parameters in a group, differs.
+        """
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)
@@ -159,11 +255,44 @@ def _mul_(p: Tensor, factor: float) -> None:
 
 
 class SGD(Optimizer):
-    """Stochastic gradient descent with optional momentum, dampening, Nesterov and weight decay.
+    r"""Stochastic gradient descent with optional momentum, dampening, Nesterov and weight decay.
 
-    torch's update: ``g = grad + weight_decay * p``; with momentum, ``buf = g`` on the first step
-    and ``buf = momentum * buf + (1 - dampening) * g`` after, then ``g = g + momentum * buf``
-    (Nesterov) or ``g = buf``; finally ``p -= lr * g``.
+    ``torch.optim.SGD``, with torch's update:
+
+    .. math::
+
+        g &= \nabla_p + \lambda p, \\
+        b &= g \text{ (first step)}, \quad b = \mu b + (1 - \tau) g \text{ (after)}, \\
+        g &= g + \mu b \text{ (Nesterov)} \quad\text{or}\quad g = b, \\
+        p &\leftarrow p - \eta g,
+
+    with :math:`\eta` = ``lr``, :math:`\mu` = ``momentum`` (the buffer :math:`b` is used only
+    when :math:`\mu \ne 0`), :math:`\tau` = ``dampening`` and :math:`\lambda` =
+    ``weight_decay``.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or iterable of dict
+        The Parameters (or leaf Tensors) to optimize, or param groups: dicts holding
+        ``"params"`` and per-group overrides of the keyword defaults below.
+    lr : float, default 1e-3
+        The learning rate.
+    momentum : float, default 0.0
+        The momentum factor.
+    dampening : float, default 0.0
+        Dampening of the momentum.
+    weight_decay : float, default 0.0
+        L2 penalty added to the gradient.
+    nesterov : bool, default False
+        Nesterov momentum (needs a positive momentum and zero dampening).
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Raises
+    ------
+    ValueError
+        If ``lr``, ``momentum`` or ``weight_decay`` is negative, or ``nesterov`` is set without
+        a positive momentum and zero dampening.
     """
 
     def __init__(
@@ -202,12 +331,43 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam (Kingma & Ba), with torch's update:
+    r"""Adam (Kingma & Ba), ``torch.optim.Adam``, with torch's update.
 
-    ``g = grad + weight_decay * p``; ``m = lerp(m, g, 1 - beta1)``;
-    ``v = beta2 * v + (1 - beta2) * g * g``; ``bc1 = 1 - beta1**t``, ``bc2 = 1 - beta2**t``;
-    ``denom = sqrt(v) / sqrt(bc2) + eps`` (``v`` replaced by its running maximum with amsgrad);
-    ``p -= lr / bc1 * m / denom``.
+    At step :math:`t` (from 1), with :math:`\eta` = ``lr``, :math:`(\beta_1, \beta_2)` =
+    ``betas``, :math:`\epsilon` = ``eps`` and :math:`\lambda` = ``weight_decay``:
+
+    .. math::
+
+        g &= \nabla_p + \lambda p, \\
+        m &= m + (1 - \beta_1)(g - m), \qquad v = \beta_2 v + (1 - \beta_2)\, g^2, \\
+        p &\leftarrow p - \frac{\eta}{1 - \beta_1^t}\,
+        \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon},
+
+    :math:`m` and :math:`v` starting at zero; with ``amsgrad`` the running maximum of
+    :math:`v` replaces :math:`v` in the denominator.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or iterable of dict
+        The Parameters (or leaf Tensors) to optimize, or param groups: dicts holding
+        ``"params"`` and per-group overrides of the keyword defaults below.
+    lr : float, default 1e-3
+        The learning rate.
+    betas : (float, float), default (0.9, 0.999)
+        Decay rates of the first and second moment estimates, each in [0, 1).
+    eps : float, default 1e-8
+        Added to the denominator.
+    weight_decay : float, default 0.0
+        L2 penalty added to the gradient.
+    amsgrad : bool, default False
+        Use the running maximum of the second moment (AMSGrad).
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Raises
+    ------
+    ValueError
+        If ``lr``, ``eps`` or ``weight_decay`` is negative or a beta is outside [0, 1).
     """
 
     _decoupled = False
@@ -268,8 +428,34 @@ class Adam(Optimizer):
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay (Loshchilov & Hutter): ``p *= 1 - lr * weight_decay``
-    before the Adam step, which then ignores weight decay. Default ``weight_decay=1e-2``."""
+    r"""Adam with decoupled weight decay (Loshchilov & Hutter), ``torch.optim.AdamW``.
+
+    Each step first shrinks the parameter, :math:`p \leftarrow p\,(1 - \eta\lambda)`, then
+    applies the :class:`Adam` update without weight decay in the gradient.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or iterable of dict
+        The Parameters (or leaf Tensors) to optimize, or param groups: dicts holding
+        ``"params"`` and per-group overrides of the keyword defaults below.
+    lr : float, default 1e-3
+        The learning rate :math:`\eta`.
+    betas : (float, float), default (0.9, 0.999)
+        Decay rates of the first and second moment estimates, each in [0, 1).
+    eps : float, default 1e-8
+        Added to the denominator.
+    weight_decay : float, default 1e-2
+        The decoupled decay :math:`\lambda`.
+    amsgrad : bool, default False
+        Use the running maximum of the second moment (AMSGrad).
+    maximize : bool, default False
+        Maximize the objective (negate the gradient).
+
+    Raises
+    ------
+    ValueError
+        If ``lr``, ``eps`` or ``weight_decay`` is negative or a beta is outside [0, 1).
+    """
 
     _decoupled = True
 

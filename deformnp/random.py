@@ -15,12 +15,37 @@ _generator = np.random.default_rng()
 
 
 def default_generator() -> np.random.Generator:
-    """The generator used by ``functional.dropout`` and ``deformnp.nn.init``."""
+    """Return the generator used by ``functional.dropout`` and ``deformnp.nn.init``.
+
+    Returns
+    -------
+    numpy.random.Generator
+        The shared generator (replaced by each :func:`manual_seed`).
+    """
     return _generator
 
 
 def manual_seed(seed: int) -> np.random.Generator:
-    """Reseed the generator shared by ``functional.dropout`` and ``deformnp.nn.init``; returns it."""
+    """Reseed the generator shared by ``functional.dropout`` and ``deformnp.nn.init``.
+
+    The analogue of ``torch.manual_seed``: one NumPy generator plays the part of torch's global
+    generator. Draws follow torch's distributions, not its random streams, so the same seed gives
+    different numbers than torch.
+
+    Parameters
+    ----------
+    seed : int
+        The seed, passed to ``numpy.random.default_rng``.
+
+    Returns
+    -------
+    numpy.random.Generator
+        The new shared generator.
+
+    See Also
+    --------
+    deformnp.nn.init.manual_seed : The same function, under ``torch.nn.init``'s namespace.
+    """
     global _generator
     _generator = np.random.default_rng(seed)
     return _generator

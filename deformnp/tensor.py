@@ -27,9 +27,38 @@ _FLOATS = (np.float32, np.float64)
 class Tensor:
     """An n-dimensional array that can record the operations applied to it.
 
-    Create one with :func:`deformnp.tensor` (or ``Tensor(data, dtype=None, requires_grad=False)``).
-    ``data`` keeps its dtype: float32 stays float32, float64 stays float64; Python floats and
-    lists of floats become NumPy's default float64. Only floating tensors can require grad.
+    The analogue of ``torch.Tensor``: it wraps an array (:attr:`data`), and when it was produced
+    by a recorded op it holds the node of that op, which :meth:`backward` replays. The
+    arithmetic operators and the methods that are ops (``sum``, ``reshape``, ``permute``,
+    ``softmax``, ``to``, ``astype``, ...) are the functions of :mod:`deformnp.functional`.
+
+    ``Tensor(data)`` wraps a NumPy array without copying; :func:`deformnp.tensor` copies, as
+    ``torch.tensor`` does. The data keeps its dtype: float32 stays float32, float64 stays
+    float64; Python floats and lists of floats become NumPy's default float64. Only floating
+    tensors can require grad.
+
+    Parameters
+    ----------
+    data : array_like, Tensor or CUDA array
+        The values. A NumPy array is wrapped as is when ``dtype`` is None or matches; a Tensor's
+        array is shared; a CUDA array (numba, CuPy, PyTorch CUDA tensor: anything with
+        ``__cuda_array_interface__``) is viewed without copying, and the tensor lives on
+        ``"cuda"``.
+    dtype : numpy.dtype or type, optional
+        Cast host data to this dtype (``numpy.asarray(data, dtype)``); None keeps its dtype.
+    requires_grad : bool, default False
+        Make the tensor a leaf that accumulates gradients in :attr:`grad`.
+
+    Raises
+    ------
+    TypeError
+        If ``requires_grad`` is True and the dtype is not float32 or float64, or ``dtype``
+        would change the dtype of a CUDA array.
+
+    See Also
+    --------
+    tensor : Create a Tensor that owns a copy of its data.
+    Function : Base class of the ops that Tensors record.
     """
 
     __slots__ = ("data", "grad", "requires_grad", "_node", "_retain_grad", "__weakref__")
@@ -46,10 +75,16 @@ class Tensor:
                 raise TypeError("Tensor: cannot change the dtype of a CUDA array on creation")
         else:
             data = np.asarray(data, dtype=dtype)
+        #: The values: a NumPy array, or a numba CUDA device array on ``"cuda"``.
         self.data = data
+        #: The accumulated gradient (an array of :attr:`data`'s shape and dtype), or None. Set by
+        #: :meth:`backward` on leaves that require grad (and on tensors that called
+        #: :meth:`retain_grad`); it accumulates across backward calls until zeroed.
         self.grad: Any = None
         self._node = None
         self._retain_grad = False
+        #: Whether gradients flow to this tensor: set on leaves with :meth:`requires_grad_`, and
+        #: on the outputs of ops recorded while grad mode is on.
         self.requires_grad = False
         if requires_grad:
             self.requires_grad_(True)
@@ -69,24 +104,42 @@ class Tensor:
     # ------------------------------------------------------------------ properties
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape, a tuple of ints (torch's ``Tensor.shape``)."""
         return tuple(self.data.shape)
 
     @property
     def dtype(self) -> np.dtype:
+        """The NumPy dtype of the data."""
         return np.dtype(self.data.dtype)
 
     @property
     def ndim(self) -> int:
+        """The number of dimensions."""
         return len(self.data.shape)
 
     @property
     def size(self) -> int:
+        """The number of elements (an int, as NumPy's ``size``; torch's ``numel()``)."""
         return int(np.prod(self.data.shape, dtype=np.int64))
 
     def numel(self) -> int:
+        """Return the number of elements (torch's ``Tensor.numel``).
+
+        Returns
+        -------
+        int
+            The product of the shape.
+        """
         return self.size
 
     def dim(self) -> int:
+        """Return the number of dimensions (torch's ``Tensor.dim``).
+
+        Returns
+        -------
+        int
+            ``len(self.shape)``.
+        """
         return self.ndim
 
     def __len__(self) -> int:
@@ -96,20 +149,29 @@ class Tensor:
 
     @property
     def device(self) -> str:
-        """``"cpu"`` or ``"cuda"``."""
+        """Where the data lives: ``"cpu"`` or ``"cuda"``."""
         return "cuda" if _is_cuda_array(self.data) else "cpu"
 
     @property
     def is_leaf(self) -> bool:
+        """True for a tensor not produced by a recorded op (torch's ``is_leaf``)."""
         return self._node is None
 
     @property
     def T(self) -> Tensor:
+        """The tensor with its dimensions reversed (differentiable; a 2-D transpose)."""
         return self.permute(*reversed(range(self.ndim)))
 
     # ------------------------------------------------------------------ conversion
     def numpy(self) -> np.ndarray:
-        """The data as a NumPy array (copied to the host if the tensor lives on CUDA)."""
+        """Return the data as a NumPy array.
+
+        Returns
+        -------
+        numpy.ndarray
+            :attr:`data` itself on the CPU (no copy: writing to it changes the tensor); a host
+            copy when the tensor lives on CUDA.
+        """
         if self.device == "cuda":
             return self.data.copy_to_host()
         return self.data
@@ -119,6 +181,18 @@ class Tensor:
         return a if dtype is None else a.astype(dtype)
 
     def item(self) -> float | int | bool:
+        """Return the value of a one-element tensor as a Python number.
+
+        Returns
+        -------
+        float, int or bool
+            The single element.
+
+        Raises
+        ------
+        ValueError
+            If the tensor does not have exactly one element.
+        """
         a = self.numpy()
         if a.size != 1:
             raise ValueError(
@@ -127,13 +201,45 @@ class Tensor:
         return a.reshape(()).item()
 
     def tolist(self) -> Any:
+        """Return the data as (nested) Python lists.
+
+        Returns
+        -------
+        list or scalar
+            ``self.numpy().tolist()``: a Python number for a 0-d tensor.
+        """
         return self.numpy().tolist()
 
     def detach(self) -> Tensor:
-        """A new tensor sharing the data, cut from the graph."""
+        """Return a new tensor sharing the data, cut from the graph.
+
+        Returns
+        -------
+        Tensor
+            A leaf with the same :attr:`data` (not copied) that does not require grad.
+        """
         return Tensor._wrap(self.data, requires_grad=False)
 
     def requires_grad_(self, requires_grad: bool = True) -> Tensor:
+        """Set :attr:`requires_grad` in place (torch's ``Tensor.requires_grad_``).
+
+        Parameters
+        ----------
+        requires_grad : bool, default True
+            Whether gradients should flow to (and accumulate in) this tensor.
+
+        Returns
+        -------
+        Tensor
+            ``self``.
+
+        Raises
+        ------
+        TypeError
+            If ``requires_grad`` is True and the dtype is not float32 or float64.
+        RuntimeError
+            If ``requires_grad`` is False on a non-leaf tensor.
+        """
         if requires_grad and self.dtype.type not in _FLOATS:
             raise TypeError(
                 f"requires_grad_: only float32 and float64 tensors can require grad, got {self.dtype}"
@@ -144,29 +250,90 @@ class Tensor:
         return self
 
     def retain_grad(self) -> Tensor:
-        """Also keep ``.grad`` for this non-leaf tensor on backward."""
+        """Keep :attr:`grad` for this non-leaf tensor on backward (torch's ``retain_grad``).
+
+        Returns
+        -------
+        Tensor
+            ``self``.
+        """
         self._retain_grad = True
         return self
 
     def cpu(self) -> Tensor:
+        """Return the tensor on the CPU (``self.to("cpu")``).
+
+        Returns
+        -------
+        Tensor
+            ``self`` when it is on the CPU already; otherwise a host copy through which the
+            gradient flows back to the device.
+        """
         return self.to("cpu")
 
     def cuda(self) -> Tensor:
+        """Return the tensor on the CUDA device (``self.to("cuda")``).
+
+        Returns
+        -------
+        Tensor
+            ``self`` when it is on CUDA already; otherwise a device copy through which the
+            gradient flows back to the host.
+
+        Raises
+        ------
+        RuntimeError
+            If CUDA is not available (see :func:`deformnp.cuda.is_available`).
+        """
         return self.to("cuda")
 
     def float(self) -> Tensor:
+        """Return the tensor cast to float32 (``self.astype(np.float32)``), differentiably.
+
+        Returns
+        -------
+        Tensor
+            ``self`` when it is float32 already; otherwise a cast copy.
+        """
         return self.astype(np.float32)
 
     def double(self) -> Tensor:
+        """Return the tensor cast to float64 (``self.astype(np.float64)``), differentiably.
+
+        Returns
+        -------
+        Tensor
+            ``self`` when it is float64 already; otherwise a cast copy.
+        """
         return self.astype(np.float64)
 
     # ------------------------------------------------------------------ backward
     def backward(self, grad: Any = None, retain_graph: bool = False) -> None:
-        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
+        """Accumulate the gradient of this tensor into every leaf that requires grad.
 
-        ``grad`` is the gradient of some scalar with respect to this tensor (an array-like of this
-        tensor's shape); it may be omitted for a one-element tensor. The graph is freed afterwards
-        unless ``retain_graph`` is True.
+        torch's ``Tensor.backward``: the recorded nodes are replayed from this tensor in reverse
+        topological order, each op's ``backward`` gives the gradients of its inputs, and a
+        tensor used several times receives the sum. Leaves that require grad (and tensors that
+        called :meth:`retain_grad`) add the result to their :attr:`grad`.
+
+        Parameters
+        ----------
+        grad : array_like or Tensor, optional
+            The gradient of some scalar with respect to this tensor, in this tensor's shape
+            (cast to its dtype and moved to its device). May be omitted for a one-element
+            tensor (then 1).
+        retain_graph : bool, default False
+            Keep the graph (and the arrays the ops saved) for another backward; otherwise it is
+            freed.
+
+        Raises
+        ------
+        RuntimeError
+            If this tensor does not require grad, ``grad`` is omitted for a tensor of more than
+            one element, the graph was already freed by a previous backward, or an op's
+            ``backward`` returned too few gradients or a gradient of the wrong shape.
+        ValueError
+            If ``grad`` does not have this tensor's shape.
         """
         if not self.requires_grad:
             raise RuntimeError(
@@ -254,6 +421,7 @@ class Tensor:
         return order
 
     def zero_grad(self) -> None:
+        """Clear the accumulated gradient (set :attr:`grad` to None)."""
         self.grad = None
 
     # ------------------------------------------------------------------ printing
@@ -382,7 +550,30 @@ def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     """Create a Tensor (a leaf) from array-like ``data``, copying it as ``torch.tensor`` does.
 
     ``Tensor(array)`` wraps without copying; ``tensor(array)`` owns its data, so updating it in
-    place (an optimizer step) never changes the caller's array. See :class:`Tensor`.
+    place (an optimizer step) never changes the caller's array.
+
+    Parameters
+    ----------
+    data : array_like, Tensor or CUDA array
+        The values (a Tensor's array is copied; a CUDA array is viewed, not copied).
+    dtype : numpy.dtype or type, optional
+        The dtype of the copy; None keeps the data's dtype (Python floats become float64).
+    requires_grad : bool, default False
+        Make the tensor a leaf that accumulates gradients.
+
+    Returns
+    -------
+    Tensor
+        A new leaf tensor.
+
+    Raises
+    ------
+    TypeError
+        If ``requires_grad`` is True and the dtype is not float32 or float64.
+
+    See Also
+    --------
+    Tensor : The class, whose constructor does not copy.
     """
     if isinstance(data, Tensor):
         data = data.data

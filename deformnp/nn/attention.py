@@ -1,5 +1,5 @@
-"""Deformable attention layers: Deformable-DETR's ``MSDeformAttn`` (SPEC section 9) and DAT's
-deformable attention ``DeformableAttention2d`` (SPEC section 10).
+"""Deformable attention layers: Deformable-DETR's ``MSDeformAttn`` (see :doc:`/ops/ms_deform_attn`)
+and DAT's deformable attention ``DeformableAttention2d`` (see :doc:`/ops/dat`).
 
 Both keep their anchors' parameter names, so state dicts load by name
 (``module.load_state_dict(torch_state_dict)``; torch tensors are converted).
@@ -29,37 +29,60 @@ def _tensor(x: Any) -> Tensor:
 
 
 class MSDeformAttn(Module):
-    """Multi-scale deformable attention module of Deformable-DETR.
+    r"""Multi-scale deformable attention module of Deformable-DETR (its ``MSDeformAttn``).
 
-    ``MSDeformAttn(d_model=256, n_levels=4, n_heads=8, n_points=4)``; d_model must be divisible
-    by n_heads (D = d_model // n_heads channels per head). Sub-layers (``Linear``, weight
-    (out, in) as torch's), named as in Deformable-DETR so its state dict loads by name:
+    Mirrors ``models.ops.modules.MSDeformAttn`` of Deformable-DETR: the same constructor, the
+    same sub-layers (:class:`Linear`, weight (out, in) as torch's) under the same names, so its
+    state dict loads by name:
 
-    * ``sampling_offsets``: d_model -> n_heads*n_levels*n_points*2;
-    * ``attention_weights``: d_model -> n_heads*n_levels*n_points;
+    * ``sampling_offsets``: d_model -> n_heads * n_levels * n_points * 2;
+    * ``attention_weights``: d_model -> n_heads * n_levels * n_points;
     * ``value_proj``, ``output_proj``: d_model -> d_model.
 
-    Initialisation (``_reset_parameters``) as Deformable-DETR: sampling_offsets weight 0 and bias
-    the direction (cos, sin)(2*pi*m/M) of head m divided by its largest absolute component, times
-    (p + 1) for point p, the same for every level; attention_weights weight and bias 0;
-    value_proj and output_proj weights Xavier-uniform, biases 0.
+    Initialisation as Deformable-DETR's ``_reset_parameters``: ``sampling_offsets`` weight 0
+    and bias the direction :math:`(\cos, \sin)(2\pi m / M)` of head :math:`m` divided by its
+    largest absolute component, times :math:`p + 1` for point :math:`p`, the same for every
+    level (computed in float32, as Deformable-DETR); ``attention_weights`` weight and bias 0;
+    ``value_proj`` and ``output_proj`` weights Xavier-uniform, biases 0.
 
-    ``forward(query, reference_points, input_flatten, input_spatial_shapes,
-    input_level_start_index, input_padding_mask=None)``:
+    Gradients flow to every parameter and to ``query``, ``input_flatten`` and
+    ``reference_points``. There is no ``im2col_step`` (any batch size works), and no warning
+    for a head dimension that is not a power of two (that advice concerns Deformable-DETR's
+    CUDA kernel).
 
-    * query (N, Lq, d_model); input_flatten (N, S, d_model), S = sum_l H_l*W_l;
-    * reference_points (N, Lq, n_levels, 2): normalized (x, y), (0, 0) top-left, (1, 1)
-      bottom-right; sampling location = ref + offset / (W_l, H_l). Or (N, Lq, n_levels, 4) boxes
-      (cx, cy, w, h): location = (cx, cy) + offset / n_points * (w, h) * 0.5;
-    * input_spatial_shapes (n_levels, 2) int rows (H_l, W_l); input_level_start_index
-      (n_levels,) int;
-    * input_padding_mask (N, S) bool or None: True marks padding, whose values are zeroed;
-    * returns (N, Lq, d_model): output_proj(ms_deform_attn(value, ..., locations, weights)),
-      the weights being a softmax over the n_levels*n_points samples of each head.
+    Parameters
+    ----------
+    d_model : int, default 256
+        The channels of the queries and values (>= 1, divisible by ``n_heads``).
+    n_levels : int, default 4
+        The number ``L`` of feature levels.
+    n_heads : int, default 8
+        The number ``M`` of attention heads; each has ``D = d_model // n_heads`` channels.
+    n_points : int, default 4
+        The number ``P`` of sampling points per head and level.
+    device : str, optional
+        A deformnp extra: ``"cuda"`` moves the parameters to the GPU after initialisation.
+    dtype : numpy.dtype or type, optional
+        A deformnp extra: float32 (the default) or float64, for the parameters; the inputs must
+        have the same dtype.
 
-    Gradients flow to every parameter, to query, input_flatten and reference_points. There is no
-    ``im2col_step`` (any batch size works), and no warning for a head dimension that is not a
-    power of two (that advice concerns Deformable-DETR's CUDA kernel).
+    Raises
+    ------
+    ValueError
+        If a size is < 1 or ``d_model`` is not divisible by ``n_heads``.
+    TypeError
+        If a size is not an int, or ``dtype`` is not float32 or float64.
+
+    See Also
+    --------
+    deformnp.ops.ms_deform_attn : The core op.
+    DeformableAttention2d : DAT's deformable attention.
+
+    Notes
+    -----
+    The sampling rule, the attention and their gradients are derived in
+    :doc:`/ops/ms_deform_attn`.
+
     """
 
     def __init__(
@@ -123,6 +146,57 @@ class MSDeformAttn(Module):
         input_level_start_index: ArrayLike,
         input_padding_mask: ArrayLike | None = None,
     ) -> Tensor:
+        r"""Attend from each query to ``n_levels * n_points`` sampled values per head.
+
+        The value is ``value_proj(input_flatten)`` (zeroed where ``input_padding_mask`` is True),
+        split into ``M`` heads of ``D`` channels. Each query predicts, per head, level and point, an
+        offset (``sampling_offsets``) and a weight (``attention_weights``, softmaxed over the
+        ``n_levels * n_points`` samples of the head). With 2-d reference points the sampling
+        location is :math:`\mathrm{ref} + \Delta / (W_l, H_l)` (the offsets are in pixels of level
+        :math:`l`); with 4-d reference boxes :math:`(c_x, c_y, w, h)` it is
+        :math:`(c_x, c_y) + \Delta / P \cdot (w, h) \cdot 0.5`. The result is
+        ``output_proj(ms_deform_attn(value, ..., locations, weights))``.
+
+        Parameters
+        ----------
+        query : Tensor or array_like, shape (N, Lq, d_model)
+            The queries, in the layer's dtype.
+        reference_points : Tensor or array_like, shape (N, Lq, n_levels, 2) or (N, Lq, n_levels, 4)
+            Normalized ``(x, y)`` per query and level, ``(0, 0)`` the top-left and ``(1, 1)`` the
+            bottom-right corner of the level's map; or boxes ``(cx, cy, w, h)`` in the same units.
+        input_flatten : Tensor or array_like, shape (N, S, d_model)
+            The flattened feature maps of all levels, ``S = sum_l H_l * W_l``, level ``l`` in rows
+            ``input_level_start_index[l]`` onwards, row-major.
+        input_spatial_shapes : array_like of int, shape (n_levels, 2)
+            Rows ``(H_l, W_l)``.
+        input_level_start_index : array_like of int, shape (n_levels,)
+            The first row of each level in ``input_flatten`` (the exclusive cumulative sum of
+            ``H_l * W_l``).
+        input_padding_mask : array_like of bool, shape (N, S), optional
+            True marks padding positions, whose values are zeroed.
+
+        Returns
+        -------
+        Tensor, shape (N, Lq, d_model)
+            Differentiable in ``query``, ``reference_points``, ``input_flatten`` and every
+            parameter.
+
+        Raises
+        ------
+        ValueError
+            If a shape is inconsistent: ``query`` or ``input_flatten`` not (N, ., d_model),
+            different batch sizes, ``input_spatial_shapes`` not (n_levels, 2) or not summing to
+            ``S``, ``reference_points`` not (N, Lq, n_levels, 2 or 4), or ``input_padding_mask``
+            not (N, S).
+        TypeError
+            If ``query``, ``reference_points`` or ``input_flatten`` does not have the parameters'
+            dtype, or the index arrays are not integers.
+
+        See Also
+        --------
+        deformnp.ops.ms_deform_attn : The core op; :doc:`/ops/ms_deform_attn` has the math.
+
+        """
         name = "MSDeformAttn"
         query = _tensor(query)
         reference_points = _tensor(reference_points)
@@ -213,15 +287,44 @@ class MSDeformAttn(Module):
     def sampling(
         self, query: TensorLike, reference_points: TensorLike, input_spatial_shapes: ArrayLike
     ) -> tuple[Tensor, Tensor]:
-        """The sampling locations (N, Lq, n_heads, n_levels, n_points, 2) as normalized (x, y)
-        and their softmaxed attention weights (N, Lq, n_heads, n_levels, n_points) that
-        ``forward`` uses for these queries: for plotting where the attention looks."""
+        """Return the sampling locations and attention weights ``forward`` uses, for plotting.
+
+        Parameters
+        ----------
+        query : Tensor or array_like, shape (N, Lq, d_model)
+            The queries, in the layer's dtype.
+        reference_points : Tensor or array_like, shape (N, Lq, n_levels, 2) or (N, Lq, n_levels, 4)
+            As in :meth:`forward`.
+        input_spatial_shapes : array_like of int, shape (n_levels, 2)
+            Rows ``(H_l, W_l)``.
+
+        Returns
+        -------
+        locations : Tensor, shape (N, Lq, n_heads, n_levels, n_points, 2)
+            Normalized ``(x, y)`` sampling locations.
+        weights : Tensor, shape (N, Lq, n_heads, n_levels, n_points)
+            The softmaxed attention weights (summing to 1 over levels and points per head).
+
+        Raises
+        ------
+        TypeError
+            If ``query`` or ``reference_points`` does not have the parameters' dtype.
+
+        """
         shapes = index_array("MSDeformAttn", "input_spatial_shapes", _raw(input_spatial_shapes))
         query, reference_points = _tensor(query), _tensor(reference_points)
         self._check_dtypes(query=query, reference_points=reference_points)
         return self._sampling(query, reference_points, shapes)
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+
+        """
         return (
             f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, "
             f"n_points={self.n_points}"
@@ -237,14 +340,42 @@ def _raw(x: Any) -> Any:
 
 
 class LayerNormProxy(Module):
-    """LayerNorm over the channels of an NCHW map (DAT's ``LayerNormProxy``: parameters under
-    ``norm``)."""
+    """LayerNorm over the channels of an NCHW map (DAT's ``LayerNormProxy``).
+
+    Mirrors DAT's ``LayerNormProxy``: the :class:`LayerNorm` is the submodule ``norm``, so
+    its parameters are ``norm.weight`` and ``norm.bias``.
+
+    Parameters
+    ----------
+    dim : int
+        The number of channels ``C``.
+    dtype : numpy.dtype or type, optional
+        float32 (the default) or float64.
+
+    See Also
+    --------
+    LayerNorm : The normalisation it applies over the channel dimension.
+
+    """
 
     def __init__(self, dim: int, dtype: Any = None) -> None:
         super().__init__()
         self.norm = LayerNorm(dim, dtype=dtype)
 
     def forward(self, x: TensorLike) -> Tensor:
+        """Normalise each pixel's channel vector.
+
+        Parameters
+        ----------
+        x : Tensor or array_like, shape (B, C, H, W)
+            The feature map, in the layer's dtype.
+
+        Returns
+        -------
+        Tensor, shape (B, C, H, W)
+            ``norm`` applied over ``C`` (the input permuted to (B, H, W, C) and back).
+
+        """
         x = _tensor(x).permute(0, 2, 3, 1)
         return self.norm(x).permute(0, 3, 1, 2)
 
@@ -258,40 +389,81 @@ def _reference_points(H: int, W: int, dtype: Any) -> np.ndarray:
 
 
 class DeformableAttention2d(Module):
-    """Deformable multi-head attention of DAT ("Vision Transformer with Deformable Attention",
-    CVPR 2022; LeapLabTHU/DAT ``DAttentionBaseline``), composed from autograd ops and
-    :func:`deformnp.ops.grid_sample`.
+    """Deformable multi-head attention of DAT (its ``DAttentionBaseline``).
 
-    ``DeformableAttention2d(channels, n_heads, n_groups=1, stride=1, offset_range_factor=2.0,
-    kernel_size=5, use_pe=True, q_size=None)`` on x (B, C, H, W), C = channels = n_heads * d_head.
-    Offsets are shared by the n_heads / n_groups heads of a group. ``q_size`` = (H, W) (or an
-    int) sizes the relative position bias table and is required when ``use_pe`` (DAT builds the
-    table from its stage's feature-map size too); the input must then be H x W.
+    Mirrors ``DAttentionBaseline`` of DAT ("Vision Transformer with Deformable Attention",
+    CVPR 2022; LeapLabTHU/DAT), composed from autograd ops and :func:`deformnp.ops.grid_sample`.
+    On x (B, C, H, W), with ``C = channels = n_heads * d_head`` and ``G = n_groups``, the
+    offsets are shared by the ``n_heads / n_groups`` heads of a group:
 
-    1. q = proj_q(x) (1x1 conv), viewed per group (B*G, C/G, H, W).
+    1. ``q = proj_q(x)`` (1x1 conv), viewed per group (B*G, C/G, H, W).
     2. ``conv_offset``: depthwise k x k conv (stride r, padding k//2, bias), LayerNorm over
        channels, GELU, 1x1 conv to 2 channels without bias -> (B*G, 2, Hk, Wk): (dy, dx).
-    3. If offset_range_factor s > 0: offset = s * tanh(offset) * (1/Hk, 1/Wk).
+    3. If ``offset_range_factor`` s > 0: offset = s * tanh(offset) * (1/Hk, 1/Wk).
     4. reference = centres of the Hk x Wk grid, normalized: ((i + 0.5)/Hk*2 - 1,
        (j + 0.5)/Wk*2 - 1); pos = reference + offset if s >= 0, tanh(reference + offset) if
        s < 0 (DAT's code: s == 0 leaves the offset unscaled and untransformed).
     5. x_sampled = grid_sample(x per group, pos as (x, y), bilinear, zeros, align_corners=True),
        (B, C, 1, Ns) with Ns = Hk*Wk; k = proj_k(x_sampled), v = proj_v(x_sampled).
-    6. attn = q^T k / sqrt(d_head) per head, (B*n_heads, H*W, Ns); with use_pe add the bias
+    6. attn = q^T k / sqrt(d_head) per head, (B*n_heads, H*W, Ns); with ``use_pe`` add the bias
        sampled from ``rpe_table`` (n_heads, 2H-1, 2W-1) by grid_sample (align_corners=True) at
        (q_grid - pos) * 0.5, q_grid the pixel centres of the H x W map normalized as in 4.
     7. softmax over Ns, out = attn v^T -> (B, C, H, W), y = proj_out(out).
 
-    Returns ``(y, pos, reference)``: pos (B, G, Hk, Wk, 2) (with gradient) and reference
-    (B, G, Hk, Wk, 2), both as normalized (y, x), for plotting.
-
     Parameter names follow DAT (``conv_offset.0``, ``conv_offset.1.norm``, ``conv_offset.3``,
     ``proj_q``, ``proj_k``, ``proj_v``, ``proj_out``, ``rpe_table``), so a DAttentionBaseline
-    state dict with ``use_pe`` and neither ``dwc_pe`` nor ``fixed_pe`` loads by name. Dropout is
-    omitted (DAT's attn_drop / proj_drop default to 0). Initialisation: convs as torch's default
-    (as DAT, whose reset_parameters does not reach them), rpe_table truncated normal, std 0.01.
-    The offset range 1/Hk, 1/Wk is computed in the layer's dtype (DAT builds it as a float32
-    tensor, which differs in float64 unless Hk and Wk are powers of two).
+    state dict with ``use_pe`` and neither ``dwc_pe`` nor ``fixed_pe`` loads by name. Dropout
+    is omitted (DAT's attn_drop / proj_drop default to 0). Initialisation: convolutions as
+    torch's default (as DAT, whose reset_parameters does not reach them), ``rpe_table``
+    truncated normal, std 0.01. The offset range 1/Hk, 1/Wk is computed in the layer's dtype
+    (DAT builds it as a float32 tensor, which differs in float64 unless Hk and Wk are powers of
+    two).
+
+    Parameters
+    ----------
+    channels : int
+        The channels ``C`` of the input and output (>= 1, divisible by ``n_heads``).
+    n_heads : int
+        The number of attention heads (>= 1, divisible by ``n_groups``).
+    n_groups : int, default 1
+        The number ``G`` of offset groups.
+    stride : int, default 1
+        The stride ``r`` of the offset network's depthwise convolution (the reference grid is
+        ``Hk x Wk``, the size of its output).
+    offset_range_factor : float, default 2.0
+        The offset scale ``s`` of steps 3 and 4 (> 0: bounded offsets; 0: raw offsets; < 0:
+        ``tanh`` of the positions).
+    kernel_size : int, default 5
+        The kernel size ``k`` of the depthwise convolution.
+    use_pe : bool, default True
+        Add the relative position bias sampled from ``rpe_table``.
+    q_size : int or (int, int), optional
+        The input's ``(H, W)``, which sizes ``rpe_table``; required with ``use_pe`` (DAT builds
+        the table from its stage's feature-map size too), and the input must then be H x W.
+    device : str, optional
+        A deformnp extra: ``"cuda"`` moves the parameters to the GPU after initialisation.
+    dtype : numpy.dtype or type, optional
+        A deformnp extra: float32 (the default) or float64, for the parameters; the inputs must
+        have the same dtype.
+
+    Raises
+    ------
+    ValueError
+        If a size is < 1, ``channels`` is not divisible by ``n_heads`` or ``n_heads`` by
+        ``n_groups``, or ``use_pe`` is set without ``q_size``.
+    TypeError
+        If a size is not an int, ``offset_range_factor`` not a real number, or ``dtype`` not
+        float32 or float64.
+
+    See Also
+    --------
+    deformnp.ops.grid_sample : The sampling op.
+    MSDeformAttn : Deformable-DETR's multi-scale deformable attention.
+
+    Notes
+    -----
+    The layer is derived step by step in :doc:`/ops/dat`.
+
     """
 
     def __init__(
@@ -368,6 +540,34 @@ class DeformableAttention2d(Module):
             self.to(device)
 
     def forward(self, x: TensorLike) -> tuple[Tensor, Tensor, Tensor]:
+        """Apply deformable attention to ``x``; also return where it sampled.
+
+        Parameters
+        ----------
+        x : Tensor or array_like, shape (B, channels, H, W)
+            The feature map, in the layer's dtype; H x W must equal ``q_size`` when ``use_pe``.
+
+        Returns
+        -------
+        y : Tensor, shape (B, channels, H, W)
+            The attention output (``proj_out`` applied); differentiable in ``x`` and every
+            parameter.
+        pos : Tensor, shape (B, n_groups, Hk, Wk, 2)
+            The sampling positions as normalized ``(y, x)`` (with gradient).
+        reference : Tensor, shape (B, n_groups, Hk, Wk, 2)
+            The reference grid as normalized ``(y, x)``.
+
+        Raises
+        ------
+        ValueError
+            If ``x`` is not (B, channels, H, W), or (with ``use_pe``) H x W differs from
+            ``q_size``.
+
+        See Also
+        --------
+        deformnp.ops.grid_sample : The sampling op; :doc:`/ops/dat` has the math.
+
+        """
         name = "DeformableAttention2d"
         x = _tensor(x)
         if x.ndim != 4 or x.shape[1] != self.channels:
@@ -428,6 +628,14 @@ class DeformableAttention2d(Module):
         )
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+
+        """
         return (
             f"channels={self.channels}, n_heads={self.n_heads}, n_groups={self.n_groups}, "
             f"stride={self.stride}, offset_range_factor={self.offset_range_factor}, "

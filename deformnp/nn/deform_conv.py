@@ -1,4 +1,4 @@
-"""Deformable convolution layers (SPEC section 6).
+"""Deformable convolution layers (see :doc:`/ops/deform_conv` for the op).
 
 * :class:`DeformConv2d` is torchvision's ``torchvision.ops.DeformConv2d``: same constructor,
   parameters ``weight`` (out, in/groups, kh, kw) and ``bias`` (out,), same initialisation, and
@@ -32,16 +32,60 @@ __all__ = ["DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack"]
 
 
 class DeformConv2d(_ConvBase):
-    """torchvision.ops.DeformConv2d: a deformable convolution whose offsets (and optional v2
-    mask) are inputs of ``forward``.
+    """Deformable convolution layer, offsets (and v2 mask) as inputs (torchvision's DeformConv2d).
 
-    ``DeformConv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-    groups=1, bias=True)``; ``forward(input, offset, mask=None)`` is
-    ``ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)`` with
-    offset (B, 2*G*kh*kw, Hout, Wout) and mask (B, G*kh*kw, Hout, Wout) for any number G of
-    offset groups dividing in_channels. Initialisation as torchvision: weight
-    kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias the same bound,
-    fan_in = in_channels/groups * kh * kw.
+    Mirrors ``torchvision.ops.DeformConv2d``: the same constructor, parameters ``weight``
+    (Cout, Cin / groups, kh, kw) and ``bias`` (Cout,), and the same initialisation
+    (``kaiming_uniform_(a=sqrt(5))``, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias the same
+    bound, ``fan_in = Cin / groups * kh * kw``), so a torchvision state dict loads by name.
+    ``forward(input, offset, mask=None)`` is :func:`deformnp.ops.deform_conv2d` with the
+    layer's weight, bias and geometry; the number ``G`` of offset groups is read from the
+    offset's channels (any ``G`` dividing ``Cin``).
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels ``Cin`` of the input (>= 1, divisible by ``groups``).
+    out_channels : int
+        Channels ``Cout`` of the output (>= 1, divisible by ``groups``).
+    kernel_size : int or (int, int)
+        ``(kh, kw)``; an int for both.
+    stride : int or (int, int), default 1
+        Step ``(sh, sw)`` between output positions.
+    padding : int or (int, int), default 0
+        Implicit zero padding ``(ph, pw)`` on both sides.
+    dilation : int or (int, int), default 1
+        Spacing ``(dh, dw)`` between kernel points.
+    groups : int, default 1
+        Channel groups of the weight (``weight`` is (Cout, Cin / groups, kh, kw)).
+    bias : bool, default True
+        Whether to learn an additive bias.
+    dtype : numpy.dtype or type, optional
+        Keyword-only, a deformnp extra: float32 (the default, as torch) or float64.
+    device : str, optional
+        Keyword-only, a deformnp extra: ``"cuda"`` moves the parameters to the GPU after
+        initialisation.
+
+    Raises
+    ------
+    ValueError
+        If a channel count is not divisible by ``groups`` (or, for the Pack layers,
+        ``in_channels`` by ``deform_groups``), or a size is out of range.
+    TypeError
+        If ``dtype`` is not float32 or float64, or a size is not an int (pair).
+
+    See Also
+    --------
+    deformnp.ops.deform_conv2d : The op it applies.
+    DeformConv2d : torchvision's layer, offsets given to ``forward``.
+    DeformConv2dPack : mmcv's DCN v1 layer.
+    ModulatedDeformConv2dPack : mmcv's DCN v2 layer.
+
+    Notes
+    -----
+    The formula, the sampling rule and the offset layout are derived in
+    :doc:`/ops/deform_conv`.
+
     """
 
     def __init__(
@@ -68,9 +112,36 @@ class DeformConv2d(_ConvBase):
     def forward(
         self, input: TensorLike, offset: TensorLike, mask: TensorLike | None = None
     ) -> Tensor:
-        """The deformable convolution of ``input`` (B, in_channels, H, W) sampled at ``offset``
-        (B, 2*G*kh*kw, Hout, Wout), modulated by ``mask`` (B, G*kh*kw, Hout, Wout) if given:
-        ``ops.deform_conv2d`` with this layer's weight, bias and geometry."""
+        """Apply the deformable convolution at the given offsets (and mask).
+
+        Parameters
+        ----------
+        input : Tensor or array_like, shape (B, Cin, H, W)
+            The feature map, in the layer's dtype.
+        offset : Tensor or array_like, shape (B, 2 * G * kh * kw, Hout, Wout)
+            Sampling offsets ``(dy, dx)`` interleaved per kernel point and offset group
+            (torchvision's layout); ``G`` must divide ``Cin``.
+        mask : Tensor or array_like, shape (B, G * kh * kw, Hout, Wout), optional
+            Modulation scalars (DCN v2); None means all ones (DCN v1).
+
+        Returns
+        -------
+        Tensor, shape (B, Cout, Hout, Wout)
+            ``Hout = (H + 2*ph - dh*(kh - 1) - 1) // sh + 1``, likewise ``Wout``. Differentiable
+            in ``input``, ``offset``, ``mask``, ``weight`` and ``bias``.
+
+        Raises
+        ------
+        ValueError
+            If the shapes are inconsistent (see :func:`deformnp.ops.deform_conv2d`).
+        TypeError
+            If the dtypes differ or are not float32/float64.
+
+        See Also
+        --------
+        deformnp.ops.deform_conv2d : The op it applies; :doc:`/ops/deform_conv` has the math.
+
+        """
         return deform_conv2d(
             input,
             offset,
@@ -83,6 +154,14 @@ class DeformConv2d(_ConvBase):
         )
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+
+        """
         s = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
@@ -95,9 +174,12 @@ class DeformConv2d(_ConvBase):
 
 
 class _PackBase(_ConvBase):
-    """Shared construction of mmcv's *Pack layers: the main weight (and bias) plus a
-    zero-initialised offset/mask predictor ``conv_offset`` with ``n_pred`` * deform_groups *
-    kh * kw output channels."""
+    """Shared construction of mmcv's Pack layers: the main weight (and bias) plus ``conv_offset``.
+
+    ``conv_offset`` is a zero-initialised Conv2d with ``n_pred * deform_groups * kh * kw``
+    output channels and the main convolution's kernel, stride, padding and dilation.
+
+    """
 
     n_pred = 2
 
@@ -141,7 +223,7 @@ class _PackBase(_ConvBase):
         _finish(self, device)
 
     def reset_parameters(self) -> None:
-        """mmcv's ``init_weights``."""
+        """Re-initialise every parameter (mmcv's ``init_weights``)."""
         self.init_weights()
 
     def init_offset(self) -> None:
@@ -150,6 +232,7 @@ class _PackBase(_ConvBase):
         init.zeros_(self.conv_offset.bias)
 
     def init_weights(self) -> None:  # pragma: no cover - overridden
+        """Initialise the parameters as mmcv does (each Pack layer overrides this)."""
         raise NotImplementedError
 
     def _deform(self, x: TensorLike, offset: TensorLike, mask: TensorLike | None) -> Tensor:
@@ -165,6 +248,14 @@ class _PackBase(_ConvBase):
         )
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+
+        """
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
@@ -174,17 +265,66 @@ class _PackBase(_ConvBase):
 
 
 class DeformConv2dPack(_PackBase):
-    """mmcv.ops.DeformConv2dPack: DCN v1 that predicts its own offsets.
+    """DCN v1 layer that predicts its own offsets (``mmcv.ops.DeformConv2dPack``).
 
-    ``DeformConv2dPack(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-    groups=1, deform_groups=1, bias=False)``. ``conv_offset`` (a Conv2d with the same kernel,
-    stride, padding and dilation, 2*deform_groups*kh*kw outputs) predicts the offsets from the
-    input; it starts at zero. ``weight`` is initialised as mmcv: kaiming_uniform_ with
-    nonlinearity='relu', i.e. U(-sqrt(6/fan_in), sqrt(6/fan_in)). mmcv's DeformConv2d has no
-    bias (it asserts ``bias=False``); deformnp allows ``bias=True`` (zero-initialised) as an
-    extension.
+    Mirrors ``mmcv.ops.DeformConv2dPack``: the same constructor arguments, parameter names
+    (``weight``, ``bias``, ``conv_offset.weight``, ``conv_offset.bias``) and initialisation,
+    so an mmcv state dict loads by name. ``conv_offset`` is a :class:`Conv2d` with the main
+    convolution's kernel, stride, padding and dilation and ``2 * deform_groups * kh * kw``
+    outputs that predicts the offsets from the input; its weight and bias start at zero, so
+    training starts as a plain convolution. ``weight`` is initialised as mmcv:
+    ``kaiming_uniform_`` with ``nonlinearity="relu"``, i.e. U(-sqrt(6/fan_in), sqrt(6/fan_in)).
 
-    ``im2col_step`` (mmcv's batching knob) is accepted and ignored: any batch size works.
+    Parameters
+    ----------
+    in_channels : int
+        Channels ``Cin`` of the input (>= 1, divisible by ``groups``).
+    out_channels : int
+        Channels ``Cout`` of the output (>= 1, divisible by ``groups``).
+    kernel_size : int or (int, int)
+        ``(kh, kw)``; an int for both.
+    stride : int or (int, int), default 1
+        Step ``(sh, sw)`` between output positions.
+    padding : int or (int, int), default 0
+        Implicit zero padding ``(ph, pw)`` on both sides.
+    dilation : int or (int, int), default 1
+        Spacing ``(dh, dw)`` between kernel points.
+    groups : int, default 1
+        Channel groups of the weight (``weight`` is (Cout, Cin / groups, kh, kw)).
+    deform_groups : int, default 1
+        Offset groups ``G`` (>= 1, dividing ``in_channels``): each group of ``Cin / G`` input
+        channels gets its own offsets.
+    bias : bool, default False
+        Whether to learn an additive bias (zero-initialised). mmcv's layer has none (it
+        asserts ``bias=False``); ``bias=True`` is a deformnp extension.
+    im2col_step : int, default 32
+        mmcv's batching knob: accepted and ignored (any batch size works).
+    dtype : numpy.dtype or type, optional
+        Keyword-only, a deformnp extra: float32 (the default, as torch) or float64.
+    device : str, optional
+        Keyword-only, a deformnp extra: ``"cuda"`` moves the parameters to the GPU after
+        initialisation.
+
+    Raises
+    ------
+    ValueError
+        If a channel count is not divisible by ``groups`` (or, for the Pack layers,
+        ``in_channels`` by ``deform_groups``), or a size is out of range.
+    TypeError
+        If ``dtype`` is not float32 or float64, or a size is not an int (pair).
+
+    See Also
+    --------
+    deformnp.ops.deform_conv2d : The op it applies.
+    DeformConv2d : torchvision's layer, offsets given to ``forward``.
+    DeformConv2dPack : mmcv's DCN v1 layer.
+    ModulatedDeformConv2dPack : mmcv's DCN v2 layer.
+
+    Notes
+    -----
+    The formula, the sampling rule and the offset layout are derived in
+    :doc:`/ops/deform_conv`.
+
     """
 
     n_pred = 2
@@ -212,28 +352,98 @@ class DeformConv2dPack(_PackBase):
         self.im2col_step = im2col_step
 
     def init_weights(self) -> None:
+        """Initialise as mmcv: ``weight`` Kaiming-uniform (relu gain), the rest zero.
+
+        ``weight``: ``kaiming_uniform_(nonlinearity="relu")``, U(-sqrt(6/fan_in),
+        sqrt(6/fan_in)); ``bias`` (if any) and ``conv_offset``: zero.
+        """
         init.kaiming_uniform_(self.weight, nonlinearity="relu")
         if self.bias is not None:
             init.zeros_(self.bias)
         self.init_offset()
 
     def forward(self, x: TensorLike) -> Tensor:
-        """The deformable convolution of ``x`` (B, in_channels, H, W) at the offsets that
-        ``conv_offset`` predicts from ``x``."""
+        """Predict offsets from ``x`` with ``conv_offset`` and apply the deformable convolution.
+
+        Parameters
+        ----------
+        x : Tensor or array_like, shape (B, Cin, H, W)
+            The feature map, in the layer's dtype.
+
+        Returns
+        -------
+        Tensor, shape (B, Cout, Hout, Wout)
+            ``deform_conv2d(x, conv_offset(x), weight, bias, ...)``; differentiable in ``x`` and
+            every parameter.
+
+        See Also
+        --------
+        deformnp.ops.deform_conv2d : The op it applies; :doc:`/ops/deform_conv` has the math.
+
+        """
         offset = self.conv_offset(x)
         return self._deform(x, offset, None)
 
 
 class ModulatedDeformConv2dPack(_PackBase):
-    """mmcv.ops.ModulatedDeformConv2dPack: DCN v2 that predicts its own offsets and mask.
+    """DCN v2 layer that predicts its own offsets and mask (``mmcv.ops.ModulatedDeformConv2dPack``).
 
-    ``ModulatedDeformConv2dPack(in_channels, out_channels, kernel_size, stride=1, padding=0,
-    dilation=1, groups=1, deform_groups=1, bias=True)``. ``conv_offset`` predicts
-    3*deform_groups*kh*kw channels from the input: as mmcv, its output is split into three equal
-    chunks (o1, o2, m); the offset is cat(o1, o2) (that is, the first 2*G*kh*kw channels, read
-    with torchvision's (dy, dx) interleaving) and the mask is sigmoid(m). It starts at zero, so
-    the initial layer is a plain convolution scaled by 0.5. ``weight`` is initialised as mmcv:
-    U(-1/sqrt(n), 1/sqrt(n)) with n = in_channels * kh * kw; ``bias`` is zero.
+    Mirrors ``mmcv.ops.ModulatedDeformConv2dPack``: the same constructor arguments, parameter
+    names (``weight``, ``bias``, ``conv_offset.weight``, ``conv_offset.bias``) and
+    initialisation, so an mmcv state dict loads by name. ``conv_offset`` predicts
+    ``3 * deform_groups * kh * kw`` channels from the input; as in mmcv the output is split into
+    three equal chunks ``(o1, o2, m)``, the offset is ``cat(o1, o2)`` (the first
+    ``2 * G * kh * kw`` channels, read with torchvision's ``(dy, dx)`` interleaving) and the
+    mask is ``sigmoid(m)``. ``conv_offset`` starts at zero, so the initial layer is a plain
+    convolution scaled by 0.5. ``weight`` is initialised as mmcv: U(-1/sqrt(n), 1/sqrt(n)) with
+    ``n = in_channels * kh * kw``; ``bias`` is zero.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels ``Cin`` of the input (>= 1, divisible by ``groups``).
+    out_channels : int
+        Channels ``Cout`` of the output (>= 1, divisible by ``groups``).
+    kernel_size : int or (int, int)
+        ``(kh, kw)``; an int for both.
+    stride : int or (int, int), default 1
+        Step ``(sh, sw)`` between output positions.
+    padding : int or (int, int), default 0
+        Implicit zero padding ``(ph, pw)`` on both sides.
+    dilation : int or (int, int), default 1
+        Spacing ``(dh, dw)`` between kernel points.
+    groups : int, default 1
+        Channel groups of the weight (``weight`` is (Cout, Cin / groups, kh, kw)).
+    deform_groups : int, default 1
+        Offset groups ``G`` (>= 1, dividing ``in_channels``).
+    bias : bool, default True
+        Whether to learn an additive bias (zero-initialised).
+    dtype : numpy.dtype or type, optional
+        Keyword-only, a deformnp extra: float32 (the default, as torch) or float64.
+    device : str, optional
+        Keyword-only, a deformnp extra: ``"cuda"`` moves the parameters to the GPU after
+        initialisation.
+
+    Raises
+    ------
+    ValueError
+        If a channel count is not divisible by ``groups`` (or, for the Pack layers,
+        ``in_channels`` by ``deform_groups``), or a size is out of range.
+    TypeError
+        If ``dtype`` is not float32 or float64, or a size is not an int (pair).
+
+    See Also
+    --------
+    deformnp.ops.deform_conv2d : The op it applies.
+    DeformConv2d : torchvision's layer, offsets given to ``forward``.
+    DeformConv2dPack : mmcv's DCN v1 layer.
+    ModulatedDeformConv2dPack : mmcv's DCN v2 layer.
+
+    Notes
+    -----
+    The formula, the sampling rule and the offset layout are derived in
+    :doc:`/ops/deform_conv`.
+
     """
 
     n_pred = 3
@@ -259,6 +469,10 @@ class ModulatedDeformConv2dPack(_PackBase):
         )  # fmt: skip
 
     def init_weights(self) -> None:
+        """Initialise as mmcv: ``weight`` uniform, ``bias`` and ``conv_offset`` zero.
+
+        ``weight``: U(-1/sqrt(n), 1/sqrt(n)) with ``n = in_channels * kh * kw``.
+        """
         n = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         stdv = 1.0 / math.sqrt(n)
         init.uniform_(self.weight, -stdv, stdv)
@@ -267,13 +481,43 @@ class ModulatedDeformConv2dPack(_PackBase):
         self.init_offset()
 
     def offset_and_mask(self, x: TensorLike) -> tuple[Tensor, Tensor]:
-        """The predicted offset (B, 2*G*kh*kw, Hout, Wout) and mask (B, G*kh*kw, Hout, Wout)."""
+        """Return the offset and mask that ``conv_offset`` predicts from ``x``.
+
+        Parameters
+        ----------
+        x : Tensor or array_like, shape (B, Cin, H, W)
+            The feature map, in the layer's dtype.
+
+        Returns
+        -------
+        offset : Tensor, shape (B, 2 * G * kh * kw, Hout, Wout)
+            The first ``2 * G * kh * kw`` predicted channels.
+        mask : Tensor, shape (B, G * kh * kw, Hout, Wout)
+            The sigmoid of the last ``G * kh * kw`` channels.
+
+        """
         out = self.conv_offset(x)
         n = 2 * self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
         return out[:, :n], F.sigmoid(out[:, n:])
 
     def forward(self, x: TensorLike) -> Tensor:
-        """The modulated deformable convolution of ``x`` (B, in_channels, H, W) at the offsets
-        and with the mask that ``conv_offset`` predicts from ``x``."""
+        """Predict offsets and mask from ``x`` and apply the modulated deformable convolution.
+
+        Parameters
+        ----------
+        x : Tensor or array_like, shape (B, Cin, H, W)
+            The feature map, in the layer's dtype.
+
+        Returns
+        -------
+        Tensor, shape (B, Cout, Hout, Wout)
+            ``deform_conv2d(x, offset, weight, bias, ..., mask=mask)`` with the predictions of
+            :meth:`offset_and_mask`; differentiable in ``x`` and every parameter.
+
+        See Also
+        --------
+        deformnp.ops.deform_conv2d : The op it applies; :doc:`/ops/deform_conv` has the math.
+
+        """
         offset, mask = self.offset_and_mask(x)
         return self._deform(x, offset, mask)

@@ -35,7 +35,20 @@ __all__ = [
 
 
 def manual_seed(seed: int) -> np.random.Generator:
-    """Reseed the generator used by these functions (and by ``functional.dropout``)."""
+    """Reseed the generator used by these functions (and by ``functional.dropout``).
+
+    The same function as :func:`deformnp.manual_seed`.
+
+    Parameters
+    ----------
+    seed : int
+        The seed, passed to ``numpy.random.default_rng``.
+
+    Returns
+    -------
+    numpy.random.Generator
+        The new shared generator.
+    """
     return _random.manual_seed(seed)
 
 
@@ -60,7 +73,29 @@ def _fill(tensor: Any, values: Any) -> Any:
 
 
 def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
-    """The recommended gain for a nonlinearity (torch.nn.init.calculate_gain)."""
+    """Return the recommended gain for a nonlinearity (``torch.nn.init.calculate_gain``).
+
+    1 for ``"linear"``, the convolutions (``"conv1d"``, ``"conv2d"``, ``"conv3d"``,
+    ``"conv_transpose1d"``, ...) and ``"sigmoid"``; 5/3 for ``"tanh"``; sqrt(2) for
+    ``"relu"``; sqrt(2 / (1 + slope**2)) for ``"leaky_relu"``; 3/4 for ``"selu"``.
+
+    Parameters
+    ----------
+    nonlinearity : str
+        The name of the nonlinearity, as above.
+    param : float, optional
+        The negative slope of ``"leaky_relu"`` (default 0.01); ignored otherwise.
+
+    Returns
+    -------
+    float
+        The gain.
+
+    Raises
+    ------
+    ValueError
+        If ``nonlinearity`` is not one of the names above, or ``param`` is not a number.
+    """
     linear = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
               "conv_transpose3d", "sigmoid")  # fmt: skip
     if nonlinearity in linear:
@@ -103,14 +138,62 @@ def _fan(tensor: Any, mode: str) -> int:
 def uniform_(
     tensor: Any, a: float = 0.0, b: float = 1.0, generator: np.random.Generator | None = None
 ) -> Any:
-    """Fill with U(a, b)."""
+    """Fill with values drawn from U(a, b) (``torch.nn.init.uniform_``).
+
+    Parameters
+    ----------
+    tensor : Tensor or numpy.ndarray
+        A float32 or float64 Parameter, Tensor or NumPy array, filled in place (its dtype is
+        kept).
+    a : float, default 0.0
+        The lower bound.
+    b : float, default 1.0
+        The upper bound.
+    generator : numpy.random.Generator, optional
+        The source of the draws; None uses the generator shared with dropout (see
+        :func:`manual_seed`).
+
+    Returns
+    -------
+    Tensor or numpy.ndarray
+        ``tensor`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a Tensor or a NumPy array, or is not floating.
+    """
     return _fill(tensor, _rng(generator).uniform(a, b, _array(tensor).shape))
 
 
 def normal_(
     tensor: Any, mean: float = 0.0, std: float = 1.0, generator: np.random.Generator | None = None
 ) -> Any:
-    """Fill with N(mean, std^2)."""
+    """Fill with values drawn from N(mean, std^2) (``torch.nn.init.normal_``).
+
+    Parameters
+    ----------
+    tensor : Tensor or numpy.ndarray
+        A float32 or float64 Parameter, Tensor or NumPy array, filled in place (its dtype is
+        kept).
+    mean : float, default 0.0
+        The mean.
+    std : float, default 1.0
+        The standard deviation.
+    generator : numpy.random.Generator, optional
+        The source of the draws; None uses the generator shared with dropout (see
+        :func:`manual_seed`).
+
+    Returns
+    -------
+    Tensor or numpy.ndarray
+        ``tensor`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a Tensor or a NumPy array, or is not floating.
+    """
     return _fill(tensor, _rng(generator).normal(mean, std, _array(tensor).shape))
 
 
@@ -122,8 +205,38 @@ def trunc_normal_(
     b: float = 2.0,
     generator: np.random.Generator | None = None,
 ) -> Any:
-    """Fill with N(mean, std^2) truncated to [a, b] (bounds in absolute units, as torch), by the
-    inverse-CDF method."""
+    """Fill with N(mean, std^2) values truncated to [a, b] (``torch.nn.init.trunc_normal_``).
+
+    The bounds are in absolute units, as torch's; the draws use the inverse-CDF method, as
+    torch's, and are clipped to [a, b].
+
+    Parameters
+    ----------
+    tensor : Tensor or numpy.ndarray
+        A float32 or float64 Parameter, Tensor or NumPy array, filled in place (its dtype is
+        kept).
+    mean : float, default 0.0
+        The mean of the normal distribution.
+    std : float, default 1.0
+        Its standard deviation.
+    a : float, default -2.0
+        The lower bound.
+    b : float, default 2.0
+        The upper bound.
+    generator : numpy.random.Generator, optional
+        The source of the draws; None uses the generator shared with dropout (see
+        :func:`manual_seed`).
+
+    Returns
+    -------
+    Tensor or numpy.ndarray
+        ``tensor`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a Tensor or a NumPy array, or is not floating.
+    """
     from scipy import special as _special  # imported on first use: slow to import
 
     lo = _special.ndtr((a - mean) / std)
@@ -134,19 +247,97 @@ def trunc_normal_(
 
 
 def constant_(tensor: Any, val: float) -> Any:
+    """Fill with the value ``val`` (``torch.nn.init.constant_``).
+
+    Parameters
+    ----------
+    tensor : Tensor or numpy.ndarray
+        A float32 or float64 Parameter, Tensor or NumPy array, filled in place (its dtype is
+        kept).
+    val : float
+        The value.
+
+    Returns
+    -------
+    Tensor or numpy.ndarray
+        ``tensor`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a Tensor or a NumPy array, or is not floating.
+    """
     return _fill(tensor, val)
 
 
 def zeros_(tensor: Any) -> Any:
+    """Fill with zeros (``torch.nn.init.zeros_``).
+
+    Parameters
+    ----------
+    tensor : Tensor or numpy.ndarray
+        A float32 or float64 Parameter, Tensor or NumPy array, filled in place (its dtype is
+        kept).
+
+    Returns
+    -------
+    Tensor or numpy.ndarray
+        ``tensor`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a Tensor or a NumPy array, or is not floating.
+    """
     return _fill(tensor, 0.0)
 
 
 def ones_(tensor: Any) -> Any:
+    """Fill with ones (``torch.nn.init.ones_``).
+
+    Parameters
+    ----------
+    tensor : Tensor or numpy.ndarray
+        A float32 or float64 Parameter, Tensor or NumPy array, filled in place (its dtype is
+        kept).
+
+    Returns
+    -------
+    Tensor or numpy.ndarray
+        ``tensor`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a Tensor or a NumPy array, or is not floating.
+    """
     return _fill(tensor, 1.0)
 
 
 def eye_(tensor: Any) -> Any:
-    """Fill a 2-d tensor with the identity matrix."""
+    """Fill a 2-d tensor with the identity matrix (``torch.nn.init.eye_``).
+
+    Ones on the main diagonal, zeros elsewhere (``numpy.eye`` of the shape; it may be
+    rectangular).
+
+    Parameters
+    ----------
+    tensor : Tensor or numpy.ndarray
+        A float32 or float64 Parameter, Tensor or NumPy array, filled in place (its dtype is
+        kept).
+
+    Returns
+    -------
+    Tensor or numpy.ndarray
+        ``tensor`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a Tensor or a NumPy array, or is not floating.
+    ValueError
+        If ``tensor`` is not 2-d.
+    """
     a = _array(tensor)
     if a.ndim != 2:
         raise ValueError(f"eye_: only 2-d tensors are supported, got shape {a.shape}")
@@ -156,7 +347,36 @@ def eye_(tensor: Any) -> Any:
 def xavier_uniform_(
     tensor: Any, gain: float = 1.0, generator: np.random.Generator | None = None
 ) -> Any:
-    """U(-a, a) with ``a = gain * sqrt(6 / (fan_in + fan_out))`` (Glorot & Bengio)."""
+    """Fill with Glorot & Bengio's uniform values (``torch.nn.init.xavier_uniform_``).
+
+    Draws from U(-bound, bound) with ``bound = gain * sqrt(6 / (fan_in + fan_out))``.
+
+    The fans are those of torch: ``fan_in = shape[1] * r`` and ``fan_out = shape[0] * r``,
+    ``r`` the product of ``shape[2:]`` (the kernel size of a convolution weight).
+
+    Parameters
+    ----------
+    tensor : Tensor or numpy.ndarray
+        A float32 or float64 Parameter, Tensor or NumPy array, filled in place (its dtype is
+        kept).
+    gain : float, default 1.0
+        The scaling factor.
+    generator : numpy.random.Generator, optional
+        The source of the draws; None uses the generator shared with dropout (see
+        :func:`manual_seed`).
+
+    Returns
+    -------
+    Tensor or numpy.ndarray
+        ``tensor`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a Tensor or a NumPy array, or is not floating.
+    ValueError
+        If ``tensor`` has fewer than 2 dimensions (no fan in / fan out).
+    """
     fan_in, fan_out = _calculate_fan_in_and_fan_out(tensor)
     bound = gain * math.sqrt(2.0 / float(fan_in + fan_out)) * math.sqrt(3.0)
     return uniform_(tensor, -bound, bound, generator=generator)
@@ -165,7 +385,36 @@ def xavier_uniform_(
 def xavier_normal_(
     tensor: Any, gain: float = 1.0, generator: np.random.Generator | None = None
 ) -> Any:
-    """N(0, std^2) with ``std = gain * sqrt(2 / (fan_in + fan_out))``."""
+    """Fill with Glorot & Bengio's normal values (``torch.nn.init.xavier_normal_``).
+
+    Draws from N(0, std^2) with ``std = gain * sqrt(2 / (fan_in + fan_out))``.
+
+    The fans are those of torch: ``fan_in = shape[1] * r`` and ``fan_out = shape[0] * r``,
+    ``r`` the product of ``shape[2:]`` (the kernel size of a convolution weight).
+
+    Parameters
+    ----------
+    tensor : Tensor or numpy.ndarray
+        A float32 or float64 Parameter, Tensor or NumPy array, filled in place (its dtype is
+        kept).
+    gain : float, default 1.0
+        The scaling factor.
+    generator : numpy.random.Generator, optional
+        The source of the draws; None uses the generator shared with dropout (see
+        :func:`manual_seed`).
+
+    Returns
+    -------
+    Tensor or numpy.ndarray
+        ``tensor`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a Tensor or a NumPy array, or is not floating.
+    ValueError
+        If ``tensor`` has fewer than 2 dimensions (no fan in / fan out).
+    """
     fan_in, fan_out = _calculate_fan_in_and_fan_out(tensor)
     std = gain * math.sqrt(2.0 / float(fan_in + fan_out))
     return normal_(tensor, 0.0, std, generator=generator)
@@ -178,8 +427,44 @@ def kaiming_uniform_(
     nonlinearity: str = "leaky_relu",
     generator: np.random.Generator | None = None,
 ) -> Any:
-    """U(-bound, bound) with ``bound = gain * sqrt(3 / fan)`` (He et al.); ``a`` is the
-    leaky_relu slope. torch's layers use ``a=sqrt(5)``, giving ``bound = 1/sqrt(fan_in)``."""
+    """Fill with He et al.'s uniform values (``torch.nn.init.kaiming_uniform_``).
+
+    Draws from U(-bound, bound) with ``bound = gain * sqrt(3 / fan)`` and
+    ``gain = calculate_gain(nonlinearity, a)``. torch's layers use ``a=sqrt(5)``, which gives
+    ``bound = 1/sqrt(fan_in)``. A tensor with a zero fan is left unchanged (torch warns).
+
+    The fans are those of torch: ``fan_in = shape[1] * r`` and ``fan_out = shape[0] * r``,
+    ``r`` the product of ``shape[2:]`` (the kernel size of a convolution weight).
+
+    Parameters
+    ----------
+    tensor : Tensor or numpy.ndarray
+        A float32 or float64 Parameter, Tensor or NumPy array, filled in place (its dtype is
+        kept).
+    a : float, default 0.0
+        The negative slope of the leaky_relu that follows (used by ``"leaky_relu"`` only).
+    mode : {"fan_in", "fan_out"}, default "fan_in"
+        Which fan sets the scale: ``"fan_in"`` preserves the variance of the forward pass,
+        ``"fan_out"`` that of the backward pass.
+    nonlinearity : str, default "leaky_relu"
+        The nonlinearity, as in :func:`calculate_gain`.
+    generator : numpy.random.Generator, optional
+        The source of the draws; None uses the generator shared with dropout (see
+        :func:`manual_seed`).
+
+    Returns
+    -------
+    Tensor or numpy.ndarray
+        ``tensor`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a Tensor or a NumPy array, or is not floating.
+    ValueError
+        If ``tensor`` has fewer than 2 dimensions, ``mode`` is not ``"fan_in"`` or
+        ``"fan_out"``, or ``nonlinearity`` is unknown.
+    """
     fan = _fan(tensor, mode)
     if fan == 0:
         return tensor  # torch warns and leaves a zero-element tensor alone
@@ -195,7 +480,42 @@ def kaiming_normal_(
     nonlinearity: str = "leaky_relu",
     generator: np.random.Generator | None = None,
 ) -> Any:
-    """N(0, std^2) with ``std = gain / sqrt(fan)``."""
+    """Fill with He et al.'s normal values (``torch.nn.init.kaiming_normal_``).
+
+    Draws from N(0, std^2) with ``std = gain / sqrt(fan)`` and
+    ``gain = calculate_gain(nonlinearity, a)``. A tensor with a zero fan is left unchanged.
+
+    The fans are those of torch: ``fan_in = shape[1] * r`` and ``fan_out = shape[0] * r``,
+    ``r`` the product of ``shape[2:]`` (the kernel size of a convolution weight).
+
+    Parameters
+    ----------
+    tensor : Tensor or numpy.ndarray
+        A float32 or float64 Parameter, Tensor or NumPy array, filled in place (its dtype is
+        kept).
+    a : float, default 0.0
+        The negative slope of the leaky_relu that follows (used by ``"leaky_relu"`` only).
+    mode : {"fan_in", "fan_out"}, default "fan_in"
+        Which fan sets the scale.
+    nonlinearity : str, default "leaky_relu"
+        The nonlinearity, as in :func:`calculate_gain`.
+    generator : numpy.random.Generator, optional
+        The source of the draws; None uses the generator shared with dropout (see
+        :func:`manual_seed`).
+
+    Returns
+    -------
+    Tensor or numpy.ndarray
+        ``tensor`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a Tensor or a NumPy array, or is not floating.
+    ValueError
+        If ``tensor`` has fewer than 2 dimensions, ``mode`` is not ``"fan_in"`` or
+        ``"fan_out"``, or ``nonlinearity`` is unknown.
+    """
     fan = _fan(tensor, mode)
     if fan == 0:
         return tensor

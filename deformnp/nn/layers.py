@@ -52,20 +52,66 @@ def _finish(module: Module, device: Any) -> None:
 
 
 class Identity(Module):
-    """Returns its input; accepts and ignores any arguments (as torch)."""
+    """The identity layer (``torch.nn.Identity``): returns its input unchanged.
+
+    Parameters
+    ----------
+    *args : object
+        Accepted and ignored (as torch), so it can stand in for any layer.
+    **kwargs : object
+        Accepted and ignored.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
 
     def forward(self, input: TensorLike) -> TensorLike:
+        """Return ``input`` itself.
+
+        Parameters
+        ----------
+        input : object
+            Anything.
+
+        Returns
+        -------
+        object
+            ``input``, not copied.
+        """
         return input
 
 
 class Linear(Module):
-    """``y = x @ weight.T + bias``; weight (out_features, in_features), bias (out_features,).
+    """Affine layer ``y = x @ weight.T + bias`` (``torch.nn.Linear``).
 
-    Initialisation as torch: weight kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)),
-    and bias U(-1/sqrt(in), 1/sqrt(in)).
+    Parameters ``weight`` (out_features, in_features) and ``bias`` (out_features,), as torch's.
+    Initialisation as torch: weight ``kaiming_uniform_(a=sqrt(5))``, i.e.
+    U(-1/sqrt(in_features), 1/sqrt(in_features)), and bias from the same distribution.
+
+    Parameters
+    ----------
+    in_features : int
+        Size of each input row (>= 0).
+    out_features : int
+        Size of each output row (>= 0).
+    bias : bool, default True
+        Whether to learn an additive bias.
+    device : str, optional
+        ``"cuda"`` moves the parameters to the GPU after initialisation; None or ``"cpu"``
+        keeps them on the host.
+    dtype : numpy.dtype or type, optional
+        float32 (the default, as torch) or float64 (for gradchecks).
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not float32 or float64, or a size is not an int.
+    ValueError
+        If a size is negative.
+
+    See Also
+    --------
+    deformnp.functional.linear : The function it applies.
     """
 
     def __init__(
@@ -89,6 +135,11 @@ class Linear(Module):
         _finish(self, device)
 
     def reset_parameters(self) -> None:
+        """Re-initialise ``weight`` and ``bias`` as torch's ``Linear`` does.
+
+        ``weight``: ``kaiming_uniform_(a=sqrt(5))``; ``bias``: U(-1/sqrt(in_features),
+        1/sqrt(in_features)) (zero when ``in_features`` is 0).
+        """
         init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             fan_in = self.in_features
@@ -96,11 +147,32 @@ class Linear(Module):
             init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: TensorLike) -> Tensor:
-        """``input @ weight.T + bias`` for input (*, in_features): see
-        :func:`deformnp.functional.linear`."""
+        """Apply the affine map ``input @ weight.T + bias``.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, shape (..., in_features)
+            In the layer's dtype.
+
+        Returns
+        -------
+        Tensor, shape (..., out_features)
+            Differentiable in ``input``, ``weight`` and ``bias``.
+
+        See Also
+        --------
+        deformnp.functional.linear : The function it applies.
+        """
         return F.linear(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+        """
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}"
@@ -154,6 +226,11 @@ class _ConvBase(Module):
             self.register_parameter("bias", None)
 
     def reset_parameters(self) -> None:
+        """Re-initialise ``weight`` and ``bias`` as torch's ``Conv2d`` does.
+
+        ``weight``: ``kaiming_uniform_(a=sqrt(5))``, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in));
+        ``bias``: the same bound; ``fan_in = in_channels / groups * kh * kw``.
+        """
         init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             fan_in = self.weight.shape[1] * self.kernel_size[0] * self.kernel_size[1]
@@ -162,6 +239,13 @@ class _ConvBase(Module):
                 init.uniform_(self.bias, -bound, bound)
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+        """
         s = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}"
@@ -178,10 +262,52 @@ class _ConvBase(Module):
 
 
 class Conv2d(_ConvBase):
-    """2-D convolution layer (torch.nn.Conv2d): weight (out, in/groups, kh, kw), bias (out,).
+    """2-D convolution layer (``torch.nn.Conv2d``).
 
-    ``padding`` may be an int, a pair, ``"valid"`` or ``"same"``; only ``padding_mode="zeros"``
-    is supported. Initialisation as torch (see :class:`_ConvBase`).
+    Parameters ``weight`` (out_channels, in_channels / groups, kh, kw) and ``bias``
+    (out_channels,), as torch's. Initialisation as torch: weight ``kaiming_uniform_(a=sqrt(5))``,
+    i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias the same bound,
+    ``fan_in = in_channels / groups * kh * kw``.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the input (>= 0, divisible by ``groups``).
+    out_channels : int
+        Channels of the output (>= 0, divisible by ``groups``).
+    kernel_size : int or (int, int)
+        ``(kh, kw)``; an int for both.
+    stride : int or (int, int), default 1
+        Step ``(sh, sw)`` between output positions.
+    padding : int, (int, int), "valid" or "same", default 0
+        Implicit zero padding ``(ph, pw)`` on both sides; ``"valid"`` is 0, ``"same"`` keeps
+        H and W (stride 1 only).
+    dilation : int or (int, int), default 1
+        Spacing ``(dh, dw)`` between kernel points.
+    groups : int, default 1
+        Channel groups (``groups = in_channels`` is a depthwise convolution).
+    bias : bool, default True
+        Whether to learn an additive bias.
+    padding_mode : str, default "zeros"
+        Only ``"zeros"`` is supported.
+    device : str, optional
+        ``"cuda"`` moves the parameters to the GPU after initialisation; None or ``"cpu"``
+        keeps them on the host.
+    dtype : numpy.dtype or type, optional
+        float32 (the default, as torch) or float64 (for gradchecks).
+
+    Raises
+    ------
+    ValueError
+        If ``padding_mode`` is not ``"zeros"``, ``padding`` is an unknown string, a channel
+        count is not divisible by ``groups``, or a size is out of range.
+    TypeError
+        If ``dtype`` is not float32 or float64, or a size is not an int (pair).
+
+    See Also
+    --------
+    deformnp.functional.conv2d : The function it applies.
+    DeformConv2d : The deformable version.
     """
 
     def __init__(
@@ -214,16 +340,60 @@ class Conv2d(_ConvBase):
         _finish(self, device)
 
     def forward(self, input: TensorLike) -> Tensor:
-        """The convolution of ``input`` (N, in_channels, H, W) (or unbatched (C, H, W)): see
-        :func:`deformnp.functional.conv2d`."""
+        """Convolve ``input`` with the layer's weight and bias.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, shape (N, in_channels, H, W) or (in_channels, H, W)
+            In the layer's dtype; a 3-d input is one unbatched image.
+
+        Returns
+        -------
+        Tensor, shape (N, out_channels, Hout, Wout) or (out_channels, Hout, Wout)
+            ``Hout = (H + 2*ph - dh*(kh - 1) - 1) // sh + 1``, likewise ``Wout``.
+
+        See Also
+        --------
+        deformnp.functional.conv2d : The function it applies.
+        """
         return F.conv2d(
             input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
         )
 
 
 class LayerNorm(Module):
-    """Layer normalisation over the trailing ``normalized_shape`` dims (torch.nn.LayerNorm);
-    ``weight`` ones and ``bias`` zeros."""
+    """Layer normalisation over the trailing ``normalized_shape`` dims (``torch.nn.LayerNorm``).
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``, the mean and biased variance over the
+    normalised dimensions. Parameters ``weight`` (ones) and ``bias`` (zeros), of shape
+    ``normalized_shape``.
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of int
+        The trailing dimensions to normalise over.
+    eps : float, default 1e-5
+        Added to the variance.
+    elementwise_affine : bool, default True
+        Whether to learn ``weight`` and ``bias`` (False: neither).
+    bias : bool, default True
+        Whether to learn ``bias`` (with ``elementwise_affine``).
+    device : str, optional
+        ``"cuda"`` moves the parameters to the GPU after initialisation; None or ``"cpu"``
+        keeps them on the host.
+    dtype : numpy.dtype or type, optional
+        float32 (the default, as torch) or float64 (for gradchecks).
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not float32 or float64, or ``normalized_shape`` is not integers.
+
+    See Also
+    --------
+    deformnp.functional.layer_norm : The function it applies.
+    LayerNormProxy : LayerNorm over the channels of an NCHW map.
+    """
 
     def __init__(
         self,
@@ -251,21 +421,63 @@ class LayerNorm(Module):
         _finish(self, device)
 
     def reset_parameters(self) -> None:
+        """Reset ``weight`` to ones and ``bias`` to zeros (where present)."""
         if self.weight is not None:
             init.ones_(self.weight)
         if self.bias is not None:
             init.zeros_(self.bias)
 
     def forward(self, input: TensorLike) -> Tensor:
+        """Normalise ``input`` over its trailing ``normalized_shape`` dimensions.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, shape (..., normalized_shape)
+            Its trailing dimensions are ``normalized_shape``; in the layer's dtype.
+
+        Returns
+        -------
+        Tensor
+            ``input``'s shape; differentiable in ``input``, ``weight`` and ``bias``.
+
+        See Also
+        --------
+        deformnp.functional.layer_norm : The function it applies.
+        """
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+        """
         return (
             f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
         )
 
 
 class GELU(Module):
+    """GELU activation layer (``torch.nn.GELU``).
+
+    Parameters
+    ----------
+    approximate : {"none", "tanh"}, default "none"
+        ``"none"``: the exact ``0.5 * x * (1 + erf(x / sqrt(2)))``; ``"tanh"``: torch's tanh
+        approximation.
+
+    Raises
+    ------
+    ValueError
+        If ``approximate`` is neither ``"none"`` nor ``"tanh"``.
+
+    See Also
+    --------
+    deformnp.functional.gelu : The function it applies.
+    """
+
     def __init__(self, approximate: str = "none") -> None:
         super().__init__()
         if approximate not in ("none", "tanh"):
@@ -273,66 +485,259 @@ class GELU(Module):
         self.approximate = approximate
 
     def forward(self, input: TensorLike) -> Tensor:
+        """Apply :func:`deformnp.functional.gelu` elementwise.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, any shape
+            The input.
+
+        Returns
+        -------
+        Tensor
+            ``input``'s shape and dtype.
+        """
         return F.gelu(input, approximate=self.approximate)
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+        """
         return f"approximate={self.approximate!r}"
 
 
 class ReLU(Module):
+    """ReLU activation layer, ``max(x, 0)`` (``torch.nn.ReLU``).
+
+    Parameters
+    ----------
+    inplace : bool, default False
+        Accepted for torch compatibility and ignored (the result is always a new Tensor).
+
+    See Also
+    --------
+    deformnp.functional.relu : The function it applies.
+    """
+
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
         self.inplace = inplace
 
     def forward(self, input: TensorLike) -> Tensor:
+        """Apply :func:`deformnp.functional.relu` elementwise.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, any shape
+            The input.
+
+        Returns
+        -------
+        Tensor
+            ``input``'s shape and dtype.
+        """
         return F.relu(input)
 
 
 class LeakyReLU(Module):
+    """Leaky ReLU activation layer, ``x if x > 0 else negative_slope * x`` (``torch.nn.LeakyReLU``).
+
+    Parameters
+    ----------
+    negative_slope : float, default 0.01
+        The slope for ``x <= 0``.
+    inplace : bool, default False
+        Accepted for torch compatibility and ignored.
+
+    See Also
+    --------
+    deformnp.functional.leaky_relu : The function it applies.
+    """
+
     def __init__(self, negative_slope: float = 0.01, inplace: bool = False) -> None:
         super().__init__()
         self.negative_slope = negative_slope
 
     def forward(self, input: TensorLike) -> Tensor:
+        """Apply :func:`deformnp.functional.leaky_relu` elementwise.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, any shape
+            The input.
+
+        Returns
+        -------
+        Tensor
+            ``input``'s shape and dtype.
+        """
         return F.leaky_relu(input, self.negative_slope)
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+        """
         return f"negative_slope={self.negative_slope}"
 
 
 class SiLU(Module):
+    """SiLU (swish) activation layer, ``x * sigmoid(x)`` (``torch.nn.SiLU``).
+
+    Parameters
+    ----------
+    inplace : bool, default False
+        Accepted for torch compatibility and ignored.
+
+    See Also
+    --------
+    deformnp.functional.silu : The function it applies.
+    """
+
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
 
     def forward(self, input: TensorLike) -> Tensor:
+        """Apply :func:`deformnp.functional.silu` elementwise.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, any shape
+            The input.
+
+        Returns
+        -------
+        Tensor
+            ``input``'s shape and dtype.
+        """
         return F.silu(input)
 
 
 class Sigmoid(Module):
+    """Sigmoid activation layer, ``1 / (1 + exp(-x))`` (``torch.nn.Sigmoid``).
+
+    See Also
+    --------
+    deformnp.functional.sigmoid : The function it applies.
+    """
+
     def forward(self, input: TensorLike) -> Tensor:
+        """Apply :func:`deformnp.functional.sigmoid` elementwise.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, any shape
+            The input.
+
+        Returns
+        -------
+        Tensor
+            ``input``'s shape and dtype.
+        """
         return F.sigmoid(input)
 
 
 class Tanh(Module):
+    """Tanh activation layer (``torch.nn.Tanh``).
+
+    See Also
+    --------
+    deformnp.functional.tanh : The function it applies.
+    """
+
     def forward(self, input: TensorLike) -> Tensor:
+        """Apply :func:`deformnp.functional.tanh` elementwise.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, any shape
+            The input.
+
+        Returns
+        -------
+        Tensor
+            ``input``'s shape and dtype.
+        """
         return F.tanh(input)
 
 
 class Softmax(Module):
+    """Softmax layer along one dimension (``torch.nn.Softmax``).
+
+    Parameters
+    ----------
+    dim : int
+        The dimension along which the output sums to 1.
+
+    See Also
+    --------
+    deformnp.functional.softmax : The function it applies.
+    """
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = dim
 
     def forward(self, input: TensorLike) -> Tensor:
+        """Apply the softmax along ``dim``.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, any shape
+            The input.
+
+        Returns
+        -------
+        Tensor
+            ``input``'s shape; non-negative, summing to 1 along ``dim``.
+
+        See Also
+        --------
+        deformnp.functional.softmax : The function it applies.
+        """
         return F.softmax(input, self.dim)
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+        """
         return f"dim={self.dim}"
 
 
 class Dropout(Module):
-    """Zeroes elements with probability ``p`` in training mode (scaled by 1/(1-p)); the identity
-    in eval mode."""
+    """Dropout layer (``torch.nn.Dropout``).
+
+    In training mode (see :meth:`Module.train`) each element is zeroed with probability ``p``
+    and the others are scaled by ``1 / (1 - p)``; in eval mode it is the identity. The draws
+    come from the generator that :func:`deformnp.manual_seed` reseeds.
+
+    Parameters
+    ----------
+    p : float, default 0.5
+        The probability of zeroing an element.
+    inplace : bool, default False
+        Accepted for torch compatibility and ignored.
+
+    Raises
+    ------
+    ValueError
+        If ``p`` is not in [0, 1].
+
+    See Also
+    --------
+    deformnp.functional.dropout : The function it applies.
+    """
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         super().__init__()
@@ -342,24 +747,87 @@ class Dropout(Module):
         self.inplace = inplace
 
     def forward(self, input: TensorLike) -> Tensor:
+        """Apply dropout in training mode; return the input unchanged in eval mode.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, any shape
+            float32 or float64 when dropout applies.
+
+        Returns
+        -------
+        Tensor
+            ``input``'s shape; the gradient is masked and scaled like the forward.
+
+        See Also
+        --------
+        deformnp.functional.dropout : The function it applies.
+        """
         return F.dropout(input, self.p, self.training)
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+        """
         return f"p={self.p}"
 
 
 class Flatten(Module):
+    """Flatten a range of dimensions into one (``torch.nn.Flatten``).
+
+    Parameters
+    ----------
+    start_dim : int, default 1
+        The first dimension to merge (1 keeps the batch dimension, as torch).
+    end_dim : int, default -1
+        The last dimension to merge (included).
+
+    See Also
+    --------
+    deformnp.functional.flatten : The function it applies.
+    """
+
     def __init__(self, start_dim: int = 1, end_dim: int = -1) -> None:
         super().__init__()
         self.start_dim, self.end_dim = start_dim, end_dim
 
     def forward(self, input: TensorLike) -> Tensor:
+        """Merge dimensions ``start_dim`` through ``end_dim`` of ``input``.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, any shape
+            The input.
+
+        Returns
+        -------
+        Tensor
+            A reshaped (differentiable) view of ``input``.
+
+        See Also
+        --------
+        deformnp.functional.flatten : The function it applies.
+        """
         return F.flatten(input, self.start_dim, self.end_dim)
 
 
 class Sequential(Module):
-    """Modules applied in order; built from modules (named "0", "1", ...) or an OrderedDict of
-    named modules. Indexable (an int gives a module, a slice a new Sequential), iterable."""
+    """A chain of modules applied in order (``torch.nn.Sequential``).
+
+    Built from modules (registered as ``"0"``, ``"1"``, ...) or from one OrderedDict of named
+    modules. Indexable (an int gives a module, a slice a new Sequential), assignable and
+    deletable by index (the remaining modules are renumbered, as torch), iterable, and
+    ``len()`` gives the number of modules.
+
+    Parameters
+    ----------
+    *args : Module or collections.OrderedDict
+        The modules in order, or a single OrderedDict mapping names to modules.
+    """
 
     def __init__(self, *args: Any) -> None:
         super().__init__()
@@ -402,17 +870,50 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def append(self, module: Module) -> Sequential:
+        """Append a module at the end (named by its position).
+
+        Parameters
+        ----------
+        module : Module
+            The module to add.
+
+        Returns
+        -------
+        Sequential
+            ``self``.
+        """
         self.add_module(str(len(self)), module)
         return self
 
     def forward(self, input: Any) -> Any:
+        """Feed ``input`` through every module in order.
+
+        Parameters
+        ----------
+        input : object
+            The input of the first module (usually a Tensor).
+
+        Returns
+        -------
+        object
+            The output of the last module (``input`` itself for an empty Sequential).
+        """
         for m in self._modules.values():
             input = m(input)
         return input
 
 
 class ModuleList(Module):
-    """A list of modules whose parameters are registered (names "0", "1", ...)."""
+    """A list of modules whose parameters are registered (``torch.nn.ModuleList``).
+
+    The modules are registered as ``"0"``, ``"1"``, ...; indexable (a slice gives a new
+    ModuleList), assignable, deletable (renumbered), iterable. It has no ``forward``.
+
+    Parameters
+    ----------
+    modules : iterable of Module, optional
+        The initial modules.
+    """
 
     def __init__(self, modules: Iterable[Module] | None = None) -> None:
         super().__init__()
@@ -447,15 +948,48 @@ class ModuleList(Module):
         return iter(self._modules.values())
 
     def append(self, module: Module) -> ModuleList:
+        """Append a module at the end.
+
+        Parameters
+        ----------
+        module : Module
+            The module to add.
+
+        Returns
+        -------
+        ModuleList
+            ``self``.
+        """
         self.add_module(str(len(self)), module)
         return self
 
     def extend(self, modules: Iterable[Module]) -> ModuleList:
+        """Append every module of an iterable.
+
+        Parameters
+        ----------
+        modules : iterable of Module
+            The modules to add, in order.
+
+        Returns
+        -------
+        ModuleList
+            ``self``.
+        """
         for m in modules:
             self.append(m)
         return self
 
     def insert(self, index: int, module: Module) -> None:
+        """Insert a module before position ``index`` (the list is renumbered).
+
+        Parameters
+        ----------
+        index : int
+            The position, as in ``list.insert``.
+        module : Module
+            The module to insert.
+        """
         mods = list(self._modules.values())
         mods.insert(index, module)
         for k in list(self._modules):
@@ -463,4 +997,23 @@ class ModuleList(Module):
         self.extend(mods)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Raise: a ModuleList is a container and has no ``forward``.
+
+        Parameters
+        ----------
+        *args : object
+            Ignored.
+        **kwargs : object
+            Ignored.
+
+        Returns
+        -------
+        NoReturn
+            Never returns.
+
+        Raises
+        ------
+        NotImplementedError
+            Always.
+        """
         raise NotImplementedError("ModuleList is a container and has no forward()")

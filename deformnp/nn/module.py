@@ -14,9 +14,23 @@ __all__ = ["Module", "Parameter"]
 
 
 class Parameter(Tensor):
-    """A leaf Tensor that a Module registers as trainable (``requires_grad`` is True by default).
+    """A leaf Tensor that a Module registers as trainable (``torch.nn.Parameter``).
 
+    Assigning a Parameter as an attribute of a :class:`Module` registers it under that name.
     The data is copied, so a Parameter never shares memory with the array it was made from.
+
+    Parameters
+    ----------
+    data : array_like or Tensor
+        The initial values (a Tensor's array is copied too); float32 or float64 when
+        ``requires_grad`` is True.
+    requires_grad : bool, default True
+        Whether the parameter accumulates gradients.
+
+    Raises
+    ------
+    TypeError
+        If ``requires_grad`` is True and the data is not float32 or float64.
     """
 
     def __init__(self, data: Any, requires_grad: bool = True) -> None:
@@ -36,12 +50,25 @@ def _join(prefix: str, name: str) -> str:
 
 
 class Module:
-    """Base class of layers. Assign Parameters and Modules as attributes to register them.
+    """Base class of layers (``torch.nn.Module``).
 
-    Names follow torch's dotted style (``"block.0.weight"``), so a torch ``state_dict`` (torch
-    tensors or NumPy arrays) loads by name with :meth:`load_state_dict`.
+    Assign Parameters (:class:`Parameter`) and Modules as attributes to register them (or use
+    :meth:`register_parameter`, :meth:`register_buffer`, :meth:`add_module`); a subclass calls
+    ``super().__init__()`` first and defines :meth:`forward`. Calling the module,
+    ``layer(x)``, runs ``layer.forward(x)``. Names follow torch's dotted style
+    (``"block.0.weight"``), so a torch ``state_dict`` (torch tensors or NumPy arrays) loads by
+    name with :meth:`load_state_dict`.
+
+    Raises
+    ------
+    AttributeError
+        If an attribute is assigned before ``super().__init__()`` has run.
+    TypeError
+        If a registered parameter (or submodule, or buffer) name is assigned a value of another
+        kind (other than None).
     """
 
+    #: True in training mode (the default), False in eval mode; see :meth:`train`.
     training: bool
 
     def __init__(self) -> None:
@@ -99,7 +126,23 @@ class Module:
             raise KeyError(f"{kind} name must be a non-empty string without '.', got {name!r}")
 
     def register_parameter(self, name: str, param: Parameter | None) -> None:
-        """Register ``param`` under ``name`` (``None`` registers an absent optional parameter)."""
+        """Register ``param`` under ``name`` (torch's ``register_parameter``).
+
+        Parameters
+        ----------
+        name : str
+            The attribute name (non-empty, without ``"."``).
+        param : Parameter or None
+            The parameter; None registers an absent optional parameter (as a layer's
+            ``bias=False`` does), so that it is listed by name but holds nothing.
+
+        Raises
+        ------
+        KeyError
+            If ``name`` is empty, not a string, or contains ``"."``.
+        TypeError
+            If ``param`` is neither a Parameter nor None.
+        """
         self._check_name("parameter", name)
         if param is not None and not isinstance(param, Parameter):
             raise TypeError(
@@ -112,8 +155,25 @@ class Module:
         object.__setattr__(self, name, param)
 
     def register_buffer(self, name: str, array: Any, persistent: bool = True) -> None:
-        """Non-trainable state (an array, a Tensor or None); persistent buffers are saved in the
-        state dict."""
+        """Register non-trainable state under ``name`` (torch's ``register_buffer``).
+
+        Buffers move and cast with the module (:meth:`to`), and persistent ones are saved in
+        :meth:`state_dict`.
+
+        Parameters
+        ----------
+        name : str
+            The attribute name (non-empty, without ``"."``).
+        array : numpy.ndarray, Tensor or None
+            The state.
+        persistent : bool, default True
+            Whether the buffer is part of the state dict.
+
+        Raises
+        ------
+        KeyError
+            If ``name`` is empty, not a string, or contains ``"."``.
+        """
         self._check_name("buffer", name)
         self._parameters.pop(name, None)
         self._modules.pop(name, None)
@@ -125,6 +185,22 @@ class Module:
         object.__setattr__(self, name, array)
 
     def add_module(self, name: str, module: Module | None) -> None:
+        """Register ``module`` as a submodule under ``name`` (also ``register_module``).
+
+        Parameters
+        ----------
+        name : str
+            The attribute name (non-empty, without ``"."``).
+        module : Module or None
+            The submodule (None registers an empty slot).
+
+        Raises
+        ------
+        KeyError
+            If ``name`` is empty, not a string, or contains ``"."``.
+        TypeError
+            If ``module`` is neither a Module nor None.
+        """
         self._check_name("module", name)
         if module is not None and not isinstance(module, Module):
             raise TypeError(
@@ -141,7 +217,22 @@ class Module:
     def named_modules(
         self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True
     ) -> Iterator[tuple[str, Module]]:
-        """This module and every submodule, by dotted name (each module once, as torch)."""
+        """Iterate over this module and every submodule, with their dotted names.
+
+        Parameters
+        ----------
+        memo : set, optional
+            Ids of modules already yielded (used by the recursion).
+        prefix : str, default ""
+            Prepended to every name (this module's own name is ``prefix``).
+        remove_duplicate : bool, default True
+            Yield a module reachable under several names once (as torch).
+
+        Yields
+        ------
+        (str, Module)
+            The dotted name and the module, this module first, depth first.
+        """
         if memo is None:
             memo = set()
         if remove_duplicate:
@@ -154,10 +245,24 @@ class Module:
                 yield from m.named_modules(memo, _join(prefix, name), remove_duplicate)
 
     def modules(self) -> Iterator[Module]:
+        """Iterate over this module and every submodule (each once).
+
+        Yields
+        ------
+        Module
+            This module first, then its submodules depth first.
+        """
         for _, m in self.named_modules():
             yield m
 
     def named_children(self) -> Iterator[tuple[str, Module]]:
+        """Iterate over the direct submodules, with their names (each module once).
+
+        Yields
+        ------
+        (str, Module)
+            The attribute name and the submodule.
+        """
         seen: set[int] = set()
         for name, m in self._modules.items():
             if m is not None and id(m) not in seen:
@@ -165,13 +270,36 @@ class Module:
                 yield name, m
 
     def children(self) -> Iterator[Module]:
+        """Iterate over the direct submodules (each once).
+
+        Yields
+        ------
+        Module
+            A submodule.
+        """
         for _, m in self.named_children():
             yield m
 
     def named_parameters(
         self, prefix: str = "", recurse: bool = True
     ) -> Iterator[tuple[str, Parameter]]:
-        """Parameters by dotted name; a parameter shared by two modules is listed once."""
+        """Iterate over the parameters with their dotted names.
+
+        A parameter shared by two modules is listed once; absent (None) parameters are
+        skipped.
+
+        Parameters
+        ----------
+        prefix : str, default ""
+            Prepended to every name.
+        recurse : bool, default True
+            Include the parameters of submodules (False: this module's own only).
+
+        Yields
+        ------
+        (str, Parameter)
+            The dotted name (``"block.0.weight"``) and the parameter.
+        """
         seen: set[int] = set()
         mods = self.named_modules(prefix=prefix) if recurse else iter([(prefix, self)])
         for mod_name, m in mods:
@@ -182,10 +310,36 @@ class Module:
                 yield _join(mod_name, name), p
 
     def parameters(self, recurse: bool = True) -> Iterator[Parameter]:
+        """Iterate over the parameters (each once), e.g. to build an optimizer.
+
+        Parameters
+        ----------
+        recurse : bool, default True
+            Include the parameters of submodules.
+
+        Yields
+        ------
+        Parameter
+            A parameter.
+        """
         for _, p in self.named_parameters(recurse=recurse):
             yield p
 
     def named_buffers(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Any]]:
+        """Iterate over the buffers (persistent or not) with their dotted names.
+
+        Parameters
+        ----------
+        prefix : str, default ""
+            Prepended to every name.
+        recurse : bool, default True
+            Include the buffers of submodules.
+
+        Yields
+        ------
+        (str, numpy.ndarray or Tensor)
+            The dotted name and the buffer (None buffers are skipped).
+        """
         mods = self.named_modules(prefix=prefix) if recurse else iter([(prefix, self)])
         for mod_name, m in mods:
             for name, b in m._buffers.items():
@@ -193,10 +347,39 @@ class Module:
                     yield _join(mod_name, name), b
 
     def buffers(self, recurse: bool = True) -> Iterator[Any]:
+        """Iterate over the buffers.
+
+        Parameters
+        ----------
+        recurse : bool, default True
+            Include the buffers of submodules.
+
+        Yields
+        ------
+        numpy.ndarray or Tensor
+            A buffer.
+        """
         for _, b in self.named_buffers(recurse=recurse):
             yield b
 
     def get_submodule(self, target: str) -> Module:
+        """Return the submodule at a dotted path (torch's ``get_submodule``).
+
+        Parameters
+        ----------
+        target : str
+            The dotted name, e.g. ``"offset_fc.0"``; ``""`` is this module.
+
+        Returns
+        -------
+        Module
+            The submodule.
+
+        Raises
+        ------
+        AttributeError
+            If a part of the path names no submodule.
+        """
         m: Module = self
         for part in target.split(".") if target else []:
             child = m._modules.get(part)
@@ -206,6 +389,18 @@ class Module:
         return m
 
     def apply(self, fn: Callable[[Module], Any]) -> Module:
+        """Call ``fn`` on every submodule, then on this module (e.g. a custom initialisation).
+
+        Parameters
+        ----------
+        fn : callable
+            Called as ``fn(module)``; its return value is ignored.
+
+        Returns
+        -------
+        Module
+            ``self``.
+        """
         for m in self.children():
             m.apply(fn)
         fn(self)
@@ -225,7 +420,15 @@ class Module:
                     yield _join(mod_name, name), m, name, "buffer"
 
     def state_dict(self) -> OrderedDict[str, np.ndarray]:
-        """Parameters and persistent buffers by dotted name, as NumPy arrays (copies)."""
+        """Return the parameters and persistent buffers by dotted name (torch's ``state_dict``).
+
+        Like torch, a module reachable under two names is saved under both.
+
+        Returns
+        -------
+        collections.OrderedDict of str to numpy.ndarray
+            Host copies of the values.
+        """
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for key, m, name, kind in self._state_entries():
             value = m._parameters[name] if kind == "param" else m._buffers[name]
@@ -233,11 +436,30 @@ class Module:
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Module:
-        """Copy arrays into parameters and buffers by name (values may be torch tensors).
+        """Copy arrays into the parameters and buffers by name (torch's ``load_state_dict``).
 
-        Values are cast to each parameter's dtype. With ``strict``, missing or unexpected keys
-        raise ``KeyError`` listing them; a shape mismatch raises ``ValueError`` naming the key
-        (always, as torch). Nothing is modified unless every key checks out.
+        Values may be NumPy arrays, Tensors or torch tensors (converted on the host), and are
+        cast to each parameter's dtype (and moved to its device). Nothing is modified unless
+        every key checks out.
+
+        Parameters
+        ----------
+        state_dict : mapping of str to array_like
+            Values by dotted name, e.g. a torch module's ``state_dict()``.
+        strict : bool, default True
+            Require the keys to match exactly (False: load the keys present, ignore the rest).
+
+        Returns
+        -------
+        Module
+            ``self``.
+
+        Raises
+        ------
+        KeyError
+            With ``strict``, if keys are missing or unexpected (the message lists them).
+        ValueError
+            If a value's shape differs from the parameter's (always, as torch).
         """
         targets = {key: (m, name, kind) for key, m, name, kind in self._state_entries()}
         missing = [k for k in targets if k not in state_dict]
@@ -273,14 +495,40 @@ class Module:
 
     # ------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> Module:
+        """Set training mode on this module and every submodule (it changes :class:`Dropout`).
+
+        Parameters
+        ----------
+        mode : bool, default True
+            True for training mode, False for eval mode.
+
+        Returns
+        -------
+        Module
+            ``self``.
+        """
         for m in self.modules():
             object.__setattr__(m, "training", bool(mode))
         return self
 
     def eval(self) -> Module:
+        """Set eval mode (``train(False)``).
+
+        Returns
+        -------
+        Module
+            ``self``.
+        """
         return self.train(False)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of every parameter.
+
+        Parameters
+        ----------
+        set_to_none : bool, default True
+            Set each ``.grad`` to None (True, as torch) or to zeros (False).
+        """
         for p in self.parameters():
             if set_to_none or p.grad is None:
                 p.grad = None
@@ -288,13 +536,46 @@ class Module:
                 p.grad = p.grad * 0
 
     def requires_grad_(self, requires_grad: bool = True) -> Module:
+        """Set ``requires_grad`` on every parameter (e.g. False to freeze the module).
+
+        Parameters
+        ----------
+        requires_grad : bool, default True
+            The new setting.
+
+        Returns
+        -------
+        Module
+            ``self``.
+        """
         for p in self.parameters():
             p.requires_grad_(requires_grad)
         return self
 
     def to(self, target: Any) -> Module:
-        """Move (``"cpu"``/``"cuda"``) or cast (a float dtype) every parameter and floating
-        buffer in place."""
+        """Move or cast every parameter and buffer in place.
+
+        Parameters keep their identity (their ``.data`` is replaced), so an optimizer built
+        before the call still holds them; their gradients are cleared.
+
+        Parameters
+        ----------
+        target : {"cpu", "cuda"} or numpy.dtype
+            A device (every parameter and buffer is moved) or a float dtype (parameters and
+            floating buffers are cast).
+
+        Returns
+        -------
+        Module
+            ``self``.
+
+        Raises
+        ------
+        ValueError
+            If ``target`` is a string other than ``"cpu"`` or ``"cuda"``.
+        RuntimeError
+            If ``target`` is ``"cuda"`` and CUDA is not available.
+        """
         for m in self.modules():
             for p in m._parameters.values():
                 if p is None:
@@ -321,25 +602,84 @@ class Module:
         return self
 
     def double(self) -> Module:
+        """Cast the parameters and floating buffers to float64 (``to(np.float64)``).
+
+        Returns
+        -------
+        Module
+            ``self``.
+        """
         return self.to(np.float64)
 
     def float(self) -> Module:
+        """Cast the parameters and floating buffers to float32 (``to(np.float32)``).
+
+        Returns
+        -------
+        Module
+            ``self``.
+        """
         return self.to(np.float32)
 
     def cpu(self) -> Module:
+        """Move the parameters and buffers to the CPU (``to("cpu")``).
+
+        Returns
+        -------
+        Module
+            ``self``.
+        """
         return self.to("cpu")
 
     def cuda(self) -> Module:
+        """Move the parameters and buffers to the CUDA device (``to("cuda")``).
+
+        Returns
+        -------
+        Module
+            ``self``.
+
+        Raises
+        ------
+        RuntimeError
+            If CUDA is not available.
+        """
         return self.to("cuda")
 
     # ------------------------------------------------------------ calling
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Compute the module's output; every subclass overrides this.
+
+        Parameters
+        ----------
+        *args : object
+            The inputs (``layer(*args, **kwargs)`` calls ``layer.forward(*args, **kwargs)``).
+        **kwargs : object
+            Keyword inputs.
+
+        Returns
+        -------
+        object
+            The output, usually a Tensor.
+
+        Raises
+        ------
+        NotImplementedError
+            In the base class.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
 
     def extra_repr(self) -> str:
+        """Return the text shown inside the module's ``repr`` (its constructor arguments).
+
+        Returns
+        -------
+        str
+            Empty in the base class; layers list their settings.
+        """
         return ""
 
     def __repr__(self) -> str:

@@ -1,4 +1,4 @@
-"""RoI pooling layers (SPEC sections 7 and 8).
+"""RoI pooling layers (see :doc:`/ops/roi` and :doc:`/ops/deform_roi` for the ops).
 
 * :class:`RoIPool`, :class:`RoIAlign`, :class:`PSRoIPool`, :class:`PSRoIAlign` are torchvision's
   ``torchvision.ops`` modules: same constructor arguments, ``forward(input, rois)`` with rois a
@@ -68,7 +68,35 @@ def _check_pooling(
 
 
 class RoIPool(Module):
-    """torchvision.ops.RoIPool: ``forward(input, rois)`` is ``ops.roi_pool``."""
+    """RoI max pooling layer (``torchvision.ops.RoIPool``).
+
+    Mirrors ``torchvision.ops.RoIPool``: the same constructor; ``forward(input, rois)`` is
+    :func:`deformnp.ops.roi_pool`. No parameters.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float
+        Scale from box coordinates to the input's pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+
+    Raises
+    ------
+    TypeError
+        If an argument has the wrong type.
+    ValueError
+        If ``output_size`` < 1, ``spatial_scale`` is not finite, or ``sampling_ratio`` > 4096.
+
+    See Also
+    --------
+    deformnp.ops.roi_pool : The op it applies.
+
+    Notes
+    -----
+    The pooling rule is derived in :doc:`/ops/roi`.
+
+    """
 
     def __init__(self, output_size: IntPair, spatial_scale: float) -> None:
         super().__init__()
@@ -77,15 +105,82 @@ class RoIPool(Module):
         self.spatial_scale = spatial_scale
 
     def forward(self, input: TensorLike, rois: Boxes) -> Tensor:
-        """``ops.roi_pool(input, rois, output_size, spatial_scale)``."""
+        """Max-pool ``input`` over each box into ``PH x PW`` bins.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, shape (N, C, H, W)
+            The feature map, float32 or float64.
+        rois : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+            The boxes in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+            array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index);
+            in ``input``'s dtype; not differentiated.
+
+        Returns
+        -------
+        Tensor, shape (K, C, PH, PW)
+            One pooled map per box, in ``input``'s dtype; differentiable in ``input``.
+
+        Raises
+        ------
+        ValueError, TypeError
+            As :func:`deformnp.ops.roi_pool` (wrong shapes, dtypes or batch indices).
+
+        See Also
+        --------
+        deformnp.ops.roi_pool : The op it applies; :doc:`/ops/roi` has the math.
+
+        """
         return roi_pool(input, rois, self.output_size, self.spatial_scale)
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+
+        """
         return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}"
 
 
 class RoIAlign(Module):
-    """torchvision.ops.RoIAlign: ``forward(input, rois)`` is ``ops.roi_align``."""
+    """RoI Align layer (``torchvision.ops.RoIAlign``).
+
+    Mirrors ``torchvision.ops.RoIAlign``: the same constructor; ``forward(input, rois)`` is
+    :func:`deformnp.ops.roi_align`. No parameters.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float
+        Scale from box coordinates to the input's pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+    aligned : bool, default False
+        True shifts the boxes by -0.5 pixel (pixel centres at integer + 0.5, as torchvision's
+        ``aligned=True``) and drops the minimum RoI size of 1.
+
+    Raises
+    ------
+    TypeError
+        If an argument has the wrong type.
+    ValueError
+        If ``output_size`` < 1, ``spatial_scale`` is not finite, or ``sampling_ratio`` > 4096.
+
+    See Also
+    --------
+    deformnp.ops.roi_align : The op it applies.
+
+    Notes
+    -----
+    The pooling rule is derived in :doc:`/ops/roi`.
+
+    """
 
     def __init__(
         self,
@@ -102,12 +197,45 @@ class RoIAlign(Module):
         self.aligned = aligned
 
     def forward(self, input: TensorLike, rois: Boxes) -> Tensor:
-        """``ops.roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)``."""
+        """Average bilinear samples of ``input`` over each box's ``PH x PW`` bins.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, shape (N, C, H, W)
+            The feature map, float32 or float64.
+        rois : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+            The boxes in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+            array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index);
+            in ``input``'s dtype; not differentiated.
+
+        Returns
+        -------
+        Tensor, shape (K, C, PH, PW)
+            One pooled map per box, in ``input``'s dtype; differentiable in ``input``.
+
+        Raises
+        ------
+        ValueError, TypeError
+            As :func:`deformnp.ops.roi_align` (wrong shapes, dtypes or batch indices).
+
+        See Also
+        --------
+        deformnp.ops.roi_align : The op it applies; :doc:`/ops/roi` has the math.
+
+        """
         return roi_align(
             input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
         )
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+
+        """
         return (
             f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
             f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
@@ -115,7 +243,35 @@ class RoIAlign(Module):
 
 
 class PSRoIPool(Module):
-    """torchvision.ops.PSRoIPool: ``forward(input, rois)`` is ``ops.ps_roi_pool``."""
+    """Position-sensitive RoI average pooling layer (``torchvision.ops.PSRoIPool``).
+
+    Mirrors ``torchvision.ops.PSRoIPool``: the same constructor; ``forward(input, rois)`` is
+    :func:`deformnp.ops.ps_roi_pool`. No parameters.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float
+        Scale from box coordinates to the input's pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+
+    Raises
+    ------
+    TypeError
+        If an argument has the wrong type.
+    ValueError
+        If ``output_size`` < 1, ``spatial_scale`` is not finite, or ``sampling_ratio`` > 4096.
+
+    See Also
+    --------
+    deformnp.ops.ps_roi_pool : The op it applies.
+
+    Notes
+    -----
+    The pooling rule is derived in :doc:`/ops/roi`.
+
+    """
 
     def __init__(self, output_size: IntPair, spatial_scale: float) -> None:
         super().__init__()
@@ -124,15 +280,81 @@ class PSRoIPool(Module):
         self.spatial_scale = spatial_scale
 
     def forward(self, input: TensorLike, rois: Boxes) -> Tensor:
-        """``ops.ps_roi_pool(input, rois, output_size, spatial_scale)``."""
+        """Average-pool each bin of each box from its own group of input channels.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, shape (N, C, H, W)
+            The feature map, float32 or float64.
+        rois : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+            The boxes in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+            array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index);
+            in ``input``'s dtype; not differentiated.
+
+        Returns
+        -------
+        Tensor, shape (K, C / (PH * PW), PH, PW)
+            Bin ``(ph, pw)`` of output channel ``c`` pools input channel
+            ``(c * PH + ph) * PW + pw``; ``C`` must be divisible by ``PH * PW``. Differentiable in
+            ``input``.
+
+        Raises
+        ------
+        ValueError, TypeError
+            As :func:`deformnp.ops.ps_roi_pool` (wrong shapes, dtypes or batch indices).
+
+        See Also
+        --------
+        deformnp.ops.ps_roi_pool : The op it applies; :doc:`/ops/roi` has the math.
+
+        """
         return ps_roi_pool(input, rois, self.output_size, self.spatial_scale)
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+
+        """
         return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}"
 
 
 class PSRoIAlign(Module):
-    """torchvision.ops.PSRoIAlign: ``forward(input, rois)`` is ``ops.ps_roi_align``."""
+    """Position-sensitive RoI Align layer (``torchvision.ops.PSRoIAlign``).
+
+    Mirrors ``torchvision.ops.PSRoIAlign``: the same constructor; ``forward(input, rois)`` is
+    :func:`deformnp.ops.ps_roi_align`. No parameters.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float
+        Scale from box coordinates to the input's pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+
+    Raises
+    ------
+    TypeError
+        If an argument has the wrong type.
+    ValueError
+        If ``output_size`` < 1, ``spatial_scale`` is not finite, or ``sampling_ratio`` > 4096.
+
+    See Also
+    --------
+    deformnp.ops.ps_roi_align : The op it applies.
+
+    Notes
+    -----
+    The pooling rule is derived in :doc:`/ops/roi`.
+
+    """
 
     def __init__(self, output_size: IntPair, spatial_scale: float, sampling_ratio: int) -> None:
         super().__init__()
@@ -142,10 +364,45 @@ class PSRoIAlign(Module):
         self.sampling_ratio = sampling_ratio
 
     def forward(self, input: TensorLike, rois: Boxes) -> Tensor:
-        """``ops.ps_roi_align(input, rois, output_size, spatial_scale, sampling_ratio)``."""
+        """Average bilinear samples of each bin from its own group of input channels.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, shape (N, C, H, W)
+            The feature map, float32 or float64.
+        rois : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+            The boxes in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+            array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index);
+            in ``input``'s dtype; not differentiated.
+
+        Returns
+        -------
+        Tensor, shape (K, C / (PH * PW), PH, PW)
+            Bin ``(ph, pw)`` of output channel ``c`` pools input channel
+            ``(c * PH + ph) * PW + pw``; ``C`` must be divisible by ``PH * PW``. Differentiable in
+            ``input``.
+
+        Raises
+        ------
+        ValueError, TypeError
+            As :func:`deformnp.ops.ps_roi_align` (wrong shapes, dtypes or batch indices).
+
+        See Also
+        --------
+        deformnp.ops.ps_roi_align : The op it applies; :doc:`/ops/roi` has the math.
+
+        """
         return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+
+        """
         return (
             f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
             f"sampling_ratio={self.sampling_ratio}"
@@ -153,7 +410,42 @@ class PSRoIAlign(Module):
 
 
 class DeformRoIPool(Module):
-    """mmcv.ops.DeformRoIPool: ``forward(input, rois, offset=None)`` is ``ops.deform_roi_pool``."""
+    """Deformable RoI pooling layer, offsets as an input (``mmcv.ops.DeformRoIPool``).
+
+    Mirrors ``mmcv.ops.DeformRoIPool``: the same constructor; ``forward(input, rois,
+    offset=None)`` is :func:`deformnp.ops.deform_roi_pool`, RoI Align (``aligned=True``, no
+    minimum RoI size) whose bins are shifted by box-relative offsets. No parameters.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    spatial_scale : float, default 1.0
+        Scale from box coordinates to the input's pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int, default 0
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+    gamma : float, default 0.1
+        Scale of the offsets: bin ``(ph, pw)`` moves by ``gamma * offset * (roi_w, roi_h)``.
+
+    Raises
+    ------
+    TypeError
+        If an argument has the wrong type.
+    ValueError
+        If ``output_size`` < 1, ``spatial_scale`` is not finite, or ``sampling_ratio`` > 4096.
+
+    See Also
+    --------
+    deformnp.ops.deform_roi_pool : The op it applies.
+    DeformRoIPoolPack : The layer that predicts its offsets.
+
+    Notes
+    -----
+    The pooling rule is derived in :doc:`/ops/deform_roi`.
+
+    """
 
     def __init__(
         self,
@@ -182,11 +474,46 @@ class DeformRoIPool(Module):
         )
 
     def forward(self, input: TensorLike, rois: Boxes, offset: TensorLike | None = None) -> Tensor:
-        """``ops.deform_roi_pool(input, rois, offset, output_size, spatial_scale,
-        sampling_ratio, gamma)``."""
+        """Pool ``input`` over each box, the bins shifted by ``offset``.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, shape (N, C, H, W)
+            The feature map, float32 or float64.
+        rois : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+            The boxes in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+            array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index);
+            in ``input``'s dtype; not differentiated.
+        offset : Tensor or array_like, shape (K, 2, PH, PW), optional
+            The normalized shift of each bin: channel 0 is x, channel 1 is y (mmcv's order), in
+            ``input``'s dtype. None for no shift.
+
+        Returns
+        -------
+        Tensor, shape (K, C, PH, PW)
+            In ``input``'s dtype; differentiable in ``input`` and ``offset``.
+
+        Raises
+        ------
+        ValueError, TypeError
+            As :func:`deformnp.ops.deform_roi_pool` (wrong shapes, dtypes or batch indices).
+
+        See Also
+        --------
+        deformnp.ops.deform_roi_pool : The op it applies; :doc:`/ops/deform_roi` has the math.
+
+        """
         return self._pool(input, rois, offset)
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+
+        """
         return (
             f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
             f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}"
@@ -194,8 +521,56 @@ class DeformRoIPool(Module):
 
 
 class DeformRoIPoolPack(DeformRoIPool):
-    """mmcv.ops.DeformRoIPoolPack: deformable RoI pooling that predicts its own offsets (see the
-    module docstring); ``forward(input, rois)``."""
+    """Deformable RoI pooling that predicts its own offsets (``mmcv.ops.DeformRoIPoolPack``).
+
+    Mirrors ``mmcv.ops.DeformRoIPoolPack``: the same constructor arguments and parameter
+    names, so an mmcv state dict loads by name. ``forward(input, rois)`` pools once without
+    offsets, feeds the flattened (K, C*PH*PW) features through ``offset_fc`` =
+    Linear(C*PH*PW, fc), ReLU, Linear(fc, fc), ReLU, Linear(fc, 2*PH*PW) (parameters
+    ``offset_fc.0``, ``offset_fc.2``, ``offset_fc.4``; the last one zero-initialised, so
+    training starts as plain aligned RoI Align), reshapes the result to (K, 2, PH, PW) and pools
+    again with those offsets.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    output_channels : int
+        The channels ``C`` of the input (and of the output), >= 1.
+    deform_fc_channels : int, default 1024
+        The width ``fc`` of the hidden layers of ``offset_fc``.
+    spatial_scale : float, default 1.0
+        Scale from box coordinates to the input's pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int, default 0
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+    gamma : float, default 0.1
+        Scale of the offsets: bin ``(ph, pw)`` moves by ``gamma * offset * (roi_w, roi_h)``.
+    dtype : numpy.dtype or type, optional
+        Keyword-only, a deformnp extra: float32 (the default) or float64, for the parameters;
+        the input must have the same dtype.
+    device : str, optional
+        Keyword-only, a deformnp extra: ``"cuda"`` moves the parameters to the GPU after
+        initialisation.
+
+    Raises
+    ------
+    TypeError
+        If an argument has the wrong type.
+    ValueError
+        If ``output_size`` < 1, ``spatial_scale`` is not finite, or ``sampling_ratio`` > 4096.
+
+    See Also
+    --------
+    deformnp.ops.deform_roi_pool : The op it applies (twice).
+    DeformRoIPool : The layer with offsets as an input.
+
+    Notes
+    -----
+    The pooling rule is derived in :doc:`/ops/deform_roi`.
+
+    """
 
     def __init__(
         self,
@@ -257,13 +632,48 @@ class DeformRoIPoolPack(DeformRoIPool):
         return self.offset_fc(flat).reshape(K, 2, PH, PW)
 
     def forward(self, input: TensorLike, rois: Boxes) -> Tensor:  # type: ignore[override]
-        """Pool ``input`` (N, output_channels, H, W) over ``rois`` without offsets, predict the
-        offsets from that, and pool again with them: (K, output_channels, PH, PW)."""
+        """Pool ``input`` over each box, predict offsets from that, and pool again with them.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, shape (N, C, H, W)
+            The feature map, float32 or float64.
+        rois : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+            The boxes in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+            array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index);
+            in ``input``'s dtype; not differentiated.
+
+        Returns
+        -------
+        Tensor, shape (K, output_channels, PH, PW)
+            In ``input``'s dtype; differentiable in ``input`` and every parameter.
+
+        Raises
+        ------
+        ValueError
+            If ``input`` is not (N, output_channels, H, W), or as
+            :func:`deformnp.ops.deform_roi_pool`.
+        TypeError
+            If ``input``'s dtype is not the parameters' dtype.
+
+        See Also
+        --------
+        deformnp.ops.deform_roi_pool : The op it applies; :doc:`/ops/deform_roi` has the math.
+
+        """
         input = self._check(input)
         x = self._pool(input, rois, None)
         return self._pool(input, rois, self._offset(x))
 
     def extra_repr(self) -> str:
+        """Return the layer's settings as shown in its ``repr``.
+
+        Returns
+        -------
+        str
+            The constructor arguments, ``name=value`` separated by commas.
+
+        """
         return (
             super().extra_repr()
             + f", output_channels={self.output_channels}, "
@@ -272,8 +682,53 @@ class DeformRoIPoolPack(DeformRoIPool):
 
 
 class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
-    """mmcv.ops.ModulatedDeformRoIPoolPack: DeformRoIPoolPack whose output is multiplied by a
-    predicted sigmoid mask (see the module docstring); ``forward(input, rois)``."""
+    """Deformable RoI pooling with predicted offsets and mask (mmcv's ModulatedDeformRoIPoolPack).
+
+    Mirrors ``mmcv.ops.ModulatedDeformRoIPoolPack``: the same constructor arguments and
+    parameter names. As :class:`DeformRoIPoolPack`, plus ``mask_fc`` = Linear(C*PH*PW, fc),
+    ReLU, Linear(fc, PH*PW), Sigmoid (mmcv's mask head has one hidden layer; ``mask_fc.2`` is
+    zero-initialised, so the mask starts at sigmoid(0) = 0.5 as in mmcv), applied to the first
+    pooling; the second pooling is multiplied by the (K, 1, PH, PW) mask.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        The bins per RoI, ``(PH, PW)`` (an int for both); at least 1.
+    output_channels : int
+        The channels ``C`` of the input (and of the output), >= 1.
+    deform_fc_channels : int, default 1024
+        The width ``fc`` of the hidden layers of ``offset_fc`` and ``mask_fc``.
+    spatial_scale : float, default 1.0
+        Scale from box coordinates to the input's pixel coordinates (e.g. 1/16 for a
+        stride-16 feature map).
+    sampling_ratio : int, default 0
+        Samples per bin along each axis; <= 0 for the adaptive grid ``ceil(roi_h / PH)`` by
+        ``ceil(roi_w / PW)``. At most 4096.
+    gamma : float, default 0.1
+        Scale of the offsets: bin ``(ph, pw)`` moves by ``gamma * offset * (roi_w, roi_h)``.
+    dtype : numpy.dtype or type, optional
+        Keyword-only, a deformnp extra: float32 (the default) or float64, for the parameters;
+        the input must have the same dtype.
+    device : str, optional
+        Keyword-only, a deformnp extra: ``"cuda"`` moves the parameters to the GPU after
+        initialisation.
+
+    Raises
+    ------
+    TypeError
+        If an argument has the wrong type.
+    ValueError
+        If ``output_size`` < 1, ``spatial_scale`` is not finite, or ``sampling_ratio`` > 4096.
+
+    See Also
+    --------
+    deformnp.ops.deform_roi_pool : The op it applies (twice).
+
+    Notes
+    -----
+    The pooling rule is derived in :doc:`/ops/deform_roi`.
+
+    """
 
     def __init__(
         self,
@@ -310,8 +765,36 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
         _finish(self, device)
 
     def forward(self, input: TensorLike, rois: Boxes) -> Tensor:  # type: ignore[override]
-        """As :meth:`DeformRoIPoolPack.forward`, the second pooling multiplied by the mask
-        predicted from the first."""
+        """Pool with predicted offsets and multiply by the predicted mask.
+
+        Parameters
+        ----------
+        input : Tensor or array_like, shape (N, C, H, W)
+            The feature map, float32 or float64.
+        rois : array_like, shape (K, 5), or list of array_like, shape (L_i, 4)
+            The boxes in input-image coordinates: rows ``(batch_index, x1, y1, x2, y2)``, or one
+            array of rows ``(x1, y1, x2, y2)`` per image (the list position is the batch index);
+            in ``input``'s dtype; not differentiated.
+
+        Returns
+        -------
+        Tensor, shape (K, output_channels, PH, PW)
+            ``deform_roi_pool(input, rois, offset) * mask``; differentiable in ``input`` and every
+            parameter.
+
+        Raises
+        ------
+        ValueError
+            If ``input`` is not (N, output_channels, H, W), or as
+            :func:`deformnp.ops.deform_roi_pool`.
+        TypeError
+            If ``input``'s dtype is not the parameters' dtype.
+
+        See Also
+        --------
+        deformnp.ops.deform_roi_pool : The op it applies; :doc:`/ops/deform_roi` has the math.
+
+        """
         input = self._check(input)
         x = self._pool(input, rois, None)
         K = x.shape[0]
