@@ -312,6 +312,24 @@ class MaximumFunction(Function):
 
 
 def add(input: TensorLike, other: TensorLike) -> Tensor:
+    """Elementwise ``input + other``, broadcast (torch.add).
+
+    Runs on CPU and CUDA tensors. A Python scalar takes the dtype of the other operand (as in
+    torch); arrays follow NumPy's type promotion.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        The first operand.
+    other : Tensor, ndarray or scalar
+        The second operand, broadcastable with ``input``.
+
+    Returns
+    -------
+    Tensor
+        The broadcast shape of ``input`` and ``other``. Differentiable in both; a gradient of a
+        broadcast operand is summed back to its shape.
+    """
     a, b = _pair_operands(input, other)
     if a.device == "cuda" or b.device == "cuda":
         return _cuda().binary("add", a, b)
@@ -319,6 +337,24 @@ def add(input: TensorLike, other: TensorLike) -> Tensor:
 
 
 def sub(input: TensorLike, other: TensorLike) -> Tensor:
+    """Elementwise ``input - other``, broadcast (torch.sub).
+
+    Runs on CPU and CUDA tensors. A Python scalar takes the dtype of the other operand (as in
+    torch); arrays follow NumPy's type promotion.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        The first operand.
+    other : Tensor, ndarray or scalar
+        The second operand, broadcastable with ``input``.
+
+    Returns
+    -------
+    Tensor
+        The broadcast shape of ``input`` and ``other``. Differentiable in both; a gradient of a
+        broadcast operand is summed back to its shape.
+    """
     a, b = _pair_operands(input, other)
     if a.device == "cuda" or b.device == "cuda":
         return _cuda().binary("sub", a, b)
@@ -326,6 +362,24 @@ def sub(input: TensorLike, other: TensorLike) -> Tensor:
 
 
 def mul(input: TensorLike, other: TensorLike) -> Tensor:
+    """Elementwise ``input * other``, broadcast (torch.mul).
+
+    Runs on CPU and CUDA tensors. A Python scalar takes the dtype of the other operand (as in
+    torch); arrays follow NumPy's type promotion.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        The first operand.
+    other : Tensor, ndarray or scalar
+        The second operand, broadcastable with ``input``.
+
+    Returns
+    -------
+    Tensor
+        The broadcast shape of ``input`` and ``other``. Differentiable in both; a gradient of a
+        broadcast operand is summed back to its shape.
+    """
     a, b = _pair_operands(input, other)
     if a.device == "cuda" or b.device == "cuda":
         return _cuda().binary("mul", a, b)
@@ -333,6 +387,24 @@ def mul(input: TensorLike, other: TensorLike) -> Tensor:
 
 
 def div(input: TensorLike, other: TensorLike) -> Tensor:
+    """Elementwise ``input / other``, broadcast (torch.div).
+
+    Runs on CPU and CUDA tensors. A Python scalar takes the dtype of the other operand (as in
+    torch); arrays follow NumPy's type promotion. True division.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        The first operand.
+    other : Tensor, ndarray or scalar
+        The second operand, broadcastable with ``input``.
+
+    Returns
+    -------
+    Tensor
+        The broadcast shape of ``input`` and ``other``. Differentiable in both; a gradient of a
+        broadcast operand is summed back to its shape.
+    """
     a, b = _pair_operands(input, other)
     if a.device == "cuda" or b.device == "cuda":
         return _cuda().binary("div", a, b)
@@ -340,10 +412,38 @@ def div(input: TensorLike, other: TensorLike) -> Tensor:
 
 
 def pow(input: TensorLike, exponent: TensorLike) -> Tensor:  # noqa: A001 - torch's name
+    """Elementwise ``input ** exponent``, broadcast (torch.pow).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        The base.
+    exponent : Tensor, ndarray or scalar
+        The exponent, broadcastable with ``input``.
+
+    Returns
+    -------
+    Tensor
+        The broadcast shape. Differentiable in both: ``d/d input = exponent *
+        input**(exponent - 1)``, ``d/d exponent = out * log(input)`` where ``input > 0`` and 0
+        elsewhere.
+    """
     return PowFunction.apply(*_pair_operands(input, exponent))
 
 
 def neg(input: TensorLike) -> Tensor:
+    """Elementwise ``-input`` (torch.neg); runs on CPU and CUDA tensors.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape, differentiable.
+    """
     x = _t(input)
     if x.device == "cuda":
         return _cuda().negative(x)
@@ -351,63 +451,251 @@ def neg(input: TensorLike) -> Tensor:
 
 
 def exp(input: TensorLike) -> Tensor:
+    """Elementwise exponential (torch.exp).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. Gradient ``grad * out``.
+    """
     return ExpFunction.apply(_t(input))
 
 
 def log(input: TensorLike) -> Tensor:
+    """Elementwise natural logarithm (torch.log).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. Gradient ``grad / input``.
+    """
     return LogFunction.apply(_t(input))
 
 
 def sqrt(input: TensorLike) -> Tensor:
+    """Elementwise square root (torch.sqrt).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. Gradient ``grad / (2 * out)``.
+    """
     return SqrtFunction.apply(_t(input))
 
 
 def abs(input: TensorLike) -> Tensor:  # noqa: A001 - torch's name
+    """Elementwise absolute value (torch.abs).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. Gradient ``grad * sign(input)`` (0 at 0).
+    """
     return AbsFunction.apply(_t(input))
 
 
 def sin(input: TensorLike) -> Tensor:
+    """Elementwise sine (torch.sin).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. Gradient ``grad * cos(input)``.
+    """
     return SinFunction.apply(_t(input))
 
 
 def cos(input: TensorLike) -> Tensor:
+    """Elementwise cosine (torch.cos).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. Gradient ``-grad * sin(input)``.
+    """
     return CosFunction.apply(_t(input))
 
 
 def tanh(input: TensorLike) -> Tensor:
+    """Elementwise hyperbolic tangent (torch.tanh).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. Gradient ``grad * (1 - out**2)``.
+    """
     return TanhFunction.apply(_t(input))
 
 
 def sigmoid(input: TensorLike) -> Tensor:
+    """Elementwise logistic sigmoid ``1 / (1 + exp(-input))`` (torch.sigmoid).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. Gradient ``grad * out * (1 - out)``.
+    """
     return SigmoidFunction.apply(_t(input))
 
 
 def relu(input: TensorLike, inplace: bool = False) -> Tensor:
+    """Elementwise ``max(input, 0)`` (torch.nn.functional.relu); NaN stays NaN.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    inplace : bool, default False
+        Accepted for torch compatibility and ignored (the result is always a new Tensor).
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. The gradient passes where ``input > 0`` (0 at 0, as torch).
+    """
     return ReLUFunction.apply(_t(input))
 
 
 def clamp(input: TensorLike, min: float | None = None, max: float | None = None) -> Tensor:  # noqa: A002
+    """Clip ``input`` to ``[min, max]`` elementwise (torch.clamp).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    min : float or None, default None
+        The lower bound; None: no lower bound.
+    max : float or None, default None
+        The upper bound; None: no upper bound.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape and dtype. The gradient passes where ``min <= input <= max`` (bounds
+        included), 0 elsewhere.
+    """
     return ClampFunction.apply(_t(input), min, max)
 
 
 def where(condition: TensorLike, input: TensorLike, other: TensorLike) -> Tensor:
-    """Elements of ``input`` where ``condition`` holds, else of ``other`` (differentiable in both)."""
+    """Elements of ``input`` where ``condition`` holds, else of ``other`` (torch.where).
+
+    Parameters
+    ----------
+    condition : Tensor or array_like of bool
+        Broadcastable with ``input`` and ``other``; not differentiated.
+    input : Tensor, ndarray or scalar
+        Taken where ``condition`` is True.
+    other : Tensor, ndarray or scalar
+        Taken where ``condition`` is False.
+
+    Returns
+    -------
+    Tensor
+        The broadcast shape. Differentiable in ``input`` and ``other``: each gets the gradient
+        where it was taken, 0 elsewhere.
+    """
     a, b = _pair_operands(input, other)
     cond = condition.data if isinstance(condition, Tensor) else np.asarray(condition)
     return WhereFunction.apply(cond, a, b)
 
 
 def masked_fill(input: TensorLike, mask: TensorLike, value: float) -> Tensor:
-    """``input`` with ``value`` written where the boolean ``mask`` (broadcastable) is True."""
+    """``input`` with ``value`` written where ``mask`` is True (torch's ``Tensor.masked_fill``).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    mask : Tensor or array_like of bool
+        Broadcastable to ``input``'s shape.
+    value : float
+        The fill value, cast to ``input``'s dtype.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. The gradient reaches ``input`` where ``mask`` is False.
+    """
     x = _t(input)
     return where(mask, Tensor._wrap(np.asarray(value, dtype=x.dtype)), x)
 
 
 def maximum(input: TensorLike, other: TensorLike) -> Tensor:
+    """Elementwise maximum of two operands, broadcast (torch.maximum).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        The first operand.
+    other : Tensor, ndarray or scalar
+        The second operand, broadcastable with ``input``.
+
+    Returns
+    -------
+    Tensor
+        The broadcast shape. The gradient goes to the larger operand; ties split it evenly, as
+        torch.
+    """
     return MaximumFunction.apply(*_pair_operands(input, other), 1)
 
 
 def minimum(input: TensorLike, other: TensorLike) -> Tensor:
+    """Elementwise minimum of two operands, broadcast (torch.minimum).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        The first operand.
+    other : Tensor, ndarray or scalar
+        The second operand, broadcastable with ``input``.
+
+    Returns
+    -------
+    Tensor
+        The broadcast shape. The gradient goes to the smaller operand; ties split it evenly, as
+        torch.
+    """
     return MaximumFunction.apply(*_pair_operands(input, other), -1)
 
 
@@ -466,6 +754,28 @@ class MaxMinFunction(Function):
 
 
 def sum(input: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:  # noqa: A001
+    """Sum over ``dim`` (torch.sum); runs on CPU and CUDA tensors.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    dim : int, sequence of int or None, default None
+        The dimension(s) to reduce; negative values count from the end. None reduces all.
+    keepdim : bool, default False
+        Keep the reduced dimensions with size 1.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape without the reduced dimensions (kept with size 1 if ``keepdim``); a
+        0-d Tensor when ``dim`` is None and not ``keepdim``. Differentiable.
+
+    Raises
+    ------
+    IndexError
+        If a dimension is out of range.
+    """
     x = _t(input)
     if x.device == "cuda":
         return _cuda().reduce("sum", x, _norm_dims(dim, x.ndim, "sum"), keepdim)
@@ -473,6 +783,27 @@ def sum(input: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:  
 
 
 def mean(input: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:
+    """Mean over ``dim`` (torch.mean); runs on CPU and CUDA tensors.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape; the mean of no elements is NaN.
+    dim : int, sequence of int or None, default None
+        The dimension(s) to reduce; negative values count from the end. None reduces all.
+    keepdim : bool, default False
+        Keep the reduced dimensions with size 1.
+
+    Returns
+    -------
+    Tensor
+        As :func:`sum`, divided by the number of reduced elements. Differentiable.
+
+    Raises
+    ------
+    IndexError
+        If a dimension is out of range.
+    """
     x = _t(input)
     if x.device == "cuda":
         return _cuda().reduce("mean", x, _norm_dims(dim, x.ndim, "mean"), keepdim)
@@ -480,9 +811,37 @@ def mean(input: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:
 
 
 def max(input: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:  # noqa: A001
-    """Maximum over ``dim`` (all elements when None). Returns values only (use :func:`argmax`
-    for the indices); ties share the gradient evenly. ``max(a, b)`` with a Tensor or array ``b``
-    is the elementwise :func:`maximum`, as in torch."""
+    """Maximum over ``dim``, values only (torch.max).
+
+    ``max(a, b)`` with an array ``b`` is :func:`maximum`, as in torch. Use :func:`argmax` for
+    the indices.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape, not empty.
+    dim : int, sequence of int, None, Tensor or ndarray, default None
+        The dimension(s) to reduce (None: all). A Tensor or ndarray makes this the elementwise
+        ``maximum(input, dim)``, as in torch.
+    keepdim : bool, default False
+        Keep the reduced dimensions with size 1.
+
+    Returns
+    -------
+    Tensor
+        The maxima. The gradient is split evenly among the elements equal to the maximum.
+
+    Raises
+    ------
+    ValueError
+        If ``input`` is empty.
+    IndexError
+        If a dimension is out of range.
+
+    See Also
+    --------
+    argmax, maximum
+    """
     if isinstance(dim, (Tensor, np.ndarray)):
         return maximum(input, dim)
     x = _t(input)
@@ -492,7 +851,36 @@ def max(input: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:  
 
 
 def min(input: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:  # noqa: A001
-    """Minimum over ``dim``; see :func:`max`."""
+    """Minimum over ``dim``, values only (torch.min).
+
+    ``min(a, b)`` with an array ``b`` is :func:`minimum`. Use :func:`argmin` for the indices.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape, not empty.
+    dim : int, sequence of int, None, Tensor or ndarray, default None
+        The dimension(s) to reduce (None: all). A Tensor or ndarray makes this the elementwise
+        ``minimum(input, dim)``.
+    keepdim : bool, default False
+        Keep the reduced dimensions with size 1.
+
+    Returns
+    -------
+    Tensor
+        The minima. The gradient is split evenly among the elements equal to the minimum.
+
+    Raises
+    ------
+    ValueError
+        If ``input`` is empty.
+    IndexError
+        If a dimension is out of range.
+
+    See Also
+    --------
+    argmin, minimum
+    """
     if isinstance(dim, (Tensor, np.ndarray)):
         return minimum(input, dim)
     x = _t(input)
@@ -504,6 +892,25 @@ def min(input: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:  
 def var(
     input: TensorLike, dim: Dims = None, keepdim: bool = False, unbiased: bool = True
 ) -> Tensor:
+    """Variance over ``dim`` (torch.var), unbiased by default.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    dim : int, sequence of int or None, default None
+        The dimension(s) to reduce; negative values count from the end. None reduces all.
+    keepdim : bool, default False
+        Keep the reduced dimensions with size 1.
+    unbiased : bool, default True
+        Divide by ``n - 1`` (Bessel's correction) if True, by ``n`` if False, where ``n`` is the
+        number of reduced elements.
+
+    Returns
+    -------
+    Tensor
+        ``sum((input - mean)**2) / (n - 1 or n)`` over ``dim``. Differentiable.
+    """
     x = _t(input)
     dims = _norm_dims(dim, x.ndim, "var")
     n = x.size if dims is None else int(np.prod([x.shape[d] for d in dims]))
@@ -514,11 +921,44 @@ def var(
 def std(
     input: TensorLike, dim: Dims = None, keepdim: bool = False, unbiased: bool = True
 ) -> Tensor:
+    """Standard deviation over ``dim`` (torch.std): ``sqrt(var(...))``.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    dim : int, sequence of int or None, default None
+        The dimension(s) to reduce; negative values count from the end. None reduces all.
+    keepdim : bool, default False
+        Keep the reduced dimensions with size 1.
+    unbiased : bool, default True
+        Divide by ``n - 1`` if True, by ``n`` if False (see :func:`var`).
+
+    Returns
+    -------
+    Tensor
+        The standard deviation over ``dim``, differentiable.
+    """
     return sqrt(var(input, dim, keepdim=keepdim, unbiased=unbiased))
 
 
 def argmax(input: TensorLike, dim: int | None = None, keepdim: bool = False) -> Tensor:
-    """Index of the (first) maximum, int64, not differentiable; over all elements when None."""
+    """Index of the first maximum along ``dim`` (torch.argmax); not differentiable.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    dim : int or None, default None
+        The dimension to search; None: the flat index over all elements.
+    keepdim : bool, default False
+        Keep ``dim`` with size 1 (ignored when ``dim`` is None).
+
+    Returns
+    -------
+    Tensor
+        int64 indices.
+    """
     a = _t(input).data
     if dim is None:
         return Tensor._wrap(np.asarray(np.argmax(a), dtype=np.int64))
@@ -527,7 +967,22 @@ def argmax(input: TensorLike, dim: int | None = None, keepdim: bool = False) -> 
 
 
 def argmin(input: TensorLike, dim: int | None = None, keepdim: bool = False) -> Tensor:
-    """Index of the (first) minimum; see :func:`argmax`."""
+    """Index of the first minimum along ``dim`` (torch.argmin); not differentiable.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    dim : int or None, default None
+        The dimension to search; None: the flat index over all elements.
+    keepdim : bool, default False
+        Keep ``dim`` with size 1 (ignored when ``dim`` is None).
+
+    Returns
+    -------
+    Tensor
+        int64 indices.
+    """
     a = _t(input).data
     if dim is None:
         return Tensor._wrap(np.asarray(np.argmin(a), dtype=np.int64))
@@ -631,6 +1086,27 @@ def _shape_arg(op: str, shape: Sequence) -> tuple[int, ...]:
 
 
 def reshape(input: TensorLike, *shape: int | Sequence[int]) -> Tensor:
+    """``input`` with a new shape and the same elements in row-major order (torch.reshape).
+
+    Also ``Tensor.reshape`` and ``Tensor.view``.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    *shape : int or sequence of int
+        The new shape, as separate ints or one tuple; one entry may be -1 (inferred).
+
+    Returns
+    -------
+    Tensor
+        The reshaped Tensor; the gradient is reshaped back.
+
+    Raises
+    ------
+    ValueError
+        If the shape does not fit ``input``'s number of elements.
+    """
     x = _t(input)
     shape = _shape_arg("reshape", shape)
     try:
@@ -643,6 +1119,26 @@ def reshape(input: TensorLike, *shape: int | Sequence[int]) -> Tensor:
 
 
 def permute(input: TensorLike, *dims: int | Sequence[int]) -> Tensor:
+    """``input`` with its dimensions reordered (torch.permute).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    *dims : int or sequence of int
+        A permutation of ``range(input.ndim)`` (negative values allowed), as separate ints or
+        one tuple: output dimension ``i`` is input dimension ``dims[i]``.
+
+    Returns
+    -------
+    Tensor
+        The permuted Tensor; the gradient is permuted back.
+
+    Raises
+    ------
+    ValueError
+        If ``dims`` is not a permutation of the dimensions.
+    """
     x = _t(input)
     dims = _shape_arg("permute", dims)
     if sorted(d % builtins.max(x.ndim, 1) for d in dims) != list(range(x.ndim)):
@@ -651,6 +1147,22 @@ def permute(input: TensorLike, *dims: int | Sequence[int]) -> Tensor:
 
 
 def transpose(input: TensorLike, dim0: int, dim1: int) -> Tensor:
+    """``input`` with dimensions ``dim0`` and ``dim1`` swapped (torch.transpose).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    dim0 : int
+        The first dimension.
+    dim1 : int
+        The second dimension.
+
+    Returns
+    -------
+    Tensor
+        The transposed Tensor.
+    """
     x = _t(input)
     axes = list(range(x.ndim))
     d0, d1 = _norm_dim(dim0, x.ndim, "transpose"), _norm_dim(dim1, x.ndim, "transpose")
@@ -659,6 +1171,22 @@ def transpose(input: TensorLike, dim0: int, dim1: int) -> Tensor:
 
 
 def flatten(input: TensorLike, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    """Merge dimensions ``start_dim`` through ``end_dim`` into one (torch.flatten).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape; a 0-d input becomes shape (1,).
+    start_dim : int, default 0
+        The first dimension to merge.
+    end_dim : int, default -1
+        The last dimension to merge (included).
+
+    Returns
+    -------
+    Tensor
+        The flattened Tensor.
+    """
     x = _t(input)
     if x.ndim == 0:
         return reshape(x, 1)
@@ -668,12 +1196,41 @@ def flatten(input: TensorLike, start_dim: int = 0, end_dim: int = -1) -> Tensor:
 
 
 def unsqueeze(input: TensorLike, dim: int) -> Tensor:
+    """``input`` with a size-1 dimension inserted at ``dim`` (torch.unsqueeze).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    dim : int
+        The new dimension's position, in ``[-input.ndim - 1, input.ndim]``.
+
+    Returns
+    -------
+    Tensor
+        ``input.ndim + 1`` dimensions.
+    """
     x = _t(input)
     d = _norm_dim(dim, x.ndim + 1, "unsqueeze")
     return reshape(x, x.shape[:d] + (1,) + x.shape[d:])
 
 
 def squeeze(input: TensorLike, dim: int | None = None) -> Tensor:
+    """``input`` without size-1 dimensions (torch.squeeze).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    dim : int or None, default None
+        Remove only this dimension, and only if its size is 1 (otherwise ``input`` is returned
+        unchanged); None removes every size-1 dimension.
+
+    Returns
+    -------
+    Tensor
+        The squeezed Tensor.
+    """
     x = _t(input)
     if dim is None:
         return reshape(x, tuple(s for s in x.shape if s != 1))
@@ -684,6 +1241,20 @@ def squeeze(input: TensorLike, dim: int | None = None) -> Tensor:
 
 
 def expand(input: TensorLike, *shape: int | Sequence[int]) -> Tensor:
+    """``input`` broadcast to a larger shape (torch's ``Tensor.expand``).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape broadcastable to ``shape``.
+    *shape : int or sequence of int
+        The new shape, as separate ints or one tuple; -1 keeps the size of that dimension.
+
+    Returns
+    -------
+    Tensor
+        The broadcast Tensor; the gradient is summed back to ``input``'s shape.
+    """
     x = _t(input)
     shape = _shape_arg("expand", shape)
     shape = tuple(x.shape[i - len(shape) + x.ndim] if s == -1 else s for i, s in enumerate(shape))
@@ -691,6 +1262,22 @@ def expand(input: TensorLike, *shape: int | Sequence[int]) -> Tensor:
 
 
 def getitem(input: TensorLike, index: Any) -> Tensor:
+    """``input[index]``, differentiable (``Tensor.__getitem__``).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    index : int, slice, None, Ellipsis, array, Tensor or tuple of these
+        A NumPy index: basic indexing, boolean masks and integer arrays (Tensors are read as
+        their arrays).
+
+    Returns
+    -------
+    Tensor
+        The selected elements. The gradient is scattered back; elements selected several times
+        by integer arrays accumulate their gradients.
+    """
     if isinstance(index, Tensor):
         index = index.data
     elif isinstance(index, tuple):
@@ -699,6 +1286,25 @@ def getitem(input: TensorLike, index: Any) -> Tensor:
 
 
 def cat(tensors: Sequence[TensorLike], dim: int = 0) -> Tensor:
+    """Concatenate Tensors along an existing dimension (torch.cat; also ``concatenate``).
+
+    Parameters
+    ----------
+    tensors : sequence of Tensor, ndarray or scalar
+        Non-empty; equal shapes except along ``dim``.
+    dim : int, default 0
+        The dimension to concatenate along.
+
+    Returns
+    -------
+    Tensor
+        The concatenation; each input gets its slice of the gradient.
+
+    Raises
+    ------
+    ValueError
+        If ``tensors`` is empty.
+    """
     ts = [_t(x) for x in tensors]
     if not ts:
         raise ValueError("cat: expected a non-empty sequence of tensors")
@@ -709,6 +1315,25 @@ concatenate = cat
 
 
 def stack(tensors: Sequence[TensorLike], dim: int = 0) -> Tensor:
+    """Stack Tensors along a new dimension (torch.stack).
+
+    Parameters
+    ----------
+    tensors : sequence of Tensor, ndarray or scalar
+        Non-empty; all of one shape.
+    dim : int, default 0
+        The position of the new dimension, in ``[-ndim - 1, ndim]``.
+
+    Returns
+    -------
+    Tensor
+        The stacked Tensor, one more dimension than the inputs.
+
+    Raises
+    ------
+    ValueError
+        If ``tensors`` is empty.
+    """
     ts = [_t(x) for x in tensors]
     if not ts:
         raise ValueError("stack: expected a non-empty sequence of tensors")
@@ -718,7 +1343,28 @@ def stack(tensors: Sequence[TensorLike], dim: int = 0) -> Tensor:
 def split(
     tensor: TensorLike, split_size_or_sections: int | Sequence[int], dim: int = 0
 ) -> tuple[Tensor, ...]:
-    """torch.split: chunks of ``split_size`` (the last may be smaller) or of the given sizes."""
+    """Split a Tensor into chunks along ``dim`` (torch.split).
+
+    Parameters
+    ----------
+    tensor : Tensor, ndarray or scalar
+        Any shape.
+    split_size_or_sections : int or sequence of int
+        An int: chunks of that size (the last may be smaller). A sequence: the sizes of the
+        chunks, which must add up to ``tensor.shape[dim]``.
+    dim : int, default 0
+        The dimension to split.
+
+    Returns
+    -------
+    tuple of Tensor
+        The chunks, each differentiable.
+
+    Raises
+    ------
+    ValueError
+        If the split size is not positive or the sections do not add up.
+    """
     x = _t(tensor)
     d = _norm_dim(dim, x.ndim, "split")
     n = x.shape[d]
@@ -740,6 +1386,23 @@ def split(
 
 
 def chunk(input: TensorLike, chunks: int, dim: int = 0) -> tuple[Tensor, ...]:
+    """Split a Tensor into ``chunks`` pieces along ``dim`` (torch.chunk).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    chunks : int
+        The number of pieces wanted; each has ``ceil(size / chunks)`` elements along ``dim``
+        (the last may be smaller), so fewer pieces may come back, as in torch.
+    dim : int, default 0
+        The dimension to split.
+
+    Returns
+    -------
+    tuple of Tensor
+        The pieces.
+    """
     x = _t(input)
     n = x.shape[_norm_dim(dim, x.ndim, "chunk")]
     return split(x, -(-n // int(chunks)) if n else 1, dim)
@@ -763,8 +1426,26 @@ class RepeatFunction(Function):
 
 
 def repeat(input: TensorLike, *sizes: int | Sequence[int]) -> Tensor:
-    """torch's ``Tensor.repeat``: tile the tensor ``sizes[d]`` times along each dim (extra
-    leading sizes add dims)."""
+    """Tile ``input`` ``sizes[d]`` times along each dimension (torch's ``Tensor.repeat``).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    *sizes : int or sequence of int
+        The repeat counts (>= 0), as separate ints or one tuple; at least ``input.ndim`` of
+        them, extra leading counts add leading dimensions.
+
+    Returns
+    -------
+    Tensor
+        Shape ``sizes[d] * input.shape[d]`` per dimension; the gradient sums over the copies.
+
+    Raises
+    ------
+    ValueError
+        If there are fewer counts than dimensions or a count is negative.
+    """
     x = _t(input)
     reps = _shape_arg("repeat", sizes)
     if len(reps) < x.ndim:
@@ -789,6 +1470,20 @@ class FlipFunction(Function):
 
 
 def flip(input: TensorLike, dims: int | Sequence[int]) -> Tensor:
+    """Reverse the order of elements along ``dims`` (torch.flip).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    dims : int or sequence of int
+        The dimensions to reverse.
+
+    Returns
+    -------
+    Tensor
+        The flipped copy; the gradient is flipped back.
+    """
     x = _t(input)
     return FlipFunction.apply(x, _norm_dims(dims, x.ndim, "flip") or ())
 
@@ -804,7 +1499,18 @@ class CopyFunction(Function):
 
 
 def clone(input: TensorLike) -> Tensor:
-    """A differentiable copy (torch's ``clone``)."""
+    """A differentiable copy of ``input`` (torch.clone).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+
+    Returns
+    -------
+    Tensor
+        A new Tensor with its own memory; the gradient passes through unchanged.
+    """
     return CopyFunction.apply(_t(input))
 
 
@@ -826,7 +1532,29 @@ class MatMulFunction(Function):
 
 
 def matmul(input: TensorLike, other: TensorLike) -> Tensor:
-    """Matrix product with NumPy/torch semantics (batched, broadcast over leading dims)."""
+    """Matrix product with NumPy / torch semantics (torch.matmul).
+
+    1-d operands are treated as a row (``input``) or column (``other``) vector and the added
+    dimension removed; leading dimensions broadcast as batch dimensions.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Shape (..., n, k) or (k,).
+    other : Tensor, ndarray or scalar
+        Shape (..., k, m) or (k,).
+
+    Returns
+    -------
+    Tensor
+        Shape (..., n, m) (batch dimensions broadcast). Differentiable in both; gradients of
+        broadcast batch dimensions are summed back.
+
+    Raises
+    ------
+    ValueError
+        If an operand is 0-d or the inner dimensions differ.
+    """
     a, b = _pair_operands(input, other)
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError("matmul: both arguments need at least one dimension")
@@ -842,6 +1570,25 @@ def matmul(input: TensorLike, other: TensorLike) -> Tensor:
 
 
 def bmm(input: TensorLike, mat2: TensorLike) -> Tensor:
+    """Batched matrix product of two 3-d Tensors (torch.bmm).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Shape (B, n, k).
+    mat2 : Tensor, ndarray or scalar
+        Shape (B, k, m).
+
+    Returns
+    -------
+    Tensor
+        Shape (B, n, m), differentiable in both.
+
+    Raises
+    ------
+    ValueError
+        If an operand is not 3-d or the inner dimensions differ.
+    """
     a, b = _t(input), _t(mat2)
     if a.ndim != 3 or b.ndim != 3:
         raise ValueError(f"bmm: expected 3-d tensors, got {a.shape} and {b.shape}")
@@ -892,8 +1639,29 @@ def _parse_einsum(equation: str, shapes: list[tuple[int, ...]]) -> tuple[list[st
 
 
 def einsum(equation: str, *operands: TensorLike) -> Tensor:
-    """Differentiable ``np.einsum`` for explicit equations (``"bcm,bcn->bmn"``, ``...`` allowed);
-    a subscript may not repeat within one operand or in the output."""
+    """Differentiable ``np.einsum`` for explicit equations (torch.einsum).
+
+    Two-operand contractions run as one batched matrix product.
+
+    Parameters
+    ----------
+    equation : str
+        An explicit equation such as ``"bcm,bcn->bmn"``; ``...`` is allowed. A subscript may not
+        repeat within one operand (no diagonals) or in the output.
+    *operands : Tensor, ndarray or scalar
+        One operand per input term (or one list of them).
+
+    Returns
+    -------
+    Tensor
+        The contraction; differentiable in every operand.
+
+    Raises
+    ------
+    ValueError
+        If the equation is implicit (no ``->``), does not match the operands, or repeats a
+        subscript.
+    """
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])
     ops = [_t(o) for o in operands]
@@ -1003,12 +1771,39 @@ class LogSoftmaxFunction(Function):
 
 
 def softmax(input: TensorLike, dim: int) -> Tensor:
-    """Numerically stable softmax along ``dim``."""
+    """Softmax along ``dim``, ``exp(x - max) / sum(exp(x - max))`` (torch.softmax).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    dim : int
+        The dimension that sums to 1.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. Gradient ``out * (grad - sum(grad * out, dim))``.
+    """
     x = _t(input)
     return SoftmaxFunction.apply(x, _norm_dim(dim, x.ndim, "softmax"))
 
 
 def log_softmax(input: TensorLike, dim: int) -> Tensor:
+    """Log-softmax along ``dim``, ``x - max - log(sum(exp(x - max)))`` (torch.log_softmax).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    dim : int
+        The dimension to normalise over.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. Gradient ``grad - exp(out) * sum(grad, dim)``.
+    """
     x = _t(input)
     return LogSoftmaxFunction.apply(x, _norm_dim(dim, x.ndim, "log_softmax"))
 
@@ -1044,7 +1839,26 @@ class GELUFunction(Function):
 
 
 def gelu(input: TensorLike, approximate: str = "none") -> Tensor:
-    """GELU; the exact erf form by default, ``approximate="tanh"`` for the tanh approximation."""
+    """GELU activation (torch.nn.functional.gelu).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    approximate : {"none", "tanh"}, default "none"
+        "none": the exact ``0.5 * x * (1 + erf(x / sqrt(2)))``; "tanh": ``0.5 * x * (1 +
+        tanh(sqrt(2/pi) * (x + 0.044715 x**3)))``.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape and dtype, differentiable.
+
+    Raises
+    ------
+    ValueError
+        If ``approximate`` is neither "none" nor "tanh".
+    """
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     return GELUFunction.apply(_t(input), approximate)
@@ -1134,12 +1948,43 @@ def conv2d(
 ) -> Tensor:
     """2-D convolution (cross-correlation) with torch.nn.functional.conv2d's semantics.
 
-    ``input`` (N, C, H, W) or unbatched (C, H, W); ``weight`` (O, C/groups, kh, kw); ``bias``
-    (O,) or None; ``stride``, ``padding``, ``dilation`` an int or (h, w); ``padding`` may also be
-    ``"valid"`` or ``"same"`` (stride 1; an odd total goes to the bottom/right, as torch). Output
-    (N, O, Hout, Wout), ``Hout = (H + 2*ph - dh*(kh-1) - 1) // sh + 1``. float32 or float64, one
-    dtype for all arrays. Gradients for input, weight and bias (explicit backward, see
-    :class:`Conv2d`).
+    Forward and backward run deformnp's kernels (im2col + BLAS, with a depthwise path).
+
+    Parameters
+    ----------
+    input : Tensor or ndarray, shape (N, C, H, W) or (C, H, W)
+        float32 or float64; a 3-d input is one unbatched image.
+    weight : Tensor or ndarray, shape (O, C/groups, kh, kw)
+        The filters, ``input``'s dtype.
+    bias : Tensor or ndarray, shape (O,), optional
+        Added to each output channel.
+    stride : int or (int, int), default 1
+        The step between output positions, (sh, sw).
+    padding : int, (int, int), "valid" or "same", default 0
+        Zero padding on both sides, (ph, pw). "valid" is 0; "same" (stride 1 only) keeps
+        H and W, an odd total padding putting the extra row/column at the bottom/right, as torch.
+    dilation : int or (int, int), default 1
+        The spacing of kernel taps, (dh, dw).
+    groups : int, default 1
+        Channel groups; C and O must be divisible by it.
+
+    Returns
+    -------
+    Tensor, shape (N, O, Hout, Wout) (or (O, Hout, Wout))
+        ``Hout = (H + 2*ph - dh*(kh-1) - 1) // sh + 1``, likewise ``Wout``. Differentiable in
+        ``input``, ``weight`` and ``bias``.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64 or the dtypes differ.
+    ValueError
+        If a shape, ``groups``, ``padding`` or the output size is invalid.
+
+    See Also
+    --------
+    deformnp.nn.Conv2d : The layer.
+    deformnp.ops.deform_conv2d : The deformable convolution; see :doc:`/ops/deform_conv`.
     """
     op = "conv2d"
     x = host_float_array(op, "input", unwrap(input))
@@ -1216,8 +2061,29 @@ class LinearFunction(Function):
 
 
 def linear(input: TensorLike, weight: TensorLike, bias: TensorLike | None = None) -> Tensor:
-    """``input @ weight.T + bias`` (torch.nn.functional.linear): input (*, in), weight
-    (out, in), bias (out,) or None; output (*, out)."""
+    """``input @ weight.T + bias`` (torch.nn.functional.linear).
+
+    Parameters
+    ----------
+    input : Tensor or ndarray, shape (..., in_features)
+        float32 or float64.
+    weight : Tensor or ndarray, shape (out_features, in_features)
+        ``input``'s dtype.
+    bias : Tensor or ndarray, shape (out_features,), optional
+        Added to every row.
+
+    Returns
+    -------
+    Tensor, shape (..., out_features)
+        Differentiable in ``input``, ``weight`` and ``bias``.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64 or the dtypes differ.
+    ValueError
+        If the shapes do not fit.
+    """
     op = "linear"
     x = host_float_array(op, "input", unwrap(input))
     w = host_float_array(op, "weight", unwrap(weight))
@@ -1284,8 +2150,36 @@ def layer_norm(
     bias: TensorLike | None = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    """Normalize over the trailing ``normalized_shape`` dims (biased variance, as torch), then
-    scale by ``weight`` and shift by ``bias`` (each of shape ``normalized_shape`` or None)."""
+    """Layer normalisation over the trailing ``normalized_shape`` dimensions (torch's layer_norm).
+
+    ``(x - mean) / sqrt(var + eps) * weight + bias``, with the mean and the biased variance
+    over the normalised dimensions.
+
+    Parameters
+    ----------
+    input : Tensor or ndarray, shape (...) + normalized_shape
+        float32 or float64.
+    normalized_shape : int or sequence of int
+        The trailing dimensions to normalise over.
+    weight : Tensor or ndarray, shape normalized_shape, optional
+        Elementwise scale; None: 1.
+    bias : Tensor or ndarray, shape normalized_shape, optional
+        Elementwise shift; None: 0.
+    eps : float, default 1e-5
+        Added to the variance (>= 0).
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape. Differentiable in ``input``, ``weight`` and ``bias``.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64 or the dtypes differ.
+    ValueError
+        If the shapes do not fit or ``eps`` is negative.
+    """
     op = "layer_norm"
     x = host_float_array(op, "input", unwrap(input))
     ns = integers(op, "normalized_shape", normalized_shape)
@@ -1321,9 +2215,37 @@ def dropout(
     inplace: bool = False,
     generator: np.random.Generator | None = None,
 ) -> Tensor:
-    """Zero each element with probability ``p`` and scale the rest by ``1/(1-p)`` when
-    ``training``; the identity otherwise. ``generator`` defaults to the module-level generator
-    (see :func:`deformnp.manual_seed`). ``inplace`` is accepted for torch compatibility and ignored."""
+    """Dropout (torch.nn.functional.dropout): zero elements with probability ``p`` when training.
+
+    The kept elements are scaled by ``1 / (1 - p)``; with ``training=False`` or ``p=0`` the
+    input is returned unchanged.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        float32 or float64 when dropout applies.
+    p : float, default 0.5
+        The probability of zeroing an element, in [0, 1].
+    training : bool, default True
+        Apply dropout; False is the identity.
+    inplace : bool, default False
+        Accepted for torch compatibility and ignored.
+    generator : numpy.random.Generator, optional
+        The random source; None uses deformnp's module-level generator (seeded by
+        :func:`deformnp.manual_seed`).
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape; the gradient is masked and scaled like the forward.
+
+    Raises
+    ------
+    ValueError
+        If ``p`` is outside [0, 1].
+    TypeError
+        If dropout applies to a non-float input.
+    """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     x = _t(input)
@@ -1364,8 +2286,30 @@ class PadFunction(Function):
 def pad(
     input: TensorLike, pad: Sequence[int], mode: str = "constant", value: float = 0.0
 ) -> Tensor:
-    """torch.nn.functional.pad, constant mode: ``pad`` lists (before, after) pairs starting from
-    the last dimension, ``(left, right, top, bottom, ...)``; negative widths crop."""
+    """Constant padding (torch.nn.functional.pad with ``mode="constant"``).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    pad : sequence of int
+        (before, after) pairs from the last dimension backwards: ``(left, right, top, bottom,
+        ...)``; an even length of at most ``2 * input.ndim``. Negative widths crop.
+    mode : str, default "constant"
+        Only "constant" is supported.
+    value : float, default 0.0
+        The fill value.
+
+    Returns
+    -------
+    Tensor
+        Each padded dimension grows by ``before + after``; the gradient is the interior slice.
+
+    Raises
+    ------
+    ValueError
+        If ``mode`` is not "constant", ``pad`` has a bad length, or a size becomes negative.
+    """
     x = _t(input)
     if mode != "constant":
         raise ValueError(f"pad: only mode='constant' is supported, got {mode!r}")
@@ -1387,8 +2331,28 @@ def pad(
 
 
 def mse_loss(input: TensorLike, target: TensorLike, reduction: str = "mean") -> Tensor:
-    """Mean (or sum, or elementwise) squared error; ``input`` and ``target`` must have one shape
-    (torch broadcasts with a warning; deformnp refuses, which catches (N,1)-vs-(N,) bugs)."""
+    """Mean squared error (torch.nn.functional.mse_loss).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        The predictions.
+    target : Tensor, ndarray or scalar
+        The targets, ``input``'s shape exactly (torch broadcasts with a warning; deformnp
+        refuses, which catches (N, 1)-vs-(N,) mistakes).
+    reduction : {"mean", "sum", "none"}, default "mean"
+        How the elementwise ``(input - target)**2`` is reduced.
+
+    Returns
+    -------
+    Tensor
+        0-d for "mean" and "sum", ``input``'s shape for "none". Differentiable in both.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ or ``reduction`` is unknown.
+    """
     x, t = _pair_operands(input, target)
     if x.shape != t.shape:
         raise ValueError(f"mse_loss: input has shape {x.shape} but target has shape {t.shape}")
@@ -1397,7 +2361,27 @@ def mse_loss(input: TensorLike, target: TensorLike, reduction: str = "mean") -> 
 
 
 def l1_loss(input: TensorLike, target: TensorLike, reduction: str = "mean") -> Tensor:
-    """Mean (or sum, or elementwise) absolute error; shapes must match (see :func:`mse_loss`)."""
+    """Mean absolute error (torch.nn.functional.l1_loss).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        The predictions.
+    target : Tensor, ndarray or scalar
+        The targets, ``input``'s shape exactly (see :func:`mse_loss`).
+    reduction : {"mean", "sum", "none"}, default "mean"
+        How the elementwise ``|input - target|`` is reduced.
+
+    Returns
+    -------
+    Tensor
+        0-d for "mean" and "sum", ``input``'s shape for "none". Differentiable in both.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ or ``reduction`` is unknown.
+    """
     x, t = _pair_operands(input, target)
     if x.shape != t.shape:
         raise ValueError(f"l1_loss: input has shape {x.shape} but target has shape {t.shape}")
@@ -1411,8 +2395,34 @@ def nll_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> Tensor:
-    """Negative log-likelihood of class indices, given log-probabilities ``input`` of shape
-    (N, C), (N, C, d1, ...) or (C,); see :func:`cross_entropy` for the rest."""
+    """Negative log-likelihood loss (torch.nn.functional.nll_loss).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Log-probabilities, shape (N, C), (N, C, d1, ...) or (C,); float32 or float64.
+    target : Tensor or array_like
+        Class indices (int, the input's shape without the class dimension) or class
+        probabilities (float, the input's shape); see :func:`cross_entropy`.
+    weight : Tensor or ndarray, shape (C,), optional
+        Per-class weights.
+    ignore_index : int, default -100
+        Index targets equal to it contribute nothing (nor to the "mean" denominator).
+    reduction : {"mean", "sum", "none"}, default "mean"
+        "mean" divides by the summed weights of the non-ignored index targets.
+
+    Returns
+    -------
+    Tensor
+        0-d for "mean" and "sum", per-sample losses for "none". Differentiable in ``input``.
+
+    Raises
+    ------
+    TypeError
+        If ``input`` is not float or ``target`` is neither int nor float.
+    ValueError
+        If a shape, a target value or ``reduction`` is invalid.
+    """
     return _class_loss("nll_loss", _t(input), target, weight, ignore_index, reduction, 0.0)
 
 
@@ -1424,14 +2434,41 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    """torch.nn.functional.cross_entropy over logits ``input`` (N, C), (N, C, d1, ...) or (C,).
+    """Cross-entropy over logits (torch.nn.functional.cross_entropy).
 
-    ``target`` holds class indices (int32/int64, the input's shape without the class dim) or
-    class probabilities (float, the input's shape). ``weight`` (C,) rescales classes;
-    ``ignore_index`` marks targets that contribute nothing; with ``reduction="mean"`` index
-    targets are averaged over the summed weights of the non-ignored targets, probability targets
-    over the number of samples (as torch). ``label_smoothing`` mixes the target with the uniform
-    distribution.
+    ``log_softmax`` over the class dimension, then :func:`nll_loss` with optional label
+    smoothing.
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Logits, shape (N, C), (N, C, d1, ...) or (C,); float32 or float64.
+    target : Tensor or array_like
+        Class indices (int32/int64, the input's shape without the class dimension) or class
+        probabilities (float, the input's shape).
+    weight : Tensor or ndarray, shape (C,), optional
+        Per-class weights.
+    ignore_index : int, default -100
+        Index targets equal to it contribute nothing.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        "mean" averages index targets over the summed weights of the non-ignored targets and
+        probability targets over the number of samples, as torch.
+    label_smoothing : float, default 0.0
+        In [0, 1]: the target becomes ``(1 - label_smoothing) * target + label_smoothing / C``.
+
+    Returns
+    -------
+    Tensor
+        0-d for "mean" and "sum", per-sample losses for "none". Differentiable in ``input``
+        (and in a probability ``target`` given as a Tensor).
+
+    Raises
+    ------
+    TypeError
+        If ``input`` is not float or ``target`` is neither int nor float.
+    ValueError
+        If ``input`` is 0-d, or a shape, a target value, ``reduction`` or
+        ``label_smoothing`` is invalid.
     """
     x = _t(input)
     if x.ndim < 1:
@@ -1523,17 +2560,62 @@ def _class_loss(
 
 
 def leaky_relu(input: TensorLike, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+    """Elementwise ``x if x > 0 else negative_slope * x`` (torch.nn.functional.leaky_relu).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    negative_slope : float, default 0.01
+        The slope for ``x <= 0``.
+    inplace : bool, default False
+        Accepted for torch compatibility and ignored.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape, differentiable.
+    """
     x = _t(input)
     return where(x.data > 0, x, x * negative_slope)
 
 
 def silu(input: TensorLike, inplace: bool = False) -> Tensor:
+    """Elementwise ``x * sigmoid(x)`` (torch.nn.functional.silu).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    inplace : bool, default False
+        Accepted for torch compatibility and ignored.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape, differentiable.
+    """
     x = _t(input)
     return x * sigmoid(x)
 
 
 def softplus(input: TensorLike, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    """``log(1 + exp(beta*x)) / beta``, linear where ``beta*x > threshold`` (torch)."""
+    """Elementwise ``log(1 + exp(beta * x)) / beta`` (torch.nn.functional.softplus).
+
+    Parameters
+    ----------
+    input : Tensor, ndarray or scalar
+        Any shape.
+    beta : float, default 1.0
+        The sharpness.
+    threshold : float, default 20.0
+        Where ``beta * x > threshold`` the result is ``x`` (linear), as torch.
+
+    Returns
+    -------
+    Tensor
+        ``input``'s shape, computed stably, differentiable.
+    """
     x = _t(input)
     bx = x * beta
     # log(1 + e^z) = max(z, 0) + log(1 + e^-|z|), stable for every z
@@ -1564,7 +2646,20 @@ class ToDeviceFunction(Function):
 
 
 def to_device(input: Tensor, device: str) -> Tensor:
-    """``input`` on ``device`` ("cpu" or "cuda"), differentiably (the gradient moves back)."""
+    """``input`` moved to ``device``, differentiably (``Tensor.to("cuda")`` / ``to("cpu")``).
+
+    Parameters
+    ----------
+    input : Tensor
+        Any shape, on the CPU or a CUDA device.
+    device : {"cpu", "cuda"}
+        The destination.
+
+    Returns
+    -------
+    Tensor
+        The same values on ``device``; the gradient moves back to ``input``'s device.
+    """
     return ToDeviceFunction.apply(input, device)
 
 
@@ -1616,11 +2711,33 @@ def _attach() -> None:
     T.softmax, T.log_softmax, T.masked_fill = softmax, log_softmax, masked_fill
     T.split, T.chunk = split, chunk
     T.repeat, T.flip, T.clone, T.sin, T.cos = repeat, flip, clone, sin, cos
-    T.contiguous = lambda s: s  # NumPy handles any layout; kept so ported code runs
+
+    def contiguous(self: Tensor) -> Tensor:
+        """The tensor itself: NumPy handles any memory layout (kept so ported torch code runs).
+
+        Returns
+        -------
+        Tensor
+            ``self``.
+        """
+        return self
+
+    T.contiguous = contiguous
 
     def to(self: Tensor, target: Any) -> Tensor:
-        """``to("cuda")`` / ``to("cpu")`` moves the data (differentiably); ``to(np.float64)``
-        casts."""
+        """Move the tensor to a device, or cast it to a dtype (differentiably).
+
+        Parameters
+        ----------
+        target : {"cpu", "cuda"} or dtype-like
+            A device name moves the data (the gradient moves back); anything else is a dtype
+            to cast to, as in :meth:`astype`.
+
+        Returns
+        -------
+        Tensor
+            ``self`` when nothing changes, else a new tensor on the graph.
+        """
         if isinstance(target, str) and target in ("cpu", "cuda"):
             return self if target == self.device else to_device(self, target)
         return self.astype(target)
@@ -1628,6 +2745,18 @@ def _attach() -> None:
     T.to = to
 
     def astype(self: Tensor, dtype: Any) -> Tensor:
+        """Cast to ``dtype`` (differentiably: the gradient is cast back).
+
+        Parameters
+        ----------
+        dtype : dtype-like
+            The new dtype, e.g. ``np.float32``.
+
+        Returns
+        -------
+        Tensor
+            ``self`` when the dtype is already ``dtype``, else a new tensor on the graph.
+        """
         dtype = np.dtype(dtype)
         if dtype == self.dtype:
             return self

@@ -397,26 +397,50 @@ def deform_conv2d(
     dilation: int | tuple[int, int] = (1, 1),
     mask: Any | None = None,
 ) -> jax.Array:
-    """Deformable convolution v1 (v2 with ``mask``): ``torchvision.ops.deform_conv2d``.
+    """Deformable convolution v1 (v2 with ``mask``), as ``torchvision.ops.deform_conv2d``.
+
+    Reverse-mode differentiable: a ``jax.custom_vjp`` whose forward and backward run deformnp's
+    kernels on the host through ``jax.pure_callback`` (:func:`deformnp.ops.deform_conv2d_forward` /
+    ``_backward``). One kernel call per element under ``jax.vmap`` (the weight and bias are shared
+    by the batch). See the module docstring for the contract (CPU, no copies, static arguments).
 
     Parameters
     ----------
-    input : array (B, Cin, H, W)
-    offset : array (B, 2*G*kh*kw, Hout, Wout)
-        (dy, dx) per kernel point k = i*kw + j and offset group (G groups, inferred).
-    weight : array (Cout, Cin/g, kh, kw)
-        g = Cin // weight.shape[1] weight groups.
-    bias : array (Cout,) or None
-    stride, padding, dilation : int or (h, w), static
-    mask : array (B, G*kh*kw, Hout, Wout) or None
-        None is DCN v1 (all ones).
+    input : array, shape (B, Cin, H, W)
+        The feature map, float32 or float64.
+    offset : array, shape (B, 2*G*kh*kw, Hout, Wout)
+        For kernel point ``k = i*kw + j`` of offset group ``g``, ``(dy, dx)`` in channels
+        ``2*(g*kh*kw + k)`` and the next; G (offset groups) is inferred.
+    weight : array, shape (Cout, Cin/g, kh, kw)
+        The filters; ``g = Cin // weight.shape[1]`` weight groups.
+    bias : array, shape (Cout,), optional
+        Added to each output channel.
+    stride : int or (int, int), default (1, 1)
+        The step between output positions (static).
+    padding : int or (int, int), default (0, 0)
+        Zero padding (static).
+    dilation : int or (int, int), default (1, 1)
+        The spacing of the kernel taps (static).
+    mask : array, shape (B, G*kh*kw, Hout, Wout), optional
+        The modulation of DCN v2; None is DCN v1 (all ones).
 
     Returns
     -------
-    jax.Array (B, Cout, Hout, Wout), Hout = (H + 2*ph - (dh*(kh-1) + 1)) // sh + 1 (W likewise),
-    of the inputs' dtype. Differentiable in every array argument; one kernel call per element
-    under vmap (the weight and bias are shared by the batch). See the module docstring for the
-    contract (CPU, no copies, static arguments).
+    jax.Array, shape (B, Cout, Hout, Wout)
+        ``Hout = (H + 2*ph - (dh*(kh-1) + 1)) // sh + 1`` (W likewise), of the inputs' dtype;
+        differentiable in every array argument.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, the dtypes differ, or a static argument is traced.
+    ValueError
+        If a shape or static value is invalid.
+
+    See Also
+    --------
+    deformnp.ops.deform_conv2d : The same op on deformnp Tensors; formulas in
+        :doc:`/ops/deform_conv`.
     """
     arrays = [_array(x) if x is not None else None for x in (input, offset, weight, bias, mask)]
     host, args = _deform_conv2d_host("deform_conv2d", *arrays[:4], stride, padding, dilation,
@@ -436,29 +460,54 @@ def modulated_deform_conv2d(
     groups: int = 1,
     deform_groups: int = 1,
 ) -> jax.Array:
-    """Modulated deformable convolution (DCN v2): ``mmcv.ops.modulated_deform_conv2d``.
+    """Modulated deformable convolution (DCN v2), as ``mmcv.ops.modulated_deform_conv2d``.
 
     mmcv's argument order (input, offset, mask, weight, bias, stride, padding, dilation, groups,
-    deform_groups) and offset layout, which is torchvision's (dy, dx of kernel point k of
-    deformable group g in channels 2*(g*kh*kw + k) and the next), so this is
-    :func:`deform_conv2d` with ``mask``.
+    deform_groups) and offset layout, which is torchvision's (dy, dx of kernel point k of deformable
+    group g in channels ``2*(g*kh*kw + k)`` and the next), so this is :func:`deform_conv2d` with
+    ``mask``. Reverse-mode differentiable: a ``jax.custom_vjp`` whose forward and backward run
+    deformnp's kernels on the host through ``jax.pure_callback``. One kernel call per element under
+    vmap.
 
     Parameters
     ----------
-    input : array (B, Cin, H, W)
-    offset : array (B, 2*deform_groups*kh*kw, Hout, Wout)
-    mask : array (B, deform_groups*kh*kw, Hout, Wout)
-        None is accepted and means all ones (DCN v1).
-    weight : array (Cout, Cin/groups, kh, kw)
-    bias : array (Cout,) or None
-    stride, padding, dilation : int or (h, w), static
-    groups, deform_groups : int, static
-        Checked against the shapes of weight and offset (a ValueError if they disagree).
+    input : array, shape (B, Cin, H, W)
+        The feature map, float32 or float64.
+    offset : array, shape (B, 2*deform_groups*kh*kw, Hout, Wout)
+        The sampling offsets.
+    mask : array, shape (B, deform_groups*kh*kw, Hout, Wout)
+        The modulation; None is accepted and means all ones (DCN v1).
+    weight : array, shape (Cout, Cin/groups, kh, kw)
+        The filters.
+    bias : array, shape (Cout,), optional
+        Added to each output channel.
+    stride : int or (int, int), default 1
+        The step between output positions (static).
+    padding : int or (int, int), default 0
+        Zero padding (static).
+    dilation : int or (int, int), default 1
+        The spacing of the kernel taps (static).
+    groups : int, default 1
+        Weight groups (static); must equal ``Cin / weight.shape[1]``.
+    deform_groups : int, default 1
+        Offset groups (static); must equal ``offset.shape[1] / (2*kh*kw)``.
 
     Returns
     -------
-    jax.Array (B, Cout, Hout, Wout) of the inputs' dtype, differentiable in every array
-    argument. One kernel call per element under vmap.
+    jax.Array, shape (B, Cout, Hout, Wout)
+        Of the inputs' dtype, differentiable in every array argument.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, the dtypes differ, or a static argument is traced.
+    ValueError
+        If ``groups`` or ``deform_groups`` disagrees with the shapes, or another shape or
+        static value is invalid.
+
+    See Also
+    --------
+    deformnp.ops.deform_conv2d : The op, with ``mask``; formulas in :doc:`/ops/deform_conv`.
     """
     op = "modulated_deform_conv2d"
     _static(op, groups=groups, deform_groups=deform_groups)
@@ -622,20 +671,46 @@ def roi_align(
     sampling_ratio: int = -1,
     aligned: bool = False,
 ) -> jax.Array:
-    """RoI Align: ``torchvision.ops.roi_align``.
+    """RoI Align, as ``torchvision.ops.roi_align``.
+
+    Reverse-mode differentiable: a ``jax.custom_vjp`` whose forward and backward run deformnp's
+    kernels on the host through ``jax.pure_callback`` (:func:`deformnp.ops.roi_align_forward` /
+    ``_backward``). One kernel call per element under vmap. See the module docstring for the
+    contract.
 
     Parameters
     ----------
-    input : array (N, C, H, W)
-    boxes : array (K, 5) of (batch_index, x1, y1, x2, y2), or a list of (L_i, 4) arrays (one per
-        image), of input's dtype. Not differentiated (zero cotangent).
-    output_size : int or (PH, PW), static
-    spatial_scale, sampling_ratio, aligned : static, as torchvision's.
+    input : array, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    boxes : array, shape (K, 5), or list of arrays, shape (L_i, 4)
+        ``(batch_index, x1, y1, x2, y2)`` rows, or one ``(x1, y1, x2, y2)`` array per image (the
+        list position is the batch index), of ``input``'s dtype. Not differentiated (zero
+        cotangent).
+    output_size : int or (int, int)
+        (PH, PW), the bins per box (static).
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates (static).
+    sampling_ratio : int, default -1
+        Samples per bin side; <= 0: adaptive, ``ceil(roi_size / output_size)`` (static).
+    aligned : bool, default False
+        Shift the boxes by -0.5 pixel; False also enforces a minimum box size of 1, as
+        torchvision (static).
 
     Returns
     -------
-    jax.Array (K, C, PH, PW), differentiable in ``input``. One kernel call per element under
-    vmap. See the module docstring for the contract.
+    jax.Array, shape (K, C, PH, PW)
+        Differentiable in ``input``.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, the dtypes differ, or a static argument is traced.
+    ValueError
+        If a shape or static value is invalid.
+
+    See Also
+    --------
+    deformnp.ops.roi_align : The same op on deformnp Tensors; formulas in :doc:`/ops/roi`.
     """
     op = "roi_align"
     _static(op, output_size=output_size, spatial_scale=spatial_scale,
@@ -655,10 +730,42 @@ def ps_roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
 ) -> jax.Array:
-    """Position-sensitive RoI Align: ``torchvision.ops.ps_roi_align``.
+    """Position-sensitive RoI Align, as ``torchvision.ops.ps_roi_align``.
 
-    input (N, C, H, W) with C a multiple of PH*PW; boxes as :func:`roi_align`'s. Returns
-    (K, C/(PH*PW), PH, PW), differentiable in ``input``; static geometry.
+    Reverse-mode differentiable: a ``jax.custom_vjp`` whose forward and backward run deformnp's
+    kernels on the host through ``jax.pure_callback`` (:func:`deformnp.ops.ps_roi_align_forward` /
+    ``_backward``). An empty sampling grid gives 0, where torchvision gives NaN.
+
+    Parameters
+    ----------
+    input : array, shape (N, C, H, W)
+        The feature map, float32 or float64; C a multiple of PH*PW.
+    boxes : array, shape (K, 5), or list of arrays, shape (L_i, 4)
+        ``(batch_index, x1, y1, x2, y2)`` rows, or one ``(x1, y1, x2, y2)`` array per image (the
+        list position is the batch index), of ``input``'s dtype. Not differentiated (zero
+        cotangent).
+    output_size : int or (int, int)
+        (PH, PW), the bins per box (static).
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates (static).
+    sampling_ratio : int, default -1
+        Samples per bin side; <= 0: adaptive (static).
+
+    Returns
+    -------
+    jax.Array, shape (K, C/(PH*PW), PH, PW)
+        Differentiable in ``input``.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, the dtypes differ, or a static argument is traced.
+    ValueError
+        If a shape or static value is invalid.
+
+    See Also
+    --------
+    deformnp.ops.ps_roi_align : The same op on deformnp Tensors; formulas in :doc:`/ops/roi`.
     """
     op = "ps_roi_align"
     _static(op, output_size=output_size, spatial_scale=spatial_scale,
@@ -674,11 +781,42 @@ def ps_roi_align(
 def roi_pool(
     input: Any, boxes: Any, output_size: int | tuple[int, int], spatial_scale: float = 1.0
 ) -> jax.Array:
-    """RoI max pooling: ``torchvision.ops.roi_pool``.
+    """RoI max pooling, as ``torchvision.ops.roi_pool``.
 
-    input (N, C, H, W); boxes as :func:`roi_align`'s. Returns (K, C, PH, PW), differentiable in
-    ``input`` (each bin's gradient goes to its maximum; the forward's argmax is kept for the
-    backward, in the smallest of int16/int32/int64 that indexes the H*W plane).
+    Reverse-mode differentiable: a ``jax.custom_vjp`` whose forward and backward run deformnp's
+    kernels on the host through ``jax.pure_callback`` (:func:`deformnp.ops.roi_pool_forward` /
+    ``_backward``). The forward's argmax is kept for the backward, in the smallest of
+    int16/int32/int64 that indexes the H*W plane.
+
+    Parameters
+    ----------
+    input : array, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    boxes : array, shape (K, 5), or list of arrays, shape (L_i, 4)
+        ``(batch_index, x1, y1, x2, y2)`` rows, or one ``(x1, y1, x2, y2)`` array per image (the
+        list position is the batch index), of ``input``'s dtype. Not differentiated (zero
+        cotangent).
+    output_size : int or (int, int)
+        (PH, PW), the bins per box (static).
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates before rounding (static).
+
+    Returns
+    -------
+    jax.Array, shape (K, C, PH, PW)
+        Differentiable in ``input``: each bin's gradient goes to its maximum.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, the dtypes differ, or a static argument is traced.
+    ValueError
+        If a shape or static value is invalid, or the plane needs int64 argmax indices while
+        ``jax_enable_x64`` is off.
+
+    See Also
+    --------
+    deformnp.ops.roi_pool : The same op on deformnp Tensors; formulas in :doc:`/ops/roi`.
     """
     op = "roi_pool"
     _static(op, output_size=output_size, spatial_scale=spatial_scale)
@@ -700,11 +838,41 @@ def roi_pool(
 def ps_roi_pool(
     input: Any, boxes: Any, output_size: int | tuple[int, int], spatial_scale: float = 1.0
 ) -> jax.Array:
-    """Position-sensitive RoI average pooling: ``torchvision.ops.ps_roi_pool``.
+    """Position-sensitive RoI average pooling, as ``torchvision.ops.ps_roi_pool``.
 
-    input (N, C, H, W) with C a multiple of PH*PW; boxes as :func:`roi_align`'s. Returns
-    (K, C/(PH*PW), PH, PW), differentiable in ``input`` (deformnp's bins: see
-    ``deformnp.ops.ps_roi_pool``).
+    Reverse-mode differentiable: a ``jax.custom_vjp`` whose forward and backward run deformnp's
+    kernels on the host through ``jax.pure_callback`` (:func:`deformnp.ops.ps_roi_pool_forward` /
+    ``_backward``). deformnp's bins include the map's last row and column, which torchvision's
+    forward never pools; the outputs agree wherever no bin reaches them.
+
+    Parameters
+    ----------
+    input : array, shape (N, C, H, W)
+        The feature map, float32 or float64; C a multiple of PH*PW.
+    boxes : array, shape (K, 5), or list of arrays, shape (L_i, 4)
+        ``(batch_index, x1, y1, x2, y2)`` rows, or one ``(x1, y1, x2, y2)`` array per image (the
+        list position is the batch index), of ``input``'s dtype. Not differentiated (zero
+        cotangent).
+    output_size : int or (int, int)
+        (PH, PW), the bins per box (static).
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates before rounding (static).
+
+    Returns
+    -------
+    jax.Array, shape (K, C/(PH*PW), PH, PW)
+        Differentiable in ``input``.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, the dtypes differ, or a static argument is traced.
+    ValueError
+        If a shape or static value is invalid.
+
+    See Also
+    --------
+    deformnp.ops.ps_roi_pool : The same op on deformnp Tensors; formulas in :doc:`/ops/roi`.
     """
     op = "ps_roi_pool"
     _static(op, output_size=output_size, spatial_scale=spatial_scale)
@@ -725,22 +893,48 @@ def deform_roi_pool(
     sampling_ratio: int = 0,
     gamma: float = 0.1,
 ) -> jax.Array:
-    """Deformable RoI pooling: ``mmcv.ops.deform_roi_pool`` (mmcv's argument order).
+    """Deformable RoI pooling, as ``mmcv.ops.deform_roi_pool`` (mmcv's argument order).
+
+    Reverse-mode differentiable: a ``jax.custom_vjp`` whose forward and backward run deformnp's
+    kernels on the host through ``jax.pure_callback`` (:func:`deformnp.ops.deform_roi_pool_forward`
+    / ``_backward``). One kernel call per element under vmap.
 
     Parameters
     ----------
-    input : array (N, C, H, W)
-    rois : array (K, 5) of (batch_index, x1, y1, x2, y2) (or a list of (L_i, 4) arrays), of
-        input's dtype; not differentiated (zero cotangent).
-    offset : array (K, 2, PH, PW) or None
-        Normalised bin shifts, channel 0 = x, 1 = y (mmcv's layout): bin (ph, pw) moves by
-        gamma * offset * (roi_w, roi_h). None: aligned RoI Align without the minimum size.
-    output_size : int or (PH, PW); spatial_scale, sampling_ratio, gamma : static.
+    input : array, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    rois : array, shape (K, 5)
+        ``(batch_index, x1, y1, x2, y2)`` rows (or a list of (L_i, 4) arrays), of ``input``'s
+        dtype; not differentiated (zero cotangent).
+    offset : array, shape (K, 2, PH, PW), or None
+        Normalized bin shifts, channel 0 x, channel 1 y (mmcv's layout): bin (ph, pw) moves by
+        ``gamma * (roi_w * offset[k, 0, ph, pw], roi_h * offset[k, 1, ph, pw])``. None: aligned
+        RoI Align without the minimum box size.
+    output_size : int or (int, int)
+        (PH, PW), the bins per box (static).
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates (static).
+    sampling_ratio : int, default 0
+        Samples per bin side; <= 0: adaptive (static).
+    gamma : float, default 0.1
+        Scales the offsets (static).
 
     Returns
     -------
-    jax.Array (K, C, PH, PW), differentiable in ``input`` and ``offset``. One kernel call per
-    element under vmap.
+    jax.Array, shape (K, C, PH, PW)
+        Differentiable in ``input`` and ``offset``.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, the dtypes differ, or a static argument is traced.
+    ValueError
+        If a shape or static value is invalid.
+
+    See Also
+    --------
+    deformnp.ops.deform_roi_pool : The same op on deformnp Tensors; formulas in
+        :doc:`/ops/deform_roi`.
     """
     op = "deform_roi_pool"
     _static(op, output_size=output_size, spatial_scale=spatial_scale,
@@ -802,25 +996,42 @@ def ms_deform_attn(
     sampling_locations: Any,
     attention_weights: Any,
 ) -> jax.Array:
-    """Multi-scale deformable attention: Deformable-DETR's ``MSDeformAttnFunction``.
+    """Multi-scale deformable attention, as Deformable-DETR's ``MSDeformAttnFunction``.
+
+    Reverse-mode differentiable: a ``jax.custom_vjp`` whose forward and backward run deformnp's
+    kernels on the host through ``jax.pure_callback`` (:func:`deformnp.ops.ms_deform_attn_forward` /
+    ``_backward``). Under vmap the mapped axes fold into N: one kernel call.
 
     Parameters
     ----------
-    value : array (N, S, M, D)
-        M heads of D channels over S = sum_l H_l*W_l positions, level after level.
-    spatial_shapes : (L, 2) ints (H_l, W_l), static
-        A tuple of (H, W) pairs or a concrete int array (not a traced one).
-    level_start_index : (L,) ints, static
-        The exclusive cumulative sum of H_l*W_l (checked), e.g. from
-        ``deformnp.ops.attention.level_layout``.
-    sampling_locations : array (N, Lq, M, L, P, 2)
-        Normalised (x, y), (0, 0) and (1, 1) the corners of each level's map.
-    attention_weights : array (N, Lq, M, L, P)
+    value : array, shape (N, S, M, D)
+        M heads of D channels over ``S = sum_l H_l*W_l`` positions, level after level.
+    spatial_shapes : tuple of (int, int) or int array, shape (L, 2)
+        Rows (H_l, W_l); static: a tuple or a concrete array, not a traced one.
+    level_start_index : tuple of int or int array, shape (L,)
+        The exclusive cumulative sum of ``H_l*W_l`` (checked), e.g. from
+        ``deformnp.ops.attention.level_layout``; static.
+    sampling_locations : array, shape (N, Lq, M, L, P, 2)
+        Normalized (x, y): (0, 0) and (1, 1) the corners of each level's map.
+    attention_weights : array, shape (N, Lq, M, L, P)
+        The weight of each sample.
 
     Returns
     -------
-    jax.Array (N, Lq, M*D), differentiable in value, sampling_locations and attention_weights.
-    Under vmap the mapped axes fold into N: one kernel call.
+    jax.Array, shape (N, Lq, M*D)
+        Differentiable in value, sampling_locations and attention_weights.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, the dtypes differ, or the level layout is traced.
+    ValueError
+        If a shape or the level layout is invalid.
+
+    See Also
+    --------
+    deformnp.ops.ms_deform_attn : The same op on deformnp Tensors; formulas in
+        :doc:`/ops/ms_deform_attn`.
     """
     op = "ms_deform_attn"
     shapes = _concrete(op, "spatial_shapes", spatial_shapes)
@@ -867,20 +1078,42 @@ def grid_sample(
     padding_mode: str = "zeros",
     align_corners: bool | None = False,
 ) -> jax.Array:
-    """``torch.nn.functional.grid_sample`` with torch's arguments (bilinear only).
+    """Bilinear ``torch.nn.functional.grid_sample`` with torch's arguments.
+
+    Reverse-mode differentiable: a ``jax.custom_vjp`` whose forward and backward run deformnp's
+    kernels on the host through ``jax.pure_callback`` (:func:`deformnp.ops.grid_sample_forward` /
+    ``_backward``). Under vmap the mapped axes fold into N: one kernel call.
 
     Parameters
     ----------
-    input : array (N, C, Hin, Win)
-    grid : array (N, Hout, Wout, 2) of normalised (x, y)
-    mode : "bilinear" (the only mode; anything else is a ValueError), static
-    padding_mode : "zeros", "border" or "reflection", static
-    align_corners : bool (None means False), static
+    input : array, shape (N, C, Hin, Win)
+        The feature map, float32 or float64.
+    grid : array, shape (N, Hout, Wout, 2)
+        Normalized (x, y) sampling coordinates; -1 and 1 are the map's extremes.
+    mode : str, default "bilinear"
+        "bilinear", the only mode (anything else is a ValueError); static.
+    padding_mode : {"zeros", "border", "reflection"}, default "zeros"
+        What lies outside the map (static).
+    align_corners : bool or None, default False
+        True: -1 and 1 are the centres of the corner pixels; False (or None): their outer
+        edges (static).
 
     Returns
     -------
-    jax.Array (N, C, Hout, Wout), differentiable in ``input`` and ``grid``. Under vmap the
-    mapped axes fold into N: one kernel call.
+    jax.Array, shape (N, C, Hout, Wout)
+        Differentiable in ``input`` and ``grid``.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, the dtypes differ, or a static argument is traced.
+    ValueError
+        If a shape or static value is invalid.
+
+    See Also
+    --------
+    deformnp.ops.grid_sample : The same op on deformnp Tensors; formulas in
+        :doc:`/ops/bilinear`.
     """
     op = "grid_sample"
     _static(op, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
@@ -913,11 +1146,40 @@ class _Bilinear(_Host):
 
 
 def bilinear_interpolate(input: Any, points: Any, border: str = "zero") -> jax.Array:
-    """Sample every channel of input (N, C, H, W) at points (N, P, 2) = (y, x) in pixels.
+    """Sample every channel of a feature map at real (y, x) pixel coordinates, bilinearly.
 
-    ``border`` (static): "zero" (the zero-fade rule of deformable convolution) or "clamp" (RoI
-    Align's rule); see ``deformnp.ops.bilinear_interpolate``. Returns jax.Array (N, C, P),
-    differentiable in ``input`` and ``points``. Under vmap the mapped axes fold into N.
+    Reverse-mode differentiable: a ``jax.custom_vjp`` whose forward and backward run deformnp's
+    kernels on the host through ``jax.pure_callback``
+    (:func:`deformnp.ops.bilinear_interpolate_forward` / ``_backward``). Under vmap the mapped axes
+    fold into N: one kernel call.
+
+    Parameters
+    ----------
+    input : array, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    points : array, shape (N, P, 2)
+        ``(y, x)`` pixel coordinates per image, in ``input``'s dtype; pixel (i, j) sits at
+        ``y = i, x = j``.
+    border : {"zero", "clamp"}, default "zero"
+        "zero": the zero-fade rule of deformable convolution; "clamp": RoI Align's rule
+        (static).
+
+    Returns
+    -------
+    jax.Array, shape (N, C, P)
+        Differentiable in ``input`` and ``points``.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32/float64, the dtypes differ, or a static argument is traced.
+    ValueError
+        If a shape or static value is invalid.
+
+    See Also
+    --------
+    deformnp.ops.bilinear_interpolate : The same op on deformnp Tensors; formulas in
+        :doc:`/ops/bilinear`.
     """
     op = "bilinear_interpolate"
     _static(op, border=border)

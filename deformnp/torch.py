@@ -66,8 +66,8 @@ Differences from the anchors, all of deformnp's ops (see ``deformnp.ops``): any 
 (``im2col_step`` is accepted and ignored); torchvision's ``ps_roi_pool`` forward never pools the
 last row and column while deformnp's does (the outputs agree wherever no bin reaches them); boxes
 with NaN coordinates give zeros; an empty ``ps_roi_align`` sampling grid gives 0, not NaN; the
-offset gradients are the exact derivatives of the forward, also on the border lines where
-torchvision's and mmcv's are not. TorchScript, ``torch.compile`` (beyond a graph break) and
+offset gradients are the exact derivatives of the forward, also on the border lines where mmcv's
+are not (torchvision's deform_conv2d is exact there too). TorchScript, ``torch.compile`` (beyond a graph break) and
 quantized tensors are not supported.
 """
 
@@ -271,26 +271,51 @@ def deform_conv2d(
     dilation: IntPair = (1, 1),
     mask: Tensor | None = None,
 ) -> Tensor:
-    """Deformable convolution v1 (v2 with ``mask``): ``torchvision.ops.deform_conv2d``.
+    """Deformable convolution v1 (v2 with ``mask``), as ``torchvision.ops.deform_conv2d``.
+
+    torchvision's signature, defaults and offset layout. Forward and backward run deformnp's
+    kernels (:func:`deformnp.ops.deform_conv2d_forward` / ``_backward``) on the tensors' memory,
+    CPU or CUDA; the backward computes only the gradients autograd asks for.
 
     Parameters
     ----------
-    input : Tensor (B, Cin, H, W)
-    offset : Tensor (B, 2*G*kh*kw, Hout, Wout)
-        Per kernel point k = i*kw + j of offset group g, (dy, dx) in channels 2*(g*kh*kw + k)
-        and 2*(g*kh*kw + k) + 1. G (offset groups) is inferred from the channel count.
-    weight : Tensor (Cout, Cin/groups, kh, kw)
-        ``groups`` is inferred as Cin / weight.shape[1].
-    bias : Tensor (Cout,), optional
-    stride, padding, dilation : int or (int, int)
-    mask : Tensor (B, G*kh*kw, Hout, Wout), optional
+    input : Tensor, shape (B, Cin, H, W)
+        The feature map, float32 or float64.
+    offset : Tensor, shape (B, 2*G*kh*kw, Hout, Wout)
+        For kernel point ``k = i*kw + j`` of offset group ``g``, ``(dy, dx)`` in channels
+        ``2*(g*kh*kw + k)`` and ``2*(g*kh*kw + k) + 1``. G (offset groups) is inferred from the
+        channel count.
+    weight : Tensor, shape (Cout, Cin/groups, kh, kw)
+        The filters; ``groups`` is inferred as ``Cin / weight.shape[1]``.
+    bias : Tensor, shape (Cout,), optional
+        Added to each output channel.
+    stride : int or (int, int), default (1, 1)
+        The step between output positions, (sh, sw).
+    padding : int or (int, int), default (0, 0)
+        Zero padding, (ph, pw).
+    dilation : int or (int, int), default (1, 1)
+        The spacing of the kernel taps, (dh, dw).
+    mask : Tensor, shape (B, G*kh*kw, Hout, Wout), optional
         The modulation of DCN v2; None is DCN v1 (all ones).
 
     Returns
     -------
-    Tensor (B, Cout, Hout, Wout)
-        Of the inputs' dtype (float32 or float64) and device, Hout = (H + 2*ph - (dh*(kh-1) +
-        1)) // sh + 1 (likewise Wout). Differentiable in input, offset, weight, bias and mask.
+    Tensor, shape (B, Cout, Hout, Wout)
+        Of the inputs' dtype and device; ``Hout = (H + 2*ph - (dh*(kh-1) + 1)) // sh + 1``
+        (likewise Wout). Differentiable in input, offset, weight, bias and mask.
+
+    Raises
+    ------
+    TypeError
+        If a floating tensor is not float32/float64 (outside autocast) or the dtypes differ.
+    ValueError
+        If a shape or value is invalid or the tensors are on different devices.
+
+    See Also
+    --------
+    DeformConv2d : The module.
+    deformnp.ops.deform_conv2d : The same op on deformnp Tensors; formulas and gradients in
+        :doc:`/ops/deform_conv`.
     """
     return _DeformConv2dFunction.apply(
         input, offset, weight, bias, mask, _pair(stride), _pair(padding), _pair(dilation)
@@ -309,30 +334,54 @@ def modulated_deform_conv2d(
     groups: int = 1,
     deform_groups: int = 1,
 ) -> Tensor:
-    """Modulated deformable convolution (DCN v2): ``mmcv.ops.modulated_deform_conv2d``.
+    """Modulated deformable convolution (DCN v2), as ``mmcv.ops.modulated_deform_conv2d``.
 
     mmcv's argument order (input, offset, mask, weight, bias, stride, padding, dilation, groups,
     deform_groups). mmcv's offset layout is torchvision's (its CUDA kernel reads dy of kernel
-    point k of deformable group g from channel 2*(g*kh*kw + k), dx from the next, as
-    torchvision's does; mmcv's own MLU path hands the same offset to torchvision), so the offset
-    and mask go to the kernels unchanged.
+    point k of deformable group g from channel ``2*(g*kh*kw + k)``, dx from the next), so the
+    offset and mask go to deformnp's deformable-convolution kernels unchanged; forward and
+    backward run those kernels.
 
     Parameters
     ----------
-    input : Tensor (B, Cin, H, W)
-    offset : Tensor (B, 2*deform_groups*kh*kw, Hout, Wout)
-    mask : Tensor (B, deform_groups*kh*kw, Hout, Wout)
-        None is accepted and means all ones (DCN v1).
-    weight : Tensor (Cout, Cin/groups, kh, kw)
-    bias : Tensor (Cout,), optional
-    stride, padding, dilation : int or (int, int)
-    groups, deform_groups : int
-        Checked against the shapes (a ``ValueError`` if they disagree).
+    input : Tensor, shape (B, Cin, H, W)
+        The feature map, float32 or float64.
+    offset : Tensor, shape (B, 2*deform_groups*kh*kw, Hout, Wout)
+        ``(dy, dx)`` per kernel point and deformable group, as in :func:`deform_conv2d`.
+    mask : Tensor, shape (B, deform_groups*kh*kw, Hout, Wout)
+        The modulation; None is accepted and means all ones (DCN v1).
+    weight : Tensor, shape (Cout, Cin/groups, kh, kw)
+        The filters.
+    bias : Tensor, shape (Cout,), optional
+        Added to each output channel.
+    stride : int or (int, int), default 1
+        The step between output positions.
+    padding : int or (int, int), default 0
+        Zero padding.
+    dilation : int or (int, int), default 1
+        The spacing of the kernel taps.
+    groups : int, default 1
+        Weight groups; must equal ``Cin / weight.shape[1]``.
+    deform_groups : int, default 1
+        Offset groups; must equal ``offset.shape[1] / (2*kh*kw)``.
 
     Returns
     -------
-    Tensor (B, Cout, Hout, Wout)
-        Of the inputs' dtype and device; differentiable in input, offset, mask, weight, bias.
+    Tensor, shape (B, Cout, Hout, Wout)
+        Of the inputs' dtype and device; differentiable in input, offset, mask, weight and bias.
+
+    Raises
+    ------
+    TypeError
+        If a floating tensor is not float32/float64 (outside autocast) or the dtypes differ.
+    ValueError
+        If a tensor is not 4-d, ``groups`` or ``deform_groups`` disagrees with the shapes, or
+        another shape or value is invalid.
+
+    See Also
+    --------
+    ModulatedDeformConv2d, ModulatedDeformConv2dPack : The modules.
+    deformnp.ops.deform_conv2d : The op, with ``mask``; formulas in :doc:`/ops/deform_conv`.
     """
     op = "modulated_deform_conv2d"
     if input.dim() != 4 or weight.dim() != 4 or offset.dim() != 4:
@@ -415,25 +464,45 @@ def roi_align(
     sampling_ratio: int = -1,
     aligned: bool = False,
 ) -> Tensor:
-    """RoI Align: ``torchvision.ops.roi_align``.
+    """RoI Align, as ``torchvision.ops.roi_align``.
+
+    torchvision's signature and defaults; forward and backward run deformnp's kernels
+    (:func:`deformnp.ops.roi_align_forward` / ``_backward``).
 
     Parameters
     ----------
-    input : Tensor (N, C, H, W)
-    boxes : Tensor (K, 5) or list of Tensor (L_i, 4)
-        (batch_index, x1, y1, x2, y2), or one (x1, y1, x2, y2) tensor per image; the input's
-        dtype, any device (read on the host). Not differentiated.
+    input : Tensor, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    boxes : Tensor, shape (K, 5), or list of Tensor, shape (L_i, 4)
+        ``(batch_index, x1, y1, x2, y2)`` rows, or one ``(x1, y1, x2, y2)`` tensor per image (the
+        list position is the batch index); the input's dtype, any device (read on the host).
+        Not differentiated.
     output_size : int or (int, int)
-    spatial_scale : float
-    sampling_ratio : int
-        Samples per bin side; <= 0: adaptive, ceil(roi_size / output_size).
-    aligned : bool
-        Shift the boxes by -0.5 pixel (Detectron2).
+        (PH, PW), the bins per box.
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates (the feature map's scale relative to the image).
+    sampling_ratio : int, default -1
+        Samples per bin side; <= 0: adaptive, ``ceil(roi_size / output_size)`` per side.
+    aligned : bool, default False
+        Shift the boxes by -0.5 pixel (Detectron2's alignment); False also enforces a minimum
+        box size of 1, as torchvision.
 
     Returns
     -------
-    Tensor (K, C, PH, PW)
-        Of the input's dtype and device; differentiable in input.
+    Tensor, shape (K, C, PH, PW)
+        Of the input's dtype and device; differentiable in ``input``.
+
+    Raises
+    ------
+    TypeError
+        If a floating tensor is not float32/float64 (outside autocast) or the dtypes differ.
+    ValueError
+        If a shape or value is invalid or the tensors are on different devices.
+
+    See Also
+    --------
+    RoIAlign : The module.
+    deformnp.ops.roi_align : The same op on deformnp Tensors; formulas in :doc:`/ops/roi`.
     """
     return _RoIFunction.apply(
         input, boxes, "roi_align", output_size, (spatial_scale, sampling_ratio, bool(aligned))
@@ -443,11 +512,41 @@ def roi_align(
 def roi_pool(
     input: Tensor, boxes: BoxesLike, output_size: IntPair, spatial_scale: float = 1.0
 ) -> Tensor:
-    """RoI max pooling: ``torchvision.ops.roi_pool``.
+    """RoI max pooling, as ``torchvision.ops.roi_pool``.
 
-    Parameters as :func:`roi_align` (no sampling_ratio, no aligned). Returns a Tensor (K, C, PH,
-    PW) of the input's dtype and device; the gradient goes to each bin's maximum (the forward's
-    argmax is kept for the backward).
+    Forward and backward run deformnp's kernels (:func:`deformnp.ops.roi_pool_forward` /
+    ``_backward``); the forward's argmax is kept for the backward.
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    boxes : Tensor, shape (K, 5), or list of Tensor, shape (L_i, 4)
+        ``(batch_index, x1, y1, x2, y2)`` rows, or one ``(x1, y1, x2, y2)`` tensor per image (the
+        list position is the batch index); the input's dtype, any device (read on the host).
+        Not differentiated.
+    output_size : int or (int, int)
+        (PH, PW), the bins per box.
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates before rounding.
+
+    Returns
+    -------
+    Tensor, shape (K, C, PH, PW)
+        Of the input's dtype and device. Differentiable in ``input``: each bin's gradient goes
+        to its maximum.
+
+    Raises
+    ------
+    TypeError
+        If a floating tensor is not float32/float64 (outside autocast) or the dtypes differ.
+    ValueError
+        If a shape or value is invalid or the tensors are on different devices.
+
+    See Also
+    --------
+    RoIPool : The module.
+    deformnp.ops.roi_pool : The same op on deformnp Tensors; formulas in :doc:`/ops/roi`.
     """
     return _RoIFunction.apply(input, boxes, "roi_pool", output_size, (spatial_scale,))
 
@@ -459,12 +558,43 @@ def ps_roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
 ) -> Tensor:
-    """Position-sensitive RoI Align: ``torchvision.ops.ps_roi_align``.
+    """Position-sensitive RoI Align, as ``torchvision.ops.ps_roi_align``.
 
-    input (N, C, H, W) with C a multiple of PH*PW; boxes as in :func:`roi_align`. Returns a
-    Tensor (K, C/(PH*PW), PH, PW) of the input's dtype and device; differentiable in input. An
-    empty sampling grid (an inverted box with adaptive sampling) gives 0, where torchvision gives
-    NaN.
+    Forward and backward run deformnp's kernels (:func:`deformnp.ops.ps_roi_align_forward` /
+    ``_backward``). An empty sampling grid (an inverted box with adaptive sampling) gives 0,
+    where torchvision gives NaN.
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, H, W)
+        The feature map, float32 or float64; C a multiple of PH*PW.
+    boxes : Tensor, shape (K, 5), or list of Tensor, shape (L_i, 4)
+        ``(batch_index, x1, y1, x2, y2)`` rows, or one ``(x1, y1, x2, y2)`` tensor per image (the
+        list position is the batch index); the input's dtype, any device (read on the host).
+        Not differentiated.
+    output_size : int or (int, int)
+        (PH, PW), the bins per box.
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates.
+    sampling_ratio : int, default -1
+        Samples per bin side; <= 0: adaptive, as :func:`roi_align`.
+
+    Returns
+    -------
+    Tensor, shape (K, C/(PH*PW), PH, PW)
+        Of the input's dtype and device; differentiable in ``input``.
+
+    Raises
+    ------
+    TypeError
+        If a floating tensor is not float32/float64 (outside autocast) or the dtypes differ.
+    ValueError
+        If a shape or value is invalid or the tensors are on different devices.
+
+    See Also
+    --------
+    PSRoIAlign : The module.
+    deformnp.ops.ps_roi_align : The same op on deformnp Tensors; formulas in :doc:`/ops/roi`.
     """
     return _RoIFunction.apply(
         input, boxes, "ps_roi_align", output_size, (spatial_scale, sampling_ratio)
@@ -474,12 +604,42 @@ def ps_roi_align(
 def ps_roi_pool(
     input: Tensor, boxes: BoxesLike, output_size: IntPair, spatial_scale: float = 1.0
 ) -> Tensor:
-    """Position-sensitive RoI average pooling: ``torchvision.ops.ps_roi_pool``.
+    """Position-sensitive RoI average pooling, as ``torchvision.ops.ps_roi_pool``.
 
-    input (N, C, H, W) with C a multiple of PH*PW. Returns a Tensor (K, C/(PH*PW), PH, PW) of the
-    input's dtype and device; differentiable in input. torchvision's forward never pools the
-    last row and column of the map (its backward does); deformnp pools them in both, so the
-    outputs differ from torchvision's in the bins that reach them, and agree elsewhere.
+    Forward and backward run deformnp's kernels (:func:`deformnp.ops.ps_roi_pool_forward` /
+    ``_backward``). torchvision's forward never pools the last row and column of the map (its
+    backward does); deformnp pools them in both, so the outputs differ from torchvision's in
+    the bins that reach them and agree elsewhere.
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, H, W)
+        The feature map, float32 or float64; C a multiple of PH*PW.
+    boxes : Tensor, shape (K, 5), or list of Tensor, shape (L_i, 4)
+        ``(batch_index, x1, y1, x2, y2)`` rows, or one ``(x1, y1, x2, y2)`` tensor per image (the
+        list position is the batch index); the input's dtype, any device (read on the host).
+        Not differentiated.
+    output_size : int or (int, int)
+        (PH, PW), the bins per box.
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates before rounding.
+
+    Returns
+    -------
+    Tensor, shape (K, C/(PH*PW), PH, PW)
+        Of the input's dtype and device; differentiable in ``input``.
+
+    Raises
+    ------
+    TypeError
+        If a floating tensor is not float32/float64 (outside autocast) or the dtypes differ.
+    ValueError
+        If a shape or value is invalid or the tensors are on different devices.
+
+    See Also
+    --------
+    PSRoIPool : The module.
+    deformnp.ops.ps_roi_pool : The same op on deformnp Tensors; formulas in :doc:`/ops/roi`.
     """
     return _RoIFunction.apply(input, boxes, "ps_roi_pool", output_size, (spatial_scale,))
 
@@ -534,24 +694,49 @@ def deform_roi_pool(
     sampling_ratio: int = 0,
     gamma: float = 0.1,
 ) -> Tensor:
-    """Deformable RoI pooling: ``mmcv.ops.deform_roi_pool`` (mmcv's argument order).
+    """Deformable RoI pooling, as ``mmcv.ops.deform_roi_pool`` (mmcv's argument order).
+
+    Forward and backward run deformnp's kernels (:func:`deformnp.ops.deform_roi_pool_forward`
+    / ``_backward``); the offset gradient is the exact derivative of the forward, also on the
+    border lines where mmcv's is not.
 
     Parameters
     ----------
-    input : Tensor (N, C, H, W)
-    rois : Tensor (K, 5)
-        (batch_index, x1, y1, x2, y2) (a list of (L_i, 4) tensors works too); not differentiated.
-    offset : Tensor (K, 2, PH, PW) or None
+    input : Tensor, shape (N, C, H, W)
+        The feature map, float32 or float64.
+    rois : Tensor, shape (K, 5)
+        ``(batch_index, x1, y1, x2, y2)`` rows (a list of (L_i, 4) tensors works too); any
+        device. Not differentiated.
+    offset : Tensor, shape (K, 2, PH, PW), or None
         Normalized bin shifts, channel 0 x, channel 1 y: bin (ph, pw) moves by
-        gamma * (roi_w * offset[k, 0, ph, pw], roi_h * offset[k, 1, ph, pw]). None: no shift
+        ``gamma * (roi_w * offset[k, 0, ph, pw], roi_h * offset[k, 1, ph, pw])``. None: no shift
         (aligned RoI Align without the minimum box size).
     output_size : int or (int, int)
-    spatial_scale, sampling_ratio, gamma : mmcv's meanings and defaults.
+        (PH, PW), the bins per box.
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates.
+    sampling_ratio : int, default 0
+        Samples per bin side; <= 0: adaptive, ``ceil(roi_size / output_size)``.
+    gamma : float, default 0.1
+        Scales the offsets.
 
     Returns
     -------
-    Tensor (K, C, PH, PW)
-        Of the input's dtype and device; differentiable in input and offset.
+    Tensor, shape (K, C, PH, PW)
+        Of the input's dtype and device; differentiable in ``input`` and ``offset``.
+
+    Raises
+    ------
+    TypeError
+        If a floating tensor is not float32/float64 (outside autocast) or the dtypes differ.
+    ValueError
+        If a shape or value is invalid or the tensors are on different devices.
+
+    See Also
+    --------
+    DeformRoIPool, DeformRoIPoolPack, ModulatedDeformRoIPoolPack : The modules.
+    deformnp.ops.deform_roi_pool : The same op on deformnp Tensors; formulas in
+        :doc:`/ops/deform_roi`.
     """
     return _DeformRoIPoolFunction.apply(
         input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma
@@ -562,12 +747,26 @@ def deform_roi_pool(
 
 
 class MSDeformAttnFunction(torch.autograd.Function):
-    """Multi-scale deformable attention, Deformable-DETR's ``MSDeformAttnFunction``.
+    """Deformable-DETR's ``MSDeformAttnFunction``: multi-scale deformable attention.
 
-    ``MSDeformAttnFunction.apply(value, value_spatial_shapes, value_level_start_index,
-    sampling_locations, attention_weights, im2col_step)``, as in Deformable-DETR; shapes in
-    :func:`ms_deform_attn`. ``im2col_step`` is accepted and ignored (any batch size works).
-    Gradients flow to value, sampling_locations and attention_weights.
+    A ``torch.autograd.Function``.
+    Use it as Deformable-DETR does: ``MSDeformAttnFunction.apply(value, value_spatial_shapes,
+    value_level_start_index, sampling_locations, attention_weights, im2col_step)``; shapes as
+    in :func:`ms_deform_attn`. ``im2col_step`` is accepted and ignored (any batch size works).
+    Forward and backward run deformnp's kernels; gradients flow to value,
+    sampling_locations and attention_weights.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        ``torch.autograd.Function``'s constructor arguments; the class is not instantiated,
+        call :meth:`apply`.
+
+    See Also
+    --------
+    ms_deform_attn : The function form.
+    deformnp.ops.ms_deform_attn : The op on deformnp Tensors; formulas in
+        :doc:`/ops/ms_deform_attn`.
     """
 
     @staticmethod
@@ -581,6 +780,30 @@ class MSDeformAttnFunction(torch.autograd.Function):
         attention_weights: Tensor,
         im2col_step: Any = None,
     ) -> Tensor:
+        """Run deformnp's forward kernel (called by ``apply``).
+
+        Parameters
+        ----------
+        ctx : FunctionCtx
+            torch's context; the inputs and the level layout are saved on it.
+        value : Tensor, shape (N, S, M, D)
+            The values.
+        value_spatial_shapes : Tensor, shape (L, 2)
+            Rows (H_l, W_l).
+        value_level_start_index : Tensor, shape (L,)
+            The first row of each level in ``value``.
+        sampling_locations : Tensor, shape (N, Lq, M, L, P, 2)
+            Normalized (x, y) sampling points.
+        attention_weights : Tensor, shape (N, Lq, M, L, P)
+            The weight of each sample.
+        im2col_step : int, optional
+            Ignored.
+
+        Returns
+        -------
+        Tensor, shape (N, Lq, M*D)
+            The attention output.
+        """
         shapes, starts = _host(value_spatial_shapes), _host(value_level_start_index)
         ctx.levels = (shapes, starts)
         ctx.save_for_backward(value, sampling_locations, attention_weights)
@@ -594,6 +817,22 @@ class MSDeformAttnFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        """Run deformnp's backward kernel for the gradients autograd asks for.
+
+        Parameters
+        ----------
+        ctx : FunctionCtx
+            torch's context, as the forward left it.
+        grad : Tensor, shape (N, Lq, M*D)
+            The gradient of the output.
+
+        Returns
+        -------
+        tuple of Tensor or None
+            The gradients of (value, value_spatial_shapes, value_level_start_index,
+            sampling_locations, attention_weights, im2col_step); None for the level layout, the
+            step and any input autograd does not need.
+        """
         value, locations, weights = ctx.saved_tensors
         shapes, starts = ctx.levels
         n = ctx.needs_input_grad
@@ -613,27 +852,43 @@ def ms_deform_attn(
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    """Multi-scale deformable attention (Deformable-DETR's ``MSDeformAttnFunction`` without
-    ``im2col_step``; equal to its ``ms_deform_attn_core_pytorch``).
+    """Multi-scale deformable attention, Deformable-DETR's ``MSDeformAttnFunction`` as a function.
+
+    Without ``im2col_step``; equal to Deformable-DETR's ``ms_deform_attn_core_pytorch``. Forward and backward run
+    deformnp's kernels (:func:`deformnp.ops.ms_deform_attn_forward` / ``_backward``).
 
     Parameters
     ----------
-    value : Tensor (N, S, M, D)
-        M heads of D channels over S = sum_l H_l*W_l positions, level l row-major from row
-        level_start_index[l].
-    spatial_shapes : Tensor (L, 2) int32/int64
+    value : Tensor, shape (N, S, M, D)
+        M heads of D channels over ``S = sum_l H_l*W_l`` positions, level l row-major from row
+        ``level_start_index[l]``.
+    spatial_shapes : Tensor, shape (L, 2), int32/int64
         Rows (H_l, W_l); any device (read on the host).
-    level_start_index : Tensor (L,) int32/int64
-        The exclusive cumulative sum of H_l*W_l (anything else is a ``ValueError``).
-    sampling_locations : Tensor (N, Lq, M, L, P, 2)
+    level_start_index : Tensor, shape (L,), int32/int64
+        The exclusive cumulative sum of ``H_l*W_l`` (anything else is a ``ValueError``).
+    sampling_locations : Tensor, shape (N, Lq, M, L, P, 2)
         Normalized (x, y): (0, 0) the top-left corner of a level, (1, 1) the bottom-right.
-    attention_weights : Tensor (N, Lq, M, L, P)
+    attention_weights : Tensor, shape (N, Lq, M, L, P)
+        The weight of each sample.
 
     Returns
     -------
-    Tensor (N, Lq, M*D)
+    Tensor, shape (N, Lq, M*D)
         Of value's dtype and device; differentiable in value, sampling_locations and
         attention_weights.
+
+    Raises
+    ------
+    TypeError
+        If a floating tensor is not float32/float64 (outside autocast) or the dtypes differ.
+    ValueError
+        If a shape or value is invalid or the tensors are on different devices.
+
+    See Also
+    --------
+    MSDeformAttnFunction, MSDeformAttn
+    deformnp.ops.ms_deform_attn : The same op on deformnp Tensors; formulas in
+        :doc:`/ops/ms_deform_attn`.
     """
     return MSDeformAttnFunction.apply(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, None
@@ -644,9 +899,42 @@ def ms_deform_attn(
 
 
 class DeformConv2d(nn.Module):
-    """``torchvision.ops.DeformConv2d``: parameters ``weight`` (Cout, Cin/groups, kh, kw) and
-    ``bias`` (Cout,) (or None), torchvision's initialisation; ``forward(input, offset,
-    mask=None)`` is :func:`deform_conv2d`."""
+    """Deformable convolution layer, as ``torchvision.ops.DeformConv2d``.
+
+    Parameters ``weight`` (Cout, Cin/groups, kh, kw) and ``bias`` (Cout,) (or None),
+    torchvision's names and initialisation (:meth:`reset_parameters`), so torchvision's state
+    dicts load. ``forward(input, offset, mask=None)`` is :func:`deform_conv2d`: deformnp's
+    kernels compute the output and the gradients.
+
+    Parameters
+    ----------
+    in_channels : int
+        Cin.
+    out_channels : int
+        Cout.
+    kernel_size : int or (int, int)
+        (kh, kw).
+    stride : int or (int, int), default 1
+        The step between output positions.
+    padding : int or (int, int), default 0
+        Zero padding.
+    dilation : int or (int, int), default 1
+        The spacing of the kernel taps.
+    groups : int, default 1
+        Weight groups; must divide in_channels and out_channels.
+    bias : bool, default True
+        Learn a bias.
+
+    Raises
+    ------
+    ValueError
+        If in_channels or out_channels is not divisible by groups.
+
+    See Also
+    --------
+    deform_conv2d : The function.
+    deformnp.nn.DeformConv2d : The deformnp layer; formulas in :doc:`/ops/deform_conv`.
+    """
 
     def __init__(
         self,
@@ -689,7 +977,22 @@ class DeformConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(B, Cin, H, W) -> (B, Cout, Hout, Wout); see :func:`deform_conv2d`."""
+        """Apply the deformable convolution.
+
+        Parameters
+        ----------
+        input : Tensor, shape (B, Cin, H, W)
+            The feature map.
+        offset : Tensor, shape (B, 2*G*kh*kw, Hout, Wout)
+            The sampling offsets, as in :func:`deform_conv2d`.
+        mask : Tensor, shape (B, G*kh*kw, Hout, Wout), optional
+            The modulation (DCN v2); None is DCN v1.
+
+        Returns
+        -------
+        Tensor, shape (B, Cout, Hout, Wout)
+            See :func:`deform_conv2d`.
+        """
         return deform_conv2d(
             input, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
             dilation=self.dilation, mask=mask,
@@ -708,7 +1011,26 @@ class DeformConv2d(nn.Module):
 
 
 class RoIAlign(nn.Module):
-    """``torchvision.ops.RoIAlign``: ``forward(input, rois)`` is :func:`roi_align`."""
+    """RoI Align layer, as ``torchvision.ops.RoIAlign``.
+
+    ``forward(input, rois)`` is :func:`roi_align`.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        (PH, PW).
+    spatial_scale : float
+        Multiplies the box coordinates.
+    sampling_ratio : int
+        Samples per bin side; <= 0: adaptive.
+    aligned : bool, default False
+        Shift the boxes by -0.5 pixel.
+
+    See Also
+    --------
+    roi_align : The function.
+    deformnp.ops.roi_align : The op; formulas in :doc:`/ops/roi`.
+    """
 
     def __init__(
         self,
@@ -724,7 +1046,20 @@ class RoIAlign(nn.Module):
         self.aligned = aligned
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
-        """(N, C, H, W), boxes -> (K, C, PH, PW)."""
+        """Pool each box with RoI Align.
+
+        Parameters
+        ----------
+        input : Tensor, shape (N, C, H, W)
+            The feature map.
+        rois : Tensor, shape (K, 5), or list of Tensor, shape (L_i, 4)
+            The boxes, as in :func:`roi_align`.
+
+        Returns
+        -------
+        Tensor, shape (K, C, PH, PW)
+            See :func:`roi_align`.
+        """
         return roi_align(
             input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
         )
@@ -738,7 +1073,22 @@ class RoIAlign(nn.Module):
 
 
 class RoIPool(nn.Module):
-    """``torchvision.ops.RoIPool``: ``forward(input, rois)`` is :func:`roi_pool`."""
+    """RoI max pooling layer, as ``torchvision.ops.RoIPool``.
+
+    ``forward(input, rois)`` is :func:`roi_pool`.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        (PH, PW).
+    spatial_scale : float
+        Multiplies the box coordinates.
+
+    See Also
+    --------
+    roi_pool : The function.
+    deformnp.ops.roi_pool : The op; formulas in :doc:`/ops/roi`.
+    """
 
     def __init__(self, output_size: IntPair, spatial_scale: float) -> None:
         super().__init__()
@@ -746,7 +1096,20 @@ class RoIPool(nn.Module):
         self.spatial_scale = spatial_scale
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
-        """(N, C, H, W), boxes -> (K, C, PH, PW)."""
+        """Max-pool each box.
+
+        Parameters
+        ----------
+        input : Tensor, shape (N, C, H, W)
+            The feature map.
+        rois : Tensor, shape (K, 5), or list of Tensor, shape (L_i, 4)
+            The boxes, as in :func:`roi_align`.
+
+        Returns
+        -------
+        Tensor, shape (K, C, PH, PW)
+            See :func:`roi_pool`.
+        """
         return roi_pool(input, rois, self.output_size, self.spatial_scale)
 
     def __repr__(self) -> str:
@@ -757,7 +1120,24 @@ class RoIPool(nn.Module):
 
 
 class PSRoIAlign(nn.Module):
-    """``torchvision.ops.PSRoIAlign``: ``forward(input, rois)`` is :func:`ps_roi_align`."""
+    """Position-sensitive RoI Align layer, as ``torchvision.ops.PSRoIAlign``.
+
+    ``forward(input, rois)`` is :func:`ps_roi_align`.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        (PH, PW).
+    spatial_scale : float
+        Multiplies the box coordinates.
+    sampling_ratio : int
+        Samples per bin side; <= 0: adaptive.
+
+    See Also
+    --------
+    ps_roi_align : The function.
+    deformnp.ops.ps_roi_align : The op; formulas in :doc:`/ops/roi`.
+    """
 
     def __init__(self, output_size: IntPair, spatial_scale: float, sampling_ratio: int) -> None:
         super().__init__()
@@ -766,7 +1146,20 @@ class PSRoIAlign(nn.Module):
         self.sampling_ratio = sampling_ratio
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
-        """(N, C, H, W), boxes -> (K, C/(PH*PW), PH, PW)."""
+        """Pool each box with position-sensitive RoI Align.
+
+        Parameters
+        ----------
+        input : Tensor, shape (N, C, H, W)
+            The feature map.
+        rois : Tensor, shape (K, 5), or list of Tensor, shape (L_i, 4)
+            The boxes, as in :func:`roi_align`.
+
+        Returns
+        -------
+        Tensor, shape (K, C/(PH*PW), PH, PW)
+            See :func:`ps_roi_align`.
+        """
         return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
 
     def __repr__(self) -> str:
@@ -777,7 +1170,22 @@ class PSRoIAlign(nn.Module):
 
 
 class PSRoIPool(nn.Module):
-    """``torchvision.ops.PSRoIPool``: ``forward(input, rois)`` is :func:`ps_roi_pool`."""
+    """Position-sensitive RoI average pooling layer, as ``torchvision.ops.PSRoIPool``.
+
+    ``forward(input, rois)`` is :func:`ps_roi_pool`.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        (PH, PW).
+    spatial_scale : float
+        Multiplies the box coordinates.
+
+    See Also
+    --------
+    ps_roi_pool : The function.
+    deformnp.ops.ps_roi_pool : The op; formulas in :doc:`/ops/roi`.
+    """
 
     def __init__(self, output_size: IntPair, spatial_scale: float) -> None:
         super().__init__()
@@ -785,7 +1193,20 @@ class PSRoIPool(nn.Module):
         self.spatial_scale = spatial_scale
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
-        """(N, C, H, W), boxes -> (K, C/(PH*PW), PH, PW)."""
+        """Average-pool each box, position-sensitively.
+
+        Parameters
+        ----------
+        input : Tensor, shape (N, C, H, W)
+            The feature map.
+        rois : Tensor, shape (K, 5), or list of Tensor, shape (L_i, 4)
+            The boxes, as in :func:`roi_align`.
+
+        Returns
+        -------
+        Tensor, shape (K, C/(PH*PW), PH, PW)
+            See :func:`ps_roi_pool`.
+        """
         return ps_roi_pool(input, rois, self.output_size, self.spatial_scale)
 
     def __repr__(self) -> str:
@@ -799,9 +1220,40 @@ class PSRoIPool(nn.Module):
 
 
 class ModulatedDeformConv2d(nn.Module):
-    """``mmcv.ops.ModulatedDeformConv2d``: parameters ``weight`` (Cout, Cin/groups, kh, kw) and
-    ``bias`` (Cout,) (or None), mmcv's ``init_weights`` (weight U(-1/sqrt(n), 1/sqrt(n)), n =
-    Cin*kh*kw; bias zero); ``forward(x, offset, mask)`` is :func:`modulated_deform_conv2d`."""
+    """Modulated deformable convolution layer (DCN v2), as ``mmcv.ops.ModulatedDeformConv2d``.
+
+    Parameters ``weight`` (Cout, Cin/groups, kh, kw) and ``bias`` (Cout,) (or None), mmcv's
+    names and ``init_weights`` (weight ``U(-1/sqrt(n), 1/sqrt(n))`` with ``n = Cin*kh*kw``, bias
+    zero). ``forward(x, offset, mask)`` is :func:`modulated_deform_conv2d`: deformnp's kernels
+    compute the output and the gradients.
+
+    Parameters
+    ----------
+    in_channels : int
+        Cin.
+    out_channels : int
+        Cout.
+    kernel_size : int or (int, int)
+        (kh, kw).
+    stride : int or (int, int), default 1
+        The step between output positions.
+    padding : int or (int, int), default 0
+        Zero padding.
+    dilation : int or (int, int), default 1
+        The spacing of the kernel taps.
+    groups : int, default 1
+        Weight groups.
+    deform_groups : int, default 1
+        Offset groups.
+    bias : bool or str, default True
+        Learn a bias when truthy (mmcv's ``"auto"`` therefore adds one).
+
+    See Also
+    --------
+    modulated_deform_conv2d : The function.
+    ModulatedDeformConv2dPack : The layer that predicts its own offsets and mask.
+    deformnp.ops.deform_conv2d : The op; formulas in :doc:`/ops/deform_conv`.
+    """
 
     def __init__(
         self,
@@ -847,7 +1299,22 @@ class ModulatedDeformConv2d(nn.Module):
             self.bias.data.zero_()
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
-        """(B, Cin, H, W) -> (B, Cout, Hout, Wout); see :func:`modulated_deform_conv2d`."""
+        """Apply the modulated deformable convolution.
+
+        Parameters
+        ----------
+        x : Tensor, shape (B, Cin, H, W)
+            The feature map.
+        offset : Tensor, shape (B, 2*deform_groups*kh*kw, Hout, Wout)
+            The sampling offsets.
+        mask : Tensor, shape (B, deform_groups*kh*kw, Hout, Wout)
+            The modulation.
+
+        Returns
+        -------
+        Tensor, shape (B, Cout, Hout, Wout)
+            See :func:`modulated_deform_conv2d`.
+        """
         return modulated_deform_conv2d(
             x, offset, mask, self.weight, self.bias, self.stride, self.padding, self.dilation,
             self.groups, self.deform_groups,
@@ -855,16 +1322,28 @@ class ModulatedDeformConv2d(nn.Module):
 
 
 class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
-    """``mmcv.ops.ModulatedDeformConv2dPack`` (mmcv's ``DCNv2``): a modulated deformable
-    convolution that predicts its own offsets and mask.
+    """DCN v2 layer predicting its offsets and mask, as ``mmcv.ops.ModulatedDeformConv2dPack``.
 
-    ``conv_offset``, an ``nn.Conv2d`` (in_channels -> deform_groups*3*kh*kw, the layer's kernel,
-    stride, padding and dilation, with bias) zero-initialised by ``init_weights``, so a fresh
-    layer samples the regular grid with mask 0.5. ``forward(x)``: o1, o2, m = chunk(conv_offset(x),
-    3, dim=1); offset = cat(o1, o2); mask = sigmoid(m). State dicts of mmcv's layer load
-    (``weight``, ``bias``, ``conv_offset.weight``, ``conv_offset.bias``; ``_version`` 2). mmcv's
-    renaming of version-1 keys (``<name>_offset.*``) is not reproduced: since torch hands each
-    submodule only the keys under its own prefix, it no longer takes effect in mmcv either.
+    ``conv_offset``, an ``nn.Conv2d`` (in_channels -> deform_groups*3*kh*kw, the layer's kernel
+    size, stride, padding and dilation, with bias), zero-initialised by ``init_weights``, so a
+    fresh layer samples the regular grid with mask 0.5. ``forward(x)``: ``o1, o2, m =
+    chunk(conv_offset(x), 3, dim=1)``; ``offset = cat(o1, o2)``; ``mask = sigmoid(m)``; then
+    :func:`modulated_deform_conv2d` (deformnp's kernels). State dicts of mmcv's layer load
+    (``weight``, ``bias``, ``conv_offset.weight``, ``conv_offset.bias``; ``_version`` 2).
+    mmcv's renaming of version-1 keys (``<name>_offset.*``) is not reproduced: since torch hands
+    each submodule only the keys under its own prefix, it no longer takes effect in mmcv either.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        :class:`ModulatedDeformConv2d`'s: ``in_channels``, ``out_channels``, ``kernel_size``,
+        ``stride=1``, ``padding=0``, ``dilation=1``, ``groups=1``, ``deform_groups=1``,
+        ``bias=True``.
+
+    See Also
+    --------
+    ModulatedDeformConv2d : The layer with explicit offsets and mask.
+    deformnp.ops.deform_conv2d : The op; formulas in :doc:`/ops/deform_conv`.
     """
 
     _version = 2
@@ -890,7 +1369,18 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
             self.conv_offset.bias.data.zero_()
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        """(B, Cin, H, W) -> (B, Cout, Hout, Wout)."""
+        """Predict the offsets and mask from ``x``, then apply the modulated deformable convolution.
+
+        Parameters
+        ----------
+        x : Tensor, shape (B, Cin, H, W)
+            The feature map.
+
+        Returns
+        -------
+        Tensor, shape (B, Cout, Hout, Wout)
+            See :func:`modulated_deform_conv2d`.
+        """
         out = self.conv_offset(x)
         o1, o2, mask = torch.chunk(out, 3, dim=1)
         offset = torch.cat((o1, o2), dim=1)
@@ -902,8 +1392,26 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
 
 
 class DeformRoIPool(nn.Module):
-    """``mmcv.ops.DeformRoIPool``: ``forward(input, rois, offset=None)`` is
-    :func:`deform_roi_pool`."""
+    """Deformable RoI pooling layer, as ``mmcv.ops.DeformRoIPool``.
+
+    ``forward(input, rois, offset=None)`` is :func:`deform_roi_pool`.
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        (PH, PW).
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates.
+    sampling_ratio : int, default 0
+        Samples per bin side; <= 0: adaptive.
+    gamma : float, default 0.1
+        Scales the offsets.
+
+    See Also
+    --------
+    deform_roi_pool : The function.
+    deformnp.ops.deform_roi_pool : The op; formulas in :doc:`/ops/deform_roi`.
+    """
 
     def __init__(
         self,
@@ -919,7 +1427,22 @@ class DeformRoIPool(nn.Module):
         self.gamma = float(gamma)
 
     def forward(self, input: Tensor, rois: BoxesLike, offset: Tensor | None = None) -> Tensor:
-        """(N, C, H, W), rois (K, 5), offset (K, 2, PH, PW) or None -> (K, C, PH, PW)."""
+        """Pool each box, its bins shifted by ``offset``.
+
+        Parameters
+        ----------
+        input : Tensor, shape (N, C, H, W)
+            The feature map.
+        rois : Tensor, shape (K, 5)
+            ``(batch_index, x1, y1, x2, y2)`` rows.
+        offset : Tensor, shape (K, 2, PH, PW), optional
+            Normalized bin shifts (x, y); None: no shift.
+
+        Returns
+        -------
+        Tensor, shape (K, C, PH, PW)
+            See :func:`deform_roi_pool`.
+        """
         return deform_roi_pool(
             input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
             self.gamma,
@@ -955,13 +1478,34 @@ def _offset_fc(output_size: tuple[int, int], channels: int, hidden: int, outputs
 
 
 class DeformRoIPoolPack(DeformRoIPool):
-    """``mmcv.ops.DeformRoIPoolPack``: deformable RoI pooling that predicts its offsets.
+    """Deformable RoI pooling that predicts its offsets, as ``mmcv.ops.DeformRoIPoolPack``.
 
-    ``offset_fc``: Linear(PH*PW*output_channels, deform_fc_channels) - ReLU - Linear(
-    deform_fc_channels, deform_fc_channels) - ReLU - Linear(deform_fc_channels, PH*PW*2), the
-    last layer zero-initialised (a fresh layer is aligned RoI Align). ``forward(input, rois)``
-    pools without offsets, maps the pooled features to the (K, 2, PH, PW) offsets and pools
-    again with them. State-dict keys as mmcv's (``offset_fc.0.weight``, ...).
+    ``offset_fc``: ``Linear(PH*PW*output_channels, deform_fc_channels) - ReLU -
+    Linear(deform_fc_channels, deform_fc_channels) - ReLU - Linear(deform_fc_channels,
+    PH*PW*2)``, the last layer zero-initialised (a fresh layer is aligned RoI Align).
+    ``forward(input, rois)`` pools without offsets, maps the pooled features to the
+    (K, 2, PH, PW) offsets and pools again with them (:func:`deform_roi_pool`, deformnp's
+    kernels). State-dict keys as mmcv's (``offset_fc.0.weight``, ...).
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        (PH, PW).
+    output_channels : int
+        C, the input's channel count.
+    deform_fc_channels : int, default 1024
+        The hidden width of ``offset_fc``.
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates.
+    sampling_ratio : int, default 0
+        Samples per bin side; <= 0: adaptive.
+    gamma : float, default 0.1
+        Scales the offsets.
+
+    See Also
+    --------
+    DeformRoIPool, ModulatedDeformRoIPoolPack
+    deformnp.ops.deform_roi_pool : The op; formulas in :doc:`/ops/deform_roi`.
     """
 
     def __init__(
@@ -979,7 +1523,25 @@ class DeformRoIPoolPack(DeformRoIPool):
         self.offset_fc = _offset_fc(self.output_size, output_channels, deform_fc_channels, 2)
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:  # type: ignore[override]
-        """(N, output_channels, H, W), rois (K, 5) -> (K, output_channels, PH, PW)."""
+        """Pool each box with offsets predicted from its un-shifted pooling.
+
+        Parameters
+        ----------
+        input : Tensor, shape (N, output_channels, H, W)
+            The feature map.
+        rois : Tensor, shape (K, 5)
+            ``(batch_index, x1, y1, x2, y2)`` rows.
+
+        Returns
+        -------
+        Tensor, shape (K, output_channels, PH, PW)
+            The pooled features.
+
+        Raises
+        ------
+        ValueError
+            If ``input`` is not (N, output_channels, H, W).
+        """
         x = _pack_first_pass(self, input, rois)
         K = x.shape[0]
         offset = self.offset_fc(x.view(K, -1)).view(K, 2, *self.output_size)
@@ -990,9 +1552,33 @@ class DeformRoIPoolPack(DeformRoIPool):
 
 
 class ModulatedDeformRoIPoolPack(DeformRoIPool):
-    """``mmcv.ops.ModulatedDeformRoIPoolPack``: :class:`DeformRoIPoolPack` times a predicted
-    per-bin mask: ``mask_fc`` = Linear(PH*PW*output_channels, deform_fc_channels) - ReLU -
-    Linear(deform_fc_channels, PH*PW) - Sigmoid, its last Linear zero-initialised (mask 0.5)."""
+    """Deformable RoI pooling with a predicted mask, as mmcv's ``ModulatedDeformRoIPoolPack``.
+
+    :class:`DeformRoIPoolPack` times a predicted per-bin mask: ``mask_fc`` =
+    ``Linear(PH*PW*output_channels, deform_fc_channels) - ReLU - Linear(deform_fc_channels,
+    PH*PW) - Sigmoid``, its last Linear zero-initialised (mask 0.5). Pooling runs deformnp's
+    kernels (:func:`deform_roi_pool`).
+
+    Parameters
+    ----------
+    output_size : int or (int, int)
+        (PH, PW).
+    output_channels : int
+        C, the input's channel count.
+    deform_fc_channels : int, default 1024
+        The hidden width of ``offset_fc`` and ``mask_fc``.
+    spatial_scale : float, default 1.0
+        Multiplies the box coordinates.
+    sampling_ratio : int, default 0
+        Samples per bin side; <= 0: adaptive.
+    gamma : float, default 0.1
+        Scales the offsets.
+
+    See Also
+    --------
+    DeformRoIPoolPack
+    deformnp.ops.deform_roi_pool : The op; formulas in :doc:`/ops/deform_roi`.
+    """
 
     def __init__(
         self,
@@ -1018,7 +1604,25 @@ class ModulatedDeformRoIPoolPack(DeformRoIPool):
         self.mask_fc[2].bias.data.zero_()
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:  # type: ignore[override]
-        """(N, output_channels, H, W), rois (K, 5) -> (K, output_channels, PH, PW)."""
+        """Pool each box with predicted offsets, times the predicted mask.
+
+        Parameters
+        ----------
+        input : Tensor, shape (N, output_channels, H, W)
+            The feature map.
+        rois : Tensor, shape (K, 5)
+            ``(batch_index, x1, y1, x2, y2)`` rows.
+
+        Returns
+        -------
+        Tensor, shape (K, output_channels, PH, PW)
+            The pooled features, each bin multiplied by its mask.
+
+        Raises
+        ------
+        ValueError
+            If ``input`` is not (N, output_channels, H, W).
+        """
         x = _pack_first_pass(self, input, rois)
         K = x.shape[0]
         offset = self.offset_fc(x.view(K, -1)).view(K, 2, *self.output_size)
@@ -1040,15 +1644,37 @@ def _is_power_of_2(n: int) -> bool:
 
 
 class MSDeformAttn(nn.Module):
-    """Deformable-DETR's ``MSDeformAttn`` (``models/ops/modules/ms_deform_attn.py``).
+    """Multi-scale deformable attention layer, Deformable-DETR's ``MSDeformAttn``.
 
-    Parameters ``sampling_offsets`` (Linear d_model -> n_heads*n_levels*n_points*2),
+    As ``models/ops/modules/ms_deform_attn.py``. Parameters ``sampling_offsets`` (Linear d_model -> n_heads*n_levels*n_points*2),
     ``attention_weights`` (d_model -> n_heads*n_levels*n_points), ``value_proj`` and
     ``output_proj`` (d_model -> d_model), initialised by ``_reset_parameters`` as
-    Deformable-DETR (zero offset weights and a bias that points head h's point p at distance p+1
-    in direction 2*pi*h/n_heads; zero attention logits; Xavier-uniform projections, zero
-    biases). The core op is :class:`MSDeformAttnFunction` (``im2col_step`` kept as an attribute
-    and ignored).
+    Deformable-DETR (zero offset weights and a bias that points head h's point p at distance
+    p+1 in direction ``2*pi*h/n_heads``; zero attention logits; Xavier-uniform projections,
+    zero biases), so its state dicts load. The core op is :class:`MSDeformAttnFunction`
+    (deformnp's kernels; ``im2col_step`` kept as an attribute and ignored).
+
+    Parameters
+    ----------
+    d_model : int, default 256
+        The feature width; divisible by n_heads.
+    n_levels : int, default 4
+        The number of feature levels L.
+    n_heads : int, default 8
+        The number of heads M.
+    n_points : int, default 4
+        Sampling points P per head and level.
+
+    Raises
+    ------
+    ValueError
+        If d_model is not divisible by n_heads (a warning when ``d_model // n_heads`` is not a
+        power of 2, as Deformable-DETR).
+
+    See Also
+    --------
+    ms_deform_attn : The core op as a function.
+    deformnp.nn.MSDeformAttn : The deformnp layer; formulas in :doc:`/ops/ms_deform_attn`.
     """
 
     def __init__(
@@ -1108,18 +1734,29 @@ class MSDeformAttn(nn.Module):
 
         Parameters
         ----------
-        query : Tensor (N, Lq, d_model)
-        reference_points : Tensor (N, Lq, n_levels, 2) or (N, Lq, n_levels, 4)
+        query : Tensor, shape (N, Lq, d_model)
+            The queries.
+        reference_points : Tensor, shape (N, Lq, n_levels, 2) or (N, Lq, n_levels, 4)
             Normalized (x, y) in [0, 1], or reference boxes (x, y, w, h).
-        input_flatten : Tensor (N, S, d_model), S = sum_l H_l*W_l
-        input_spatial_shapes : Tensor (n_levels, 2) int, rows (H_l, W_l)
-        input_level_start_index : Tensor (n_levels,) int
-        input_padding_mask : Tensor (N, S) bool, optional
+        input_flatten : Tensor, shape (N, S, d_model)
+            The flattened levels, ``S = sum_l H_l*W_l``.
+        input_spatial_shapes : Tensor, shape (n_levels, 2), int
+            Rows (H_l, W_l).
+        input_level_start_index : Tensor, shape (n_levels,), int
+            The first position of each level in ``input_flatten``.
+        input_padding_mask : Tensor, shape (N, S), bool, optional
             True at padding positions (their values are zeroed).
 
         Returns
         -------
-        Tensor (N, Lq, d_model)
+        Tensor, shape (N, Lq, d_model)
+            The attention output.
+
+        Raises
+        ------
+        ValueError
+            If ``input_flatten``'s length disagrees with ``input_spatial_shapes`` or the last
+            dimension of ``reference_points`` is neither 2 nor 4.
         """
         N, Len_q, _ = query.shape
         N, Len_in, _ = input_flatten.shape
