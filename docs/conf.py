@@ -10,9 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-import deformnp
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # document the source tree next to this file, not an installed copy
+
+import deformnp  # noqa: E402
 
 project = "deformnp"
 author = "deformnp contributors"
@@ -69,20 +70,14 @@ plot_formats = [("png", 100)]
 plot_rcparams = {"figure.dpi": 100}
 
 # The examples, run and rendered as a gallery. Each writes its pictures to a folder given with
-# --out-dir; here that folder is in the build tree, never in the sources.
-EXAMPLE_OUT = ROOT / "docs" / "_build" / "example_output"
-
-
-def _example_argv(script: str, gallery_conf: dict) -> list[str]:
-    return ["--out-dir", str(EXAMPLE_OUT)]
-
-
+# --out-dir: docs/gallery_argv.py puts it in the build tree, never in the sources.
+sys.path.insert(0, str(ROOT / "docs"))
 sphinx_gallery_conf = {
     "examples_dirs": str(ROOT / "examples"),
     "gallery_dirs": "auto_examples",
     # the PyTorch example needs torch, which the docs build does not install: shown, not run
     "filename_pattern": r"/(deform_conv_offsets|deform_roi_pool|deformable_attention)\.py$",
-    "reset_argv": _example_argv,
+    "reset_argv": "gallery_argv.example_argv",
     "download_all_examples": False,
     "remove_config_comments": True,
     "within_subsection_order": "FileNameSortKey",
@@ -92,7 +87,6 @@ sphinx_gallery_conf = {
     "plot_gallery": os.environ.get("DEFORMNP_DOCS_RUN_EXAMPLES", "1") != "0",
 }
 
-sys.path.insert(0, str(ROOT))
 
 # deformnp.torch and deformnp.jax import their frameworks at the top; the docs build installs
 # neither (torch alone is 5.5 GB), so autodoc reads those modules against stand-ins.
