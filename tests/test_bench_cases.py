@@ -152,7 +152,7 @@ def test_cli_help_lists_the_ops_and_the_main_job(capsys):
     text = capsys.readouterr().out
     assert "Without a command it runs the main job" in text
     assert all(op in text for op in check.OPS + bench.OPS)
-    assert "SPEC" not in text
+    assert "SPEC" not in text  # no citation of the internal spec
 
 
 def test_check_table_labels_each_case():
