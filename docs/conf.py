@@ -63,8 +63,8 @@ numpydoc_validation_exclude = {
 intersphinx_mapping: dict[str, tuple[str, str | None]] = {}
 
 # Pictures in the op pages: ``.. plot::`` runs a short script at build time, with the kernels.
-plot_include_source = True
-plot_html_show_source_link = False
+plot_include_source = False  # the picture, with a link to its script
+plot_html_show_source_link = True
 plot_html_show_formats = False
 plot_formats = [("png", 100)]
 plot_rcparams = {"figure.dpi": 100}
