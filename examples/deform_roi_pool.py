@@ -1,19 +1,27 @@
-"""Deformable RoI pooling learns where each bin should look (SPEC 8; mmcv's deform_roi_pool).
+"""Deformable RoI pooling learns where each bin should look
+========================================================
+
+The offsets of mmcv's ``deform_roi_pool`` (``deformnp.ops.deform_roi_pool``) are trained with
+deformnp's autograd engine until a misplaced box pools what the object's true box would.
 
 A synthetic 3-channel 64 x 64 image holds one blurred, coloured ellipse whose colour changes
 across it (red grows to the right, green downwards), so every part of the object looks
 different. A detector's box is off: shifted and too small. The *target* is what aligned RoI
 Align pools from the object's true box. Starting from the poor box, only the (1, 2, 7, 7) offsets
-of ``deform_roi_pool`` are trained (Adam on the mean squared error to the target, with the
-autograd engine); each of the 49 bins moves by gamma * offset * (roi_w, roi_h) until it pools
-the part of the object the target expects, i.e. the bins spread from the poor box onto the true
-one (where the object is flat, near its rim, the target says little and a bin may settle
-elsewhere). The picture (default ``docs/images/deform_roi_pool.png``) shows the bin centres
-before (white) and after (yellow, with arrows) against those of the true box (green), the
-pooled 7 x 7 features (target, before, after) and the loss.
+of ``deform_roi_pool`` are trained (Adam on the mean squared error to the target); each of the 49
+bins moves by ``gamma * offset * (roi_w, roi_h)`` until it pools the part of the object the
+target expects, i.e. the bins spread from the poor box onto the true one (where the object is
+flat, near its rim, the target says little and a bin may settle elsewhere). The picture
+``deform_roi_pool.png``, written to the folder given with ``--out-dir`` (default
+``deformnp-examples/`` in the current directory), shows the bin centres before (white) and after
+(yellow, with arrows) against those of the true box (green), the pooled 7 x 7 features (target,
+before, after) and the loss.
 
-    python examples/deform_roi_pool.py               # a few seconds once Numba has compiled
-    python examples/deform_roi_pool.py --steps 100 --out droi.png
+It needs matplotlib (``pip install matplotlib``, or ``pip install "deformnp[examples]"``)::
+
+    python examples/deform_roi_pool.py                          # seconds once Numba has compiled
+    python examples/deform_roi_pool.py --steps 100 --out-dir droi
+    python examples/deform_roi_pool.py --out-dir docs/images    # the README's picture
 """
 
 from __future__ import annotations
@@ -143,18 +151,24 @@ def plot(path, img, true_box, box, before, after, target, pooled0, pooled1, loss
     a.set_xlabel("Adam step", fontsize=8)
     a.set_ylabel("MSE to target", fontsize=8)
     a.tick_params(labelsize=7)
-    fig.savefig(path)
-    plt.close(fig)
+    fig.savefig(path)  # the figure stays open: the documentation's gallery shows it
 
 
 def main() -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    default = os.path.join(here, "..", "docs", "images", "deform_roi_pool.png")
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--out", default=default, help="PNG path (default: %(default)s)")
-    args = ap.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("--steps", type=int, default=800, help="Adam steps")
+    parser.add_argument("--lr", type=float, default=0.05, help="Adam's learning rate")
+    parser.add_argument(
+        "--out-dir",
+        default="deformnp-examples",
+        help="folder for the picture, created if missing (default: %(default)s)",
+    )
+    args = parser.parse_args()
+    try:  # the picture needs matplotlib: checked before the training
+        import matplotlib  # noqa: F401
+    except ImportError:
+        msg = 'needs matplotlib: pip install matplotlib (or pip install "deformnp[examples]")'
+        parser.exit(2, f"{parser.prog} {msg}\n")
 
     img, true_box = make_image()
     box = np.array([[0, 11.0, 25.0, 35.0, 44.0]])  # shifted and too small
@@ -167,8 +181,8 @@ def main() -> None:
         f"{losses[-1]:.2e}; mean |offset| {np.abs(offset).mean():.2f} (bins moved by "
         f"{np.abs(bin_centres(box, offset) - bin_centres(box, 0 * offset)).mean():.1f} px on average)"
     )
-    out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = os.path.join(args.out_dir, "deform_roi_pool.png")
     plot(
         out,
         img,

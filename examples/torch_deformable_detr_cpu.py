@@ -1,4 +1,10 @@
-"""Train a Deformable-DETR encoder layer in PyTorch on the CPU, with deformnp's kernels.
+"""Deformable-DETR in PyTorch on the CPU, with deformnp's kernels
+==============================================================
+
+A Deformable-DETR encoder layer is trained in PyTorch on the CPU, its attention running on
+deformnp's kernels through ``deformnp.torch``, and timed against the pure-PyTorch formulation.
+It needs PyTorch (a CPU build is enough: ``pip install torch``); the documentation shows this
+example without running it.
 
 The layer is Deformable-DETR's ``DeformableTransformerEncoderLayer``
 (``models/deformable_transformer.py``): multi-scale deformable self-attention over the flattened
@@ -24,7 +30,7 @@ from different sides: the losses still agree, the sampling-offset gradients do n
 
 The task: the input is random multi-scale features, the target for each level is that level
 translated by (1, 2) pixels and mixed by a fixed random channel map, which the attention can
-learn by moving its sampling points. Nothing is written to disk.
+learn by moving its sampling points. Nothing is written to disk::
 
     python examples/torch_deformable_detr_cpu.py                    # small, well under a minute
     python examples/torch_deformable_detr_cpu.py --levels 64,32,16,8 --d-model 256 --heads 8 \\
@@ -40,6 +46,7 @@ fundamentalvision/Deformable-DETR (Apache License 2.0).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -48,10 +55,9 @@ try:
     import torch.nn.functional as F
     from torch import nn
 except ImportError:  # checked before any work: the example is about the PyTorch adapter
-    sys.exit(
-        "examples/torch_deformable_detr_cpu.py needs PyTorch (CPU build is enough): "
-        "pip install torch"
-    )
+    msg = "needs PyTorch (a CPU build is enough): pip install torch"
+    print(f"{os.path.basename(sys.argv[0])} {msg}", file=sys.stderr)
+    sys.exit(2)
 
 import numpy as np
 
@@ -200,7 +206,7 @@ def make_task(
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     p.add_argument("--levels", default="32,16,8", help="square level sizes, finest first")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--d-model", type=int, default=64)
