@@ -35,6 +35,7 @@ The array-level contract, the same for every pair:
 
 from __future__ import annotations
 
+from . import mmcv  # mmcv's names and argument order: deformnp.ops.mmcv.deform_conv2d, ...
 from .attention import ms_deform_attn, ms_deform_attn_backward, ms_deform_attn_forward
 from .bilinear import (
     bilinear_interpolate,
