@@ -26,14 +26,15 @@ PyTorch form ``ms_deform_attn_core_pytorch``), with the same shapes and sampling
 Gradients flow to value, sampling_locations and attention_weights (the location gradient is the
 exact derivative of the zero-fade rule: the right-hand slope at integer pixel coordinates).
 
-Differences from the anchor, all deliberate: any batch size works (no ``im2col_step`` argument
-and no divisibility rule); index arithmetic is 64-bit, and the level bookkeeping is checked in
-exact integer arithmetic (a ``spatial_shapes`` whose sizes would overflow 64 bits is refused);
-the CPU backward is deterministic (see ``deformnp/kernels/cpu/attention.py``, which also
-explains how the CPU kernels are made fast); on CUDA the value gradient uses float atomic adds
-unless ``deformnp.use_deterministic_algorithms(True)`` is set. On the CPU at most 4096 channels
-per head are supported (D; Deformable-DETR uses 32), and the autograd node keeps a head-major copy
-of value, made in the forward, for the backward.
+Differences from the anchor, all deliberate: any batch size works (``im2col_step``, the 6th
+argument of Deformable-DETR's ``MSDeformAttnFunction.apply``, is accepted, checked to be a positive
+int and ignored; there is no divisibility rule); index arithmetic is 64-bit, and the level
+bookkeeping is checked in exact integer arithmetic (a ``spatial_shapes`` whose sizes would overflow
+64 bits is refused); the CPU backward is deterministic (see ``deformnp/kernels/cpu/attention.py``,
+which also explains how the CPU kernels are made fast); on CUDA the value gradient uses float
+atomic adds unless ``deformnp.use_deterministic_algorithms(True)`` is set. On the CPU at most 4096
+channels per head are supported (D; Deformable-DETR uses 32), and the autograd node keeps a
+head-major copy of value, made in the forward, for the backward.
 
 Single-scale deformable attention (the DCN-style attention over one feature map) is the
 one-level case, L = 1::
@@ -44,7 +45,7 @@ one-level case, L = 1::
                          weights)              # (N, Lq, M, 1, P)
 
 The array-level pair, for wrapping in other frameworks (a ``torch.autograd.Function``, a JAX
-``custom_vjp``)::
+``custom_vjp``); both also accept ``im2col_step`` (last, default 64) and ignore it::
 
     out = ms_deform_attn_forward(value, spatial_shapes, level_start_index,
                                  sampling_locations, attention_weights)
@@ -71,6 +72,7 @@ from ..validation import (
     float_array,
     grad_array,
     index_array,
+    integer,
     needs_flags,
     same_dtype,
 )
@@ -235,6 +237,7 @@ def ms_deform_attn_forward(
     level_start_index: ArrayLike,
     sampling_locations: ArrayLike,
     attention_weights: ArrayLike,
+    im2col_step: int = 64,
 ) -> Array:
     """Array-level forward of :func:`ms_deform_attn`: plain arrays in, a plain array out.
 
@@ -256,6 +259,11 @@ def ms_deform_attn_forward(
     attention_weights : array_like, shape (N, Lq, M, L, P)
         The weight of each sample, used as given (Deformable-DETR applies the softmax in the
         layer, not in the op).
+    im2col_step : int, default 64
+        Deformable-DETR's batch chunk size for its CUDA kernel; accepted for call compatibility
+        (``MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index,
+        sampling_locations, attention_weights, im2col_step)``), checked to be a positive int and
+        ignored: any batch size works.
 
     Returns
     -------
@@ -266,17 +274,19 @@ def ms_deform_attn_forward(
     ------
     TypeError
         If a float array is not float32/float64, the float arrays differ in dtype, or
-        ``spatial_shapes`` / ``level_start_index`` are not int32/int64.
+        ``spatial_shapes`` / ``level_start_index`` are not int32/int64, or ``im2col_step`` is
+        not an int.
     ValueError
-        If a shape is inconsistent, ``spatial_shapes`` has a negative size, ``level_start_index`` is
-        not its exclusive cumulative sum, ``S`` differs from ``sum(H_l*W_l)``, ``D`` exceeds 4096 on
-        the CPU, or the arrays are on different devices.
+        If ``im2col_step`` is < 1, a shape is inconsistent, ``spatial_shapes`` has a negative
+        size, ``level_start_index`` is not its exclusive cumulative sum, ``S`` differs from
+        ``sum(H_l*W_l)``, ``D`` exceeds 4096 on the CPU, or the arrays are on different devices.
 
     See Also
     --------
     ms_deform_attn : The differentiable op.
     ms_deform_attn_backward : The matching backward.
     """
+    integer(OP, "im2col_step", im2col_step, 1)
     return _forward(
         prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     )
@@ -290,6 +300,7 @@ def ms_deform_attn_backward(
     sampling_locations: ArrayLike,
     attention_weights: ArrayLike,
     needs: Needs = (True, True, True),
+    im2col_step: int = 64,
 ) -> tuple[Array | None, Array | None, Array | None]:
     """Array-level backward of :func:`ms_deform_attn`: the gradients of its three float inputs.
 
@@ -314,6 +325,11 @@ def ms_deform_attn_backward(
         layer, not in the op).
     needs : sequence of 3 bool, default (True, True, True)
         Which gradients to compute: ``(value, sampling_locations, attention_weights)``.
+    im2col_step : int, default 64
+        Deformable-DETR's batch chunk size for its CUDA kernel; accepted for call compatibility
+        (``MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index,
+        sampling_locations, attention_weights, im2col_step)``), checked to be a positive int and
+        ignored: any batch size works.
 
     Returns
     -------
@@ -326,13 +342,13 @@ def ms_deform_attn_backward(
     ------
     TypeError
         If a float array is not float32/float64, the float arrays differ in dtype, or
-        ``spatial_shapes`` / ``level_start_index`` are not int32/int64. Also when ``needs`` is not a
-        sequence.
+        ``spatial_shapes`` / ``level_start_index`` are not int32/int64, or ``im2col_step`` is
+        not an int. Also when ``needs`` is not a sequence.
     ValueError
-        If a shape is inconsistent, ``spatial_shapes`` has a negative size, ``level_start_index`` is
-        not its exclusive cumulative sum, ``S`` differs from ``sum(H_l*W_l)``, ``D`` exceeds 4096 on
-        the CPU, ``grad_out`` has the wrong shape, ``needs`` does not have 3 flags, or the arrays
-        are on different devices.
+        If ``im2col_step`` is < 1, a shape is inconsistent, ``spatial_shapes`` has a negative
+        size, ``level_start_index`` is not its exclusive cumulative sum, ``S`` differs from
+        ``sum(H_l*W_l)``, ``D`` exceeds 4096 on the CPU, ``grad_out`` has the wrong shape,
+        ``needs`` does not have 3 flags, or the arrays are on different devices.
 
     See Also
     --------
@@ -344,6 +360,7 @@ def ms_deform_attn_backward(
     value gradient is too when ``deformnp.use_deterministic_algorithms(True)`` is set (it uses
     float atomic adds otherwise).
     """
+    integer(OP, "im2col_step", im2col_step, 1)
     a = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     g = grad_array(
         OP, "grad_out", grad_out, a.value.dtype, a.out_shape, a.device, "value",
@@ -384,6 +401,7 @@ def ms_deform_attn(
     level_start_index: ArrayLike,
     sampling_locations: TensorLike,
     attention_weights: TensorLike,
+    im2col_step: int = 64,
 ) -> Tensor:
     r"""Multi-scale deformable attention, the core op of Deformable-DETR.
 
@@ -410,6 +428,11 @@ def ms_deform_attn(
     attention_weights : Tensor or array_like, shape (N, Lq, M, L, P)
         The weight of each sample, used as given (Deformable-DETR applies the softmax in the
         layer, not in the op).
+    im2col_step : int, default 64
+        Deformable-DETR's batch chunk size for its CUDA kernel; accepted for call compatibility
+        (``MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index,
+        sampling_locations, attention_weights, im2col_step)``), checked to be a positive int and
+        ignored: any batch size works.
 
     Returns
     -------
@@ -420,11 +443,12 @@ def ms_deform_attn(
     ------
     TypeError
         If a float array is not float32/float64, the float arrays differ in dtype, or
-        ``spatial_shapes`` / ``level_start_index`` are not int32/int64.
+        ``spatial_shapes`` / ``level_start_index`` are not int32/int64, or ``im2col_step`` is
+        not an int.
     ValueError
-        If a shape is inconsistent, ``spatial_shapes`` has a negative size, ``level_start_index`` is
-        not its exclusive cumulative sum, ``S`` differs from ``sum(H_l*W_l)``, ``D`` exceeds 4096 on
-        the CPU, or the arrays are on different devices.
+        If ``im2col_step`` is < 1, a shape is inconsistent, ``spatial_shapes`` has a negative
+        size, ``level_start_index`` is not its exclusive cumulative sum, ``S`` differs from
+        ``sum(H_l*W_l)``, ``D`` exceeds 4096 on the CPU, or the arrays are on different devices.
 
     See Also
     --------
@@ -445,9 +469,9 @@ def ms_deform_attn(
     each sample taken with the zero-fade rule of :func:`bilinear_interpolate`: this is
     ``grid_sample(..., padding_mode="zeros", align_corners=False)`` at ``grid = 2*loc - 1``, as
     in ``ms_deform_attn_core_pytorch``. The location gradient is the exact derivative of that
-    rule (the right-hand slope at integer pixel coordinates). Any batch size works (no
-    ``im2col_step``); single-scale deformable attention is the case ``L = 1``. See
-    :doc:`/ops/ms_deform_attn` for the formula and gradients.
+    rule (the right-hand slope at integer pixel coordinates). Any batch size works
+    (``im2col_step`` is accepted and ignored); single-scale deformable attention is the case
+    ``L = 1``. See :doc:`/ops/ms_deform_attn` for the formula and gradients.
 
     Examples
     --------
@@ -467,5 +491,6 @@ def ms_deform_attn(
     >>> float(out.numpy()[0, 0, 0])
     1.0
     """
+    integer(OP, "im2col_step", im2col_step, 1)
     args = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return MSDeformAttnFunction.apply(value, sampling_locations, attention_weights, args=args)
