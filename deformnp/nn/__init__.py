@@ -5,8 +5,14 @@ from __future__ import annotations
 import sys as _sys
 
 from .. import functional  # deformnp.nn.functional is deformnp.functional, as in torch
-from . import init
-from .attention import DeformableAttention2d, LayerNormProxy, MSDeformAttn
+from . import dat, init, mmcv
+from .attention import MSDeformAttn
+from .dat import (
+    DAttentionBaseline,
+    DAttentionBaselineCVPR2022,
+    DeformableAttention2d,
+    LayerNormProxy,
+)
 from .deform_conv import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
 from .layers import (
     GELU,
@@ -34,6 +40,13 @@ from .roi import (
     PSRoIPool,
     RoIAlign,
     RoIPool,
+)
+from .transformer import (
+    DeformableTransformerDecoder,
+    DeformableTransformerDecoderLayer,
+    DeformableTransformerEncoder,
+    DeformableTransformerEncoderLayer,
+    MultiheadAttention,
 )
 
 _sys.modules[__name__ + ".functional"] = functional

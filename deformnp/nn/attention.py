@@ -1,7 +1,7 @@
-"""Deformable attention layers: Deformable-DETR's ``MSDeformAttn`` (see :doc:`/ops/ms_deform_attn`)
-and DAT's deformable attention ``DeformableAttention2d`` (see :doc:`/ops/dat`).
+"""Deformable-DETR's multi-scale deformable attention ``MSDeformAttn`` (see
+:doc:`/ops/ms_deform_attn`); DAT's deformable attention layers are in ``deformnp.nn.dat``.
 
-Both keep their anchors' parameter names, so state dicts load by name
+It keeps its anchor's parameter names, so state dicts load by name
 (``module.load_state_dict(torch_state_dict)``; torch tensors are converted).
 """
 
@@ -16,12 +16,12 @@ from .. import functional as F
 from ..ops.attention import ms_deform_attn
 from ..tensor import Tensor
 from ..typing import ArrayLike, TensorLike
-from ..validation import index_array, integer, pair, real
+from ..validation import index_array, integer
 from . import init
-from .layers import GELU, Conv2d, LayerNorm, Linear, Sequential
-from .module import Module, Parameter
+from .layers import Linear
+from .module import Module
 
-__all__ = ["MSDeformAttn", "DeformableAttention2d", "LayerNormProxy"]
+__all__ = ["MSDeformAttn"]
 
 
 def _tensor(x: Any) -> Tensor:
@@ -46,9 +46,11 @@ class MSDeformAttn(Module):
     ``value_proj`` and ``output_proj`` weights Xavier-uniform, biases 0.
 
     Gradients flow to every parameter and to ``query``, ``input_flatten`` and
-    ``reference_points``. There is no ``im2col_step`` (any batch size works), and no warning
-    for a head dimension that is not a power of two (that advice concerns Deformable-DETR's
-    CUDA kernel).
+    ``reference_points``. As in Deformable-DETR, the constructor sets the attribute
+    ``im2col_step = 64`` (neither the constructor nor ``forward`` takes it); ``forward`` passes
+    it to :func:`deformnp.ops.ms_deform_attn`, which checks it is a positive int and ignores it
+    (any batch size works). There is no warning for a head dimension that is not a power of two
+    (that advice concerns Deformable-DETR's CUDA kernel).
 
     Parameters
     ----------
@@ -107,6 +109,7 @@ class MSDeformAttn(Module):
                 f"MSDeformAttn: d_model must be divisible by n_heads, but got {d_model} and "
                 f"{n_heads}"
             )
+        self.im2col_step = 64  # Deformable-DETR's attribute; accepted and ignored by the op
         self.d_model = int(d_model)
         self.n_levels = int(n_levels)
         self.n_heads = int(n_heads)
@@ -252,7 +255,7 @@ class MSDeformAttn(Module):
             value = F.masked_fill(value, mask[..., None], 0.0)
         value = value.reshape(N, S, M, C // M)
         locations, weights = self._sampling(query, reference_points, shapes)
-        out = ms_deform_attn(value, shapes, starts, locations, weights)
+        out = ms_deform_attn(value, shapes, starts, locations, weights, self.im2col_step)
         return self.output_proj(out)
 
     def _check_dtypes(self, **tensors: Tensor) -> None:
@@ -337,307 +340,3 @@ def _raw(x: Any) -> Any:
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor
         return x.detach().cpu().numpy()
     return x
-
-
-class LayerNormProxy(Module):
-    """LayerNorm over the channels of an NCHW map (DAT's ``LayerNormProxy``).
-
-    Mirrors DAT's ``LayerNormProxy``: the :class:`LayerNorm` is the submodule ``norm``, so
-    its parameters are ``norm.weight`` and ``norm.bias``.
-
-    Parameters
-    ----------
-    dim : int
-        The number of channels ``C``.
-    dtype : numpy.dtype or type, optional
-        float32 (the default) or float64.
-
-    See Also
-    --------
-    LayerNorm : The normalisation it applies over the channel dimension.
-
-    """
-
-    def __init__(self, dim: int, dtype: Any = None) -> None:
-        super().__init__()
-        self.norm = LayerNorm(dim, dtype=dtype)
-
-    def forward(self, x: TensorLike) -> Tensor:
-        """Normalise each pixel's channel vector.
-
-        Parameters
-        ----------
-        x : Tensor or array_like, shape (B, C, H, W)
-            The feature map, in the layer's dtype.
-
-        Returns
-        -------
-        Tensor, shape (B, C, H, W)
-            ``norm`` applied over ``C`` (the input permuted to (B, H, W, C) and back).
-
-        """
-        x = _tensor(x).permute(0, 2, 3, 1)
-        return self.norm(x).permute(0, 3, 1, 2)
-
-
-def _reference_points(H: int, W: int, dtype: Any) -> np.ndarray:
-    """(H, W, 2) pixel centres as normalized (y, x): ((i + 0.5)/H*2 - 1, (j + 0.5)/W*2 - 1)."""
-    ys = (np.arange(H, dtype=np.float64) + 0.5) / H * 2.0 - 1.0
-    xs = (np.arange(W, dtype=np.float64) + 0.5) / W * 2.0 - 1.0
-    ref = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1)
-    return ref.astype(dtype)
-
-
-class DeformableAttention2d(Module):
-    """Deformable multi-head attention of DAT (its ``DAttentionBaseline``).
-
-    Mirrors ``DAttentionBaseline`` of DAT ("Vision Transformer with Deformable Attention",
-    CVPR 2022; LeapLabTHU/DAT), composed from autograd ops and :func:`deformnp.ops.grid_sample`.
-    On x (B, C, H, W), with ``C = channels = n_heads * d_head`` and ``G = n_groups``, the
-    offsets are shared by the ``n_heads / n_groups`` heads of a group:
-
-    1. ``q = proj_q(x)`` (1x1 conv), viewed per group (B*G, C/G, H, W).
-    2. ``conv_offset``: depthwise k x k conv (stride r, padding k//2, bias), LayerNorm over
-       channels, GELU, 1x1 conv to 2 channels without bias -> (B*G, 2, Hk, Wk): (dy, dx).
-    3. If ``offset_range_factor`` s > 0: offset = s * tanh(offset) * (1/Hk, 1/Wk).
-    4. reference = centres of the Hk x Wk grid, normalized: ((i + 0.5)/Hk*2 - 1,
-       (j + 0.5)/Wk*2 - 1); pos = reference + offset if s >= 0, tanh(reference + offset) if
-       s < 0 (DAT's code: s == 0 leaves the offset unscaled and untransformed).
-    5. x_sampled = grid_sample(x per group, pos as (x, y), bilinear, zeros, align_corners=True),
-       (B, C, 1, Ns) with Ns = Hk*Wk; k = proj_k(x_sampled), v = proj_v(x_sampled).
-    6. attn = q^T k / sqrt(d_head) per head, (B*n_heads, H*W, Ns); with ``use_pe`` add the bias
-       sampled from ``rpe_table`` (n_heads, 2H-1, 2W-1) by grid_sample (align_corners=True) at
-       (q_grid - pos) * 0.5, q_grid the pixel centres of the H x W map normalized as in 4.
-    7. softmax over Ns, out = attn v^T -> (B, C, H, W), y = proj_out(out).
-
-    Parameter names follow DAT (``conv_offset.0``, ``conv_offset.1.norm``, ``conv_offset.3``,
-    ``proj_q``, ``proj_k``, ``proj_v``, ``proj_out``, ``rpe_table``), so a DAttentionBaseline
-    state dict with ``use_pe`` and neither ``dwc_pe`` nor ``fixed_pe`` loads by name. Dropout
-    is omitted (DAT's attn_drop / proj_drop default to 0). Initialisation: convolutions as
-    torch's default (as DAT, whose reset_parameters does not reach them), ``rpe_table``
-    truncated normal, std 0.01. The offset range 1/Hk, 1/Wk is computed in the layer's dtype
-    (DAT builds it as a float32 tensor, which differs in float64 unless Hk and Wk are powers of
-    two).
-
-    Parameters
-    ----------
-    channels : int
-        The channels ``C`` of the input and output (>= 1, divisible by ``n_heads``).
-    n_heads : int
-        The number of attention heads (>= 1, divisible by ``n_groups``).
-    n_groups : int, default 1
-        The number ``G`` of offset groups.
-    stride : int, default 1
-        The stride ``r`` of the offset network's depthwise convolution (the reference grid is
-        ``Hk x Wk``, the size of its output).
-    offset_range_factor : float, default 2.0
-        The offset scale ``s`` of steps 3 and 4 (> 0: bounded offsets; 0: raw offsets; < 0:
-        ``tanh`` of the positions).
-    kernel_size : int, default 5
-        The kernel size ``k`` of the depthwise convolution.
-    use_pe : bool, default True
-        Add the relative position bias sampled from ``rpe_table``.
-    q_size : int or (int, int), optional
-        The input's ``(H, W)``, which sizes ``rpe_table``; required with ``use_pe`` (DAT builds
-        the table from its stage's feature-map size too), and the input must then be H x W.
-    device : str, optional
-        A deformnp extra: ``"cuda"`` moves the parameters to the GPU after initialisation.
-    dtype : numpy.dtype or type, optional
-        A deformnp extra: float32 (the default) or float64, for the parameters; the inputs must
-        have the same dtype.
-
-    Raises
-    ------
-    ValueError
-        If a size is < 1, ``channels`` is not divisible by ``n_heads`` or ``n_heads`` by
-        ``n_groups``, or ``use_pe`` is set without ``q_size``.
-    TypeError
-        If a size is not an int, ``offset_range_factor`` not a real number, or ``dtype`` not
-        float32 or float64.
-
-    See Also
-    --------
-    deformnp.ops.grid_sample : The sampling op.
-    MSDeformAttn : Deformable-DETR's multi-scale deformable attention.
-
-    Notes
-    -----
-    The layer is derived step by step in :doc:`/ops/dat`.
-
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        n_heads: int,
-        n_groups: int = 1,
-        stride: int = 1,
-        offset_range_factor: float = 2.0,
-        kernel_size: int = 5,
-        use_pe: bool = True,
-        q_size: Any = None,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__()
-        name = "DeformableAttention2d"
-        for arg, v in (
-            ("channels", channels),
-            ("n_heads", n_heads),
-            ("n_groups", n_groups),
-            ("stride", stride),
-            ("kernel_size", kernel_size),
-        ):
-            integer(name, arg, v, 1)
-        real(name, "offset_range_factor", offset_range_factor)
-        if channels % n_heads:
-            raise ValueError(
-                f"{name}: channels ({channels}) must be divisible by n_heads ({n_heads})"
-            )
-        if n_heads % n_groups:
-            raise ValueError(
-                f"{name}: n_heads ({n_heads}) must be divisible by n_groups ({n_groups})"
-            )
-        if use_pe and q_size is None:
-            raise ValueError(
-                f"{name}: use_pe=True needs q_size=(H, W) to size the relative position bias "
-                f"table (n_heads, 2H-1, 2W-1)"
-            )
-        self.channels = int(channels)
-        self.n_heads = int(n_heads)
-        self.n_groups = int(n_groups)
-        self.n_head_channels = self.channels // self.n_heads
-        self.n_group_channels = self.channels // self.n_groups
-        self.n_group_heads = self.n_heads // self.n_groups
-        self.scale = self.n_head_channels**-0.5
-        self.stride = int(stride)
-        self.offset_range_factor = float(offset_range_factor)
-        self.kernel_size = int(kernel_size)
-        self.use_pe = bool(use_pe)
-        if q_size is not None:
-            q_size = pair(name, "q_size", q_size, 1)
-        self.q_size = q_size
-        Cg, k = self.n_group_channels, self.kernel_size
-        self.conv_offset = Sequential(
-            Conv2d(Cg, Cg, k, self.stride, k // 2, groups=Cg, dtype=dtype),
-            LayerNormProxy(Cg, dtype=dtype),
-            GELU(),
-            Conv2d(Cg, 2, 1, 1, 0, bias=False, dtype=dtype),
-        )
-        C = self.channels
-        self.proj_q = Conv2d(C, C, 1, dtype=dtype)
-        self.proj_k = Conv2d(C, C, 1, dtype=dtype)
-        self.proj_v = Conv2d(C, C, 1, dtype=dtype)
-        self.proj_out = Conv2d(C, C, 1, dtype=dtype)
-        if self.use_pe:
-            qh, qw = self.q_size
-            table = np.zeros((self.n_heads, 2 * qh - 1, 2 * qw - 1), self.proj_q.weight.dtype)
-            self.rpe_table = Parameter(table)
-            init.trunc_normal_(self.rpe_table, std=0.01)
-        else:
-            self.register_parameter("rpe_table", None)
-        if device is not None and device != "cpu":
-            self.to(device)
-
-    def forward(self, x: TensorLike) -> tuple[Tensor, Tensor, Tensor]:
-        """Apply deformable attention to ``x``; also return where it sampled.
-
-        Parameters
-        ----------
-        x : Tensor or array_like, shape (B, channels, H, W)
-            The feature map, in the layer's dtype; H x W must equal ``q_size`` when ``use_pe``.
-
-        Returns
-        -------
-        y : Tensor, shape (B, channels, H, W)
-            The attention output (``proj_out`` applied); differentiable in ``x`` and every
-            parameter.
-        pos : Tensor, shape (B, n_groups, Hk, Wk, 2)
-            The sampling positions as normalized ``(y, x)`` (with gradient).
-        reference : Tensor, shape (B, n_groups, Hk, Wk, 2)
-            The reference grid as normalized ``(y, x)``.
-
-        Raises
-        ------
-        ValueError
-            If ``x`` is not (B, channels, H, W), or (with ``use_pe``) H x W differs from
-            ``q_size``.
-
-        See Also
-        --------
-        deformnp.ops.grid_sample : The sampling op; :doc:`/ops/dat` has the math.
-
-        """
-        name = "DeformableAttention2d"
-        x = _tensor(x)
-        if x.ndim != 4 or x.shape[1] != self.channels:
-            raise ValueError(
-                f"{name}: x must be (B, {self.channels}, H, W), got shape {tuple(x.shape)}"
-            )
-        B, C, H, W = x.shape
-        if self.use_pe and (H, W) != tuple(self.q_size):
-            raise ValueError(
-                f"{name}: x is {H}x{W} but the relative position bias table was built for "
-                f"q_size {tuple(self.q_size)}"
-            )
-        from ..ops.grid_sample import grid_sample
-
-        G, Cg, Mh, dh = self.n_groups, self.n_group_channels, self.n_heads, self.n_head_channels
-        dtype = x.dtype
-
-        q = self.proj_q(x)
-        offset = self.conv_offset(q.reshape(B * G, Cg, H, W))  # (B*G, 2, Hk, Wk): (dy, dx)
-        Hk, Wk = offset.shape[2], offset.shape[3]
-        Ns = Hk * Wk
-        s = self.offset_range_factor
-        if s > 0:
-            offset_range = np.array([1.0 / Hk, 1.0 / Wk], dtype=dtype).reshape(1, 2, 1, 1)
-            offset = F.tanh(offset) * offset_range * s
-        offset = offset.permute(0, 2, 3, 1)  # (B*G, Hk, Wk, 2)
-        reference = Tensor(np.broadcast_to(_reference_points(Hk, Wk, dtype), (B * G, Hk, Wk, 2)))
-        pos = offset + reference if s >= 0 else F.tanh(offset + reference)
-
-        pos_xy = F.stack([pos[..., 1], pos[..., 0]], dim=-1)  # (y, x) -> (x, y)
-        x_sampled = grid_sample(
-            x.reshape(B * G, Cg, H, W), pos_xy, padding_mode="zeros", align_corners=True
-        )  # (B*G, Cg, Hk, Wk)
-        x_sampled = x_sampled.reshape(B, C, 1, Ns)
-
-        q = q.reshape(B * Mh, dh, H * W)
-        k = self.proj_k(x_sampled).reshape(B * Mh, dh, Ns)
-        v = self.proj_v(x_sampled).reshape(B * Mh, dh, Ns)
-        attn = F.matmul(q.transpose(1, 2), k) * self.scale  # (B*Mh, HW, Ns)
-
-        if self.use_pe:
-            table = self.rpe_table.reshape(1, Mh, 2 * H - 1, 2 * W - 1)
-            table = F.expand(table, B, Mh, 2 * H - 1, 2 * W - 1)
-            table = table.reshape(B * G, self.n_group_heads, 2 * H - 1, 2 * W - 1)
-            q_grid = _reference_points(H, W, dtype).reshape(1, H * W, 1, 2)
-            displacement = (Tensor(q_grid) - pos.reshape(B * G, 1, Ns, 2)) * 0.5
-            disp_xy = F.stack([displacement[..., 1], displacement[..., 0]], dim=-1)
-            bias = grid_sample(table, disp_xy, padding_mode="zeros", align_corners=True)
-            attn = attn + bias.reshape(B * Mh, H * W, Ns)  # (B*G, Mg, HW, Ns) per head
-
-        attn = F.softmax(attn, dim=2)
-        out = F.matmul(v, attn.transpose(1, 2))  # (B*Mh, dh, HW)
-        y = self.proj_out(out.reshape(B, C, H, W))
-        return (
-            y,
-            pos.reshape(B, G, Hk, Wk, 2),
-            reference.reshape(B, G, Hk, Wk, 2),
-        )
-
-    def extra_repr(self) -> str:
-        """Return the layer's settings as shown in its ``repr``.
-
-        Returns
-        -------
-        str
-            The constructor arguments, ``name=value`` separated by commas.
-
-        """
-        return (
-            f"channels={self.channels}, n_heads={self.n_heads}, n_groups={self.n_groups}, "
-            f"stride={self.stride}, offset_range_factor={self.offset_range_factor}, "
-            f"kernel_size={self.kernel_size}, use_pe={self.use_pe}, q_size={self.q_size}"
-        )
