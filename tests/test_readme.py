@@ -59,3 +59,10 @@ def test_readme_cuda_snippet_runs():
     assert cuda.is_cuda_array(namespace["off"].grad)
     assert namespace["off"].grad.copy_to_host().shape == (2, 18, 8, 8)
     assert namespace["w"].grad.copy_to_host().shape == (6, 4, 3, 3)
+
+
+def test_readme_porting_snippet_runs():
+    (code,) = _snippets("## Porting a model")
+    namespace: dict = {}
+    exec(compile(code, str(README) + " (porting)", "exec"), namespace)
+    assert namespace["out"].shape == (1, 80, 32)
