@@ -570,6 +570,108 @@ def _ms_deform_attn(device: str, size: str) -> BenchCase | None:
     return _with_torch(case, core, host[:3], (0, 1, 2), host[3])
 
 
+def torch_dcnv3_core(
+    input: Any,
+    offset: Any,
+    mask: Any,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool,
+) -> Any:
+    """InternImage's pure-PyTorch DCNv3 (``dcnv3_core_pytorch``), the fallback its users run on a
+    CPU: the sampling locations built on the padded channels-last input, one ``grid_sample``
+    (zeros, align_corners=False) for all points of all groups, then the mask-weighted sum. Torch
+    tensors in and out (float32 coordinates, as the anchor builds them); for benchmarks."""
+    import torch
+    import torch.nn.functional as F
+
+    # the anchor pads W by pad_h and H by pad_w ([0, 0, pad_h, pad_h, pad_w, pad_w]): equal here
+    x = F.pad(input, [0, 0, pad_h, pad_h, pad_w, pad_w])
+    N, H, W, _ = x.shape
+    _, Ho, Wo, _ = offset.shape
+    dev, f32 = x.device, torch.float32
+    cy = (dilation_h * (kernel_h - 1)) // 2
+    cx = (dilation_w * (kernel_w - 1)) // 2
+    ry, rx = torch.meshgrid(
+        torch.linspace(cy + 0.5, cy + 0.5 + (Ho - 1) * stride_h, Ho, dtype=f32, device=dev),
+        torch.linspace(cx + 0.5, cx + 0.5 + (Wo - 1) * stride_w, Wo, dtype=f32, device=dev),
+        indexing="ij",
+    )
+    ref = torch.stack((rx.reshape(-1) / W, ry.reshape(-1) / H), -1).reshape(1, Ho, Wo, 1, 2)
+    # kernel points in x-major order, as the anchor's meshgrid(x, y) lists them
+    gx, gy = torch.meshgrid(
+        torch.linspace(-cx, -cx + (kernel_w - 1) * dilation_w, kernel_w, dtype=f32, device=dev),
+        torch.linspace(-cy, -cy + (kernel_h - 1) * dilation_h, kernel_h, dtype=f32, device=dev),
+        indexing="ij",
+    )
+    grid = torch.stack((gx / W, gy / H), -1).reshape(-1, 1, 2).repeat(1, group, 1)
+    grid = grid.permute(1, 0, 2).reshape(1, 1, 1, group * kernel_h * kernel_w, 2)
+    loc = (ref + grid * offset_scale).repeat(N, 1, 1, 1, 1)
+    if remove_center:
+        c = (kernel_h * kernel_w - 1) // 2
+        keep = [i for i in range(loc.shape[-2]) if i != c and (i - c) % (2 * c + 1) != 0]
+        loc = loc[:, :, :, keep, :]
+    P = kernel_h * kernel_w - int(remove_center)
+    norm = torch.tensor([W, H], device=dev).reshape(1, 1, 1, 2).repeat(1, 1, 1, group * P)
+    loc = loc.flatten(3, 4) + offset * offset_scale / norm
+    grids = (2 * loc - 1).view(N, Ho * Wo, group, P, 2).transpose(1, 2).flatten(0, 1)
+    x_ = x.view(N, H * W, group * group_channels).transpose(1, 2)
+    x_ = x_.reshape(N * group, group_channels, H, W)
+    sampled = F.grid_sample(x_, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
+    m = mask.view(N, Ho * Wo, group, P).transpose(1, 2).reshape(N * group, 1, Ho * Wo, P)
+    out = (sampled * m).sum(-1).view(N, group * group_channels, Ho * Wo)
+    return out.transpose(1, 2).reshape(N, Ho, Wo, -1).contiguous()
+
+
+def _dcnv3(device: str, size: str) -> BenchCase | None:
+    """InternImage-T's first stage: 56x56, 64 channels in 4 groups of 16, 3x3, padding 1,
+    channels last, float32 (reference: N=1; large: N=8), against InternImage's grid_sample
+    formulation ``dcnv3_core_pytorch``, the fallback its users run on a CPU."""
+    N = 1 if size == "reference" else 8
+    H = W = 56
+    G, D, k = 4, 16, 3
+    P = k * k
+    rng = np.random.default_rng(0)
+    host = (
+        rng.standard_normal((N, H, W, G * D)).astype(np.float32),
+        rng.uniform(-2.0, 2.0, (N, H, W, G * P * 2)).astype(np.float32),
+        rng.uniform(0.0, 1.0, (N, H, W, G * P)).astype(np.float32),
+        rng.standard_normal((N, H, W, G * D)).astype(np.float32),
+    )
+    placed = bench_device(device, *host)
+    if placed is None:
+        return None
+    (x, offset, mask, grad), sync = placed
+    geo = (k, k, 1, 1, 1, 1, 1, 1, G, D, 1.0, False)
+
+    def forward() -> Any:
+        return ops.dcnv3_forward(x, offset, mask, *geo)
+
+    def forward_backward() -> Any:
+        leaves = [Tensor(a, requires_grad=True) for a in (x, offset, mask)]
+        ops.dcnv3(*leaves, *geo).backward(grad)
+        return leaves[0].grad
+
+    label = f"N={N}, 56x56, 64 ch in 4 groups, 3x3, pad 1 (InternImage-T stage 1)"
+    case = BenchCase(
+        label, forward, forward_backward, device=device, sync=sync, samples=N * H * W * G * P * D
+    )
+
+    def core(x: Any, offset: Any, mask: Any) -> Any:
+        return torch_dcnv3_core(x, offset, mask, *geo)
+
+    return _with_torch(case, core, host[:3], (0, 1, 2), host[3])
+
+
 _BUILDERS: dict[str, Callable[[str, str], BenchCase | None]] = {
     "bilinear_interpolate": _bilinear_interpolate,
     "grid_sample": _grid_sample,
@@ -582,6 +684,7 @@ _BUILDERS: dict[str, Callable[[str, str], BenchCase | None]] = {
     "deform_ps_roi_pool": _deform_ps_roi_pool,
     "ms_deform_attn": _ms_deform_attn,
     "conv2d": _conv2d,
+    "dcnv3": _dcnv3,
 }
 
 OPS = tuple(_BUILDERS)

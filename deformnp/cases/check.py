@@ -354,6 +354,37 @@ def _dat(rng: Rng) -> list[CheckCase]:
 
 
 # (the ops a builder makes cases for, the builder): each builder draws from its own seed
+def _dcnv3(rng: Rng) -> list[CheckCase]:
+    """Grouped, strided, dilated and centre-removed DCNv3 (channels last). offset_scale 1: every
+    base position is an integer, so offsets off the kinks keep every sampling coordinate off
+    them."""
+    cases = []
+    for label, (N, H, W), G, D, (kh, kw), s, p, d, rc in (
+        ("g2 3x3 pad 1", (2, 4, 5), 2, 2, (3, 3), 1, 1, 1, False),
+        ("g1 5x3 stride 2 dilation 2 pad 2", (1, 7, 6), 1, 3, (5, 3), 2, 2, 2, False),
+        ("g4 3x3 remove_center", (1, 4, 4), 4, 1, (3, 3), 1, 1, 1, True),
+    ):
+        Ho = (H + 2 * p - (d * (kh - 1) + 1)) // s + 1
+        Wo = (W + 2 * p - (d * (kw - 1) + 1)) // s + 1
+        P = kh * kw - int(rc)
+        geo = (kh, kw, s, s, p, p, d, d, G, D, 1.0, rc)
+        cases.append(
+            CheckCase(
+                "dcnv3",
+                label,
+                lambda x, o, m, geo=geo: ops.dcnv3(x, o, m, *geo),
+                (
+                    rng.standard_normal((N, H, W, G * D)),
+                    conv_offsets_off_kinks(rng, (N, Ho, Wo, G * P * 2)),
+                    rng.uniform(0.1, 1.0, (N, Ho, Wo, G * P)),
+                ),
+                ("input", "offset", "mask"),
+            )
+        )
+    return cases
+
+
+# appended at the end: a builder's seed is its position, so earlier cases keep their inputs
 _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Rng], list[CheckCase]]], ...] = (
     (("bilinear_interpolate",), _bilinear),
     (("grid_sample",), _grid_sample),
@@ -373,6 +404,7 @@ _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Rng], list[CheckCase]]], ...] 
     (("conv2d",), _conv2d),
     (("nn.MSDeformAttn",), _msdeformattn),
     (("nn.DeformableAttention2d",), _dat),
+    (("dcnv3",), _dcnv3),
 )
 
 OPS = tuple(op for ops_, _ in _BUILDERS for op in ops_)
