@@ -384,6 +384,46 @@ def _dcnv3(rng: Rng) -> list[CheckCase]:
     return cases
 
 
+def _dcnv4(rng: Rng) -> list[CheckCase]:
+    """DCNv4 (packed offsets and mask, padded channels, remove_center) and FlashDeformAttn
+    (packed locations and logits over two levels). Stride 1, padding 1, scale 1: the base points
+    are integers, so offsets off the kinks keep every sampling coordinate off them."""
+    cases = []
+    for label, (B, H, W, G, D, rc, extra) in (
+        ("3x3, 2 groups, padded channels", (1, 4, 5, 2, 3, False, 2)),
+        ("3x3 remove_center", (2, 3, 3, 1, 4, True, 0)),
+    ):
+        K = 9 - int(rc)
+        om = rng.standard_normal((B, H, W, G * 3 * K + extra))
+        for g in range(G):
+            om[..., g * 3 * K : g * 3 * K + 2 * K] = conv_offsets_off_kinks(rng, (B, H, W, 2 * K))
+        cases.append(
+            CheckCase(
+                "dcnv4",
+                label,
+                lambda x, o, G=G, D=D, rc=rc: ops.dcnv4(
+                    x, o, 3, 3, 1, 1, 1, 1, 1, 1, G, D, 1.0, 256, rc
+                ),
+                (rng.standard_normal((B, H, W, G * D)), om),
+                ("input", "offset_mask"),
+            )
+        )
+    shapes, starts = level_layout([(3, 4), (2, 2)])
+    N, Lq, G, D, K = 2, 2, 2, 3, 2
+    loc = locations_off_kinks(rng, shapes, (N, Lq, G), K).reshape(N, Lq, G, 4 * K)
+    sla = np.concatenate([loc, rng.standard_normal((N, Lq, G, 2 * K))], -1)
+    cases.append(
+        CheckCase(
+            "flash_deform_attn",
+            "2 levels",
+            lambda v, s: ops.flash_deform_attn(v, shapes, starts, s, 64, K),
+            (rng.standard_normal((N, 16, G, D)), sla),
+            ("value", "sampling_loc_attn"),
+        )
+    )
+    return cases
+
+
 # appended at the end: a builder's seed is its position, so earlier cases keep their inputs
 _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Rng], list[CheckCase]]], ...] = (
     (("bilinear_interpolate",), _bilinear),
@@ -405,6 +445,7 @@ _BUILDERS: tuple[tuple[tuple[str, ...], Callable[[Rng], list[CheckCase]]], ...] 
     (("nn.MSDeformAttn",), _msdeformattn),
     (("nn.DeformableAttention2d",), _dat),
     (("dcnv3",), _dcnv3),
+    (("dcnv4", "flash_deform_attn"), _dcnv4),
 )
 
 OPS = tuple(op for ops_, _ in _BUILDERS for op in ops_)

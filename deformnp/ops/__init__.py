@@ -43,6 +43,14 @@ from .bilinear import (
     bilinear_interpolate_forward,
 )
 from .dcnv3 import dcnv3, dcnv3_backward, dcnv3_forward
+from .dcnv4 import (
+    dcnv4,
+    dcnv4_backward,
+    dcnv4_forward,
+    flash_deform_attn,
+    flash_deform_attn_backward,
+    flash_deform_attn_forward,
+)
 from .deform_conv import deform_conv2d, deform_conv2d_backward, deform_conv2d_forward
 from .grid_sample import grid_sample, grid_sample_backward, grid_sample_forward
 from .roi import (
