@@ -76,7 +76,7 @@ sphinx_gallery_conf = {
     "examples_dirs": str(ROOT / "examples"),
     "gallery_dirs": "auto_examples",
     # the PyTorch example needs torch, which the docs build does not install: shown, not run
-    "filename_pattern": r"/(deform_conv_offsets|deform_roi_pool|deformable_attention)\.py$",
+    "filename_pattern": r"/(deform_conv_offsets|deform_roi_pool|deformable_attention|dcnv3_sampling_points)\.py$",
     "reset_argv": "gallery_argv.example_argv",
     "download_all_examples": False,
     "remove_config_comments": True,

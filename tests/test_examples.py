@@ -31,6 +31,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
         ("deform_conv_offsets.py", "matplotlib"),
         ("deform_roi_pool.py", "matplotlib"),
         ("deformable_attention.py", "matplotlib"),
+        ("dcnv3_sampling_points.py", "matplotlib"),
         ("torch_deformable_detr_cpu.py", "torch"),
     ],
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys as _sys
 
 from .. import functional  # deformnp.nn.functional is deformnp.functional, as in torch
-from . import dat, init, mmcv
+from . import dat, dcn, init, mmcv
 from .attention import MSDeformAttn
 from .dat import (
     DAttentionBaseline,
@@ -13,6 +13,7 @@ from .dat import (
     DeformableAttention2d,
     LayerNormProxy,
 )
+from .dcn import DCNv3, DCNv4
 from .deform_conv import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
 from .layers import (
     GELU,
