@@ -44,6 +44,7 @@ def test_no_citation_of_the_internal_spec():
 OPS = [
     "bilinear_interpolate", "grid_sample", "deform_conv2d", "roi_pool", "roi_align",
     "ps_roi_pool", "ps_roi_align", "deform_roi_pool", "deform_ps_roi_pool", "ms_deform_attn",
+    "dcnv3", "dcnv4", "flash_deform_attn",
 ]  # fmt: skip
 
 
@@ -59,7 +60,9 @@ def test_op_docstrings_document_every_parameter(name):
         assert doc and "Parameters\n----------" in doc and "Returns\n-------" in doc, fn.__name__
         section = doc.split("Parameters\n----------", 1)[1]
         for p in inspect.signature(fn).parameters:
-            assert re.search(rf"^{p}\b", section, re.M), f"{fn.__name__}: {p} not documented"
+            # numpydoc allows one entry for several: "kernel_h, kernel_w : int"
+            pattern = rf"^(?:\w+, )*{p}\b"
+            assert re.search(pattern, section, re.M), f"{fn.__name__}: {p} not documented"
 
 
 def test_api_pages_list_every_public_name():
@@ -75,7 +78,17 @@ def test_api_pages_list_every_public_name():
 
 def test_every_op_page_derives_gradients():
     """Each op family's page has a forward formula, a picture and a gradient derivation."""
-    for page in ("bilinear", "deform_conv", "roi", "deform_roi", "ms_deform_attn", "dat"):
+    pages = (
+        "bilinear",
+        "deform_conv",
+        "roi",
+        "deform_roi",
+        "ms_deform_attn",
+        "dat",
+        "dcnv3",
+        "dcnv4",
+    )
+    for page in pages:
         text = (ROOT / "docs" / "ops" / f"{page}.rst").read_text()
         assert ".. math::" in text and ".. plot::" in text, page
         assert re.search(r"gradient", text, re.I) and "\\partial" in text, page
