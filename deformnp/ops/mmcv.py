@@ -29,7 +29,14 @@ the differences are in gradients at measure-zero points and in edge cases mmcv d
 * roi_align, ``pool_mode='max'``: the first largest sample in row-major order wins, as mmcv's
   strict ``>``; a NaN sample counts as the largest (the first NaN wins, as deformnp's
   :func:`~deformnp.ops.roi_pool`; mmcv skips NaN); a bin with no samples (an empty box with
-  ``aligned=True`` and an adaptive grid) is 0 with no gradient (mmcv returns ``-FLT_MAX``).
+  ``aligned=True`` and an adaptive grid) is 0 with no gradient (mmcv's CUDA kernel returns
+  ``-FLT_MAX``, its CPU kernel starts from -10000 and returns that).
+* roi_align and deform_roi_pool, adaptive grid (``sampling_ratio=0``): the samples per bin are
+  ``ceil(roi_h / PH)`` computed as torchvision does (deformnp's :func:`~deformnp.ops.roi_align`
+  geometry, in float64). mmcv converts ``roi_h / PH`` to float32 before ``ceilf`` even for
+  float64 data, so for a box whose ``roi_h / PH`` lies within float32 rounding above an integer
+  (e.g. y from 1.05 to 8.05 with 7 bins, aligned) mmcv takes one sample fewer per axis and the
+  outputs differ; with ``sampling_ratio > 0``, or boxes away from those sizes, they agree.
 """
 
 from __future__ import annotations
