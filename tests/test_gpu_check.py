@@ -31,7 +31,7 @@ OPS = (
 )
 
 
-def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float = 360) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("DEFORMNP_REAL_GPU", None)
     return subprocess.run(
