@@ -31,7 +31,7 @@ OPS = (
 )
 
 
-def _run(*args: str, timeout: float = 360) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("DEFORMNP_REAL_GPU", None)
     return subprocess.run(
@@ -47,7 +47,8 @@ def _run(*args: str, timeout: float = 360) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_smoke_run_passes_every_stage(tmp_path):
     out = tmp_path / "gpu_check.json"
-    proc = _run("--smoke", "--out", str(out))
+    # a budget that fits every smoke cap: on a cold Numba cache the stages take minutes
+    proc = _run("--smoke", "--out", str(out), "--budget-s", "800")
     log = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, log
     data = json.loads(out.read_text())
