@@ -19,8 +19,11 @@ table printed last:
     rate (a kernel of independent multiply-add chains; torch's FP32 matmul with TF32 off). The
     timing table's floors use the best of each.
 ``pytest``
-    ``pytest tests/test_cuda*.py`` in a child process with ``DEFORMNP_REAL_GPU=1``: the CUDA
-    tests on the real device, simulator off.
+    ``pytest -k cuda`` over tests/test_cuda*.py and the other modules with CUDA tests (DCNv3,
+    DCNv4, ms_deform_attn, the README's CUDA snippet, the torch adapter's CUDA path) in a child
+    process with ``DEFORMNP_REAL_GPU=1``: the CUDA tests on the real device, simulator off;
+    with pytest-xdist workers where it is installed (``--pytest-workers``), since the stage is
+    mostly Numba compiling kernels, one core each.
 ``races``
     Every op forward and backward at a medium size in float64 on the GPU, compared with the CPU
     kernels (output and every gradient to 1e-10 of max(1, max|cpu|)); the forward twice, and the
@@ -37,11 +40,13 @@ table printed last:
     the nvidia pip wheels; if it is nowhere the stage is skipped and says "not found".
 ``timing``
     Forward and forward+backward in float32 at the reference sizes of
-    ``deformnp/cases/bench.py`` and two large ones (deform_conv2d B=16, 256->256 channels, 64x64,
-    3x3, pad 1; ms_deform_attn at Deformable-DETR's encoder size), against torch/torchvision on
+    ``deformnp/cases/bench.py`` and large ones (deform_conv2d B=16, 256->256 channels, 64x64,
+    3x3, pad 1; ms_deform_attn and FlashDeformAttn at Deformable-DETR's encoder size; DCNv3
+    and DCNv4 at InternImage-T's first stage, N=8), against torch/torchvision on
     the same data (``torchvision.ops`` for deform_conv2d and the RoI ops,
-    ``torch.nn.functional.grid_sample``, and for ms_deform_attn Deformable-DETR's pure-PyTorch
-    grid_sample formulation ``ms_deform_attn_core_pytorch``, written below). Timed with CUDA
+    ``torch.nn.functional.grid_sample``, for ms_deform_attn Deformable-DETR's pure-PyTorch
+    grid_sample formulation ``ms_deform_attn_core_pytorch`` (after a softmax for
+    FlashDeformAttn), for DCNv3 and DCNv4 InternImage's ``dcnv3_core_pytorch``). Timed with CUDA
     events (``numba.cuda.event`` for deformnp, ``torch.cuda.Event`` for torch) around each call,
     the device synchronized and the L2 flushed (a 256 MiB device copy) before each, after a
     warm-up; deformnp's and torch's runs alternate; median, min and max are reported. deformnp's
@@ -104,6 +109,14 @@ SMOKE_PYTEST_K = (
     "or (roi_pool and float64) or (deform_roi_pool and float32) "
     "or (ms_deform_attn and levels and float64) or test_to_and_back or test_loss_ops_on_device "
     "or test_array_level_functions"
+)
+# modules beside tests/test_cuda*.py whose CUDA tests (``-k cuda``) the pytest stage runs
+CUDA_TESTS_ELSEWHERE = (
+    "test_dcnv3.py",
+    "test_dcnv4.py",
+    "test_ms_deform_attn.py",
+    "test_readme.py",
+    "test_torch_adapter.py",
 )
 
 
@@ -987,6 +1000,186 @@ def ms_deform_attn_case(
     )
 
 
+def _dcn_setup(
+    rng: np.random.Generator, N: int, H: int, W: int, G: int, D: int, k: int, pad: int
+) -> tuple[np.ndarray, int, int, int]:
+    """Channels-last input, output size and points for the DCNv3/DCNv4 cases (stride 1,
+    dilation 1, offset_scale 1: a sampling position is an integer plus the offset, so offsets
+    from ``_frac`` keep the positions off the kinks)."""
+    x = rng.standard_normal((N, H, W, G * D))
+    Ho, Wo = H + 2 * pad - k + 1, W + 2 * pad - k + 1
+    return x, Ho, Wo, k * k
+
+
+def dcnv3_case(
+    dtype: Any,
+    N: int,
+    H: int,
+    W: int,
+    G: int,
+    D: int,
+    k: int = 3,
+    pad: int = 1,
+    nan: bool = False,
+    seed: int = 0,
+) -> OpCase:
+    """InternImage's DCNv3 core (channels last), against its grid_sample formulation."""
+    ops = _ops()
+    from deformnp.cases.bench import torch_dcnv3_core
+
+    rng = np.random.default_rng(seed)
+    x, Ho, Wo, P = _dcn_setup(rng, N, H, W, G, D, k, pad)
+    offset = _frac(rng, -2, 2, (N, Ho, Wo, G * P * 2))
+    if nan:
+        _poison(rng, offset)
+    arrays = {
+        "input": x.astype(dtype),
+        "offset": offset.astype(dtype),
+        "mask": rng.uniform(0, 1, (N, Ho, Wo, G * P)).astype(dtype),
+    }
+    g = rng.standard_normal((N, Ho, Wo, G * D)).astype(dtype)
+    geo = (k, k, 1, 1, pad, pad, 1, 1, G, D, 1.0, False)
+    names = ("input", "offset", "mask")
+    n = N * Ho * Wo * G * P * D
+    return OpCase(
+        "dcnv3",
+        f"N={N}, {H}x{W}, {G} groups of {D}, {k}x{k}, pad {pad}",
+        arrays,
+        (),
+        names,
+        g,
+        lambda a: ops.dcnv3_forward(*(a[k_] for k_ in names), *geo),
+        lambda g, a: ops.dcnv3_backward(g, *(a[k_] for k_ in names), *geo),
+        (10.0 * n, 28.0 * n),
+        "per (pixel, group, point, channel): 4 multiply-adds to sample, 1 for the mask; "
+        "backward: the input scatter, the mask and the offset gradients",
+        TorchSide(
+            lambda t: torch_dcnv3_core(t["input"], t["offset"], t["mask"], *geo),
+            dict(arrays),
+            names,
+            note="InternImage's dcnv3_core_pytorch (one grid_sample)",
+        ),
+    )
+
+
+def dcnv4_case(
+    dtype: Any,
+    N: int,
+    H: int,
+    W: int,
+    G: int,
+    D: int,
+    k: int = 3,
+    pad: int = 1,
+    extra: int = 0,
+    nan: bool = False,
+    seed: int = 0,
+) -> OpCase:
+    """DCNv4 (packed offset_mask, no softmax), against dcnv3_core_pytorch on the unpacked
+    offsets and masks."""
+    ops = _ops()
+    from deformnp.cases.bench import torch_dcnv3_core
+
+    rng = np.random.default_rng(seed)
+    x, Ho, Wo, P = _dcn_setup(rng, N, H, W, G, D, k, pad)
+    om = rng.uniform(0, 1, (N, Ho, Wo, G * 3 * P + extra))
+    blk = om[..., : G * 3 * P].reshape(N, Ho, Wo, G, 3 * P)
+    blk[..., : 2 * P] = _frac(rng, -2, 2, (N, Ho, Wo, G, 2 * P))
+    if nan:
+        _poison(rng, blk[..., : 2 * P])
+    om[..., : G * 3 * P] = blk.reshape(N, Ho, Wo, G * 3 * P)
+    arrays = {"input": x.astype(dtype), "offset_mask": om.astype(dtype)}
+    g = rng.standard_normal((N, Ho, Wo, G * D)).astype(dtype)
+    geo = (k, k, 1, 1, pad, pad, 1, 1, G, D, 1.0, 256, False)
+    names = ("input", "offset_mask")
+    n = N * Ho * Wo * G * P * D
+
+    def torch_fn(t: dict[str, Any]) -> Any:
+        b = t["offset_mask"][..., : G * 3 * P].reshape(N, Ho, Wo, G, 3 * P)
+        offset = b[..., : 2 * P].reshape(N, Ho, Wo, G * 2 * P)
+        mask = b[..., 2 * P :].reshape(N, Ho, Wo, G * P)
+        return torch_dcnv3_core(t["input"], offset, mask, *geo[:11], False)
+
+    return OpCase(
+        "dcnv4",
+        f"N={N}, {H}x{W}, {G} groups of {D}, {k}x{k}, pad {pad}",
+        arrays,
+        (),
+        names,
+        g,
+        lambda a: ops.dcnv4_forward(*(a[k_] for k_ in names), *geo),
+        lambda g, a: ops.dcnv4_backward(g, *(a[k_] for k_ in names), *geo),
+        (10.0 * n, 28.0 * n),
+        "as dcnv3: per (pixel, group, point, channel) 4 multiply-adds to sample, 1 for the mask",
+        TorchSide(
+            torch_fn,
+            dict(arrays),
+            names,
+            note="dcnv3_core_pytorch without softmax on the unpacked offset_mask",
+        ),
+    )
+
+
+def flash_deform_attn_case(
+    dtype: Any,
+    N: int,
+    levels: Sequence[tuple[int, int]],
+    G: int,
+    D: int,
+    K: int,
+    Lq: int | None = None,
+    loc_range: tuple[float, float] = (0.0, 1.0),
+    nan: bool = False,
+    seed: int = 0,
+) -> OpCase:
+    """DCNv4's FlashDeformAttn (locations and logits packed, softmax inside), against
+    Deformable-DETR's grid_sample formulation after a torch softmax."""
+    ops = _ops()
+    from deformnp.ops.attention import level_layout
+
+    rng = np.random.default_rng(seed)
+    shapes, starts = level_layout(levels)
+    S = int(shapes.prod(axis=1).sum())
+    Lq = S if Lq is None else Lq
+    L = len(levels)
+    value = rng.standard_normal((N, S, G, D)).astype(dtype)
+    loc = rng.uniform(*loc_range, (N, Lq, G, 2 * L * K))
+    if nan:
+        _poison(rng, loc)
+    sla = np.concatenate([loc, 2 * rng.standard_normal((N, Lq, G, L * K))], -1).astype(dtype)
+    g = rng.standard_normal((N, Lq, G * D)).astype(dtype)
+    names = ("value", "spatial_shapes", "level_start_index", "sampling_loc_attn")
+    level_list = [(int(h), int(w_)) for h, w_ in levels]
+
+    def torch_fn(t: dict[str, Any]) -> Any:
+        import torch
+
+        s = t["sampling_loc_attn"]
+        lo = s[..., : 2 * L * K].reshape(N, Lq, G, L, K, 2)
+        attn = torch.softmax(s[..., 2 * L * K :], -1).reshape(N, Lq, G, L, K)
+        return ms_deform_attn_core_pytorch(t["value"], level_list, lo, attn)
+
+    n = N * Lq * G * L * K * D
+    return OpCase(
+        "flash_deform_attn",
+        f"N={N}, L={L} ({levels[0][0]}x{levels[0][1]}..), Lq={Lq}, S={S}, G={G}, D={D}, K={K}",
+        dict(zip(names, (value, shapes, starts, sla))),
+        ("spatial_shapes", "level_start_index"),
+        ("value", "sampling_loc_attn"),
+        g,
+        lambda a: ops.flash_deform_attn_forward(*(a[k_] for k_ in names), 64, K),
+        lambda g, a: ops.flash_deform_attn_backward(g, *(a[k_] for k_ in names), 64, K),
+        (10.0 * n, 28.0 * n),
+        "as ms_deform_attn (the softmax over L*K logits per query and head is not counted)",
+        TorchSide(
+            torch_fn,
+            {"value": value, "sampling_loc_attn": sla},
+            ("value", "sampling_loc_attn"),
+            note="torch softmax, then Deformable-DETR's ms_deform_attn_core_pytorch",
+        ),
+    )
+
+
 Builder = Callable[[Any], OpCase]
 
 
@@ -1004,6 +1197,9 @@ def race_cases(smoke: bool) -> list[Builder]:
             lambda dt: deform_roi_pool_case(dt, 1, 2, 6, 6, 3, 2, 1.0, 2, 0.1),
             lambda dt: deform_ps_roi_pool_case(dt, 1, 2, 6, 6, 3, 2, 2, 1.0, 2, 0.1),
             lambda dt: ms_deform_attn_case(dt, 1, ((3, 4), (2, 2)), 2, 2, 2, 4, (-0.1, 1.1)),
+            lambda dt: dcnv3_case(dt, 1, 3, 3, 2, 2),
+            lambda dt: dcnv4_case(dt, 1, 3, 3, 2, 2, extra=1),
+            lambda dt: flash_deform_attn_case(dt, 1, ((3, 4), (2, 2)), 2, 2, 2, 4, (-0.1, 1.1)),
         ]
     return [
         lambda dt: bilinear_case(dt, 2, 16, 32, 32, 8192, "zero", window=10),
@@ -1019,6 +1215,11 @@ def race_cases(smoke: bool) -> list[Builder]:
         lambda dt: deform_roi_pool_case(dt, 2, 16, 24, 24, 96, 7, 0.5, 2, 0.1),
         lambda dt: deform_ps_roi_pool_case(dt, 2, 4, 24, 24, 64, 7, 7, 0.5, 4, 0.1),
         lambda dt: ms_deform_attn_case(
+            dt, 2, ((16, 16), (8, 8), (4, 4), (2, 2)), 4, 16, 4, 500, (-0.05, 1.05)
+        ),
+        lambda dt: dcnv3_case(dt, 2, 16, 16, 4, 16),
+        lambda dt: dcnv4_case(dt, 2, 16, 16, 4, 16, extra=5),
+        lambda dt: flash_deform_attn_case(
             dt, 2, ((16, 16), (8, 8), (4, 4), (2, 2)), 4, 16, 4, 500, (-0.05, 1.05)
         ),
     ]
@@ -1039,6 +1240,11 @@ def call_cases(smoke: bool) -> list[Builder]:
             lambda dt: deform_roi_pool_case(dt, 1, 2, 5, 6, 2, 2, 1.0, 1, 0.2, nan=True),
             lambda dt: deform_ps_roi_pool_case(dt, 1, 1, 5, 6, 2, 2, 2, 1.0, 2, 0.2, nan=True),
             lambda dt: ms_deform_attn_case(dt, 1, ((2, 3), (1, 1)), 1, 2, 2, 3, (-0.3, 1.3), True),
+            lambda dt: dcnv3_case(dt, 1, 3, 3, 1, 2, nan=True),
+            lambda dt: dcnv4_case(dt, 1, 3, 3, 1, 2, extra=1, nan=True),
+            lambda dt: flash_deform_attn_case(
+                dt, 1, ((2, 3), (1, 1)), 1, 2, 2, 3, (-0.3, 1.3), True
+            ),
         ]
     return [
         lambda dt: bilinear_case(dt, 2, 3, 5, 6, 40, "zero", nan=True),
@@ -1057,6 +1263,12 @@ def call_cases(smoke: bool) -> list[Builder]:
         lambda dt: deform_ps_roi_pool_case(dt, 2, 2, 8, 9, 5, 3, 3, 0.5, 2, 0.1, nan=True),
         lambda dt: ms_deform_attn_case(
             dt, 2, ((4, 5), (2, 3), (1, 1)), 2, 4, 3, 7, (-0.2, 1.2), nan=True
+        ),
+        lambda dt: dcnv3_case(dt, 2, 5, 6, 2, 4, nan=True),
+        lambda dt: dcnv3_case(dt, 1, 5, 6, 2, 3, k=1, pad=0),
+        lambda dt: dcnv4_case(dt, 2, 5, 6, 2, 8, extra=3, nan=True),
+        lambda dt: flash_deform_attn_case(
+            dt, 2, ((4, 5), (2, 3), (1, 1)), 2, 8, 3, 7, (-0.2, 1.2), nan=True
         ),
     ]
 
@@ -1078,6 +1290,9 @@ def timing_cases(smoke: bool) -> list[tuple[str, Builder]]:
             ("ref", lambda dt: ms_deform_attn_case(dt, 1, ((3, 4), (2, 2)), 2, 2, 2, 4)),
             ("large", lambda dt: deform_conv2d_case(dt, 1, 2, 1, 3, 2, k=1, pad=0)),
             ("large", lambda dt: ms_deform_attn_case(dt, 1, ((4, 4), (2, 2), (1, 1)), 2, 2, 2)),
+            ("ref", lambda dt: dcnv3_case(dt, 1, 3, 3, 2, 2)),
+            ("ref", lambda dt: dcnv4_case(dt, 1, 3, 3, 2, 2)),
+            ("ref", lambda dt: flash_deform_attn_case(dt, 1, ((3, 4), (2, 2)), 2, 2, 2, 4)),
         ]
     return [
         ("ref", lambda dt: bilinear_case(dt, 4, 64, 32, 32, 1024)),
@@ -1092,6 +1307,10 @@ def timing_cases(smoke: bool) -> list[tuple[str, Builder]]:
         ("ref", lambda dt: ms_deform_attn_case(dt, 1, REFERENCE_LEVELS, 8, 32, 4)),
         ("large", lambda dt: deform_conv2d_case(dt, 16, 256, 256, 64, 64)),
         ("large", lambda dt: ms_deform_attn_case(dt, 2, DETR_LEVELS, 8, 32, 4)),
+        # InternImage-T stage 1 (N=8) and DCNv4's FlashDeformAttn at the DETR encoder's size
+        ("large", lambda dt: dcnv3_case(dt, 8, 56, 56, 4, 16)),
+        ("large", lambda dt: dcnv4_case(dt, 8, 56, 56, 4, 16, extra=4)),
+        ("large", lambda dt: flash_deform_attn_case(dt, 2, DETR_LEVELS, 8, 32, 4)),
     ]
 
 
@@ -2028,6 +2247,10 @@ def stage_pytest(ctx: Context, timeout: float) -> dict[str, Any]:
     files = sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / "tests" / pattern)))
     if not files:
         return {"status": "error", "summary": "no tests/test_cuda*.py found"}
+    if not ctx.args.smoke:
+        # the other families' test_cuda_* tests, the README's CUDA snippet and the torch
+        # adapter's CUDA path (zero-copy, streams; that module skips itself without torch)
+        files += [f"tests/{f}" for f in CUDA_TESTS_ELSEWHERE if (ROOT / "tests" / f).exists()]
     missing = [m for m in ("pytest", "hypothesis") if importlib.util.find_spec(m) is None]
     if missing:
         return {
@@ -2036,8 +2259,13 @@ def stage_pytest(ctx: Context, timeout: float) -> dict[str, Any]:
         }
     cmd = [sys.executable, "-m", "pytest", *files, "-q", "-rfEs", "--tb=short"]
     cmd += ["-p", "no:cacheprovider", "-o", "addopts=", "--durations=5"]
-    if ctx.args.smoke:
-        cmd += ["-k", SMOKE_PYTEST_K]
+    workers = pytest_workers(ctx.args)
+    if workers:
+        # most of this stage is Numba compiling each kernel specialisation on one core; the
+        # workers compile theirs side by side (each with its own CUDA context), sharing the
+        # on-disk cache that the later stages load
+        cmd += ["-n", str(workers)]
+    cmd += ["-k", SMOKE_PYTEST_K if ctx.args.smoke else "cuda"]
     rc, out, timed_out = _spawn(cmd, timeout, ctx.env, capture=True, echo=True)
     counts = _pytest_counts(out)
     failures = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))]
@@ -2061,6 +2289,16 @@ def stage_pytest(ctx: Context, timeout: float) -> dict[str, Any]:
         "failures": failures[:50],
         "output_tail": _tail(out, 6000),
     }
+
+
+def pytest_workers(args: argparse.Namespace) -> int:
+    """pytest-xdist workers for the pytest stage: ``--pytest-workers``, or by default half the
+    CPUs up to 8 on a GPU (none under --smoke), and none when pytest-xdist is not installed."""
+    if importlib.util.find_spec("xdist") is None:
+        return 0
+    if args.pytest_workers >= 0:
+        return args.pytest_workers
+    return 0 if args.smoke else max(0, min(8, (os.cpu_count() or 1) // 2))
 
 
 def stage_races(ctx: Context, timeout: float) -> dict[str, Any]:
@@ -2453,6 +2691,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=20, help="timed runs per phase and side (20)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up runs per phase and side (3)")
     p.add_argument("--no-flush", action="store_true", help="do not flush the L2 between runs")
+    p.add_argument(
+        "--pytest-workers",
+        type=int,
+        default=-1,
+        help="pytest-xdist workers for the pytest stage (default: half the CPUs up to 8 on a GPU, "
+        "0 under --smoke; 0 when pytest-xdist is absent)",
+    )
     # hidden modes: the sanitizer's target, and the stage workers
     p.add_argument("--calls", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)

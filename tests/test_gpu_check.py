@@ -28,6 +28,9 @@ OPS = (
     "deform_roi_pool",
     "deform_ps_roi_pool",
     "ms_deform_attn",
+    "dcnv3",
+    "dcnv4",
+    "flash_deform_attn",
 )
 
 
