@@ -200,7 +200,8 @@ def _fmt_ms(x: float | None) -> str:
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    rows = [[str(c) for c in r] for r in rows]
+    # a short row (an error's message) is padded to the header's width
+    rows = [[str(c) for c in r] + [""] * (len(header) - len(r)) for r in rows]
     widths = [max(len(str(r[i])) for r in [list(header), *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
