@@ -2354,6 +2354,9 @@ def stage_sanitizer(ctx: Context, timeout: float, tool: str) -> dict[str, Any]:
     rc, out, timed_out = _spawn(cmd, timeout, ctx.env, capture=True)
     ok, failed = _calls_counts(out)
     m = re.findall(r"ERROR SUMMARY: (\d+) error", out)
+    # racecheck ends with its own line instead: "RACECHECK SUMMARY: 0 hazards displayed
+    # (0 errors, 0 warnings)"; its errors are the hazards it counts as such
+    m = m or re.findall(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", out)
     errors = int(m[-1]) if m else None
     hz = re.findall(r"RACECHECK SUMMARY: (\d+) hazard", out)
     findings = [

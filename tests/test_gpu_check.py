@@ -121,6 +121,17 @@ FAKE_SANITIZER = """#!/bin/sh
 case "$1" in --help) echo "  --report-api-errors arg"; exit 0;; --version) echo fake; exit 0;; esac
 echo "$@" > "$(dirname "$0")/argv"
 echo "========= COMPUTE-SANITIZER"
+if [ "$2" = racecheck ]; then
+  # racecheck ends with its own summary line (as compute-sanitizer 2025.3 prints it on an H200)
+  echo "gpu_check --calls: 7 calls ok, 0 failed"
+  if [ "$FAKE_SANITIZER" = dirty ]; then
+    echo "========= Error: Race reported between Write access at _tile+0x90"
+    echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"
+    exit 86
+  fi
+  echo "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
+  exit 0
+fi
 if [ "$FAKE_SANITIZER" = dirty ]; then
   echo "========= Invalid __global__ write of size 4 bytes"
   echo "=========     at _scatter+0x1c0"
@@ -133,8 +144,9 @@ echo "========= ERROR SUMMARY: 0 errors"
 """
 
 
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 @pytest.mark.parametrize("mode", ["clean", "dirty"])
-def test_sanitizer_stage_reads_the_report(tmp_path, mode, monkeypatch):
+def test_sanitizer_stage_reads_the_report(tmp_path, mode, tool, monkeypatch):
     # the sanitizer stage's plumbing without a GPU: a fake compute-sanitizer on PATH
     fake = tmp_path / "compute-sanitizer"
     fake.write_text(FAKE_SANITIZER)
@@ -142,11 +154,11 @@ def test_sanitizer_stage_reads_the_report(tmp_path, mode, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SANITIZER", mode)
     out = tmp_path / "gpu_check.json"
-    proc = _run("--out", str(out), "--stages", "memcheck", timeout=120)
+    proc = _run("--out", str(out), "--stages", tool, timeout=120)
     data = json.loads(out.read_text())
-    stage = data["stages"]["memcheck"]
+    stage = data["stages"][tool]
     argv = (tmp_path / "argv").read_text().split()
-    assert argv[:2] == ["--tool", "memcheck"] and argv[-1] == "--calls"
+    assert argv[:2] == ["--tool", tool] and argv[-1] == "--calls"
     assert "--report-api-errors" in argv
     assert stage["sanitizer"] == str(fake)
     if mode == "clean":
@@ -155,4 +167,5 @@ def test_sanitizer_stage_reads_the_report(tmp_path, mode, monkeypatch):
     else:
         assert proc.returncode == 1 and stage["status"] == "fail", stage
         assert stage["errors"] == 1
-        assert any("Invalid __global__ write" in f for f in stage["findings"])
+        what = "Invalid __global__ write" if tool == "memcheck" else "Race reported"
+        assert any(what in f for f in stage["findings"])
