@@ -74,6 +74,7 @@ simulator runs the tiled GEMM's barriers slowly (seconds for a 3x3 kernel on a 4
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import glob
 import importlib.metadata
@@ -92,7 +93,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -590,6 +591,31 @@ def grid_sample_case(
     )
 
 
+@contextlib.contextmanager
+def _gemm_env(gemm: str | None) -> Iterator[None]:
+    """DEFORMNP_CUDA_GEMM set to ``gemm`` (None: left as it is) for the duration."""
+    if gemm is None:
+        yield
+        return
+    old = os.environ.get("DEFORMNP_CUDA_GEMM")
+    os.environ["DEFORMNP_CUDA_GEMM"] = gemm
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DEFORMNP_CUDA_GEMM", None)
+        else:
+            os.environ["DEFORMNP_CUDA_GEMM"] = old
+
+
+def _gemm_backend(gemm: str | None) -> str:
+    """The GEMM deform_conv2d's CUDA kernels run under ``gemm`` ("cublas" or "numba")."""
+    from deformnp.kernels.cuda import gemm as gemm_module
+
+    with _gemm_env(gemm):
+        return gemm_module.backend()
+
+
 def deform_conv2d_case(
     dtype: Any,
     B: int,
@@ -604,9 +630,11 @@ def deform_conv2d_case(
     mask: bool = True,
     nan: bool = False,
     seed: int = 0,
+    gemm_env: str | None = None,
 ) -> OpCase:
     """Stride 1, dilation 1; offsets with integer parts in [-2, 2) and fractional parts in
-    [0.1, 0.9]."""
+    [0.1, 0.9]. ``gemm_env``: run the CUDA GEMMs with that DEFORMNP_CUDA_GEMM (the size label
+    names the GEMM that ran)."""
     ops = _ops()
     rng = np.random.default_rng(seed)
     K, G = k * k, offset_groups
@@ -626,14 +654,16 @@ def deform_conv2d_case(
     wrt = ("input", "offset", "weight", "bias", "mask")[: 5 if mask else 4]
 
     def forward(a: dict[str, Any]) -> Any:
-        return ops.deform_conv2d_forward(
-            a["input"], a["offset"], a["weight"], a["bias"], 1, pad, 1, a.get("mask")
-        )
+        with _gemm_env(gemm_env):
+            return ops.deform_conv2d_forward(
+                a["input"], a["offset"], a["weight"], a["bias"], 1, pad, 1, a.get("mask")
+            )
 
     def backward(g: Any, a: dict[str, Any]) -> Sequence[Any]:
-        grads = ops.deform_conv2d_backward(
-            g, a["input"], a["offset"], a["weight"], a["bias"], 1, pad, 1, a.get("mask")
-        )
+        with _gemm_env(gemm_env):
+            grads = ops.deform_conv2d_backward(
+                g, a["input"], a["offset"], a["weight"], a["bias"], 1, pad, 1, a.get("mask")
+            )
         return tuple(grads)[: len(wrt)]
 
     gemm = 2.0 * B * Cout * Ho * Wo * cg * K
@@ -643,7 +673,8 @@ def deform_conv2d_case(
         f"B={B}, {Cin}->{Cout}, {H}x{W}, {k}x{k}, pad {pad}"
         + (f", {groups} groups" if groups > 1 else "")
         + (f", {G} offset groups" if G > 1 else "")
-        + (", mask" if mask else ""),
+        + (", mask" if mask else "")
+        + f", GEMM: {_gemm_backend(gemm_env)}",
         arrays,
         (),
         wrt,
@@ -1307,6 +1338,11 @@ def timing_cases(smoke: bool) -> list[tuple[str, Builder]]:
         ("ref", lambda dt: deform_ps_roi_pool_case(dt, 2, 8, 50, 50, 512)),
         ("ref", lambda dt: ms_deform_attn_case(dt, 1, REFERENCE_LEVELS, 8, 32, 4)),
         ("large", lambda dt: deform_conv2d_case(dt, 16, 256, 256, 64, 64)),
+        # the same with the tiled Numba GEMM (where CuPy runs cuBLAS above): before and after
+        (
+            "large, Numba GEMM",
+            lambda dt: deform_conv2d_case(dt, 16, 256, 256, 64, 64, gemm_env="numba"),
+        ),
         ("large", lambda dt: ms_deform_attn_case(dt, 2, DETR_LEVELS, 8, 32, 4)),
         # InternImage-T stage 1 (N=8) and DCNv4's FlashDeformAttn at the DETR encoder's size
         ("large", lambda dt: dcnv3_case(dt, 8, 56, 56, 4, 16)),
@@ -2026,7 +2062,49 @@ def time_case(
             "deformnp": _stats(series[0]),
             "torch": _stats(series[1]) if len(series) > 1 else None,
         }
+        if not sim:
+            item["phases"][phase]["deformnp"]["host_ms"] = _host_ms(f_dn, ncuda)
+    if not sim:
+        item["profile"] = _profile(dn_fb, ncuda)
     return item
+
+
+def _host_ms(fn: Callable[[], Any], ncuda: Any, n: int = 7) -> float:
+    """The median time the host spends in one call (Python, launches, allocations, copies it
+    waits for), the device synchronized before each and after: near the event time, the call
+    is bound by the host, not by its kernels."""
+    times = []
+    for _ in range(n):
+        ncuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    ncuda.synchronize()
+    return statistics.median(times)
+
+
+def _profile(fn: Callable[[], Any], ncuda: Any, n: int = 5, top: int = 12) -> list[str]:
+    """cProfile over ``n`` calls: the ``top`` functions by own time, per call."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    ncuda.synchronize()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    ncuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # type: ignore[attr-defined]
+    out = []
+    for (file, line, name), (_, ncalls, tottime, cumtime, _) in rows:
+        where = f"{Path(file).name}:{line}" if line else file
+        out.append(
+            f"{name} ({where}): {1e3 * tottime / n:.3f} ms own, {1e3 * cumtime / n:.3f} ms "
+            f"total, {ncalls / n:g} calls"
+        )
+    return out
 
 
 def work_timing(args: argparse.Namespace, rec: Recorder) -> None:
@@ -2545,6 +2623,7 @@ def _report(summary: dict[str, Any]) -> str:
                         x["tag"],
                         phase,
                         f"{_fmt_ms(d['median_ms'])} [{_fmt_ms(d['min_ms'])}-{_fmt_ms(d['max_ms'])}]",
+                        _fmt_ms(d.get("host_ms")),
                         f"{_fmt_ms(t['median_ms'])} [{_fmt_ms(t['min_ms'])}-{_fmt_ms(t['max_ms'])}]"
                         if t
                         else (x.get("torch", {}).get("reason", "-")[:28]),
@@ -2565,6 +2644,7 @@ def _report(summary: dict[str, Any]) -> str:
                     "size",
                     "phase",
                     "deformnp ms",
+                    "dn host ms",
                     "torch ms",
                     "torch/dn",
                     "floor ms",

@@ -82,6 +82,56 @@ def test_gemm_edge_sizes():
         np.testing.assert_allclose(dc.copy_to_host().reshape(M, N), a @ b, rtol=1e-12, atol=1e-12)
 
 
+def _cublas_or_skip(monkeypatch):
+    _, gemm = _gemm_modules()
+    monkeypatch.setenv(gemm.GEMM_ENV, "auto")
+    if gemm.backend() != "cublas":
+        pytest.skip("cuBLAS through CuPy needs a GPU and CuPy (the Numba GEMM ran instead)")
+    return gemm
+
+
+@pytest.mark.parametrize("mode", ["nn", "tn", "nt"])
+def test_cublas_gemm_matches_numpy(mode, monkeypatch):
+    # the CuPy views of the flat operands: transposed storage, batches, a C with ld > N inside a
+    # larger buffer (assigned) or contiguous (written in place), accumulate, an empty reduction
+    from numba import cuda as ncuda
+
+    gemm = _cublas_or_skip(monkeypatch)
+    rng = np.random.default_rng(8)
+    for (M, N, Kd, batches), ld, off in [((5, 7, 9, 2), 10, 4), ((33, 65, 130, 3), 65, 0)]:
+        for dtype in (np.float64, np.float32):
+            a, b, expected = _gemm_case(rng, mode, M, N, Kd, batches, dtype)
+            av = gemm.view(a.shape[2], 0, a[0].size, transpose=mode == "tn")
+            bv = gemm.view(b.shape[2], 0, b[0].size, transpose=mode == "nt")
+            c = np.full(off + batches * M * ld, 99.0, dtype)
+            cv = gemm.view(ld, off, M * ld)
+            da, db, dc = (ncuda.to_device(x.ravel()) for x in (a, b, c))
+            tol = 1e-12 if dtype == np.float64 else 1e-5
+            for accumulate, factor in [(False, 1), (True, 2)]:
+                gemm.gemm(da, db, dc, M, N, Kd, av, bv, cv, batches, accumulate)
+                got = dc.copy_to_host()
+                body = got[off:].reshape(batches, M, ld)
+                np.testing.assert_allclose(
+                    body[:, :, :N], factor * expected, rtol=tol, atol=tol * Kd
+                )
+                assert (got[:off] == 99).all() and (body[:, :, N:] == 99).all()
+    dc = ncuda.to_device(np.full(6, 5.0))
+    empty = ncuda.to_device(np.zeros(1))
+    gemm.gemm(empty, empty, dc, 2, 3, 0, gemm.view(0), gemm.view(3), gemm.view(3), 1, True)
+    assert (dc.copy_to_host() == 5.0).all()  # C += (empty sum): unchanged
+    gemm.gemm(empty, empty, dc, 2, 3, 0, gemm.view(0), gemm.view(3), gemm.view(3), 1, False)
+    assert (dc.copy_to_host() == 0.0).all()
+
+
+def test_gemm_backend_switch(monkeypatch):
+    _, gemm = _gemm_modules()
+    monkeypatch.setenv(gemm.GEMM_ENV, "numba")
+    assert gemm.backend() == "numba"
+    monkeypatch.setenv(gemm.GEMM_ENV, "blas")
+    with pytest.raises(ValueError, match="DEFORMNP_CUDA_GEMM must be auto, numba or cublas"):
+        gemm.backend()
+
+
 # ------------------------------------------------------------------ deform_conv2d
 
 
@@ -144,6 +194,16 @@ GROUPED = dict(B=2, Cin=6, H=4, W=3, Cout=3, kh=2, kw=2, g=3, G=2, stride=1, pad
 
 
 def test_grouped_offset_groups_match_cpu(rng):
+    c = _case(rng, **GROUPED)
+    for dtype in (np.float64, np.float32):
+        _close(_run(c, dtype, "cuda"), _run(c, dtype, "cpu"), dtype)
+
+
+@pytest.mark.parametrize("backend", ["numba", "auto"])
+def test_both_gemm_backends_match_cpu(rng, monkeypatch, backend):
+    # on a GPU with CuPy "auto" runs cuBLAS; "numba" keeps the tiled kernel tested there too
+    _, gemm = _gemm_modules()
+    monkeypatch.setenv(gemm.GEMM_ENV, backend)
     c = _case(rng, **GROUPED)
     for dtype in (np.float64, np.float32):
         _close(_run(c, dtype, "cuda"), _run(c, dtype, "cpu"), dtype)

@@ -178,6 +178,33 @@ def test_roi_pool_argmax_matches_the_cpu():
     np.testing.assert_allclose(gi_g.copy_to_host(), gi_c, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.int16, np.uint8])
+@pytest.mark.parametrize("size", [1, 7, 300, 70_000])
+def test_index_range_reduces_on_the_device(dtype, size):
+    # roi_pool_backward's check of a caller's device argmax: min and max come back, not the
+    # array (on a GPU 256-thread trees over up to 1024 blocks, then one block; 70 000 elements
+    # fill several blocks)
+    if cuda_roi.SIMULATOR and size > 300:
+        pytest.skip("a long one-thread loop on the simulator; the GPU run takes it")
+    rng = np.random.default_rng(size)
+    lo = -1 if np.dtype(dtype).kind == "i" else 0
+    a = rng.integers(lo, 200, size).astype(dtype)
+    assert cuda_roi.index_range(ncuda.to_device(a)) == (int(a.min()), int(a.max()))
+
+
+@pytest.mark.parametrize("value", [-2, 6])
+def test_device_argmax_out_of_the_plane_is_refused(value):
+    am = np.zeros((4, 11, 2, 3), np.int64)
+    am[2, 5, 1, 2] = value  # one bad entry: -2, or 6 = H*W of a 2x3 map
+    with pytest.raises(ValueError, match=rf"argmax must hold flat indices into the 2x3 plane, "
+                       rf"in \[-1, 5\] \(-1: an empty bin\), got values in \[{min(value, 0)}, "
+                       rf"{max(value, 0)}\]"):  # fmt: skip
+        ops.roi_pool_backward(
+            ncuda.to_device(np.ones(am.shape)), (2, 11, 2, 3), BOXES, (2, 3), 1.0,
+            argmax=ncuda.to_device(am),
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("lanes", [2, 4])
 @pytest.mark.parametrize("name", NAMES)
 def test_several_lanes_per_bin(name, lanes, monkeypatch):

@@ -650,6 +650,51 @@ def _argmax_grad_input(gout, argmax, batch, gin, K, C, NB, HW):
             cuda.atomic.add(gin, (batch[k] * C + c) * HW + a, gout[t])
 
 
+_RANGE_THREADS = 1 if SIMULATOR else 256
+_RANGE_BLOCKS = 1 if SIMULATOR else 1024
+
+
+@cuda.jit(cache=not SIMULATOR)
+def _partial_range(xlo, xhi, lo, hi):
+    """Block b writes the min of its grid-stride share of ``xlo`` to lo[b] and the max of its
+    share of ``xhi`` to hi[b] (shared-memory trees; an empty share gives int64's max and -max).
+    Called on (x, x) and then on the blocks' (lo, hi) with one block."""
+    buf_lo = cuda.shared.array(_RANGE_THREADS, np.int64)
+    buf_hi = cuda.shared.array(_RANGE_THREADS, np.int64)
+    t = cuda.threadIdx.x
+    a = np.int64(0x7FFFFFFFFFFFFFFF)
+    b = -a
+    for i in range(cuda.grid(1), xlo.size, cuda.gridsize(1)):
+        a = min(a, np.int64(xlo[i]))
+        b = max(b, np.int64(xhi[i]))
+    buf_lo[t] = a
+    buf_hi[t] = b
+    cuda.syncthreads()
+    step = _RANGE_THREADS // 2
+    while step > 0:
+        if t < step:
+            buf_lo[t] = min(buf_lo[t], buf_lo[t + step])
+            buf_hi[t] = max(buf_hi[t], buf_hi[t + step])
+        cuda.syncthreads()
+        step //= 2
+    if t == 0:
+        lo[cuda.blockIdx.x] = buf_lo[0]
+        hi[cuda.blockIdx.x] = buf_hi[0]
+
+
+def index_range(a: Any) -> tuple[int, int]:
+    """(min, max) of a non-empty integer device array, reduced on the device: 16 bytes come back
+    to the host, not the array (roi_pool_backward checks a caller's argmax with it)."""
+    x = flat(a)
+    blocks = max(1, min(-(-x.size // _RANGE_THREADS), _RANGE_BLOCKS))
+    lo, hi = empty((blocks,), np.int64), empty((blocks,), np.int64)
+    _partial_range[blocks, _RANGE_THREADS](x, x, lo, hi)
+    out = empty((2,), np.int64)
+    _partial_range[1, _RANGE_THREADS](lo, hi, out[:1], out[1:])
+    low, high = out.copy_to_host()
+    return int(low), int(high)
+
+
 @cuda.jit(cache=not SIMULATOR)
 def _argmax_keys(argmax, batch, keys, K, C, NB, HW, n_keys):
     """Deterministic roi_pool: key of output element t = (k, c, q): (b*C + c)*HW + argmax[t],
