@@ -98,7 +98,9 @@ def test_cublas_gemm_matches_numpy(mode, monkeypatch):
 
     gemm = _cublas_or_skip(monkeypatch)
     rng = np.random.default_rng(8)
-    for (M, N, Kd, batches), ld, off in [((5, 7, 9, 2), 10, 4), ((33, 65, 130, 3), 65, 0)]:
+    cases = [((5, 7, 9, 2), 10, 4), ((33, 65, 130, 3), 65, 0)]
+    cases += [((17, 40, 33, 1), 40, 0), ((6, 9, 11, 1), 12, 3)]  # one batch: the 2-D matmul
+    for (M, N, Kd, batches), ld, off in cases:
         for dtype in (np.float64, np.float32):
             a, b, expected = _gemm_case(rng, mode, M, N, Kd, batches, dtype)
             av = gemm.view(a.shape[2], 0, a[0].size, transpose=mode == "tn")

@@ -226,6 +226,8 @@ def _gemm_cublas(
         return
     A = _cupy_view(cp, a, M, Kd, a_view, batches)
     B = _cupy_view(cp, b, Kd, N, b_view, batches)
+    if batches == 1:  # the usual case (one weight group): the 2-D matmul, cheaper to dispatch
+        A, B, C = A[0], B[0], C[0]
     if accumulate:
         C += cp.matmul(A, B)
     elif C.flags.c_contiguous:
