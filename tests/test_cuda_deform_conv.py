@@ -132,6 +132,21 @@ def test_gemm_backend_switch(monkeypatch):
     monkeypatch.setenv(gemm.GEMM_ENV, "blas")
     with pytest.raises(ValueError, match="DEFORMNP_CUDA_GEMM must be auto, numba or cublas"):
         gemm.backend()
+    monkeypatch.setenv(gemm.GEMM_ENV, "cublas")
+    if gemm.SIMULATOR or gemm._cupy() is None:
+        with pytest.raises(RuntimeError, match="cublas needs a GPU and CuPy"):
+            gemm.backend()
+    else:
+        assert gemm.backend() == "cublas"
+
+
+def test_gemm_refuses_overlapping_batches_of_c():
+    from numba import cuda as ncuda
+
+    _, gemm = _gemm_modules()
+    d = ncuda.to_device(np.ones(4))
+    with pytest.raises(ValueError, match="C's batch stride is 0 with several batches"):
+        gemm.gemm(d, d, d, 2, 2, 1, gemm.view(1), gemm.view(2), gemm.view(2, 0, 0), batches=2)
 
 
 # ------------------------------------------------------------------ deform_conv2d

@@ -34,15 +34,16 @@ increasing order: results are bit-reproducible. A float32 GEMM accumulates in fl
 float64 GEMM in float64 (the shared and register arrays take the dtype of C, all three operands
 having one dtype).
 
-**cuBLAS through CuPy.** Where `CuPy <https://cupy.dev>`_ is installed, :func:`gemm` hands the
-same strided views to ``cupy.matmul`` (zero-copy, through ``__cuda_array_interface__``; both
-libraries launch on the legacy default stream, so the order of launches is kept), which runs
-cuBLAS: on an H200, deform_conv2d B=16, 256->256, 64x64, 3x3 took 9.3 ms forward and 36.9 ms
+**cuBLAS through CuPy.** Where `CuPy <https://cupy.dev>`_ is installed (and loads cuBLAS),
+:func:`gemm` hands the same strided views to ``cupy.matmul``, one 2-D product per batch
+(zero-copy, through ``__cuda_array_interface__``; launched on Numba's default stream, where the
+kernels before and after it run, whatever CuPy's current stream), which runs cuBLAS: on an H200, deform_conv2d B=16, 256->256, 64x64, 3x3 took 9.3 ms forward and 36.9 ms
 forward+backward with the tiled kernel above, 4.2 and 13.3 ms with cuBLAS (torchvision: 2.7 and
 14.6; benches/RESULTS.md). CuPy's float32 matmul computes in float32 (no TF32 unless ``CUPY_TF32=1`` is set),
 and cuBLAS gives the same bits for the same call on the same GPU. The environment variable
-``DEFORMNP_CUDA_GEMM`` chooses: ``auto`` (the default: cuBLAS when CuPy imports), ``numba``
-(always the kernel above) or ``cublas`` (CuPy required); it is read at every call.
+``DEFORMNP_CUDA_GEMM`` chooses: ``auto`` (the default: cuBLAS when CuPy imports and loads it),
+``numba`` (always the kernel above) or ``cublas`` (a GPU and CuPy required); it is read at every
+call. Operands that are not unit-stride flat arrays take the Numba kernel.
 """
 
 from __future__ import annotations
@@ -175,15 +176,16 @@ def view(ld: int, offset: int = 0, batch_stride: int = 0, transpose: bool = Fals
 
 
 def _cupy() -> Any:
-    """CuPy if it imports and sees a device, else None (looked up once)."""
+    """CuPy if it imports, sees a device and can load cuBLAS, else None (looked up once)."""
     global _cupy_module
     if _cupy_module is _UNSET:
         try:
             import cupy
 
             cupy.cuda.runtime.getDeviceCount()
+            cupy.cuda.device.get_cublas_handle()  # CuPy loads libcublas lazily: load it now
             _cupy_module = cupy
-        except Exception:  # not installed, or built for another CUDA: the Numba kernel serves
+        except Exception:  # not installed, built for another CUDA, or no cuBLAS: Numba's GEMM
             _cupy_module = None
     return _cupy_module
 
@@ -193,48 +195,62 @@ def backend() -> str:
     want = os.environ.get(GEMM_ENV, "auto").strip().lower()
     if want not in ("auto", "numba", "cublas"):
         raise ValueError(f"{GEMM_ENV} must be auto, numba or cublas, got {want!r}")
-    if SIMULATOR or want == "numba":
+    if want == "numba":
         return "numba"
-    if _cupy() is None:
+    if SIMULATOR or _cupy() is None:
         if want == "cublas":
             raise RuntimeError(
-                f"{GEMM_ENV}=cublas needs CuPy built for this CUDA "
+                f"{GEMM_ENV}=cublas needs a GPU and CuPy built for its CUDA, with cuBLAS "
                 "(pip install cupy-cuda12x or cupy-cuda13x)"
             )
         return "numba"
     return "cublas"
 
 
-def _cupy_view(cp: Any, a: Any, rows: int, cols: int, v: tuple, batches: int) -> Any:
-    """The (batches, rows, cols) CuPy view of flat device array ``a`` under view ``v``."""
-    off, bs, rs, cs = (int(x) for x in v)
+def _unit_stride(*arrays: Any) -> bool:
+    return all(len(a.shape) == 1 and a.strides[0] == a.dtype.itemsize for a in arrays)
+
+
+def _batch(v: tuple, z: int) -> tuple:
+    """View ``v`` moved to its batch ``z``."""
+    return (int(v[0]) + z * int(v[1]), *v[1:])
+
+
+def _cupy_view(cp: Any, a: Any, rows: int, cols: int, v: tuple) -> Any:
+    """The (rows, cols) CuPy view of unit-stride flat device array ``a`` under view ``v`` (its
+    batch 0; the caller moves the offset for the others)."""
+    off, _, rs, cs = (int(x) for x in v)
     it = a.dtype.itemsize
     ptr = a.__cuda_array_interface__["data"][0] + off * it
-    span = ((batches - 1) * bs + (rows - 1) * rs + (cols - 1) * cs + 1) * it
+    span = ((rows - 1) * rs + (cols - 1) * cs + 1) * it
     mem = cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(ptr, span, a), 0)
-    return cp.ndarray((batches, rows, cols), a.dtype, mem, strides=(bs * it, rs * it, cs * it))
+    return cp.ndarray((rows, cols), a.dtype, mem, strides=(rs * it, cs * it))
 
 
 def _gemm_cublas(
     a: Any, b: Any, c: Any, M: int, N: int, Kd: int, a_view: tuple, b_view: tuple,
     c_view: tuple, batches: int, accumulate: bool,
 ) -> None:  # fmt: skip
+    """One 2-D ``cupy.matmul`` per batch (CuPy's batched matmul would copy transposed operands
+    to contiguous ones), on Numba's default stream, where the kernels around it run."""
     cp = _cupy()
-    C = _cupy_view(cp, c, M, N, c_view, batches)
-    if Kd <= 0:  # an empty reduction: C = 0, or C unchanged
-        if not accumulate:
-            C.fill(0)
-        return
-    A = _cupy_view(cp, a, M, Kd, a_view, batches)
-    B = _cupy_view(cp, b, Kd, N, b_view, batches)
-    if batches == 1:  # the usual case (one weight group): the 2-D matmul, cheaper to dispatch
-        A, B, C = A[0], B[0], C[0]
-    if accumulate:
-        C += cp.matmul(A, B)
-    elif C.flags.c_contiguous:
-        cp.matmul(A, B, out=C)
-    else:
-        C[...] = cp.matmul(A, B)
+    handle = int(cuda.default_stream().handle)  # 0: the legacy default stream
+    stream = cp.cuda.Stream.null if handle == 0 else cp.cuda.ExternalStream(handle)
+    with stream:
+        for z in range(batches):
+            C = _cupy_view(cp, c, M, N, _batch(c_view, z))
+            if Kd <= 0:  # an empty reduction: C = 0, or C unchanged
+                if not accumulate:
+                    C.fill(0)
+                continue
+            A = _cupy_view(cp, a, M, Kd, _batch(a_view, z))
+            B = _cupy_view(cp, b, Kd, N, _batch(b_view, z))
+            if accumulate:
+                C += cp.matmul(A, B)
+            elif C.flags.c_contiguous:
+                cp.matmul(A, B, out=C)
+            else:
+                C[...] = cp.matmul(A, B)
 
 
 def gemm(
@@ -259,7 +275,9 @@ def gemm(
     build of :func:`make_gemm` (tests; always the Numba kernel)."""
     if M <= 0 or N <= 0 or batches <= 0:
         return
-    if kernel is None and backend() == "cublas":
+    if batches > 1 and int(c_view[1]) == 0:
+        raise ValueError("gemm: C's batch stride is 0 with several batches (they would overlap)")
+    if kernel is None and backend() == "cublas" and _unit_stride(a, b, c):
         _gemm_cublas(a, b, c, M, N, Kd, a_view, b_view, c_view, int(batches), bool(accumulate))
         return
     if kernel is None:
