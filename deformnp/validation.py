@@ -61,11 +61,23 @@ def float_array(op: str, name: str, a: Any) -> Any:
     :func:`contiguous`), CUDA arrays as zero-copy numba views; any other dtype is a TypeError."""
     if is_cuda_array(a):
         a = as_device_array(a)  # CuPy / PyTorch CUDA arrays: a zero-copy numba view
+        device_c_contiguous(op, name, a)
     else:
         a = np.asarray(a)
     if np.dtype(a.dtype) not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32 or float64, got {np.dtype(a.dtype)}")
     return contiguous(a)
+
+
+def device_c_contiguous(op: str, name: str, a: Any) -> None:
+    """A device array is read in place, as a flat run of its elements: it must be C-contiguous
+    (a Fortran-ordered one would be read in the wrong order, a strided one cannot be read flat)."""
+    if not a.is_c_contiguous():
+        raise ValueError(
+            f"{op}: {name} is a CUDA array that is not C-contiguous (shape {tuple(a.shape)}, "
+            f"strides {tuple(a.strides)}); device arrays are read in place: pass a C-contiguous "
+            "copy"
+        )
 
 
 def host_float_array(op: str, name: str, a: Any) -> np.ndarray:

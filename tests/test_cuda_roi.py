@@ -264,3 +264,18 @@ def test_offset_gradients_with_lanes_and_a_warp(name, lanes, monkeypatch):
     _close(out_gpu, out_cpu, 1e-12, "output vs CPU")
     for i, (gg, gc) in enumerate(zip(g_gpu, g_cpu)):
         _close(gg, gc, 1e-12, f"gradient {i} vs CPU")
+
+
+def test_non_contiguous_device_arrays_are_refused():
+    # device arrays are read in place as flat runs: a strided or Fortran-ordered one would be
+    # read wrongly (or fail deep in Numba), so validation names it
+    x = ncuda.to_device(np.random.default_rng(0).standard_normal((2, 3, 8, 8)))
+    strided = x[:, :, ::2, :]
+    with pytest.raises(ValueError, match=r"roi_align: input is a CUDA array that is not "
+                       r"C-contiguous \(shape \(2, 3, 4, 8\)"):  # fmt: skip
+        ops.roi_align_forward(strided, BOXES, 2, 1.0, 2, True)
+    am = ncuda.to_device(np.zeros((4, 3, 2, 4), np.int64))[:, :, :, ::2]
+    with pytest.raises(ValueError, match="roi_pool: argmax is a CUDA array that is not"):
+        ops.roi_pool_backward(
+            ncuda.to_device(np.ones((4, 3, 2, 2))), (2, 3, 8, 8), BOXES, (2, 2), 1.0, argmax=am
+        )

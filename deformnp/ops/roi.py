@@ -71,6 +71,7 @@ from ..typing import Array, ArrayLike, Boxes, IntPair, Needs, TensorLike
 from ..validation import (
     check_ndim,
     contiguous,
+    device_c_contiguous,
     device_of,
     float_array,
     grad_array,
@@ -1082,6 +1083,8 @@ def _argmax(a: RoIArgs, argmax: Any) -> Array:
     if is_cuda_array(argmax) != (a.device == "cuda"):
         raise ValueError(f"{op}: argmax must be on {a.device} like the input")
     arr = as_device_array(argmax) if is_cuda_array(argmax) else np.asarray(argmax)
+    if is_cuda_array(arr):
+        device_c_contiguous(op, "argmax", arr)
     if np.dtype(arr.dtype).kind not in "iu":
         raise TypeError(
             f"{op}: argmax must hold integers (the flat plane indices roi_pool_forward returns), "
