@@ -376,15 +376,17 @@ def _roi_case(
     x_host: np.ndarray,
     g_host: np.ndarray,
     forward_op: Callable[..., Any],
-    backward_op: Callable[..., Any],
+    backward_op: Callable[..., Any] | None,
     boxes: np.ndarray,
     args: tuple,
     torchvision_op: str | None,
     samples: int,
     scale: str,
+    forward_backward_op: Callable[..., Any] | None = None,
 ) -> BenchCase | None:
     """A RoI op's case: ``forward_op(x, boxes, *args)`` and its backward, and the torchvision op
-    of that name on the same data."""
+    of that name on the same data. ``forward_backward_op(g, x, boxes, *args)``, when given, is
+    the whole forward+backward (roi_pool: one forward that keeps its argmax)."""
     placed = bench_device(device, x_host, g_host)
     if placed is None:
         return None
@@ -394,6 +396,8 @@ def _roi_case(
         return forward_op(x, boxes, *args)
 
     def forward_backward() -> Any:
+        if forward_backward_op is not None:
+            return forward_backward_op(g, x, boxes, *args)
         forward_op(x, boxes, *args)
         return backward_op(g, x, boxes, *args)
 
@@ -427,14 +431,16 @@ def _roi_pool(device: str, size: str) -> BenchCase | None:
     K = len(boxes)
     g = np.random.default_rng(1).standard_normal((K, 256, 7, 7)).astype(np.float32)
 
-    def backward(g: Any, x: Any, boxes: Any, *args: Any) -> Any:
-        # the forward's argmax, as the autograd node keeps it
+    def forward_backward(g: Any, x: Any, boxes: Any, *args: Any) -> Any:
+        # one forward keeping its argmax, then the backward, as the autograd node runs them (the
+        # bench ran the forward twice here until 2026-11-30: once alone, once for the argmax)
         _, argmax = ops.roi_pool_forward(x, boxes, *args, return_argmax=True)
         return ops.roi_pool_backward(g, x.shape, boxes, *args, argmax=argmax)
 
     return _roi_case(
-        device, _roi_label(x, K, "7x7"), x, g, ops.roi_pool_forward, backward,
+        device, _roi_label(x, K, "7x7"), x, g, ops.roi_pool_forward, None,
         boxes, (7, s), "roi_pool", 256 * _pooled_pixels("roi_pool", boxes, x, s), size,
+        forward_backward,
     )  # fmt: skip
 
 

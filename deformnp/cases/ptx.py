@@ -155,10 +155,27 @@ def _record(ops: Iterable[str] | None) -> list[list]:
                     for o in outs[1:]:
                         loss = loss + o.sum()
                     loss.backward()
+        if not ops or "roi_pool" in ops:
+            _array_level_only()
     finally:
         FakeCUDAKernel.__call__ = original
         dn.use_deterministic_algorithms(False)
     return list(seen.values())
+
+
+def _array_level_only() -> None:
+    """The launches only the array-level functions make: roi_pool_backward's check of a caller's
+    device argmax (the autograd node keeps the forward's own and skips it)."""
+    import numpy as np
+    from numba import cuda
+
+    from deformnp import ops
+
+    boxes = np.array([[0, 0.0, 0.0, 3.0, 3.0]])
+    for dtype in (np.float32, np.float64):
+        x = cuda.to_device(np.arange(50, dtype=dtype).reshape(1, 2, 5, 5))
+        out, argmax = ops.roi_pool_forward(x, boxes.astype(dtype), 2, 1.0, return_argmax=True)
+        ops.roi_pool_backward(out, x.shape, boxes.astype(dtype), 2, 1.0, argmax=argmax)
 
 
 def record(ops: Iterable[str] | None = None) -> list[list]:
