@@ -292,3 +292,17 @@ def test_partial_needs(rng, deterministic_mode):
                 np.testing.assert_allclose(g.copy_to_host(), cpu[i], rtol=1e-12, atol=1e-12)
     finally:
         dn.use_deterministic_algorithms(False)
+
+
+def test_stream_handle_of_either_binding():
+    # the cuBLAS products launch on Numba's default stream: its handle as an int, whether the
+    # driver binding gives a ctypes pointer or a cuda-bindings CUstream (0: the legacy stream)
+    import ctypes
+    from types import SimpleNamespace
+
+    _, gemm = _gemm_modules()
+    assert gemm._stream_handle(SimpleNamespace(handle=ctypes.c_void_p(None))) == 0
+    assert gemm._stream_handle(SimpleNamespace(handle=ctypes.c_void_p(2))) == 2
+    driver = pytest.importorskip("cuda.bindings.driver")
+    assert gemm._stream_handle(SimpleNamespace(handle=driver.CUstream(0))) == 0
+    assert gemm._stream_handle(SimpleNamespace(handle=driver.CUstream(2))) == 2

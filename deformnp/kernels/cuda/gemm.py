@@ -48,6 +48,7 @@ call. Operands that are not unit-stride flat arrays take the Numba kernel.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import Any
 
@@ -207,6 +208,14 @@ def backend() -> str:
     return "cublas"
 
 
+def _stream_handle(stream: Any) -> int:
+    """A Numba stream's CUstream as an int (a cuda-bindings object or a ctypes pointer)."""
+    h = stream.handle
+    if isinstance(h, ctypes.c_void_p):
+        return int(h.value or 0)
+    return int(h)
+
+
 def _unit_stride(*arrays: Any) -> bool:
     return all(len(a.shape) == 1 and a.strides[0] == a.dtype.itemsize for a in arrays)
 
@@ -234,7 +243,7 @@ def _gemm_cublas(
     """One 2-D ``cupy.matmul`` per batch (CuPy's batched matmul would copy transposed operands
     to contiguous ones), on Numba's default stream, where the kernels around it run."""
     cp = _cupy()
-    handle = int(cuda.default_stream().handle)  # 0: the legacy default stream
+    handle = _stream_handle(cuda.default_stream())  # 0: the legacy default stream
     stream = cp.cuda.Stream.null if handle == 0 else cp.cuda.ExternalStream(handle)
     with stream:
         for z in range(batches):
