@@ -33,6 +33,7 @@ from numba import cuda
 
 from ...determinism import are_deterministic_algorithms_enabled
 from ._launch import SIMULATOR, empty, flat, grid, lane_sum, lanes_for, padded, zeros
+from .attention import _channel_backward, _sample, _value_owner
 from .sampling import zero_fade_plan
 from .scatter import segments
 
@@ -53,35 +54,6 @@ def _location(off, q, oy, ox, p, kh, rc, center, sh, sw, pad_y, pad_x, dh, dw, h
     y = ft(hy + oy * sh - pad_y) + (ft(i * dh - hy) + off[2 * q + 1]) * scale
     x = ft(hx + ox * sw - pad_x) + (ft(j * dw - hx) + off[2 * q]) * scale
     return y, x
-
-
-@cuda.jit(device=True)
-def _sample(val, o0, o1, o2, o3, d, a0, a1, a2, a3):
-    return a0 * val[o0 + d] + a1 * val[o1 + d] + a2 * val[o2 + d] + a3 * val[o3 + d]
-
-
-@cuda.jit(device=True)
-def _channel_backward(val, gval, o0, o1, o2, o3, d, go, A, w, cy, cx, scatter, zero):
-    """One channel d of one point: (go*sample_w, go*sample_cy, go*sample_cx); with ``scatter``
-    also grad_input[corner k, d] += (A*w[k]) * go (atomic; zero-weight corners skipped)."""
-    v0 = val[o0 + d]
-    v1 = val[o1 + d]
-    v2 = val[o2 + d]
-    v3 = val[o3 + d]
-    if scatter:
-        if w[0] != zero:
-            cuda.atomic.add(gval, o0 + d, (A * w[0]) * go)
-        if w[1] != zero:
-            cuda.atomic.add(gval, o1 + d, (A * w[1]) * go)
-        if w[2] != zero:
-            cuda.atomic.add(gval, o2 + d, (A * w[2]) * go)
-        if w[3] != zero:
-            cuda.atomic.add(gval, o3 + d, (A * w[3]) * go)
-    return (
-        go * (w[0] * v0 + w[1] * v1 + w[2] * v2 + w[3] * v3),
-        go * (cy[0] * v0 + cy[1] * v1 + cy[2] * v2 + cy[3] * v3),
-        go * (cx[0] * v0 + cx[1] * v1 + cx[2] * v2 + cx[3] * v3),
-    )
 
 
 @cuda.jit(cache=not SIMULATOR)
@@ -276,21 +248,6 @@ def _backward(
                     coef[e + 3] = A * w[3]
 
 
-@cuda.jit(cache=not SIMULATOR)
-def _input_owner(gout, order, seg, coef, gval, D, P4):
-    """Deterministic input gradient: thread t = (key (input pixel, group), channel d) sums
-    coef[e] * gout[(n, pixel, g), d] over its key's contributions e (sorted) and writes."""
-    ft = gval.dtype.type
-    for t in range(cuda.grid(1), gval.size, cuda.gridsize(1)):
-        d = t % D
-        r = t // D
-        acc = ft(0)
-        for i in range(seg[r], seg[r + 1]):
-            e = order[i]
-            acc += coef[e] * gout[(e // P4) * D + d]  # e // (4*P) = (n*L + r)*G + g
-        gval[t] = acc
-
-
 def _lanes(D: int) -> tuple[int, int]:
     lanes = lanes_for(D)
     return lanes, lanes.bit_length() - 1
@@ -376,5 +333,5 @@ def dcnv3_backward(
     if deterministic:
         P = int(kernel_h) * int(kernel_w) - int(remove_center)
         order, seg = segments(keys, N * H * W * G)
-        _input_owner[grid(g_in.size)](gout, order, seg, coef, flat(g_in), D, 4 * P)
+        _value_owner[grid(g_in.size)](gout, order, seg, coef, flat(g_in), D, 4 * P)
     return g_in, g_off if needs[1] else None, g_msk if needs[2] else None
