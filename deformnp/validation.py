@@ -164,6 +164,13 @@ def integers(op: str, name: str, v: Any) -> tuple[int, ...]:
     return tuple(int(i) for i in items)
 
 
+def boolean(op: str, name: str, v: Any) -> bool:
+    """``v`` as a bool: only a Python or NumPy bool is one (0, 1 and None are TypeErrors)."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{op}: {name} must be a bool, got {v!r}")
+    return bool(v)
+
+
 def real(op: str, name: str, v: Any) -> float:
     """``v`` as a finite float; a bool or a non-number is a TypeError."""
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):

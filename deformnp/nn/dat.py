@@ -26,7 +26,7 @@ from .. import functional as F
 from ..ops.grid_sample import grid_sample
 from ..tensor import Tensor
 from ..typing import TensorLike
-from ..validation import integer, pair, real
+from ..validation import boolean, integer, pair, real
 from . import init
 from .layers import GELU, Conv2d, Dropout, LayerNorm, Linear, ReLU, Sequential
 from .module import Module, Parameter
@@ -46,12 +46,6 @@ _CVPR_KSIZES = (9, 7, 5, 3)
 
 def _tensor(x: Any) -> Tensor:
     return x if isinstance(x, Tensor) else Tensor(x)
-
-
-def _flag(name: str, arg: str, v: Any) -> bool:
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name}: {arg} must be a bool, got {v!r}")
-    return bool(v)
 
 
 def _probability(name: str, arg: str, v: Any) -> float:
@@ -177,7 +171,7 @@ class _DAttention(Module):
             raise ValueError(
                 f"{name}: n_heads ({n_heads}) must be divisible by n_groups ({n_groups})"
             )
-        self.dwc_pe = _flag(name, "dwc_pe", dwc_pe)
+        self.dwc_pe = boolean(name, "dwc_pe", dwc_pe)
         self.n_head_channels = int(n_head_channels)
         self.scale = self.n_head_channels**-0.5
         self.n_heads = int(n_heads)
@@ -191,12 +185,12 @@ class _DAttention(Module):
         self.n_groups = int(n_groups)
         self.n_group_channels = self.nc // self.n_groups
         self.n_group_heads = self.n_heads // self.n_groups
-        self.use_pe = _flag(name, "use_pe", use_pe)
-        self.fixed_pe = _flag(name, "fixed_pe", fixed_pe)
-        self.no_off = _flag(name, "no_off", no_off)
+        self.use_pe = boolean(name, "use_pe", use_pe)
+        self.fixed_pe = boolean(name, "fixed_pe", fixed_pe)
+        self.no_off = boolean(name, "no_off", no_off)
         self.offset_range_factor = real(name, "offset_range_factor", offset_range_factor)
         self.ksize = integer(name, "ksize", ksize, 1)
-        self.log_cpb = _flag(name, "log_cpb", log_cpb)
+        self.log_cpb = boolean(name, "log_cpb", log_cpb)
         self.stride = int(stride)
         attn_p = _probability(name, "attn_drop", attn_drop)
         proj_p = _probability(name, "proj_drop", proj_drop)

@@ -26,7 +26,7 @@ from ..ops.dcnv3 import dcnv3
 from ..ops.dcnv4 import dcnv4
 from ..tensor import Tensor
 from ..typing import TensorLike
-from ..validation import integer, real
+from ..validation import boolean, integer, real
 from . import init
 from .layers import GELU, Conv2d, LayerNorm, Linear, ReLU, Sequential, SiLU
 from .module import Module, Parameter
@@ -39,12 +39,6 @@ _IM2COL_STEP = 256
 
 def _tensor(x: Any) -> Tensor:
     return x if isinstance(x, Tensor) else Tensor(x)
-
-
-def _flag(name: str, arg: str, v: Any) -> bool:
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name}: {arg} must be a bool, got {v!r}")
-    return bool(v)
 
 
 def _remove_center(name: str, v: Any, kernel_size: int) -> int:
@@ -285,7 +279,7 @@ class DCNv3(Module):
         self.pad = integer(name, "pad", pad, 0)
         self.group = group
         self.group_channels = channels // group
-        self.center_feature_scale = _flag(name, "center_feature_scale", center_feature_scale)
+        self.center_feature_scale = boolean(name, "center_feature_scale", center_feature_scale)
         self.remove_center = _remove_center(name, remove_center, kernel_size)
         if norm_layer != "LN":
             if norm_layer == "BN":
@@ -611,10 +605,10 @@ class DCNv4(Module):
         self.group = group
         self.group_channels = channels // group
         self.dw_kernel_size = dw_kernel_size
-        self.center_feature_scale = _flag(name, "center_feature_scale", center_feature_scale)
+        self.center_feature_scale = boolean(name, "center_feature_scale", center_feature_scale)
         self.remove_center = _remove_center(name, remove_center, kernel_size)
-        self.without_pointwise = _flag(name, "without_pointwise", without_pointwise)
-        output_bias = _flag(name, "output_bias", output_bias)
+        self.without_pointwise = boolean(name, "without_pointwise", without_pointwise)
+        output_bias = boolean(name, "output_bias", output_bias)
 
         kw = {"device": None, "dtype": dtype}
         self.K = group * (kernel_size * kernel_size - self.remove_center)
