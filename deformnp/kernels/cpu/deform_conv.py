@@ -22,8 +22,8 @@ task, for each weight group:
     forward    cols = im2col(input rows)                              (_im2col)
                out[b, group, rows] = Wm[group] @ cols[:, group]^T     (BLAS, written as NCHW)
     backward   grad_cols[:, group] = grad_out[b, group, rows]^T @ Wm[group]   (BLAS, in place)
-               grad_offset, grad_mask, cols and the plans             (_backward_points)
-               buffer_j = scatter of the plans' m * w * grad_cols     (_col2im, channels-last)
+               grad_offset, grad_mask, cols, and buffer_j = scatter of the plans'
+               m * w * grad_cols (channels-last), point by point      (_backward_points)
                grad_Wm share = grad_out[b, group, rows] @ cols[:, group]      (BLAS)
                grad_input[b] = sum_j buffer_j over the image's row blocks j in order
                grad_Wm = sum of the shares in task order
@@ -41,8 +41,9 @@ One thread (or a small problem, ``threads_for``) runs the tasks in order on the 
 
 Index arithmetic is int64 (Numba integers); the channel-run loops index flat arrays with uint64
 offsets, which Numba does not check for wraparound, so LLVM vectorizes them. Plans are float64;
-sums over channels run in float64; columns and GEMMs keep the data dtype (float32 data runs
-float32 GEMMs, as torchvision does). The plans of the backward are kept per task (og, q, k).
+the offset and mask gradients' sums over one run of channels run in the data dtype, 8 float32
+lanes (as torchvision sums them in scalar_t), and the runs' sums add up in float64; columns and
+GEMMs keep the data dtype (float32 data runs float32 GEMMs, as torchvision does).
 """
 
 from __future__ import annotations
@@ -120,19 +121,24 @@ def _im2col(inp_t, off, msk, b, oy0, oy1, kh, kw, sh, sw, ph, pw, dh, dw, cin_g,
 @njit(nogil=True, cache=True)
 def _backward_points(
     inp_t, off, msk, gcols, b, oy0, oy1, kh, kw, sh, sw, ph, pw, dh, dw, cin_g, runs,
-    need_sums, need_cols, cols, goff, gmsk, pidx, pwts,
+    need_sums, need_cols, need_in, cols, goff, gmsk, acc,
 ):  # fmt: skip
     """For the output rows oy in [oy0, oy1) of image b (q = (oy - oy0)*Wout + ox the task's
-    row of gcols / cols):
+    row of gcols / cols), point by point in (q, og, k) order:
 
     goff[b, 2(og K + k)]     = m * sum_c grad_cols[q, c K + k] * d sample / dy   (need_sums)
     goff[b, 2(og K + k) + 1] = m * sum_c grad_cols[q, c K + k] * d sample / dx
     gmsk[b, og K + k]        =     sum_c grad_cols[q, c K + k] * sample
     cols                     = the columns, as _im2col                          (need_cols)
-    pidx[og, q, k], pwts[og, q, k] = the plan's corners and m * weights        (always)
+    acc[pix, c]             += m * w_t * grad_cols[q, c K + k] at the plan's
+                               corners pix (t = 0..3, in order)                 (need_in)
 
-    With d_t = sum_c grad_cols * V_c[corner t] (four dot products over the channels), the sums
-    are sum_t cy_t d_t, sum_t cx_t d_t and sum_t w_t d_t. Serial: one task of the thread pool.
+    acc is a channels-last (H*W, Cin) buffer of one image (flat). With d_t = sum_c grad_cols *
+    V_c[corner t] (four dot products over the channels, in the data's type, as torchvision
+    sums them), the sums are sum_t cy_t d_t, sum_t cx_t d_t and sum_t w_t d_t. A point's
+    grad_cols run is scattered right after its dot products, while it is in L1. Output-pixel-
+    major order keeps the reads of grad_cols and the writes of cols sequential and consecutive
+    scatters within a few input rows. Serial: one task of the thread pool.
     """
     B, H, W, Cin = inp_t.shape
     K = kh * kw
@@ -142,28 +148,25 @@ def _backward_points(
     v = inp_t.reshape(-1)
     gc = gcols.reshape(-1)
     cf = cols.reshape(-1)
-    wv = np.empty(4, pwts.dtype)
+    wv = np.empty(4, cols.dtype)
     cout = cf if need_cols else np.empty(Cin, cols.dtype)  # scratch row of columns
     gsrc = gc if need_sums else np.zeros(Cin, gcols.dtype)  # zero grad_cols
     base = b * H * W
     for oy in range(oy0, oy1):
-        for og in range(G):
-            for k in range(K):
-                i = k // kw
-                j = k - i * kw
-                ch = 2 * (og * K + k)
-                for ox in range(Wout):
+        for ox in range(Wout):
+            q = (oy - oy0) * Wout + ox
+            for og in range(G):
+                for k in range(K):
+                    i = k // kw
+                    j = k - i * kw
+                    ch = 2 * (og * K + k)
                     y = (oy * sh - ph + i * dh) + off[b, ch, oy, ox]
                     x = (ox * sw - pw + j * dw) + off[b, ch + 1, oy, ox]
                     m = msk[b, og * K + k, oy, ox]
                     pi, pwt, pcy, pcx = zero_fade_plan(y, x, H, W)
-                    q = (oy - oy0) * Wout + ox
                     for t in range(4):
                         wv[t] = m * pwt[t]
-                        pidx[og, q, k, t] = pi[t]
-                        pwts[og, q, k, t] = wv[t]
-                    if not (need_sums or need_cols):
-                        continue
+                    zero = wv[0] == 0.0 and wv[1] == 0.0 and wv[2] == 0.0 and wv[3] == 0.0
                     row = q * CK + k * cin_g
                     d0 = 0.0
                     d1 = 0.0
@@ -177,16 +180,23 @@ def _backward_points(
                         a1 = np.uint64((base + pi[1]) * Cin + c)
                         a2 = np.uint64((base + pi[2]) * Cin + c)
                         a3 = np.uint64((base + pi[3]) * Cin + c)
-                        # columns into cf (or the scratch row), sums of gc (or of zeros)
-                        dc = d if need_cols else np.uint64(c)
-                        dg = d if need_sums else np.uint64(c)
-                        e0, e1, e2, e3 = combine_dot4(
-                            cout, dc, gsrc, dg, v, n, a0, a1, a2, a3, wv[0], wv[1], wv[2], wv[3]
-                        )
-                        d0 += e0
-                        d1 += e1
-                        d2 += e2
-                        d3 += e3
+                        if need_sums or need_cols:
+                            # columns into cf (or the scratch row), sums of gc (or of zeros)
+                            dc = d if need_cols else np.uint64(c)
+                            dg = d if need_sums else np.uint64(c)
+                            e0, e1, e2, e3 = combine_dot4(
+                                cout, dc, gsrc, dg, v, n, a0, a1, a2, a3,
+                                wv[0], wv[1], wv[2], wv[3],
+                            )  # fmt: skip
+                            d0 += e0
+                            d1 += e1
+                            d2 += e2
+                            d3 += e3
+                        if need_in and not zero:
+                            axpy(acc, np.uint64(pi[0] * Cin + c), wv[0], gc, d, n)
+                            axpy(acc, np.uint64(pi[1] * Cin + c), wv[1], gc, d, n)
+                            axpy(acc, np.uint64(pi[2] * Cin + c), wv[2], gc, d, n)
+                            axpy(acc, np.uint64(pi[3] * Cin + c), wv[3], gc, d, n)
                     if need_sums:
                         accy = pcy[0] * d0 + pcy[1] * d1 + pcy[2] * d2 + pcy[3] * d3
                         accx = pcx[0] * d0 + pcx[1] * d1 + pcx[2] * d2 + pcx[3] * d3
@@ -194,38 +204,6 @@ def _backward_points(
                         goff[b, ch, oy, ox] = m * accy
                         goff[b, ch + 1, oy, ox] = m * accx
                         gmsk[b, og * K + k, oy, ox] = accm
-
-
-@njit(nogil=True, cache=True)
-def _col2im(gcols, pidx, pwts, kh, kw, cin_g, runs, acc):
-    """acc[pix, c] += m * w * grad_cols[q, column of (c, k)] at the plan's corners pix, over
-    the task's rows q and kernel points k in (q, k, corner) order; acc is a channels-last (H*W,
-    Cin) buffer of one image (flat). Output-pixel-major order keeps consecutive scatters within
-    a few input rows of the buffer. Serial: one task of the thread pool."""
-    G = pidx.shape[0]
-    P = pidx.shape[1]
-    K = kh * kw
-    CK = gcols.shape[1]
-    Cin = CK // K
-    gc = gcols.reshape(-1)
-    for q in range(P):
-        for og in range(G):
-            for k in range(K):
-                if (
-                    pwts[og, q, k, 0] == 0.0
-                    and pwts[og, q, k, 1] == 0.0
-                    and pwts[og, q, k, 2] == 0.0
-                    and pwts[og, q, k, 3] == 0.0
-                ):
-                    continue
-                row = q * CK + k * cin_g
-                for r in range(runs.shape[1]):  # og's channels, one weight group at a time
-                    c = runs[og, r, 0]
-                    n = np.uint64(runs[og, r, 1] - c)
-                    d = np.uint64(row + runs[og, r, 2] + c)
-                    for t in range(4):
-                        s = np.uint64(pidx[og, q, k, t] * Cin + c)
-                        axpy(acc, s, pwts[og, q, k, t], gc, d, n)
 
 
 @njit(nogil=True, cache=True)
@@ -526,24 +504,22 @@ def _backward(
                     out=gcols[:, grp * kc : (grp + 1) * kc],
                 )
         cols = np.empty((p1 - p0, CK), dtype) if need_w else np.empty((1, 1), dtype)
-        pidx = np.empty((G, p1 - p0, K, 4), np.int64)
-        pwts = np.empty((G, p1 - p0, K, 4), dtype)
-        _backward_points(
-            inp_t, offset, msk, gcols, b, oy0, oy1, kh, kw, *stride, *padding, *dilation,
-            cin_g, runs, need_sums, need_w, cols, goff, gmsk, pidx, pwts,
-        )  # fmt: skip
-        if need_in:  # into this block's buffer; the image's last block to finish sums them
+        acc = np.empty(1, dtype)
+        if need_in:  # this block's buffer; the image's last block to finish sums them
             with lock:
                 if accs[b] is None:
                     accs[b] = np.zeros((nblk, H * W * Cin), dtype)
-                acc = accs[b]
-            blk = oy0 // rows
-            _col2im(gcols, pidx, pwts, kh, kw, cin_g, runs, acc[blk])
+                acc = accs[b][oy0 // rows]
+        _backward_points(
+            inp_t, offset, msk, gcols, b, oy0, oy1, kh, kw, *stride, *padding, *dilation,
+            cin_g, runs, need_sums, need_w, need_in, cols, goff, gmsk, acc,
+        )  # fmt: skip
+        if need_in:
             with lock:
                 left[b] -= 1
                 last = left[b] == 0
             if last:
-                _sum_channels_first(acc, gin[b])
+                _sum_channels_first(accs[b], gin[b])
                 accs[b] = None
         gw_t = None
         if need_w:  # this task's share of grad_Wm[group] = grad_out[group] @ cols[:, group]
