@@ -367,6 +367,15 @@ def test_validation_messages(rng):
         op(value, np.array([[3, 4], [2, 2], [-1, -3]]), starts, loc, attn)
     with pytest.raises(ValueError, match=r"spatial_shapes must be 2-d \(L, 2\)"):
         op(value, shapes.reshape(-1), starts, loc, attn)
+    # an empty level of 2**31 rows passes every other check (its size is 0): the kernels'
+    # int32 corners would not hold its coordinates
+    huge = np.array(shapes, np.int64)
+    huge[-1] = (2**31, 0)
+    S = int(huge[:-1].prod(axis=1).sum())
+    with pytest.raises(ValueError, match=r"spatial_shapes must be at most 2\*\*31 - 1"):
+        op(value[:, :S], huge, np.array([0, *np.cumsum(huge.prod(axis=1))[:-1]]), loc, attn)
+    huge[-1] = (0, 2**31 - 1)  # the largest allowed
+    op(value[:, :S], huge, np.array([0, *np.cumsum(huge.prod(axis=1))[:-1]]), loc, attn)
     with pytest.raises(ValueError, match=r"value must be 4-d \(N, S, M, D\)"):
         op(value[0], shapes, starts, loc, attn)
     with pytest.raises(ValueError, match=r"sampling_locations must be 6-d"):

@@ -49,20 +49,35 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 
 
-def zero_fade_plan(y, x, H, W, ft):
-    """Plan for the zero-fade rule at (y, x) on an H x W map: (idx, w, cy, cx), 4-tuples each."""
+def zero_fade_plan(y, x, H, W, ft, it=None):
+    """Plan for the zero-fade rule at (y, x) on an H x W map: (idx, w, cy, cx), 4-tuples each.
+
+    ``it``: None, or ``numpy.int32`` when H and W are below 2**31 (the caller's guarantee): the
+    floor is then taken in ``ft`` and converted to int32, the same plan in instructions that a
+    CPU loop over many points vectorizes (AVX2 converts floats to int32 eight lanes at a time,
+    to int64 one lane at a time)."""
     zero = ft(0.0)
     one = ft(1.0)
     if H <= 0 or W <= 0 or not (y >= -one and y < ft(H) and x >= -one and x < ft(W)):
         z4 = (zero, zero, zero, zero)
         return (0, 0, 0, 0), z4, z4, z4
-    y0 = int(math.floor(y))
-    x0 = int(math.floor(x))
-    ly = ft(y) - ft(y0)
-    lx = ft(x) - ft(x0)
+    if it is None:
+        y0 = int(math.floor(y))
+        x0 = int(math.floor(x))
+        ly = ft(y) - ft(y0)
+        lx = ft(x) - ft(x0)
+    else:  # y - floor(y) is exact in floating point: the same ly, lx
+        fy = np.floor(ft(y))
+        fx = np.floor(ft(x))
+        y0 = it(fy)
+        x0 = it(fx)
+        ly = ft(y) - fy
+        lx = ft(x) - fx
     hy = one - ly
     hx = one - lx
     # which of the four corners lie inside the map (0/1 masks)

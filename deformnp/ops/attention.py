@@ -66,6 +66,7 @@ from ..kernels.cpu import attention as cpu_kernels
 from ..tensor import Tensor, unwrap
 from ..typing import Array, ArrayLike, Needs, TensorLike
 from ..validation import (
+    MAX_INT,
     check_ndim,
     contiguous,
     device_of,
@@ -171,6 +172,11 @@ def prepare(
         )
     if np.any(shapes < 0):
         raise ValueError(f"{OP}: spatial_shapes must be non-negative, got {shapes.tolist()}")
+    if np.any(shapes > MAX_INT):  # the CPU kernels floor coordinates to int32 corners
+        raise ValueError(
+            f"{OP}: spatial_shapes must be at most 2**31 - 1 (32-bit ints, as in "
+            f"Deformable-DETR's kernels), got {shapes.tolist()}"
+        )
     if starts.shape[0] != L:
         raise ValueError(
             f"{OP}: level_start_index has {starts.shape[0]} entries, expected one per level "

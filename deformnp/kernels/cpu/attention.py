@@ -172,7 +172,8 @@ def _level_plan(u, v, H, W, Hf, Wf, row0, D, ft):
     zero-fade plan, computed in ``ft`` (the data's float type)."""
     x = ft(u) * Wf - ft(0.5)
     y = ft(v) * Hf - ft(0.5)
-    idx, w, cy, cx = zero_fade_plan_ft(y, x, H, W, ft)
+    # int32 corners: ``ops.ms_deform_attn`` refuses levels of 2**31 rows or columns
+    idx, w, cy, cx = zero_fade_plan_ft(y, x, H, W, ft, np.int32)
     off = ((row0 + idx[0]) * D, (row0 + idx[1]) * D, (row0 + idx[2]) * D, (row0 + idx[3]) * D)
     return off, w, cy, cx
 
