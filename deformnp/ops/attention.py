@@ -284,7 +284,7 @@ def ms_deform_attn_forward(
         not an int.
     ValueError
         If ``im2col_step`` is < 1, a shape is inconsistent, ``spatial_shapes`` has a negative
-        size, ``level_start_index`` is not its exclusive cumulative sum, ``S`` differs from
+        size or one of 2**31 or more, ``level_start_index`` is not its exclusive cumulative sum, ``S`` differs from
         ``sum(H_l*W_l)``, ``D`` exceeds 4096 on the CPU, or the arrays are on different devices.
 
     See Also
@@ -352,7 +352,7 @@ def ms_deform_attn_backward(
         not an int. Also when ``needs`` is not a sequence.
     ValueError
         If ``im2col_step`` is < 1, a shape is inconsistent, ``spatial_shapes`` has a negative
-        size, ``level_start_index`` is not its exclusive cumulative sum, ``S`` differs from
+        size or one of 2**31 or more, ``level_start_index`` is not its exclusive cumulative sum, ``S`` differs from
         ``sum(H_l*W_l)``, ``D`` exceeds 4096 on the CPU, ``grad_out`` has the wrong shape,
         ``needs`` does not have 3 flags, or the arrays are on different devices.
 
@@ -453,7 +453,7 @@ def ms_deform_attn(
         not an int.
     ValueError
         If ``im2col_step`` is < 1, a shape is inconsistent, ``spatial_shapes`` has a negative
-        size, ``level_start_index`` is not its exclusive cumulative sum, ``S`` differs from
+        size or one of 2**31 or more, ``level_start_index`` is not its exclusive cumulative sum, ``S`` differs from
         ``sum(H_l*W_l)``, ``D`` exceeds 4096 on the CPU, or the arrays are on different devices.
 
     See Also
