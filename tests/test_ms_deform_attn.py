@@ -367,8 +367,8 @@ def test_validation_messages(rng):
         op(value, np.array([[3, 4], [2, 2], [-1, -3]]), starts, loc, attn)
     with pytest.raises(ValueError, match=r"spatial_shapes must be 2-d \(L, 2\)"):
         op(value, shapes.reshape(-1), starts, loc, attn)
-    # an empty level of 2**31 rows passes every other check (its size is 0): the kernels'
-    # int32 corners would not hold its coordinates
+    # a level of 2**31 rows is refused whatever its size (the CPU kernels' corners are int32;
+    # an empty level is the one such input small enough to build here)
     huge = np.array(shapes, np.int64)
     huge[-1] = (2**31, 0)
     S = int(huge[:-1].prod(axis=1).sum())

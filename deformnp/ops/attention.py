@@ -284,8 +284,9 @@ def ms_deform_attn_forward(
         not an int.
     ValueError
         If ``im2col_step`` is < 1, a shape is inconsistent, ``spatial_shapes`` has a negative
-        size or one of 2**31 or more, ``level_start_index`` is not its exclusive cumulative sum, ``S`` differs from
-        ``sum(H_l*W_l)``, ``D`` exceeds 4096 on the CPU, or the arrays are on different devices.
+        size or one of 2**31 or more, ``level_start_index`` is not its exclusive cumulative
+        sum, ``S`` differs from ``sum(H_l*W_l)``, ``D`` exceeds 4096 on the CPU, or the arrays
+        are on different devices.
 
     See Also
     --------
@@ -352,9 +353,10 @@ def ms_deform_attn_backward(
         not an int. Also when ``needs`` is not a sequence.
     ValueError
         If ``im2col_step`` is < 1, a shape is inconsistent, ``spatial_shapes`` has a negative
-        size or one of 2**31 or more, ``level_start_index`` is not its exclusive cumulative sum, ``S`` differs from
-        ``sum(H_l*W_l)``, ``D`` exceeds 4096 on the CPU, ``grad_out`` has the wrong shape,
-        ``needs`` does not have 3 flags, or the arrays are on different devices.
+        size or one of 2**31 or more, ``level_start_index`` is not its exclusive cumulative
+        sum, ``S`` differs from ``sum(H_l*W_l)``, ``D`` exceeds 4096 on the CPU, ``grad_out``
+        has the wrong shape, ``needs`` does not have 3 flags, or the arrays are on different
+        devices.
 
     See Also
     --------
@@ -453,8 +455,9 @@ def ms_deform_attn(
         not an int.
     ValueError
         If ``im2col_step`` is < 1, a shape is inconsistent, ``spatial_shapes`` has a negative
-        size or one of 2**31 or more, ``level_start_index`` is not its exclusive cumulative sum, ``S`` differs from
-        ``sum(H_l*W_l)``, ``D`` exceeds 4096 on the CPU, or the arrays are on different devices.
+        size or one of 2**31 or more, ``level_start_index`` is not its exclusive cumulative
+        sum, ``S`` differs from ``sum(H_l*W_l)``, ``D`` exceeds 4096 on the CPU, or the arrays
+        are on different devices.
 
     See Also
     --------

@@ -69,8 +69,8 @@ kernels): float32 data gets float32 coordinates and plans, float64 data float64 
 floored coordinates are int32 (the rule's ``it``; ``ops.ms_deform_attn`` refuses levels of
 2**31 rows or columns), which AVX2 converts eight lanes at a time; to int64 it converts one lane
 at a time (measured: one-thread CPU time -10% backward, -5% forward at the reference size, the
-same plans bit for bit); the corner offsets are int64. Channel sums run in the data dtype, as in the anchors: the
-forward accumulates each output row, the backward the per-corner channel sums
+same plans bit for bit); the corner offsets are int64. Channel sums run in the data dtype, as
+in the anchors: the forward accumulates each output row, the backward the per-corner channel sums
 t_k = sum_d g[d] V[idx[k], d] and the scatter into grad_value. ``fastmath`` reassociation lets
 these sums vectorize; their order is fixed by the compiled code, so it does not depend on threads.
 """
