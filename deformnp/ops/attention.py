@@ -172,11 +172,6 @@ def prepare(
         )
     if np.any(shapes < 0):
         raise ValueError(f"{OP}: spatial_shapes must be non-negative, got {shapes.tolist()}")
-    if np.any(shapes > MAX_INT):  # the CPU kernels floor coordinates to int32 corners
-        raise ValueError(
-            f"{OP}: spatial_shapes must be at most 2**31 - 1 (32-bit ints, as in "
-            f"Deformable-DETR's kernels), got {shapes.tolist()}"
-        )
     if starts.shape[0] != L:
         raise ValueError(
             f"{OP}: level_start_index has {starts.shape[0]} entries, expected one per level "
@@ -196,6 +191,11 @@ def prepare(
     if total != S:
         raise ValueError(
             f"{OP}: value has S = {S} positions, but spatial_shapes give sum(H_l*W_l) = {total}"
+        )
+    if np.any(shapes > MAX_INT):  # the CPU kernels floor coordinates to int32 corners
+        raise ValueError(
+            f"{OP}: spatial_shapes must be at most 2**31 - 1 (32-bit ints, as in "
+            f"Deformable-DETR's kernels), got {shapes.tolist()}"
         )
     if loc.shape[5] != 2:  # (device arrays allow no negative index)
         raise ValueError(
