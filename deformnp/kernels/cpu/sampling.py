@@ -90,8 +90,8 @@ def combine_dot4(out, d, g, e, v, n, a0, a1, a2, a3, w0, w1, w2, w3):
     """out[d + u] = w0*v[a0 + u] + ... + w3*v[a3 + u] (as combine4), and returns the four dot
     products (sum_u g[e + u] * v[a_t + u] for t = 0..3), summed in g's dtype, in one pass over
     the corners. Reassociation lets the compiler vectorize the sums (float32: 8 lanes; summed in
-    float64 they ran 4 lanes with a conversion per product, 1.3-1.7x the time of the whole
-    deform_conv2d points pass); the compiled order is fixed, so results are reproducible. A
+    float64 they ran 4 lanes with a conversion per product: deform_conv2d's whole points pass
+    took 1.3x the time); the compiled order is fixed, so results are reproducible. A
     kernel that calls only this routine for both (with a scratch ``out`` or a zero ``g`` when
     one is not needed) gets every result bit-identical whichever others are asked for."""
     ft = g.dtype.type
