@@ -20,6 +20,7 @@ from reference.attention import ms_deform_attn as reference
 import deformnp as dn
 from deformnp.cases import check_cases
 from deformnp.cases.inputs import (
+    ENCODER_LEVELS,
     call_with_parameters,
     locations_off_kinks,
     reference_attention,
@@ -555,6 +556,44 @@ def test_specialised_build_matches_reference_and_generic_build(rng, monkeypatch)
     for a, b in zip(special, generic):
         assert rel_err(a, b) < 1e-13
     assert np.all(special[2][:, :, :, 3] == 0) and np.all(special[3][:, :, :, 3] == 0)
+
+
+def test_offset_width_choice():
+    # int32 corner offsets while a level holds fewer than 2**31 elements of a head
+    from deformnp.kernels.cpu import attention as K
+
+    assert not K.wide_offsets(np.array([[2**15, 2**11 - 1]]), 32)  # 2**31 - 2**20 elements
+    assert K.wide_offsets(np.array([[4, 4], [2**15, 2**11]]), 32)  # 2**31 elements: int64
+    assert not K.wide_offsets(np.array([[0, 2**31 - 1]]), 4096)  # an empty level holds none
+    assert not K.wide_offsets(np.zeros((0, 2), np.int64), 32)
+    assert not K.wide_offsets(level_layout(ENCODER_LEVELS)[0], 32)  # what the benchmark runs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_int64_offset_build_equals_int32_build(rng, monkeypatch, dtype):
+    # the build for levels of 2**31 elements or more, run on a small problem: the int32 build's
+    # results (points in and out of range, on the borders, an empty level), in the specialised
+    # and the generic builds. The plans are the same; two separately compiled builds may still
+    # round the reassociated channel sums differently (seen once in float64 under xdist)
+    from deformnp.kernels.cpu import attention as K
+
+    levels = [(5, 7), (3, 3), (0, 6), (1, 1)]
+    args = list(make_inputs(rng, levels=levels, N=2, Lq=6, M=2, D=32, P=5, dtype=dtype))
+    loc = args[3].reshape(-1)
+    loc[::7], loc[::11], loc[::13] = -0.05, 1.0, 0.0
+    g = rng.standard_normal((2, 6, 2 * 32)).astype(dtype)
+    builds, build = [], K.kernels  # record which builds run
+    monkeypatch.setattr(K, "kernels", lambda *key: builds.append(key) or build(*key))
+    for specialise in (0, 1 << 62):
+        monkeypatch.setattr(K, "SPECIALISE_WORK", specialise)
+        results = {}
+        for wide in (False, True):
+            monkeypatch.setattr(K, "wide_offsets", lambda shapes, D, wide=wide: wide)
+            results[wide] = (ms_deform_attn_forward(*args), *ms_deform_attn_backward(g, *args))
+        for a, b in zip(results[False], results[True]):
+            assert a.dtype == b.dtype == dtype
+            assert rel_err(a, b) < (1e-13 if dtype == np.float64 else 1e-5)
+    assert set(builds) == {(32, False), (32, True), (0, False), (0, True)}
 
 
 @settings(max_examples=15)

@@ -57,20 +57,28 @@ PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 def zero_fade_plan(y, x, H, W, ft, it=None):
     """Plan for the zero-fade rule at (y, x) on an H x W map: (idx, w, cy, cx), 4-tuples each.
 
-    ``it``: None, or ``numpy.int32`` when H and W are below 2**31 (the caller's guarantee): the
-    floor is then taken in ``ft`` and converted to int32, the same plan in instructions that a
-    CPU loop over many points vectorizes (AVX2 converts floats to int32 eight lanes at a time,
-    to int64 one lane at a time)."""
+    ``it``: None, or an integer type (``numpy.int32``, ``numpy.int64``) in which the corners and
+    the flat indices are computed, the caller guaranteeing that H * W fits it. The floor is then
+    taken in ``ft`` and converted to ``it``, and every integer step is cast back to ``it``: the
+    same plan, in instructions that a CPU loop over many points vectorizes at the width of ``ft``
+    when ``it`` is int32 (AVX2 converts floats to int32 eight lanes at a time, to int64 one lane
+    at a time; Numba widens int32 arithmetic to int64 unless its result is cast back)."""
     zero = ft(0.0)
     one = ft(1.0)
+    if it is None:
+        i0 = 0
+    else:
+        i0 = it(0)
     if H <= 0 or W <= 0 or not (y >= -one and y < ft(H) and x >= -one and x < ft(W)):
         z4 = (zero, zero, zero, zero)
-        return (0, 0, 0, 0), z4, z4, z4
+        return (i0, i0, i0, i0), z4, z4, z4
     if it is None:
         y0 = int(math.floor(y))
         x0 = int(math.floor(x))
         ly = ft(y) - ft(y0)
         lx = ft(x) - ft(x0)
+        H1 = H - 1
+        W1 = W - 1
     else:  # y - floor(y) is exact in floating point: the same ly, lx
         fy = np.floor(ft(y))
         fx = np.floor(ft(x))
@@ -78,23 +86,34 @@ def zero_fade_plan(y, x, H, W, ft, it=None):
         x0 = it(fx)
         ly = ft(y) - fy
         lx = ft(x) - fx
+        H1 = it(H - 1)
+        W1 = it(W - 1)
     hy = one - ly
     hx = one - lx
-    # which of the four corners lie inside the map (0/1 masks)
+    # which of the four corners lie inside the map (0/1 masks); y1 = y0 + 1 <= H - 1
     my0 = one if y0 >= 0 else zero
-    my1 = one if y0 + 1 <= H - 1 else zero
+    my1 = one if y0 < H1 else zero
     mx0 = one if x0 >= 0 else zero
-    mx1 = one if x0 + 1 <= W - 1 else zero
+    mx1 = one if x0 < W1 else zero
     m00 = my0 * mx0
     m01 = my0 * mx1
     m10 = my1 * mx0
     m11 = my1 * mx1
     # clamp indices of masked corners into the map so reads are always in bounds
-    r0 = y0 if y0 >= 0 else 0
-    r1 = y0 + 1 if y0 + 1 <= H - 1 else H - 1
-    c0 = x0 if x0 >= 0 else 0
-    c1 = x0 + 1 if x0 + 1 <= W - 1 else W - 1
-    idx = (r0 * W + c0, r0 * W + c1, r1 * W + c0, r1 * W + c1)
+    if it is None:
+        r0 = y0 if y0 >= 0 else 0
+        r1 = y0 + 1 if y0 < H1 else H1
+        c0 = x0 if x0 >= 0 else 0
+        c1 = x0 + 1 if x0 < W1 else W1
+        idx = (r0 * W + c0, r0 * W + c1, r1 * W + c0, r1 * W + c1)
+    else:  # the same indices, each step cast back to ``it``
+        r0 = y0 if y0 >= 0 else i0
+        r1 = it(y0 + 1) if y0 < H1 else H1
+        c0 = x0 if x0 >= 0 else i0
+        c1 = it(x0 + 1) if x0 < W1 else W1
+        a = it(r0 * it(W))
+        b = it(r1 * it(W))
+        idx = (it(a + c0), it(a + c1), it(b + c0), it(b + c1))
     w = (hy * hx * m00, hy * lx * m01, ly * hx * m10, ly * lx * m11)
     cy = (-hx * m00, -lx * m01, hx * m10, lx * m11)
     cx = (-hy * m00, hy * m01, -ly * m10, ly * m11)

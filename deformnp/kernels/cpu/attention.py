@@ -60,19 +60,24 @@ Parallelism and determinism:
   counts the (n, m, l) slices), and the build, depend on the shapes only, never on the thread
   count, so gradients are bit-identical with any number of threads.
 
-Index arithmetic is 64-bit throughout. Flat offsets into value / grad_value are converted to
-uint64 before indexing: they are never negative, and unsigned indices spare Numba's
-negative-index wrap-around test in the inner channel loops.
+Index arithmetic is 64-bit, except in the plans. A plan's corners are offsets from its level's
+first element in the head-major value, int32 when every level holds fewer than 2**31 elements of
+a head (H * W * D; ``wide_offsets``), int64 otherwise (a build of its own: ``kernels(D, wide)``);
+the channel loops add them to the level's 64-bit start. The rule's integer steps then run in
+int32 too (its ``it``; ``ops.ms_deform_attn`` refuses levels of 2**31 rows or columns), so the
+plan loop runs as many lanes as the float type: eight float32 lanes on AVX2, where int64 would
+hold it to four and convert floats to int64 one lane at a time. Measured at the reference size,
+one thread: the int32 floor -10% backward and -5% forward CPU time; int32 offsets and index
+steps another -10% (forward) and -5 to -10% (backward); the same plans bit for bit. Flat offsets
+are converted to uint64 before indexing: they are never negative, and unsigned indices spare
+Numba's negative-index wrap-around test in the inner channel loops.
 
 Precision: plans are computed in the data's type (``ft = value.dtype.type``, as in the CUDA
-kernels): float32 data gets float32 coordinates and plans, float64 data float64 ones. The
-floored coordinates are int32 (the rule's ``it``; ``ops.ms_deform_attn`` refuses levels of
-2**31 rows or columns), which AVX2 converts eight lanes at a time; to int64 it converts one lane
-at a time (measured: one-thread CPU time -10% backward, -5% forward at the reference size, the
-same plans bit for bit); the corner offsets are int64. Channel sums run in the data dtype, as
-in the anchors: the forward accumulates each output row, the backward the per-corner channel sums
-t_k = sum_d g[d] V[idx[k], d] and the scatter into grad_value. ``fastmath`` reassociation lets
-these sums vectorize; their order is fixed by the compiled code, so it does not depend on threads.
+kernels): float32 data gets float32 coordinates and plans, float64 data float64 ones. Channel
+sums run in the data dtype, as in the anchors: the forward accumulates each output row, the
+backward the per-corner channel sums t_k = sum_d g[d] V[idx[k], d] and the scatter into
+grad_value. ``fastmath`` reassociation lets these sums vectorize; their order is fixed by the
+compiled code, so it does not depend on threads.
 """
 
 from __future__ import annotations
@@ -167,16 +172,24 @@ def _level_slots(spatial_shapes, level_start_index, P):
 
 
 @njit(inline="always", cache=True)
-def _level_plan(u, v, H, W, Hf, Wf, row0, D, ft):
-    """Point (u, v) on a level of H x W pixels (Hf, Wf: the same in ``ft``) whose first
-    head-major row is row0: the flat offsets of its four corners in the head-major value and its
-    zero-fade plan, computed in ``ft`` (the data's float type)."""
+def _level_plan(u, v, H, W, Hf, Wf, D, ft, it):
+    """Point (u, v) on a level of H x W pixels (Hf, Wf: the same in ``ft``): the offsets of its
+    four corners from the level's first element in the head-major value (``it``: the level's
+    H * W * D elements fit it) and its zero-fade plan, computed in ``ft`` (the data's float
+    type)."""
     x = ft(u) * Wf - ft(0.5)
     y = ft(v) * Hf - ft(0.5)
-    # int32 corners: ``ops.ms_deform_attn`` refuses levels of 2**31 rows or columns
-    idx, w, cy, cx = zero_fade_plan_ft(y, x, H, W, ft, np.int32)
-    off = ((row0 + idx[0]) * D, (row0 + idx[1]) * D, (row0 + idx[2]) * D, (row0 + idx[3]) * D)
+    idx, w, cy, cx = zero_fade_plan_ft(y, x, H, W, ft, it)
+    off = (it(idx[0] * D), it(idx[1] * D), it(idx[2] * D), it(idx[3] * D))
     return off, w, cy, cx
+
+
+def wide_offsets(spatial_shapes: np.ndarray, D: int) -> bool:
+    """Whether a level holds 2**31 or more elements of a head (H * W * D): the build with int64
+    corner offsets then runs, the int32 build otherwise (eight AVX2 lanes in its plan loop, four
+    with int64; measured: one-thread CPU time -11% backward at the reference size)."""
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    return max(sizes, default=0) * D >= 1 << 31
 
 
 def channels_for(D: int, points: int) -> int:
@@ -202,10 +215,13 @@ def _build(py_func: Any, name: str) -> Any:
 
 
 @functools.cache
-def kernels(channels: int) -> tuple[Any, Any]:
+def kernels(channels: int, wide: bool = False) -> tuple[Any, Any]:
     """(forward, backward) compiled with D fixed at ``channels``; 0 builds them for any
-    D <= GENERIC_CHANNELS. The arguments are the head-major value and the level slots."""
-    DK = channels  # compile-time constant of the closures below
+    D <= GENERIC_CHANNELS. Corner offsets are int64 when ``wide``, int32 otherwise (for levels
+    of fewer than 2**31 elements a head: ``wide_offsets``). The arguments are the head-major
+    value and the level slots."""
+    DK = channels  # compile-time constants of the closures below
+    IT = np.int64 if wide else np.int32
     BUF = channels if channels > 0 else GENERIC_CHANNELS
     B = PLAN_BATCH
     B4 = 4 * PLAN_BATCH
@@ -235,7 +251,7 @@ def kernels(channels: int) -> tuple[Any, Any]:
             q0 = (task - nm * n_qc) * QC
             nq = min(Lq, q0 + QC) - q0
             acc = carray(_stack_ptr(QCB, dt), (QC, BUF))  # the rows out[n, q0:q0+nq, m]
-            off = carray(_stack_ptr(B4, np.int64), (4, B))
+            off = carray(_stack_ptr(B4, IT), (4, B))
             wgt = carray(_stack_ptr(B4, dt), (4, B))
             live = carray(_stack_ptr(B, np.uint8), (B,))
             us = carray(_stack_ptr(B, dt), (B,))
@@ -251,7 +267,7 @@ def kernels(channels: int) -> tuple[Any, Any]:
                     continue
                 Hf = ft(H)
                 Wf = ft(W)
-                row0 = nm * S + slot_start[lev * P]
+                base = uint64((nm * S + slot_start[lev * P]) * D)  # the level's first element
                 for p0 in range(0, P, B):
                     np_ = min(B, P - p0)
                     qpb = max(1, B // np_)  # queries per plan batch
@@ -266,7 +282,7 @@ def kernels(channels: int) -> tuple[Any, Any]:
                                 vs[j] = loc[p + p + uint64(1)]
                                 ak[j] = attn[p]
                         for j in range(nqb * np_):  # their plans, one flat vectorized loop
-                            corner, w, _, _ = _level_plan(us[j], vs[j], H, W, Hf, Wf, row0, D, ft)
+                            corner, w, _, _ = _level_plan(us[j], vs[j], H, W, Hf, Wf, D, ft, IT)
                             a = ak[j]
                             off[0, j] = corner[0]
                             off[1, j] = corner[1]
@@ -284,10 +300,10 @@ def kernels(channels: int) -> tuple[Any, Any]:
                                 j = qq * np_ + pp
                                 if live[j] == 0:
                                     continue
-                                o0 = uint64(off[0, j])
-                                o1 = uint64(off[1, j])
-                                o2 = uint64(off[2, j])
-                                o3 = uint64(off[3, j])
+                                o0 = base + uint64(off[0, j])
+                                o1 = base + uint64(off[1, j])
+                                o2 = base + uint64(off[2, j])
+                                o3 = base + uint64(off[3, j])
                                 a0 = wgt[0, j]
                                 a1 = wgt[1, j]
                                 a2 = wgt[2, j]
@@ -380,7 +396,7 @@ def kernels(channels: int) -> tuple[Any, Any]:
                             gloc[2 * (pt + pp) + 1] = 0.0
                 continue
             gq = carray(_stack_ptr(BUF, dt), (BUF,))  # grad_out[n, q, m*D : (m+1)*D]
-            off = carray(_stack_ptr(B4, np.int64), (4, B))
+            off = carray(_stack_ptr(B4, IT), (4, B))
             wk = carray(_stack_ptr(B4, dt), (4, B))
             cyk = carray(_stack_ptr(B4, dt), (4, B))
             cxk = carray(_stack_ptr(B4, dt), (4, B))
@@ -389,6 +405,7 @@ def kernels(channels: int) -> tuple[Any, Any]:
             vs = carray(_stack_ptr(B, dt), (B,))
             Hf = ft(H)
             Wf = ft(W)
+            base = uint64(row0 * D)  # the level's first element
             for p0 in range(0, P, B):
                 np_ = min(B, P - p0)
                 qpb = max(1, B // np_)  # queries per plan batch
@@ -403,7 +420,7 @@ def kernels(channels: int) -> tuple[Any, Any]:
                             vs[j] = loc[p + p + uint64(1)]
                             ak[j] = attn[p]
                     for j in range(nqb * np_):  # their plans, one flat vectorized loop
-                        corner, w, cy, cx = _level_plan(us[j], vs[j], H, W, Hf, Wf, row0, D, ft)
+                        corner, w, cy, cx = _level_plan(us[j], vs[j], H, W, Hf, Wf, D, ft, IT)
                         off[0, j] = corner[0]
                         wk[0, j] = w[0]
                         cyk[0, j] = cy[0]
@@ -423,7 +440,7 @@ def kernels(channels: int) -> tuple[Any, Any]:
                     for qq in range(nqb):
                         q = qa + qq
                         go = uint64(((n * Lq + q) * M + m) * D)
-                        for d in range(D):
+                        for d in range(Dv):  # Dv, not the constant D: see the scatter
                             gq[d] = g[go + uint64(d)]
                         pt = (((n * Lq + q) * M + m) * L + lev) * P + p0
                         for pp in range(np_):
@@ -431,10 +448,10 @@ def kernels(channels: int) -> tuple[Any, Any]:
                             p = uint64(pt + pp)
                             a = ak[j]
                             if need_loc_attn:
-                                o0 = uint64(off[0, j])
-                                o1 = uint64(off[1, j])
-                                o2 = uint64(off[2, j])
-                                o3 = uint64(off[3, j])
+                                o0 = base + uint64(off[0, j])
+                                o1 = base + uint64(off[1, j])
+                                o2 = base + uint64(off[2, j])
+                                o3 = base + uint64(off[3, j])
                                 t0 = dt.type(0.0)
                                 t1 = dt.type(0.0)
                                 t2 = dt.type(0.0)
@@ -471,13 +488,13 @@ def kernels(channels: int) -> tuple[Any, Any]:
                                 for k in range(4):
                                     if wk[k, j] != 0.0:
                                         aw = a * wk[k, j]
-                                        ok = uint64(off[k, j])
+                                        ok = base + uint64(off[k, j])
                                         for d in range(Dv):
                                             ud = uint64(d)
                                             gv[ok + ud] += aw * gq[ud]
         return grad_value_hm
 
-    build = f"D{channels}" if channels else "generic"
+    build = (f"D{channels}" if channels else "generic") + ("_int64" if wide else "")
     return (
         _build(forward, f"ms_deform_attn_forward_{build}"),
         _build(backward, f"ms_deform_attn_backward_{build}"),
@@ -531,7 +548,7 @@ def ms_deform_attn_forward(
     if N * Lq * M * D == 0 or L == 0 or P == 0 or S == 0:
         return np.zeros((N, Lq, M * D), dtype=value.dtype)
     points = sampling_locations.size // 2
-    forward, _ = kernels(channels_for(D, points))
+    forward, _ = kernels(channels_for(D, points), wide_offsets(spatial_shapes, D))
     with threads_for(points * (D + 8)):
         value_hm = _value_head_major(value, cache)
         slots = _level_slots(spatial_shapes, level_start_index, P)
@@ -563,7 +580,7 @@ def ms_deform_attn_backward(
     grad_attn = alloc(attention_weights.shape, dtype) if need_loc_attn else None
     if run:
         points = sampling_locations.size // 2
-        _, backward = kernels(channels_for(D, points))
+        _, backward = kernels(channels_for(D, points), wide_offsets(spatial_shapes, D))
         chunks = n_chunks(N, M * L, Lq) if need_value else 1
         with threads_for(points * (2 * D + 8)):
             value_hm = _value_head_major(value, cache)
