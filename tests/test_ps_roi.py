@@ -242,7 +242,9 @@ def test_torchvision_ps_roi_pool_parity(rng, dtype):
     grad = rng.standard_normal(out.shape).astype(dtype)
     (tg,) = torch.autograd.grad(expected, tx, torch.from_numpy(grad))
     (g,) = ops.ps_roi_pool_backward(grad, x.shape, boxes, (PH, PW), s)
-    np.testing.assert_allclose(g, tg.numpy(), rtol=tol, atol=tol)
+    # the backward adds g / area in the data dtype in torchvision's order (RoI by RoI): the
+    # same gradient bit for bit, in float32 too, where the RoIs overlap
+    np.testing.assert_array_equal(g, tg.numpy())
 
 
 @pytest.mark.torch
