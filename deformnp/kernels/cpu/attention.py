@@ -193,6 +193,11 @@ def wide_offsets(spatial_shapes: np.ndarray, D: int) -> bool:
     return max(sizes, default=0) * D >= 1 << 31
 
 
+def _kernels_for(D: int, points: int, spatial_shapes: np.ndarray) -> tuple[Any, Any]:
+    """The (forward, backward) build for these shapes (``channels_for``, ``wide_offsets``)."""
+    return kernels(channels_for(D, points), wide_offsets(spatial_shapes, D))
+
+
 def channels_for(D: int, points: int) -> int:
     """The build for D channels and ``points`` sampling points: D itself, or 0 (generic).
     D <= MAX_CHANNELS (``ops.ms_deform_attn`` refuses more)."""
@@ -549,7 +554,7 @@ def ms_deform_attn_forward(
     if N * Lq * M * D == 0 or L == 0 or P == 0 or S == 0:
         return np.zeros((N, Lq, M * D), dtype=value.dtype)
     points = sampling_locations.size // 2
-    forward, _ = kernels(channels_for(D, points), wide_offsets(spatial_shapes, D))
+    forward, _ = _kernels_for(D, points, spatial_shapes)
     with threads_for(points * (D + 8)):
         value_hm = _value_head_major(value, cache)
         slots = _level_slots(spatial_shapes, level_start_index, P)
@@ -581,7 +586,7 @@ def ms_deform_attn_backward(
     grad_attn = alloc(attention_weights.shape, dtype) if need_loc_attn else None
     if run:
         points = sampling_locations.size // 2
-        _, backward = kernels(channels_for(D, points), wide_offsets(spatial_shapes, D))
+        _, backward = _kernels_for(D, points, spatial_shapes)
         chunks = n_chunks(N, M * L, Lq) if need_value else 1
         with threads_for(points * (2 * D + 8)):
             value_hm = _value_head_major(value, cache)

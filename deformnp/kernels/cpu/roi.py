@@ -928,8 +928,8 @@ def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
         ph = q // PW
         pw = q - ph * PW
         for co in range(Cout):
-            p0 = (b * C + co * NB + q) * HW
-            gf[p0 : p0 + HW] = 0.0
+            plane = (b * C + co * NB + q) * HW
+            gf[plane : plane + HW] = 0.0
         for r in range(starts[b], starts[b + 1]):
             k = order[r]
             h0 = hs[k, ph]
