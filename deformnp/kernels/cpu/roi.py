@@ -1004,11 +1004,14 @@ def _align_forward(
     PH, PW = output_size
     K = rois.shape[0]
     Cout = Cin // (PH * PW) if mode == "ps_roi_align" else Cin
-    out = np.zeros((K, Cout, PH, PW), input.dtype)
-    if out.size == 0 or H * W == 0:
-        return out
+    shape = (K, Cout, PH, PW)
+    if K * Cout * PH * PW == 0 or H * W == 0:
+        return np.zeros(shape, input.dtype)
     with threads_for(_work(rois, Cin, output_size)):
         if mode != "ps_roi_align":
+            # the gather writes out[k] whole for every RoI: no zeroing (a memset of the whole
+            # output, 1.7 ms of the reference-size forward's 11-15)
+            out = np.empty(shape, input.dtype)
             fgeo, igeo = align_geometry(
                 mode, rois, output_size, spatial_scale, sampling_ratio, aligned, gamma
             )
@@ -1021,6 +1024,7 @@ def _align_forward(
             return out
         fgeo, igeo = align_geometry(mode, rois, output_size, spatial_scale, sampling_ratio, True)
         order, starts = by_image(np.ascontiguousarray(igeo[:, 0]), B)
+        out = np.zeros(shape, input.dtype)
         _ps_align_forward(np.ascontiguousarray(input), fgeo, igeo, order, starts, out)
     return out
 
