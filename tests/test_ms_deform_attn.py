@@ -647,6 +647,40 @@ def test_more_channels_than_the_generic_build(rng):
     )
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_scaled_row_equals_the_loop_it_replaces(rng, dtype):
+    # the backward's scatter helper (LLVM vector code) against the Numba loop the kernel ran
+    # before, compiled with the kernels' fast-math flags: bit for bit, for lengths below, at and
+    # across the SIMD width (vector part, scalar tail, both, neither) and any offset; nothing
+    # outside dst[offset : offset + n] moves
+    from numba import njit, uint64
+
+    from deformnp.kernels.cpu import attention as K
+
+    @njit
+    def helper(dst, off, alpha, src, n):
+        K._add_scaled_row(dst, off, alpha, src, n)
+
+    @njit(fastmath={"reassoc", "contract"})
+    def loop(dst, off, alpha, src, n):
+        for d in range(n):
+            dst[off + uint64(d)] += alpha * src[d]
+
+    for n in (0, 1, 3, 4, 5, 7, 8, 9, 16, 31, 32, 33, 69, 100):
+        for off in (0, 1, 5, 37):
+            dst = rng.standard_normal(150).astype(dtype)
+            src = rng.standard_normal(100).astype(dtype)
+            alpha = dtype(rng.standard_normal())
+            a, b = dst.copy(), dst.copy()
+            helper(a, np.uint64(off), alpha, src, n)
+            loop(b, np.uint64(off), alpha, src, n)
+            assert np.array_equal(a, b), (n, off)
+            assert np.array_equal(np.delete(a, np.arange(off, off + n)),
+                                  np.delete(dst, np.arange(off, off + n)))  # fmt: skip
+            if n:
+                assert not np.array_equal(a[off : off + n], dst[off : off + n])
+
+
 # ---------------------------------------------------------------------------- check and bench tables
 
 
