@@ -22,7 +22,9 @@ kernel); the figures against torch are in benches/RESULTS.md.
   both, the copy is made once for both passes), so
   one head's map is one contiguous (S, D) block and a pixel is a contiguous run of D values. The
   value gradient is accumulated in that layout and copied back (``from_head_major``). The two
-  copies take about 6% of a forward+backward.
+  copies take about 6% of a forward+backward, and pay for themselves: the kernels reading and
+  writing value's own (N, S, M, D) layout instead (a head's pixels M * D elements apart) made
+  the reference-size backward alone 30-40% slower (measured; benches/RESULTS.md).
 * **Level by level.** The forward's tasks are (n, m, a chunk of ``QC`` queries) and the
   backward's (n, m, level, chunk of queries): a task reads one head's map one level at a time,
   so at Deformable-DETR's encoder size (levels (100,152)..(13,19)) three levels of four are
