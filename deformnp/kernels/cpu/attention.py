@@ -55,10 +55,12 @@ kernel); the figures against torch are in benches/RESULTS.md.
   FMAs (run to the constant D); ``_add_scaled_row`` emits the loop as SIMD-register-wide
   vectors, so at a constant D each corner is a broadcast and D / 8 vector FMAs and stores with
   the gradient row held in registers (18 instructions a corner). The same FMAs in the same
-  order: gradients bit-identical. Reference size, one thread, old and new alternating (CPU ms,
-  best / median of 60): backward 6.54 / 9.24 -> 5.97 / 7.89, value gradient alone 3.49 / 5.16
-  -> 2.99 / 3.92; encoder size, two threads (CPU time of both, best / median of 8): 492 / 575
-  -> 473 / 516.
+  order: gradients bit-identical. The builds with D compiled in use it; the generic build keeps
+  the Python loop, which LLVM's vectorizer runs faster for a run-time D (the intrinsic's loop
+  took 6-10% more backward time there, 32k points). Reference size, one thread, old and new
+  alternating (CPU ms, best / median of 60): backward 6.54 / 9.24 -> 5.97 / 7.89, value
+  gradient alone 3.49 / 5.16 -> 2.99 / 3.92; encoder size, two threads (CPU time of both, best /
+  median of 8): 492 / 575 -> 473 / 516.
 
 Parallelism and determinism:
 
@@ -568,7 +570,12 @@ def kernels(channels: int, wide: bool = False) -> tuple[Any, Any]:
                                     if wk[k, j] != 0.0:
                                         aw = a * wk[k, j]
                                         ok = base + uint64(off[k, j])
-                                        _add_scaled_row(gv, ok, aw, gq, D)
+                                        if DK > 0:  # D compiled in: straight vector code
+                                            _add_scaled_row(gv, ok, aw, gq, DK)
+                                        else:  # generic build: LLVM's own loop is faster
+                                            for d in range(Dv):
+                                                ud = uint64(d)
+                                                gv[ok + ud] += aw * gq[ud]
         return grad_value_hm
 
     build = (f"D{channels}" if channels else "generic") + ("_int64" if wide else "")
