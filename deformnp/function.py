@@ -318,6 +318,14 @@ class Function:
     #: raises a TypeError that names it and says to move to the CPU.
     supports_cuda: bool = False
 
+    #: Whether ``backward`` returns, for each input, a new array that nothing else references:
+    #: not ``grad``, not an input or a saved array, not a buffer kept between calls, not the
+    #: array returned for another input. The engine then hands such a gradient to a leaf's
+    #: :attr:`~deformnp.Tensor.grad` as it is instead of copying it. The kernel-backed ops set
+    #: it (their backward allocates every gradient it returns); for any other op the engine
+    #: copies, as it must (``AddFunction`` returns ``grad`` itself for both inputs).
+    fresh_grads: bool = False
+
     @classmethod
     def apply(cls, *args: Any, **kwargs: Any) -> Any:
         """Run the op on Tensors (or arrays) and record it for backward when needed.

@@ -351,6 +351,9 @@ class Tensor:
 
         order = self._topological_order()
         grads: dict[int, Any] = {id(self): grad}
+        # keys of ``grads`` whose array nothing else references (made by the engine, or by an
+        # op that declares ``fresh_grads``): a leaf may take such an array without a copy
+        unshared: set[int] = set()
         for t in reversed(order):
             g = grads.pop(id(t), None)
             if g is None:
@@ -358,8 +361,14 @@ class Tensor:
             node = t._node
             if node is None or t._retain_grad:
                 # A fresh array: the gradient an op returned may be a read-only broadcast view or
-                # shared with another input (``a + b`` hands the same array to both).
-                t.grad = _owned(g) if t.grad is None else _accumulate(t.grad, g)
+                # shared with another input (``a + b`` hands the same array to both). A leaf
+                # takes an unshared gradient as it is (a non-leaf's also flows on to its op).
+                if t.grad is not None:
+                    t.grad = _accumulate(t.grad, g)
+                elif node is None and id(t) in unshared:
+                    t.grad = g
+                else:
+                    t.grad = _owned(g)
             if node is None:
                 continue
             if node.freed:
@@ -375,9 +384,14 @@ class Tensor:
                     f"{node.fn.__name__}.backward returned {len(in_grads)} gradients, "
                     f"expected {len(node.parents)}"
                 )
+            fresh = node.fn.fresh_grads
             for p, pg in zip(node.parents, in_grads, strict=False):
                 if p is None or pg is None or not p.requires_grad:
                     continue
+                # an op's gradient counts as unshared only if the op allocated it and gave it
+                # to this input alone (astype and _accumulate below make new arrays; a
+                # sum_to_shape result is a view, so it fails _plain_owned and is copied)
+                made = fresh and sum(x is pg for x in in_grads) == 1
                 try:
                     pg = sum_to_shape(pg, p.shape)
                 except ValueError:
@@ -392,11 +406,17 @@ class Tensor:
                             f"{p.dtype} CUDA tensor"
                         )
                     pg = pg.astype(p.dtype)
+                    made = True
                 key = id(p)
                 if key in grads:
                     grads[key] = _accumulate(grads[key], pg)
+                    made = True
                 else:
                     grads[key] = pg
+                if made and _plain_owned(grads[key]):
+                    unshared.add(key)
+                else:
+                    unshared.discard(key)
             if not retain_graph:
                 node.freed = True
                 node.ctx.release()
@@ -512,6 +532,14 @@ def _accumulate(a: Any, b: Any) -> Any:
 
         return binary("add", a, b)
     return a + b
+
+
+def _plain_owned(g: Any) -> bool:
+    """Whether ``g`` is a host array a leaf could keep as its gradient: it owns its memory (a
+    view does not), is writeable and C-contiguous."""
+    return (
+        isinstance(g, np.ndarray) and g.flags.owndata and g.flags.writeable and g.flags.c_contiguous
+    )
 
 
 def _owned(g: Any) -> Any:

@@ -10,6 +10,7 @@ import pytest
 
 import deformnp as dn
 import deformnp.functional as F
+from deformnp.cases.check import OPS, check_cases
 from deformnp.function import Function, sum_to_shape
 
 
@@ -134,6 +135,69 @@ def test_leaf_grads_are_fresh_writable_arrays():
     assert a.grad.flags.writeable and a.grad.flags.c_contiguous
     a.grad += 1
     np.testing.assert_allclose(b.grad, [1.0, 1.0])
+
+
+class _Returns(Function):
+    """Returns the arrays it is given as the gradients of its two inputs (``ctx.out``)."""
+
+    fresh_grads = True
+
+    @staticmethod
+    def forward(ctx, a, b, *, out):
+        ctx.out = out
+        return a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.out
+
+
+def test_a_leaf_takes_a_fresh_gradient_without_a_copy_and_copies_anything_else():
+    ga, gb = np.full(2, 2.0), np.full(2, 3.0)
+    a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    _Returns.apply(a, b, out=(ga, gb)).backward(np.ones(2))
+    assert a.grad is ga and b.grad is gb  # declared fresh: kept as they are
+    one = np.full(2, 5.0)  # one array for both inputs: each leaf gets its own copy
+    a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    _Returns.apply(a, b, out=(one, one)).backward(np.ones(2))
+    assert a.grad is not one and b.grad is not one and a.grad is not b.grad
+    np.testing.assert_array_equal(a.grad, one)
+    base = np.arange(4.0)  # a view, a read-only array, another dtype: copies
+    frozen = np.full(2, 7.0)
+    frozen.flags.writeable = False
+    a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    _Returns.apply(a, b, out=(base[::2], frozen)).backward(np.ones(2))
+    assert a.grad.base is None and a.grad.flags.c_contiguous
+    assert b.grad is not frozen and b.grad.flags.writeable
+    a32 = dn.Tensor(np.ones(2, np.float32), requires_grad=True)
+    _Returns.apply(a32, b, out=(ga, gb)).backward(np.ones(2))
+    assert a32.grad.dtype == np.float32 and b.grad is not gb  # cast; added to b's old grad
+    np.testing.assert_array_equal(b.grad, frozen + gb)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_ops_gradients_share_nothing(op):
+    """What ``fresh_grads`` promises, for every op that declares it, on the gradient-check
+    cases: the leaves' gradients share no memory with each other, the inputs or the incoming
+    gradient, and a second call does not write into the first call's gradients."""
+    for case in check_cases(op):
+        runs = []
+        for _ in range(2):
+            leaves = case.inputs()
+            out = case.fn(*leaves)
+            outs = out if isinstance(out, tuple) else (out,)
+            seeds = [np.random.default_rng(1).standard_normal(o.shape) for o in outs]
+            total = sum((o * s).sum() for o, s in zip(outs, seeds, strict=True))
+            total.backward()
+            grads = [t.grad for t in leaves]
+            others = [t.data for t in leaves] + seeds
+            for i, g in enumerate(grads):
+                assert g.flags.writeable and g.flags.c_contiguous, case.name
+                for h in grads[i + 1 :] + others:
+                    assert not np.shares_memory(g, h), case.name
+            runs.append((grads, [g.copy() for g in grads]))
+        for g, before in zip(*runs[0], strict=True):
+            np.testing.assert_array_equal(g, before, err_msg=case.name)
 
 
 def test_backward_with_explicit_grad():

@@ -383,6 +383,7 @@ class MSDeformAttnFunction(Function):
     ``cache`` (on the CPU the head-major copy of value, made once for both)."""
 
     supports_cuda = True  # forward/backward dispatch on the arrays' device
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(

@@ -208,6 +208,7 @@ class BilinearInterpolateFunction(Function):
     """Autograd node of :func:`bilinear_interpolate`; ``args`` from :func:`prepare`."""
 
     supports_cuda = True  # forward/backward dispatch on the arrays' device
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(ctx: Context, input: Array, points: Array, *, args: BilinearArgs) -> Array:

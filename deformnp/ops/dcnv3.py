@@ -347,6 +347,7 @@ class DCNv3Function(Function):
     :func:`prepare`."""
 
     supports_cuda = True  # forward/backward dispatch on the arrays' device
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(

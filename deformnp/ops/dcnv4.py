@@ -349,6 +349,7 @@ class DCNv4Function(Function):
     :func:`prepare`."""
 
     supports_cuda = True  # forward/backward dispatch on the arrays' device
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(ctx: Context, input: Array, offset_mask: Array, *, args: DCNv4Args) -> Array:
@@ -695,6 +696,7 @@ class FlashDeformAttnFunction(Function):
     locations and softmaxed weights, and the attention kernels' entries)."""
 
     supports_cuda = True  # forward/backward dispatch on the arrays' device
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(

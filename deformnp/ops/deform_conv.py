@@ -364,6 +364,7 @@ class DeformConv2dFunction(Function):
     mask), ``args`` from :func:`prepare`."""
 
     supports_cuda = True  # forward/backward dispatch on the arrays' device
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(

@@ -249,6 +249,7 @@ class GridSampleFunction(Function):
     """Autograd node of :func:`grid_sample`; ``args`` from :func:`prepare`."""
 
     supports_cuda = True  # forward/backward dispatch on the arrays' device
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(ctx: Context, input: Array, grid: Array, *, args: GridSampleArgs) -> Array:

@@ -311,6 +311,7 @@ class RoIAlignFunction(Function):
     """Autograd node of :func:`roi_align`; ``args`` from :func:`prepare_roi_align`."""
 
     supports_cuda = True  # forward/backward dispatch on the arrays' device
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(ctx: Context, input: Array, *, args: RoIArgs) -> Array:
@@ -561,6 +562,7 @@ class PSRoIAlignFunction(Function):
     """Autograd node of :func:`ps_roi_align`; ``args`` from :func:`prepare_ps_roi_align`."""
 
     supports_cuda = True
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(ctx: Context, input: Array, *, args: RoIArgs) -> Array:
@@ -806,6 +808,7 @@ class DeformRoIPoolFunction(Function):
     :func:`prepare_deform_roi_pool`."""
 
     supports_cuda = True
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(ctx: Context, input: Array, offset: Array | None, *, args: RoIArgs) -> Array:
@@ -1116,6 +1119,7 @@ class RoIPoolFunction(Function):
     forward's argmax (not the input) for the backward."""
 
     supports_cuda = True
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(ctx: Context, input: Array, *, args: RoIArgs) -> Array:
@@ -1340,6 +1344,7 @@ class PSRoIPoolFunction(Function):
     the geometry only (the backward needs no values)."""
 
     supports_cuda = True
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(ctx: Context, input: Array, *, args: RoIArgs) -> Array:
@@ -1582,6 +1587,7 @@ class DeformPSRoIPoolFunction(Function):
     from :func:`prepare_deform_ps_roi_pool`."""
 
     supports_cuda = True
+    fresh_grads = True  # backward allocates every gradient it returns
 
     @staticmethod
     def forward(ctx: Context, input: Array, offset: Array | None, *, args: RoIArgs) -> Array:
