@@ -49,10 +49,9 @@ kernel); the figures against torch are in benches/RESULTS.md.
 * **The backward's streams a block ahead.** A backward task walks one (n, m, level) slice of
   the point arrays (locations, weights, their gradients) and of grad_out: a few bytes a query,
   M * L * P (or M * D) elements apart. At Deformable-DETR's encoder size those arrays are tens
-  of MB, so every query's lines came from memory, one query after another, each load waiting
-  for the previous point's work to retire: even the smallest level (13 x 19, its map in L1)
-  cost 68 ns a point, against 34 ns with the same points laid out task by task (measured, one
-  thread). Now a task copies the grad_out rows of ``QBLK`` queries (``GRAD_ROWS_ELEMENTS``
+  of MB, so every query's lines came from memory when its turn came, their misses hardly
+  overlapping: even the smallest level (13 x 19, its map in L1) cost 68 ns a point, against 34
+  ns with the same points laid out task by task (measured, one thread). Now a task copies the grad_out rows of ``QBLK`` queries (``GRAD_ROWS_ELEMENTS``
   values) in one loop of independent loads, whose misses overlap, and requests the next plan
   batch's lines of the point arrays (``_prefetch``) before working on the current one. The
   same arithmetic in the same order: gradients bit-identical. Encoder size, old and new
