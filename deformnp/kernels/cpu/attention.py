@@ -46,19 +46,20 @@ kernel); the figures against torch are in benches/RESULTS.md.
   is the generic build for any D up to ``GENERIC_CHANNELS``; ``channels_for`` picks the build
   (the specialised one only for large problems or large D, so small calls never compile a new
   variant). Both are built from the same source below, and all builds are cached on disk.
-* **The backward's streams a block ahead.** A backward task walks one (n, m, level) slice of
-  the point arrays (locations, weights, their gradients) and of grad_out: a few bytes a query,
-  M * L * P (or M * D) elements apart. At Deformable-DETR's encoder size those arrays are tens
-  of MB, so every query's lines came from memory when its turn came, their misses hardly
-  overlapping: even the smallest level (13 x 19, its map in L1) cost 68 ns a point, against 34
-  ns with the same points laid out task by task (measured, one thread). Now a task copies the grad_out rows of ``QBLK`` queries (``GRAD_ROWS_ELEMENTS``
-  values) in one loop of independent loads, whose misses overlap, and requests the next plan
-  batch's lines of the point arrays (``_prefetch``) before working on the current one. The
-  same arithmetic in the same order: gradients bit-identical. Encoder size, old and new
-  alternating (CPU ms, median / best): one thread 552 / 529 -> 455 / 424, two threads (CPU time
-  of both) 590 / 524 -> 446 / 426; value gradient alone 317 -> 228, location and weight
-  gradients alone 328 -> 246 (one thread). The reference size (arrays of about 1 MB, in
-  the caches) is unchanged within noise.
+* **The backward's streams a block ahead.** A backward task walks one (n, m, level) slice of the
+  point arrays (locations, weights, their gradients) and of grad_out: a few bytes a query, M*L*P
+  (or M*D) elements apart. At Deformable-DETR's encoder size those arrays are tens of MB, so
+  every query's lines came from memory when its turn came, their misses hardly overlapping: even
+  the smallest level (13 x 19, its map in L1) cost 68 ns a point, against 34 ns with the same
+  points laid out task by task (measured, one thread). Now a task copies the grad_out rows of
+  ``QBLK`` queries (``GRAD_ROWS_ELEMENTS`` values) in one loop of independent loads, whose
+  misses overlap (the points then read their query's row there), and requests the next plan
+  batch's lines of the point arrays (``_prefetch``) before working on the current one. The same
+  arithmetic in the same order: gradients bit-identical. Encoder size, old and new alternating
+  (CPU ms, median / best): one thread 552 / 529 -> 455 / 424, two threads (CPU time of both) 590
+  / 524 -> 446 / 426; value gradient alone 317 -> 228, location and weight gradients alone 328
+  -> 246 (one thread). The reference size (arrays of about 1 MB, in the caches) is unchanged
+  within noise.
 * **Short accumulator chain.** The forward adds a point's four weighted corner rows into the
   query's output row. Built with ``reassoc`` (as the backward is, for its channel sums), LLVM
   turned ``row += a0*v0 + a1*v1 + a2*v2 + a3*v3`` into four fused multiply-adds chained through
@@ -528,8 +529,8 @@ def kernels(channels: int, wide: bool = False) -> tuple[Any, Any]:
                             gloc[2 * (pt + pp)] = 0.0
                             gloc[2 * (pt + pp) + 1] = 0.0
                 continue
-            gq = carray(_stack_ptr(BUF, dt), (BUF,))  # grad_out[n, q, m*D : (m+1)*D]
-            grad_rows = carray(_stack_ptr(QBLKB, dt), (QBLK, BUF))  # those of a block of queries
+            # grad_out[n, q, m*D : (m+1)*D] of a block of queries, copied together
+            grad_rows = carray(_stack_ptr(QBLKB, dt), (QBLK, BUF))
             off = carray(_stack_ptr(B4, IT), (4, B))
             wk = carray(_stack_ptr(B4, dt), (4, B))
             cyk = carray(_stack_ptr(B4, dt), (4, B))
@@ -590,10 +591,7 @@ def kernels(channels: int, wide: bool = False) -> tuple[Any, Any]:
                         cxk[3, j] = cx[3]
                     for qq in range(nqb):
                         q = qa + qq
-                        # to the array's Dv, not the constant D: a constant trip count gets
-                        # unrolled into 32 scalar load/store pairs (seen in the assembly)
-                        for d in range(Dv):
-                            gq[d] = grad_rows[q - blk0, d]
+                        gq = grad_rows[q - blk0]  # the query's grad_out row
                         pt = (((n * Lq + q) * M + m) * L + lev) * P + p0
                         for pp in range(np_):
                             j = qq * np_ + pp
