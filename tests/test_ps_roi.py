@@ -215,11 +215,12 @@ def test_torchvision_ps_roi_align_parity(rng, dtype, ratio):
 
 @pytest.mark.torch
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_torchvision_ps_roi_pool_parity(rng, dtype):
+@pytest.mark.parametrize("cout", [3, 11])  # 11: eight channels pixel-major, then three alone
+def test_torchvision_ps_roi_pool_parity(rng, dtype, cout):
     torch = pytest.importorskip("torch")
     tvo = pytest.importorskip("torchvision.ops")
     h, w, s = 11, 13, 0.5
-    x = rng.standard_normal((2, 3 * PH * PW, h, w)).astype(dtype)
+    x = rng.standard_normal((2, cout * PH * PW, h, w)).astype(dtype)
     tx = torch.from_numpy(x).requires_grad_(True)
     # boxes whose bins stay off the last row and column: there the two agree exactly
     K = 20

@@ -52,7 +52,9 @@ How the work is laid out:
   bin q), i.e. the planes co*PH*PW + q: a task walks bin q of each RoI once (ps_roi_align: builds
   its taps once) and reads or scatters eight of its planes per pixel or tap, in eight scalar
   sums held in registers (independent additions instead of one dependent chain; each sum keeps
-  its order). ps_roi_pool's backward adds into its planes in place.
+  its order). ps_roi_pool first copies (forward) or accumulates (backward) those eight planes
+  pixel-major in a private (H*W, 8) buffer, so a pixel's eight values are one contiguous run
+  (its bins are a few pixels wide: walking eight strided planes cost more than the copy).
   Hot loops index with unsigned offsets where an index cannot be negative (no wraparound
   check in the loop).
 * Parallelism and determinism: forwards and offset gradients ``prange`` over RoIs or planes,
@@ -834,18 +836,24 @@ def _argmax_scatter(gout, argmax, order, starts, cb, gin):
 # ============================================================================ PS RoI average pooling
 
 
+PS_LANES = 8  # ps_roi_pool: planes a task reads (or scatters into) together, pixel by pixel
+
+
 @njit(parallel=True, cache=True)
 def _ps_pool_forward(x, hs, he, ws, we, order, starts, out):
     """out[k, co, ph, pw] = mean of input plane co*PH*PW + q, q = ph*PW + pw, over the bin
     [hs, he) x [ws, we) (0 when empty), summed in float64 in row-major order. A task owns
-    (image b, bin q), i.e. the planes co*PH*PW + q that only bin q reads: for each of image b's
-    RoIs it walks the bin once, adding each pixel of all Cout planes (Cout independent sums, so
-    the additions overlap instead of waiting on each other; each output's sum keeps its
-    row-major order). Each output has one writer."""
+    (image b, bin q), i.e. the planes co*PH*PW + q that only bin q reads. Eight planes at a time
+    it copies them pixel-major into ``buf`` (a pixel's eight values side by side), then walks
+    bin q of each of image b's RoIs once, adding each pixel's eight values into eight sums
+    (independent additions instead of one dependent chain); the last Cout % 8 planes are summed
+    straight from their planes. Each output's sum keeps its row-major order; each output has
+    one writer."""
     B, C, H, W = x.shape
     K, Cout, PH, PW = out.shape
     NB = PH * PW
     HW = H * W
+    L = PS_LANES
     xf = x.reshape(-1)
     of = out.reshape(-1)
     for task in prange(B * NB):
@@ -855,22 +863,34 @@ def _ps_pool_forward(x, hs, he, ws, we, order, starts, out):
         pw = q - ph * PW
         base = np.uint64((b * C + q) * HW)  # plane co*NB + q of image b: base + co*cs
         cs = np.uint64(NB * HW)
-        for r in range(starts[b], starts[b + 1]):
-            k = order[r]
-            h0 = hs[k, ph]
-            h1 = he[k, ph]
-            w0 = ws[k, pw]
-            w1 = we[k, pw]
-            o = k * Cout * NB + q
-            if h1 <= h0 or w1 <= w0:
-                for co in range(Cout):
-                    of[o + co * NB] = 0.0
-                continue
-            area = (h1 - h0) * (w1 - w0)
-            # eight planes at a time, in eight scalar sums that stay in registers (unsigned
-            # offsets: no negative-index wraparound in the loop)
-            for c0 in range(0, Cout - 7, 8):
-                p0 = base + np.uint64(c0) * cs
+        groups = Cout // L
+        buf = np.empty(HW * L if groups > 0 else 0, x.dtype)
+        for grp in range(groups):
+            c0 = grp * L
+            src = base + np.uint64(c0) * cs
+            for p in range(HW):  # buf[p*8 + l] = plane c0 + l at pixel p
+                up = np.uint64(p)
+                d = np.uint64(p * L)
+                buf[d] = xf[src + up]
+                buf[d + np.uint64(1)] = xf[src + cs + up]
+                buf[d + np.uint64(2)] = xf[src + np.uint64(2) * cs + up]
+                buf[d + np.uint64(3)] = xf[src + np.uint64(3) * cs + up]
+                buf[d + np.uint64(4)] = xf[src + np.uint64(4) * cs + up]
+                buf[d + np.uint64(5)] = xf[src + np.uint64(5) * cs + up]
+                buf[d + np.uint64(6)] = xf[src + np.uint64(6) * cs + up]
+                buf[d + np.uint64(7)] = xf[src + np.uint64(7) * cs + up]
+            for r in range(starts[b], starts[b + 1]):
+                k = order[r]
+                h0 = hs[k, ph]
+                h1 = he[k, ph]
+                w0 = ws[k, pw]
+                w1 = we[k, pw]
+                o = (k * Cout + c0) * NB + q
+                if h1 <= h0 or w1 <= w0:
+                    for l in range(L):
+                        of[o + l * NB] = 0.0
+                    continue
+                area = (h1 - h0) * (w1 - w0)
                 s0 = 0.0
                 s1 = 0.0
                 s2 = 0.0
@@ -880,45 +900,57 @@ def _ps_pool_forward(x, hs, he, ws, we, order, starts, out):
                 s6 = 0.0
                 s7 = 0.0
                 for h in range(h0, h1):
-                    ph0 = p0 + np.uint64(h * W)
                     for w in range(w0, w1):
-                        p = ph0 + np.uint64(w)
-                        s0 += np.float64(xf[p])
-                        s1 += np.float64(xf[p + cs])
-                        s2 += np.float64(xf[p + np.uint64(2) * cs])
-                        s3 += np.float64(xf[p + np.uint64(3) * cs])
-                        s4 += np.float64(xf[p + np.uint64(4) * cs])
-                        s5 += np.float64(xf[p + np.uint64(5) * cs])
-                        s6 += np.float64(xf[p + np.uint64(6) * cs])
-                        s7 += np.float64(xf[p + np.uint64(7) * cs])
-                oc = o + c0 * NB
-                of[oc] = s0 / area
-                of[oc + NB] = s1 / area
-                of[oc + 2 * NB] = s2 / area
-                of[oc + 3 * NB] = s3 / area
-                of[oc + 4 * NB] = s4 / area
-                of[oc + 5 * NB] = s5 / area
-                of[oc + 6 * NB] = s6 / area
-                of[oc + 7 * NB] = s7 / area
-            for co in range(Cout - Cout % 8, Cout):
-                p0 = base + np.uint64(co) * cs
+                        p = np.uint64((h * W + w) * L)
+                        s0 += np.float64(buf[p])
+                        s1 += np.float64(buf[p + np.uint64(1)])
+                        s2 += np.float64(buf[p + np.uint64(2)])
+                        s3 += np.float64(buf[p + np.uint64(3)])
+                        s4 += np.float64(buf[p + np.uint64(4)])
+                        s5 += np.float64(buf[p + np.uint64(5)])
+                        s6 += np.float64(buf[p + np.uint64(6)])
+                        s7 += np.float64(buf[p + np.uint64(7)])
+                of[o] = s0 / area
+                of[o + NB] = s1 / area
+                of[o + 2 * NB] = s2 / area
+                of[o + 3 * NB] = s3 / area
+                of[o + 4 * NB] = s4 / area
+                of[o + 5 * NB] = s5 / area
+                of[o + 6 * NB] = s6 / area
+                of[o + 7 * NB] = s7 / area
+        for co in range(groups * L, Cout):
+            p0 = base + np.uint64(co) * cs
+            for r in range(starts[b], starts[b + 1]):
+                k = order[r]
+                h0 = hs[k, ph]
+                h1 = he[k, ph]
+                w0 = ws[k, pw]
+                w1 = we[k, pw]
+                o = (k * Cout + co) * NB + q
+                if h1 <= h0 or w1 <= w0:
+                    of[o] = 0.0
+                    continue
+                area = (h1 - h0) * (w1 - w0)
                 s0 = 0.0
                 for h in range(h0, h1):
                     for w in range(w0, w1):
                         s0 += np.float64(xf[p0 + np.uint64(h * W + w)])
-                of[o + co * NB] = s0 / area
+                of[o] = s0 / area
 
 
 @njit(parallel=True, cache=True)
 def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
     """The adjoint of ``_ps_pool_forward``. A task owns (image b, bin q), i.e. the gradient planes
-    co*PH*PW + q of image b, which only bin q feeds: it zeroes them, then adds
-    gout[k, co, ph, pw] / area over the bin for image b's RoIs in increasing order, in place and
-    in the data's dtype, as torchvision does (the same sums in the same order)."""
+    co*PH*PW + q of image b, which only bin q feeds. Eight planes at a time it zeroes a
+    pixel-major buffer, adds gout[k, co, ph, pw] / area over the bin for image b's RoIs in
+    increasing order (eight planes a pixel), then copies the buffer into the planes; the last
+    Cout % 8 planes are zeroed and added into in place. The additions are in the data's dtype,
+    in torchvision's order (the same sums in the same order)."""
     B, C, H, W = gin.shape
     K, Cout, PH, PW = gout.shape
     NB = PH * PW
     HW = H * W
+    L = PS_LANES
     gf = gin.reshape(-1)
     go = gout.reshape(-1)
     ft = gin.dtype.type
@@ -927,23 +959,67 @@ def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
         q = task - b * NB
         ph = q // PW
         pw = q - ph * PW
-        for co in range(Cout):
-            plane = (b * C + co * NB + q) * HW
-            gf[plane : plane + HW] = 0.0
-        for r in range(starts[b], starts[b + 1]):
-            k = order[r]
-            h0 = hs[k, ph]
-            h1 = he[k, ph]
-            w0 = ws[k, pw]
-            w1 = we[k, pw]
-            if h1 <= h0 or w1 <= w0:
-                continue
-            area = ft((h1 - h0) * (w1 - w0))
-            o = k * Cout * NB + q
-            for co in range(Cout):
-                g = go[o + co * NB] / area
-                # unsigned offsets: no negative-index wraparound test in the loop
-                p0 = np.uint64((b * C + co * NB + q) * HW)
+        base = np.uint64((b * C + q) * HW)  # gradient plane co*NB + q of image b: base + co*cs
+        cs = np.uint64(NB * HW)
+        groups = Cout // L
+        buf = np.empty(HW * L if groups > 0 else 0, gin.dtype)
+        for grp in range(groups):
+            c0 = grp * L
+            buf[:] = 0.0
+            for r in range(starts[b], starts[b + 1]):
+                k = order[r]
+                h0 = hs[k, ph]
+                h1 = he[k, ph]
+                w0 = ws[k, pw]
+                w1 = we[k, pw]
+                if h1 <= h0 or w1 <= w0:
+                    continue
+                area = ft((h1 - h0) * (w1 - w0))
+                o = (k * Cout + c0) * NB + q
+                g0 = go[o] / area
+                g1 = go[o + NB] / area
+                g2 = go[o + 2 * NB] / area
+                g3 = go[o + 3 * NB] / area
+                g4 = go[o + 4 * NB] / area
+                g5 = go[o + 5 * NB] / area
+                g6 = go[o + 6 * NB] / area
+                g7 = go[o + 7 * NB] / area
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        p = np.uint64((h * W + w) * L)
+                        buf[p] += g0
+                        buf[p + np.uint64(1)] += g1
+                        buf[p + np.uint64(2)] += g2
+                        buf[p + np.uint64(3)] += g3
+                        buf[p + np.uint64(4)] += g4
+                        buf[p + np.uint64(5)] += g5
+                        buf[p + np.uint64(6)] += g6
+                        buf[p + np.uint64(7)] += g7
+            dst = base + np.uint64(c0) * cs
+            for p in range(HW):  # plane c0 + l at pixel p = buf[p*8 + l]
+                up = np.uint64(p)
+                d = np.uint64(p * L)
+                gf[dst + up] = buf[d]
+                gf[dst + cs + up] = buf[d + np.uint64(1)]
+                gf[dst + np.uint64(2) * cs + up] = buf[d + np.uint64(2)]
+                gf[dst + np.uint64(3) * cs + up] = buf[d + np.uint64(3)]
+                gf[dst + np.uint64(4) * cs + up] = buf[d + np.uint64(4)]
+                gf[dst + np.uint64(5) * cs + up] = buf[d + np.uint64(5)]
+                gf[dst + np.uint64(6) * cs + up] = buf[d + np.uint64(6)]
+                gf[dst + np.uint64(7) * cs + up] = buf[d + np.uint64(7)]
+        for co in range(groups * L, Cout):
+            p0 = base + np.uint64(co) * cs
+            gf[p0 : p0 + np.uint64(HW)] = 0.0
+            for r in range(starts[b], starts[b + 1]):
+                k = order[r]
+                h0 = hs[k, ph]
+                h1 = he[k, ph]
+                w0 = ws[k, pw]
+                w1 = we[k, pw]
+                if h1 <= h0 or w1 <= w0:
+                    continue
+                area = ft((h1 - h0) * (w1 - w0))
+                g = go[(k * Cout + co) * NB + q] / area
                 for h in range(h0, h1):
                     row = p0 + np.uint64(h * W)
                     for w in range(w0, w1):
