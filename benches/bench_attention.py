@@ -10,6 +10,7 @@ torch.set_num_threads(numba.get_num_threads()).
 
     python -m pytest benches/bench_attention.py --benchmark-enable
     python benches/bench_attention.py            # peak-memory table (and a quick timing table)
+    python benches/bench_attention.py --locality # encoder: uniform against local locations
 
 Peak memory (``peak_memory``): each case runs in a fresh subprocess; after two warm-up calls
 (Numba cache load, torch initialisation) the kernel's high-water mark is reset by writing 5 to
@@ -35,6 +36,7 @@ from suite import parametrize, run
 
 import deformnp as dn
 from deformnp.cases.bench import torch_ms_deform_attn_core
+from deformnp.cases.inputs import ENCODER_LEVELS, attention_inputs
 from deformnp.cases.inputs import reference_attention as reference_inputs
 from deformnp.ops import ms_deform_attn, ms_deform_attn_forward
 
@@ -234,7 +236,58 @@ def _median_ms(fn, repeat=20):
     return 1e3 * float(np.median(times)), 1e3 * float(np.min(times))
 
 
+# ---------------------------------------------------------------------------- locality
+
+
+def local_sampling_locations(
+    levels, N: int, M: int, P: int, noise: float = 2.0, seed: int = 1
+) -> np.ndarray:
+    """(N, Lq, M, L, P, 2) float32 locations as a Deformable-DETR encoder makes them: every pixel
+    of every level queries (Lq = S), its reference point the pixel's centre (valid ratios 1) at
+    every level, plus the offsets its ``MSDeformAttn._reset_parameters`` starts from (head m
+    in direction 2 pi m / M, point p at p + 1 pixels, on the square through the ring) and
+    Gaussian noise of ``noise`` pixels, standing for what training moves them by."""
+    rng = np.random.default_rng(seed)
+    centres = [
+        np.stack(np.meshgrid((np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h), -1)
+        for h, w in levels
+    ]
+    ref = np.concatenate([c.reshape(-1, 2) for c in centres])  # (Lq, 2) as (x, y)
+    L = len(levels)
+    theta = np.arange(M) * 2 * np.pi / M
+    ring = np.stack([np.cos(theta), np.sin(theta)], -1)
+    ring /= np.abs(ring).max(-1, keepdims=True)
+    pixels = ring[:, None, None, :] * (np.arange(P) + 1)[None, None, :, None]  # (M, 1, P, 2)
+    pixels = pixels + rng.normal(0.0, noise, (N, len(ref), M, L, P, 2))
+    per_pixel = 1.0 / np.array([[w, h] for h, w in levels], float)  # (L, 2)
+    loc = ref[None, :, None, None, None, :] + pixels * per_pixel[None, None, None, :, None, :]
+    return loc.astype(np.float32)
+
+
+def locality(repeat: int = 4) -> None:
+    """Forward+backward at the encoder size with the bench's uniform locations and with
+    :func:`local_sampling_locations`, deformnp and torch alternating (medians)."""
+    d = attention_inputs(ENCODER_LEVELS, 2, np.float32)
+    N, _, M, _, P, _ = d["sampling_locations"].shape
+    local = dict(d, sampling_locations=local_sampling_locations(ENCODER_LEVELS, N, M, P))
+    print(f"ms_deform_attn, encoder size, forward+backward; {numba.get_num_threads()} threads")
+    for name, data in (("uniform", d), ("local", local)):
+        ours, theirs = _ours_forward_backward(data), _torch_forward_backward(data)
+        ours(), theirs()
+        t_ours, t_theirs = [], []
+        for _ in range(repeat):
+            for fn, times in ((ours, t_ours), (theirs, t_theirs)):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        a, b = 1e3 * np.median(t_ours), 1e3 * np.median(t_theirs)
+        print(f"{name:<8} deformnp {a:8.1f} ms   torch {b:8.1f} ms   {b / a:5.1f}x")
+
+
 def main() -> None:
+    if "--locality" in sys.argv[1:]:
+        locality()
+        return
     d = reference_inputs(np.float32)
     fwd_io, bwd_io = io_megabytes(d)
     try:
