@@ -12,6 +12,7 @@ from reference import roi as ref
 import deformnp as dn
 from deformnp import ops
 from deformnp.cases import check_cases
+from deformnp.kernels.roi_geometry import pool_bins
 
 B, H, W = 2, 7, 9
 PH, PW = 2, 3
@@ -73,6 +74,75 @@ def test_channel_blocks_match_single_channels(rng, dtype):
             )
             np.testing.assert_array_equal(np.asarray(out)[:, co : co + 1], np.asarray(oc))
             np.testing.assert_array_equal(g[:, co * nb : (co + 1) * nb], gc)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ps_roi_pool_narrow_bins_through_the_buffer(rng, dtype):
+    """Many narrow bins on a small map, so that both kernels go through their pixel-major buffer
+    for every task (the backward's rule: bins covering at least H*W/2 pixels in all, at most 8
+    pixels wide on average): every channel equals the op on that channel alone (the plane by
+    plane path) bit for bit, and the reference."""
+    cout, ph, pw, h, w, K = 9, 2, 2, 12, 12, 120
+    nb = ph * pw
+    x = rng.standard_normal((B, cout * nb, h, w)).astype(dtype)
+    x1, y1 = rng.uniform(0, w - 6, K), rng.uniform(0, h - 6, K)
+    sides = rng.uniform(2, 6, (2, K))
+    boxes = np.stack([rng.integers(0, B, K), x1, y1, x1 + sides[0], y1 + sides[1]], axis=1)
+    boxes = boxes.astype(dtype)
+    batch, hs, he, ws, we = pool_bins("ps_roi_pool", boxes, (ph, pw), 1.0, h, w, dtype)
+    for b in range(B):
+        for i in range(ph):
+            for j in range(pw):
+                dh = (he[:, i] - hs[:, i])[batch == b]
+                dw = (we[:, j] - ws[:, j])[batch == b]
+                live = (dh > 0) & (dw > 0)
+                pixels, rows = (dh * dw)[live].sum(), dh[live].sum()
+                assert 2 * pixels >= h * w and pixels <= 8 * rows
+    grad = rng.standard_normal((K, cout, ph, pw)).astype(dtype)
+    out = np.asarray(ops.ps_roi_pool_forward(x, boxes, (ph, pw), 1.0))
+    (g,) = ops.ps_roi_pool_backward(grad, x.shape, boxes, (ph, pw), 1.0)
+    for co in range(cout):
+        xc = np.ascontiguousarray(x[:, co * nb : (co + 1) * nb])
+        oc = ops.ps_roi_pool_forward(xc, boxes, (ph, pw), 1.0)
+        (gc,) = ops.ps_roi_pool_backward(
+            np.ascontiguousarray(grad[:, co : co + 1]), xc.shape, boxes, (ph, pw), 1.0
+        )
+        np.testing.assert_array_equal(out[:, co : co + 1], np.asarray(oc))
+        np.testing.assert_array_equal(g[:, co * nb : (co + 1) * nb], gc)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(
+        out, ref.ps_roi_pool(x, boxes, ph, pw, 1.0, dtype), rtol=tol, atol=tol
+    )
+    expected_g = ref.ps_roi_pool_grad(x.shape, boxes, grad, ph, pw, 1.0, dtype)
+    np.testing.assert_allclose(g, expected_g, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ps_roi_pool_large_map_reads_planes_in_place(rng, dtype):
+    """On a map whose pixel-major copy of eight planes would exceed PS_BUFFER_BYTES the kernels
+    read (and add into) the planes in place: the same results bit for bit as one channel at a
+    time, and the reference's."""
+    from deformnp.kernels.cpu import roi as cpu_roi
+
+    cout, ph, pw, h, w = 9, 1, 2, 150, 230
+    assert h * w * cpu_roi.PS_LANES * np.dtype(dtype).itemsize > cpu_roi.PS_BUFFER_BYTES
+    nb = ph * pw
+    x = rng.standard_normal((B, cout * nb, h, w)).astype(dtype)
+    boxes = ref.random_boxes(rng, 12, B, h, w, scale=1.0).astype(dtype)
+    grad = rng.standard_normal((12, cout, ph, pw)).astype(dtype)
+    out = np.asarray(ops.ps_roi_pool_forward(x, boxes, (ph, pw), 1.0))
+    (g,) = ops.ps_roi_pool_backward(grad, x.shape, boxes, (ph, pw), 1.0)
+    for co in range(cout):
+        xc = np.ascontiguousarray(x[:, co * nb : (co + 1) * nb])
+        oc = ops.ps_roi_pool_forward(xc, boxes, (ph, pw), 1.0)
+        (gc,) = ops.ps_roi_pool_backward(
+            np.ascontiguousarray(grad[:, co : co + 1]), xc.shape, boxes, (ph, pw), 1.0
+        )
+        np.testing.assert_array_equal(out[:, co : co + 1], np.asarray(oc))
+        np.testing.assert_array_equal(g[:, co * nb : (co + 1) * nb], gc)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    expected = ref.ps_roi_pool(x, boxes, ph, pw, 1.0, dtype)
+    np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
 
 
 def test_float32(rng):

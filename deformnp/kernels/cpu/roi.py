@@ -54,7 +54,10 @@ How the work is laid out:
   sums held in registers (independent additions instead of one dependent chain; each sum keeps
   its order). ps_roi_pool first copies (forward) or accumulates (backward) those eight planes
   pixel-major in a private (H*W, 8) buffer, so a pixel's eight values are one contiguous run
-  (its bins are a few pixels wide: walking eight strided planes cost more than the copy).
+  (its bins are a few pixels wide: walking eight strided planes cost more than the copy), when
+  that buffer takes at most ``PS_BUFFER_BYTES`` (1 MiB, maps of up to 32,768 pixels in
+  float32) and the task's bins cover enough pixels to pay for it (the backward: and are
+  narrow); otherwise it works on the planes in place, so a thread never holds more.
   Hot loops index with unsigned offsets where an index cannot be negative (no wraparound
   check in the loop).
 * Parallelism and determinism: forwards and offset gradients ``prange`` over RoIs or planes,
@@ -836,7 +839,68 @@ def _argmax_scatter(gout, argmax, order, starts, cb, gin):
 # ============================================================================ PS RoI average pooling
 
 
-PS_LANES = 8  # ps_roi_pool: planes a task reads (or scatters into) together, pixel by pixel
+PS_LANES = 8  # ps_roi_pool: planes a task handles together (its loops spell out eight lanes)
+PS_BUFFER_BYTES = 1 << 20  # ps_roi_pool: the most a task's pixel-major copy of them may take
+
+
+@njit(inline="always", cache=True)
+def _ps_bin_visits(hs, he, ws, we, order, starts, b, ph, pw):
+    """(pixels, rows) that bin (ph, pw) of image b's RoIs covers, summed over the RoIs: how much
+    work a ps_roi_pool task has, and how wide its bins are on average."""
+    pixels = 0
+    rows = 0
+    for r in range(starts[b], starts[b + 1]):
+        k = order[r]
+        dh = he[k, ph] - hs[k, ph]
+        dw = we[k, pw] - ws[k, pw]
+        if dh > 0 and dw > 0:
+            pixels += dh * dw
+            rows += dh
+    return pixels, rows
+
+
+@njit(inline="always", cache=True)
+def _ps_sum_bin(a, at, ps, ls, h0, h1, w0, w1, W):
+    """Eight float64 sums, in row-major order over the bin [h0, h1) x [w0, w1), of lane l's
+    values a[at + (h*W + w)*ps + l*ls] (l < 8): eight independent chains of additions."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    s4 = 0.0
+    s5 = 0.0
+    s6 = 0.0
+    s7 = 0.0
+    for h in range(h0, h1):
+        for w in range(w0, w1):
+            e = at + np.uint64(h * W + w) * ps
+            s0 += np.float64(a[e])
+            s1 += np.float64(a[e + ls])
+            s2 += np.float64(a[e + np.uint64(2) * ls])
+            s3 += np.float64(a[e + np.uint64(3) * ls])
+            s4 += np.float64(a[e + np.uint64(4) * ls])
+            s5 += np.float64(a[e + np.uint64(5) * ls])
+            s6 += np.float64(a[e + np.uint64(6) * ls])
+            s7 += np.float64(a[e + np.uint64(7) * ls])
+    return s0, s1, s2, s3, s4, s5, s6, s7
+
+
+@njit(inline="always", cache=True)
+def _ps_add_bin(buf, h0, h1, w0, w1, W, g):
+    """buf[(h*W + w)*8 + l] += g[l] (l < 8) over the bin [h0, h1) x [w0, w1) of a pixel-major
+    buffer: one vector add a pixel."""
+    g0, g1, g2, g3, g4, g5, g6, g7 = g
+    for h in range(h0, h1):
+        for w in range(w0, w1):
+            e = np.uint64((h * W + w) * 8)
+            buf[e] += g0
+            buf[e + np.uint64(1)] += g1
+            buf[e + np.uint64(2)] += g2
+            buf[e + np.uint64(3)] += g3
+            buf[e + np.uint64(4)] += g4
+            buf[e + np.uint64(5)] += g5
+            buf[e + np.uint64(6)] += g6
+            buf[e + np.uint64(7)] += g7
 
 
 @njit(parallel=True, cache=True)
@@ -844,11 +908,12 @@ def _ps_pool_forward(x, hs, he, ws, we, order, starts, out):
     """out[k, co, ph, pw] = mean of input plane co*PH*PW + q, q = ph*PW + pw, over the bin
     [hs, he) x [ws, we) (0 when empty), summed in float64 in row-major order. A task owns
     (image b, bin q), i.e. the planes co*PH*PW + q that only bin q reads. Eight planes at a time
-    it copies them pixel-major into ``buf`` (a pixel's eight values side by side), then walks
-    bin q of each of image b's RoIs once, adding each pixel's eight values into eight sums
-    (independent additions instead of one dependent chain); the last Cout % 8 planes are summed
-    straight from their planes. Each output's sum keeps its row-major order; each output has
-    one writer."""
+    it walks bin q of each of image b's RoIs once, adding each pixel's eight values into eight
+    sums (independent additions instead of one dependent chain), read from a pixel-major copy of
+    the eight planes (``buf``: a pixel's eight values side by side) when that copy fits
+    PS_BUFFER_BYTES and the bins read at least H*W/16 pixels in all, from the planes themselves
+    otherwise; the last Cout % 8 planes are summed one by one. Each output's sum keeps its
+    row-major order; each output has one writer. Either way the sums are the same."""
     B, C, H, W = x.shape
     K, Cout, PH, PW = out.shape
     NB = PH * PW
@@ -863,22 +928,26 @@ def _ps_pool_forward(x, hs, he, ws, we, order, starts, out):
         pw = q - ph * PW
         base = np.uint64((b * C + q) * HW)  # plane co*NB + q of image b: base + co*cs
         cs = np.uint64(NB * HW)
+        pixels, _ = _ps_bin_visits(hs, he, ws, we, order, starts, b, ph, pw)
         groups = Cout // L
-        buf = np.empty(HW * L if groups > 0 else 0, x.dtype)
+        # the pixel-major copy (8*H*W values) when it fits and the bins read enough pixels
+        copy = HW * L * x.itemsize <= PS_BUFFER_BYTES and 16 * pixels >= HW
+        buf = np.empty(HW * L if groups > 0 and copy else 0, x.dtype)
         for grp in range(groups):
             c0 = grp * L
             src = base + np.uint64(c0) * cs
-            for p in range(HW):  # buf[p*8 + l] = plane c0 + l at pixel p
-                up = np.uint64(p)
-                d = np.uint64(p * L)
-                buf[d] = xf[src + up]
-                buf[d + np.uint64(1)] = xf[src + cs + up]
-                buf[d + np.uint64(2)] = xf[src + np.uint64(2) * cs + up]
-                buf[d + np.uint64(3)] = xf[src + np.uint64(3) * cs + up]
-                buf[d + np.uint64(4)] = xf[src + np.uint64(4) * cs + up]
-                buf[d + np.uint64(5)] = xf[src + np.uint64(5) * cs + up]
-                buf[d + np.uint64(6)] = xf[src + np.uint64(6) * cs + up]
-                buf[d + np.uint64(7)] = xf[src + np.uint64(7) * cs + up]
+            if copy:
+                for p in range(HW):  # buf[p*8 + l] = plane c0 + l at pixel p
+                    up = np.uint64(p)
+                    d = np.uint64(p * L)
+                    buf[d] = xf[src + up]
+                    buf[d + np.uint64(1)] = xf[src + cs + up]
+                    buf[d + np.uint64(2)] = xf[src + np.uint64(2) * cs + up]
+                    buf[d + np.uint64(3)] = xf[src + np.uint64(3) * cs + up]
+                    buf[d + np.uint64(4)] = xf[src + np.uint64(4) * cs + up]
+                    buf[d + np.uint64(5)] = xf[src + np.uint64(5) * cs + up]
+                    buf[d + np.uint64(6)] = xf[src + np.uint64(6) * cs + up]
+                    buf[d + np.uint64(7)] = xf[src + np.uint64(7) * cs + up]
             for r in range(starts[b], starts[b + 1]):
                 k = order[r]
                 h0 = hs[k, ph]
@@ -891,25 +960,14 @@ def _ps_pool_forward(x, hs, he, ws, we, order, starts, out):
                         of[o + l * NB] = 0.0
                     continue
                 area = (h1 - h0) * (w1 - w0)
-                s0 = 0.0
-                s1 = 0.0
-                s2 = 0.0
-                s3 = 0.0
-                s4 = 0.0
-                s5 = 0.0
-                s6 = 0.0
-                s7 = 0.0
-                for h in range(h0, h1):
-                    for w in range(w0, w1):
-                        p = np.uint64((h * W + w) * L)
-                        s0 += np.float64(buf[p])
-                        s1 += np.float64(buf[p + np.uint64(1)])
-                        s2 += np.float64(buf[p + np.uint64(2)])
-                        s3 += np.float64(buf[p + np.uint64(3)])
-                        s4 += np.float64(buf[p + np.uint64(4)])
-                        s5 += np.float64(buf[p + np.uint64(5)])
-                        s6 += np.float64(buf[p + np.uint64(6)])
-                        s7 += np.float64(buf[p + np.uint64(7)])
+                # lane l of pixel p: buf[p*8 + l] (the copy), or plane c0 + l in place
+                if copy:
+                    sums = _ps_sum_bin(
+                        buf, np.uint64(0), np.uint64(L), np.uint64(1), h0, h1, w0, w1, W
+                    )
+                else:
+                    sums = _ps_sum_bin(xf, src, np.uint64(1), cs, h0, h1, w0, w1, W)
+                s0, s1, s2, s3, s4, s5, s6, s7 = sums
                 of[o] = s0 / area
                 of[o + NB] = s1 / area
                 of[o + 2 * NB] = s2 / area
@@ -918,7 +976,7 @@ def _ps_pool_forward(x, hs, he, ws, we, order, starts, out):
                 of[o + 5 * NB] = s5 / area
                 of[o + 6 * NB] = s6 / area
                 of[o + 7 * NB] = s7 / area
-        for co in range(groups * L, Cout):
+        for co in range(groups * L, Cout):  # the last Cout % 8 planes, one by one
             p0 = base + np.uint64(co) * cs
             for r in range(starts[b], starts[b + 1]):
                 k = order[r]
@@ -941,11 +999,12 @@ def _ps_pool_forward(x, hs, he, ws, we, order, starts, out):
 @njit(parallel=True, cache=True)
 def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
     """The adjoint of ``_ps_pool_forward``. A task owns (image b, bin q), i.e. the gradient planes
-    co*PH*PW + q of image b, which only bin q feeds. Eight planes at a time it zeroes a
-    pixel-major buffer, adds gout[k, co, ph, pw] / area over the bin for image b's RoIs in
-    increasing order (eight planes a pixel), then copies the buffer into the planes; the last
-    Cout % 8 planes are zeroed and added into in place. The additions are in the data's dtype,
-    in torchvision's order (the same sums in the same order)."""
+    co*PH*PW + q of image b, which only bin q feeds, and adds gout[k, co, ph, pw] / area over
+    the bin for image b's RoIs in increasing order. When the bins are narrow (a bin's row in one
+    plane too short for vector code) and many, eight planes at a time go through a zeroed
+    pixel-major buffer (eight planes a pixel, one vector add) that is then copied into them;
+    otherwise, and for the last Cout % 8 planes, each plane is zeroed and added into in place.
+    The additions are in the data's dtype, in torchvision's order: the same sums either way."""
     B, C, H, W = gin.shape
     K, Cout, PH, PW = gout.shape
     NB = PH * PW
@@ -961,7 +1020,13 @@ def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
         pw = q - ph * PW
         base = np.uint64((b * C + q) * HW)  # gradient plane co*NB + q of image b: base + co*cs
         cs = np.uint64(NB * HW)
+        pixels, rows = _ps_bin_visits(hs, he, ws, we, order, starts, b, ph, pw)
+        # through a pixel-major buffer when it fits, the bins are narrow (a row of a bin, added
+        # into one plane, is then too short for vector code) and there is enough of them (the
+        # buffer's zeroing and copy-back cost 2*H*W*8 values); plane by plane otherwise
         groups = Cout // L
+        if HW * L * gin.itemsize > PS_BUFFER_BYTES or 2 * pixels < HW or pixels > L * rows:
+            groups = 0
         buf = np.empty(HW * L if groups > 0 else 0, gin.dtype)
         for grp in range(groups):
             c0 = grp * L
@@ -976,25 +1041,17 @@ def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
                     continue
                 area = ft((h1 - h0) * (w1 - w0))
                 o = (k * Cout + c0) * NB + q
-                g0 = go[o] / area
-                g1 = go[o + NB] / area
-                g2 = go[o + 2 * NB] / area
-                g3 = go[o + 3 * NB] / area
-                g4 = go[o + 4 * NB] / area
-                g5 = go[o + 5 * NB] / area
-                g6 = go[o + 6 * NB] / area
-                g7 = go[o + 7 * NB] / area
-                for h in range(h0, h1):
-                    for w in range(w0, w1):
-                        p = np.uint64((h * W + w) * L)
-                        buf[p] += g0
-                        buf[p + np.uint64(1)] += g1
-                        buf[p + np.uint64(2)] += g2
-                        buf[p + np.uint64(3)] += g3
-                        buf[p + np.uint64(4)] += g4
-                        buf[p + np.uint64(5)] += g5
-                        buf[p + np.uint64(6)] += g6
-                        buf[p + np.uint64(7)] += g7
+                g = (
+                    go[o] / area,
+                    go[o + NB] / area,
+                    go[o + 2 * NB] / area,
+                    go[o + 3 * NB] / area,
+                    go[o + 4 * NB] / area,
+                    go[o + 5 * NB] / area,
+                    go[o + 6 * NB] / area,
+                    go[o + 7 * NB] / area,
+                )
+                _ps_add_bin(buf, h0, h1, w0, w1, W, g)
             dst = base + np.uint64(c0) * cs
             for p in range(HW):  # plane c0 + l at pixel p = buf[p*8 + l]
                 up = np.uint64(p)
@@ -1007,7 +1064,7 @@ def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
                 gf[dst + np.uint64(5) * cs + up] = buf[d + np.uint64(5)]
                 gf[dst + np.uint64(6) * cs + up] = buf[d + np.uint64(6)]
                 gf[dst + np.uint64(7) * cs + up] = buf[d + np.uint64(7)]
-        for co in range(groups * L, Cout):
+        for co in range(groups * L, Cout):  # the other planes, one by one, in place
             p0 = base + np.uint64(co) * cs
             gf[p0 : p0 + np.uint64(HW)] = 0.0
             for r in range(starts[b], starts[b + 1]):
