@@ -76,6 +76,28 @@ def test_channel_blocks_match_single_channels(rng, dtype):
             np.testing.assert_array_equal(g[:, co * nb : (co + 1) * nb], gc)
 
 
+def _check_ps_roi_pool_channels(x, boxes, grad, ph, pw, dtype):
+    """ps_roi_pool's output and input gradient (spatial_scale 1): every output channel and its
+    planes' gradient bit-identical to the op on that channel's planes alone, and both equal to
+    the naive reference."""
+    nb = ph * pw
+    out = np.asarray(ops.ps_roi_pool_forward(x, boxes, (ph, pw), 1.0))
+    (g,) = ops.ps_roi_pool_backward(grad, x.shape, boxes, (ph, pw), 1.0)
+    for co in range(grad.shape[1]):
+        xc = np.ascontiguousarray(x[:, co * nb : (co + 1) * nb])
+        oc = ops.ps_roi_pool_forward(xc, boxes, (ph, pw), 1.0)
+        (gc,) = ops.ps_roi_pool_backward(
+            np.ascontiguousarray(grad[:, co : co + 1]), xc.shape, boxes, (ph, pw), 1.0
+        )
+        np.testing.assert_array_equal(out[:, co : co + 1], np.asarray(oc))
+        np.testing.assert_array_equal(g[:, co * nb : (co + 1) * nb], gc)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    expected = ref.ps_roi_pool(x, boxes, ph, pw, 1.0, dtype)
+    np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
+    expected_g = ref.ps_roi_pool_grad(x.shape, boxes, grad, ph, pw, 1.0, dtype)
+    np.testing.assert_allclose(g, expected_g, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_ps_roi_pool_narrow_bins_through_the_buffer(rng, dtype):
     """Many narrow bins on a small map, so that both kernels go through their pixel-major buffer
@@ -99,22 +121,7 @@ def test_ps_roi_pool_narrow_bins_through_the_buffer(rng, dtype):
                 pixels, rows = (dh * dw)[live].sum(), dh[live].sum()
                 assert 2 * pixels >= h * w and pixels <= 8 * rows
     grad = rng.standard_normal((K, cout, ph, pw)).astype(dtype)
-    out = np.asarray(ops.ps_roi_pool_forward(x, boxes, (ph, pw), 1.0))
-    (g,) = ops.ps_roi_pool_backward(grad, x.shape, boxes, (ph, pw), 1.0)
-    for co in range(cout):
-        xc = np.ascontiguousarray(x[:, co * nb : (co + 1) * nb])
-        oc = ops.ps_roi_pool_forward(xc, boxes, (ph, pw), 1.0)
-        (gc,) = ops.ps_roi_pool_backward(
-            np.ascontiguousarray(grad[:, co : co + 1]), xc.shape, boxes, (ph, pw), 1.0
-        )
-        np.testing.assert_array_equal(out[:, co : co + 1], np.asarray(oc))
-        np.testing.assert_array_equal(g[:, co * nb : (co + 1) * nb], gc)
-    tol = 1e-12 if dtype == np.float64 else 1e-5
-    np.testing.assert_allclose(
-        out, ref.ps_roi_pool(x, boxes, ph, pw, 1.0, dtype), rtol=tol, atol=tol
-    )
-    expected_g = ref.ps_roi_pool_grad(x.shape, boxes, grad, ph, pw, 1.0, dtype)
-    np.testing.assert_allclose(g, expected_g, rtol=tol, atol=tol)
+    _check_ps_roi_pool_channels(x, boxes, grad, ph, pw, dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -130,19 +137,7 @@ def test_ps_roi_pool_large_map_reads_planes_in_place(rng, dtype):
     x = rng.standard_normal((B, cout * nb, h, w)).astype(dtype)
     boxes = ref.random_boxes(rng, 12, B, h, w, scale=1.0).astype(dtype)
     grad = rng.standard_normal((12, cout, ph, pw)).astype(dtype)
-    out = np.asarray(ops.ps_roi_pool_forward(x, boxes, (ph, pw), 1.0))
-    (g,) = ops.ps_roi_pool_backward(grad, x.shape, boxes, (ph, pw), 1.0)
-    for co in range(cout):
-        xc = np.ascontiguousarray(x[:, co * nb : (co + 1) * nb])
-        oc = ops.ps_roi_pool_forward(xc, boxes, (ph, pw), 1.0)
-        (gc,) = ops.ps_roi_pool_backward(
-            np.ascontiguousarray(grad[:, co : co + 1]), xc.shape, boxes, (ph, pw), 1.0
-        )
-        np.testing.assert_array_equal(out[:, co : co + 1], np.asarray(oc))
-        np.testing.assert_array_equal(g[:, co * nb : (co + 1) * nb], gc)
-    tol = 1e-12 if dtype == np.float64 else 1e-5
-    expected = ref.ps_roi_pool(x, boxes, ph, pw, 1.0, dtype)
-    np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
+    _check_ps_roi_pool_channels(x, boxes, grad, ph, pw, dtype)
 
 
 def test_float32(rng):

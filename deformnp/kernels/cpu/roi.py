@@ -844,15 +844,21 @@ PS_BUFFER_BYTES = 1 << 20  # ps_roi_pool: the most a task's pixel-major copy of 
 
 
 @njit(inline="always", cache=True)
+def _ps_bin(hs, he, ws, we, k, ph, pw):
+    """Bin (ph, pw) of RoI k: rows [h0, h1), columns [w0, w1) (empty when h1 <= h0 or w1 <= w0)."""
+    return hs[k, ph], he[k, ph], ws[k, pw], we[k, pw]
+
+
+@njit(inline="always", cache=True)
 def _ps_bin_visits(hs, he, ws, we, order, starts, b, ph, pw):
     """(pixels, rows) that bin (ph, pw) of image b's RoIs covers, summed over the RoIs: how much
     work a ps_roi_pool task has, and how wide its bins are on average."""
     pixels = 0
     rows = 0
     for r in range(starts[b], starts[b + 1]):
-        k = order[r]
-        dh = he[k, ph] - hs[k, ph]
-        dw = we[k, pw] - ws[k, pw]
+        h0, h1, w0, w1 = _ps_bin(hs, he, ws, we, order[r], ph, pw)
+        dh = h1 - h0
+        dw = w1 - w0
         if dh > 0 and dw > 0:
             pixels += dh * dw
             rows += dh
@@ -950,10 +956,7 @@ def _ps_pool_forward(x, hs, he, ws, we, order, starts, out):
                     buf[d + np.uint64(7)] = xf[src + np.uint64(7) * cs + up]
             for r in range(starts[b], starts[b + 1]):
                 k = order[r]
-                h0 = hs[k, ph]
-                h1 = he[k, ph]
-                w0 = ws[k, pw]
-                w1 = we[k, pw]
+                h0, h1, w0, w1 = _ps_bin(hs, he, ws, we, k, ph, pw)
                 o = (k * Cout + c0) * NB + q
                 if h1 <= h0 or w1 <= w0:
                     for l in range(L):
@@ -980,10 +983,7 @@ def _ps_pool_forward(x, hs, he, ws, we, order, starts, out):
             p0 = base + np.uint64(co) * cs
             for r in range(starts[b], starts[b + 1]):
                 k = order[r]
-                h0 = hs[k, ph]
-                h1 = he[k, ph]
-                w0 = ws[k, pw]
-                w1 = we[k, pw]
+                h0, h1, w0, w1 = _ps_bin(hs, he, ws, we, k, ph, pw)
                 o = (k * Cout + co) * NB + q
                 if h1 <= h0 or w1 <= w0:
                     of[o] = 0.0
@@ -1033,10 +1033,7 @@ def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
             buf[:] = 0.0
             for r in range(starts[b], starts[b + 1]):
                 k = order[r]
-                h0 = hs[k, ph]
-                h1 = he[k, ph]
-                w0 = ws[k, pw]
-                w1 = we[k, pw]
+                h0, h1, w0, w1 = _ps_bin(hs, he, ws, we, k, ph, pw)
                 if h1 <= h0 or w1 <= w0:
                     continue
                 area = ft((h1 - h0) * (w1 - w0))
@@ -1069,10 +1066,7 @@ def _ps_pool_backward(gout, hs, he, ws, we, order, starts, gin):
             gf[p0 : p0 + np.uint64(HW)] = 0.0
             for r in range(starts[b], starts[b + 1]):
                 k = order[r]
-                h0 = hs[k, ph]
-                h1 = he[k, ph]
-                w0 = ws[k, pw]
-                w1 = we[k, pw]
+                h0, h1, w0, w1 = _ps_bin(hs, he, ws, we, k, ph, pw)
                 if h1 <= h0 or w1 <= w0:
                     continue
                 area = ft((h1 - h0) * (w1 - w0))
