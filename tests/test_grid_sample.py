@@ -164,6 +164,44 @@ def test_single_pixel_input(rng, padding_mode, align_corners):
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("padding_mode", MODES)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_forward_point_lanes_equal_points_alone(rng, dtype, padding_mode, align_corners):
+    """The forward samples eight points at a time (one gather per corner) and the rest of a
+    block one by one: every point of a 29-point grid (three lanes of eight and a tail of five;
+    points off the map, NaN and inf grid values, inf and NaN in the input) equals, bit for bit,
+    the same point sampled alone (a block of one point: the scalar path)."""
+    x = rng.standard_normal((2, 5, 7, 9)).astype(dtype)
+    x[0, 1, 3, 4], x[1, 2, 0, 0], x[1, 4, 6, 8] = np.inf, np.nan, -np.inf
+    grid = rng.uniform(-1.3, 1.3, (2, 1, 29, 2)).astype(dtype)
+    grid[0, 0, :4] = [[np.nan, 0.1], [0.2, np.inf], [-1.0, -1.0], [1.0, 1.0]]
+    grid[1, 0, 9:12] = [[5.0, 0.0], [-np.inf, 0.3], [0.0, 0.0]]
+    out = ops.grid_sample_forward(x, grid, "bilinear", padding_mode, align_corners)
+    for p in range(29):
+        alone = ops.grid_sample_forward(
+            x, np.ascontiguousarray(grid[:, :, p : p + 1]), "bilinear", padding_mode, align_corners
+        )
+        np.testing.assert_array_equal(out[..., p : p + 1], alone)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("padding_mode", [0, 1, 2])
+def test_forward_64bit_plan_indices_equal_32bit(rng, dtype, padding_mode):
+    """Planes of 2**31 elements or more take int64 corner indices (``_idx_dtype``); run on a
+    small map, that build gives the int32 build's outputs bit for bit."""
+    from deformnp.kernels.cpu import bilinear as kernel
+
+    x = rng.standard_normal((2, 3, 6, 5)).astype(dtype)
+    src = rng.uniform(-1.3, 1.3, (2, 37, 2)).astype(dtype)
+    outs = []
+    for idx_t in (np.int32, np.int64):
+        out = np.empty((2, 3, 37), dtype)
+        kernel._sample_forward(x, src, kernel.GRID, 0, padding_mode, False, 16, idx_t, out)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 # ------------------------------------------------------------------ validation
 
 
