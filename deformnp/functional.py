@@ -1742,7 +1742,8 @@ class EinsumFunction(Function):
 class SoftmaxFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, dim: int) -> Any:
-        z = a - a.max(axis=dim, keepdims=True)
+        with np.errstate(invalid="ignore"):  # a row of -inf (or with +inf) gives NaN, as torch's
+            z = a - a.max(axis=dim, keepdims=True)
         e = np.exp(z)
         out = e / e.sum(axis=dim, keepdims=True)
         ctx.save_for_backward(out)
@@ -1758,7 +1759,8 @@ class SoftmaxFunction(Function):
 class LogSoftmaxFunction(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, dim: int) -> Any:
-        z = a - a.max(axis=dim, keepdims=True)
+        with np.errstate(invalid="ignore"):  # as in SoftmaxFunction
+            z = a - a.max(axis=dim, keepdims=True)
         out = z - np.log(np.exp(z).sum(axis=dim, keepdims=True))
         ctx.save_for_backward(out)
         ctx.dim = dim

@@ -7,6 +7,7 @@ max/min/maximum), where finite differences are not meaningful.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -441,6 +442,23 @@ def test_nll_loss_on_log_softmax_equals_cross_entropy():
     np.testing.assert_allclose(
         F.nll_loss(F.log_softmax(x, 1), t).item(), F.cross_entropy(x, t).item(), rtol=1e-14
     )
+
+
+@pytest.mark.parametrize("fn", [F.softmax, F.log_softmax])
+def test_softmax_of_a_row_of_minus_inf_is_nan_without_a_warning(fn):
+    """torch.softmax / log_softmax give NaN for a row of -inf (an attention row whose every key
+    is masked) or one holding +inf, silently; so do these (no NumPy RuntimeWarning), and the
+    other rows are untouched."""
+    x = np.array([[-np.inf, -np.inf, -np.inf], [0.5, -np.inf, 1.0], [np.inf, 0.0, 1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fn(dn.tensor(x, requires_grad=True), 1)
+        out.sum().backward()
+    o = out.numpy()
+    assert np.isnan(o[0]).all() and np.isnan(o[2]).all()
+    row = x[1:2] - x[1:2].max()
+    log_expected = row - np.log(np.exp(row).sum())  # -inf stays -inf
+    np.testing.assert_allclose(o[1:2], _softmax(x[1:2], 1) if fn is F.softmax else log_expected)
 
 
 def test_cross_entropy_all_ignored_is_nan():
