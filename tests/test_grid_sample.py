@@ -169,9 +169,10 @@ def test_single_pixel_input(rng, padding_mode, align_corners):
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_forward_point_lanes_equal_points_alone(rng, dtype, padding_mode, align_corners):
     """The forward samples eight points at a time (one gather per corner) and the rest of a
-    block one by one: every point of a 29-point grid (three lanes of eight and a tail of five;
-    points off the map, NaN and inf grid values, inf and NaN in the input) equals, bit for bit,
-    the same point sampled alone (a block of one point: the scalar path)."""
+    block one by one: every point of a 29-point grid (one or two blocks of 14 or more points,
+    each lanes of eight then a tail; points off the map, NaN and inf grid values, inf and NaN
+    in the input) equals, bit for bit, the same point sampled alone (a block of one point: the
+    scalar path)."""
     x = rng.standard_normal((2, 5, 7, 9)).astype(dtype)
     x[0, 1, 3, 4], x[1, 2, 0, 0], x[1, 4, 6, 8] = np.inf, np.nan, -np.inf
     grid = rng.uniform(-1.3, 1.3, (2, 1, 29, 2)).astype(dtype)
