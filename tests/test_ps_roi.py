@@ -183,6 +183,53 @@ def test_autograd_matches_array_level(rng):
         )
 
 
+def _dense_taps(n, si, sw, H, W):
+    dense = np.zeros(H * W)
+    np.add.at(dense, si[:n], sw[:n])
+    return dense
+
+
+@pytest.mark.parametrize("ratio", [0, 1, 2, 3])
+def test_bin_taps_are_the_clamp_rule_samples(rng, ratio):
+    """ps_roi_align's taps, built from a bin's rows and columns (``_ps_bin_taps``), are the
+    taps of its samples' 2-D clamp plans (``_align_bin``) up to float64 rounding: the same
+    pixels with the same summed weights, each pixel once and none of zero weight. Boxes partly
+    or wholly off the map, tiny, reversed (x2 < x1: ps_roi_align has no minimum size), on whole
+    and half pixels (integer coordinates: zero-weight corners), larger than the map."""
+    from deformnp.kernels.cpu.roi import _align_bin, _ps_bin_taps
+    from deformnp.kernels.roi_geometry import align_geometry
+
+    h, w, ph, pw = 6, 8, 3, 2
+    boxes = np.concatenate(
+        [
+            ref.random_boxes(rng, 40, 1, h, w, scale=0.5),
+            [[0, 4.0, 2.0, 10.0, 8.0], [0, 3.0, 3.0, 5.0, 5.0], [0, -9.0, -9.0, 40.0, 40.0]],
+            [[0, 12.0, 6.0, 2.0, 1.0], [0, 5.0, 5.0, 5.0, 5.0], [0, 1.0, 1.0, 16.0, 12.0]],
+        ]
+    )
+    fgeo, igeo = align_geometry("ps_roi_align", boxes, (ph, pw), 0.5, ratio, True)
+    cap = 4 * max(1, int(igeo[:, 1].max())) * max(1, int(igeo[:, 2].max()))
+    si, sw = np.empty(cap, np.int64), np.empty(cap)
+    ai, aw = np.empty(cap, np.int64), np.empty(cap)
+    axes = [np.empty(cap, t) for t in (np.int64, np.float64, np.int64, np.float64)]
+    slot, off, none = np.empty(32, np.int64), np.zeros((1, 2, 1, 1)), np.zeros(1)
+    seen = 0
+    for k in range(len(boxes)):
+        count = max(int(igeo[k, 1] * igeo[k, 2]), 1)
+        for i in range(ph):
+            for j in range(pw):
+                n = _ps_bin_taps(fgeo, igeo, k, i, j, h, w, si, sw, *axes)
+                m = _align_bin(fgeo, igeo, off, False, k, i, j, h, w, False, slot, ai, aw, none, none)  # fmt: skip
+                assert len(set(si[:n].tolist())) == n and np.all(sw[:n] != 0.0)
+                expected = _dense_taps(m, ai, aw, h, w) / count
+                np.testing.assert_allclose(
+                    _dense_taps(n, si, sw, h, w), expected, rtol=1e-14, atol=1e-300
+                )
+                assert set(si[:n].tolist()) == set(np.flatnonzero(expected).tolist())
+                seen += n
+    assert seen > 0
+
+
 # ------------------------------------------------------------------ gradcheck
 
 
