@@ -61,6 +61,34 @@ def test_float32_bins_are_computed_in_float32():
     assert in_float64[0, 0, 0, 0] == 3 * 8 + 3
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", ["roi_pool", "ps_roi_pool"])
+def test_pool_bins_are_the_reference_bins(rng, dtype, mode):
+    """``pool_bins`` (a Numba loop) gives every box the reference's bins, integer for integer:
+    boxes inside, across and beyond the map, on half pixels (C's round: half away from zero),
+    reversed, degenerate, at several scales; a non-finite box gets empty bins."""
+    from deformnp.kernels.roi_geometry import pool_bins
+
+    h, w, ph, pw = 13, 17, 3, 5
+    boxes = ref.random_boxes(rng, 200, 2, h, w, scale=0.5)
+    half = rng.random(boxes[:, 1:].shape) < 0.3
+    boxes[:, 1:][half] = np.round(boxes[:, 1:][half] * 2) / 2 - rng.choice([0, 40], half.sum())
+    boxes[:4, 1:] = [[9.5, -2.5, 0.5, 3.5], [-0.5, 1.5, -0.5, 1.5], [0, 0, 0, 0], [1e7, 1, 2e7, 3]]
+    boxes = boxes.astype(dtype)
+    for scale in (1.0, 0.5, 0.7, 1 / 16):
+        batch, hs, he, ws, we = pool_bins(mode, boxes, (ph, pw), scale, h, w, dtype)
+        assert all(a.dtype == np.int64 for a in (batch, hs, he, ws, we))
+        np.testing.assert_array_equal(batch, boxes[:, 0].astype(np.int64))
+        for k, roi in enumerate(boxes):
+            for i in range(ph):
+                for j in range(pw):
+                    expected = ref._pool_bin(roi, i, j, ph, pw, scale, h, w, mode == "roi_pool", dtype)  # fmt: skip
+                    assert (hs[k, i], he[k, i], ws[k, j], we[k, j]) == expected
+    nonfinite = np.array([[0, np.nan, 1, 2, 3], [1, 1, np.inf, 2, 3], [0, 1, 2, 3, -np.inf]], dtype)
+    _, hs, he, _, _ = pool_bins(mode, nonfinite, (ph, pw), 1.0, h, w, dtype)
+    assert not hs.any() and not he.any()
+
+
 # ------------------------------------------------------------------ gradcheck
 
 

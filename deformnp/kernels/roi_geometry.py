@@ -1,11 +1,12 @@
 """Per-RoI geometry of the RoI pooling family (docs/ops/roi.rst, docs/ops/deform_roi.rst), on the
-host in NumPy in the formulas' own words, and shared by the CPU and CUDA kernels: both devices pool
-exactly the same bins.
+host in the formulas' own words (NumPy, and one Numba loop), and shared by the CPU and CUDA
+kernels: both devices pool exactly the same bins.
 
 * :func:`align_geometry`: bin starts and sizes and sampling grids of the RoI Align family
   (roi_align, ps_roi_align, deform_roi_pool), float64 for every dtype;
 * :func:`pool_bins`: the integer bins of roi_pool / ps_roi_pool, computed in the input's dtype
-  as torchvision does;
+  as torchvision does (box by box in a Numba loop: as NumPy array expressions on 512 boxes it
+  took a tenth of ps_roi_pool's forward);
 * :func:`deform_ps_geometry`: Deformable-ConvNets' deformable PS RoI pooling.
 
 ``round`` is C's (half away from zero): :func:`c_round`.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 __all__ = ["c_round", "align_geometry", "pool_bins", "deform_ps_geometry"]
 
@@ -105,31 +107,62 @@ def pool_bins(
     """
     PH, PW = output_size
     dt = np.dtype(dtype)
-    r = np.asarray(rois, dt)
-    s = dt.type(spatial_scale)
+    r = np.ascontiguousarray(rois, dt)
+    K = r.shape[0]
+    batch = np.empty(K, np.int64)
+    hs, he = np.empty((K, PH), np.int64), np.empty((K, PH), np.int64)
+    ws, we = np.empty((K, PW), np.int64), np.empty((K, PW), np.int64)
     extra = 1 if mode == "roi_pool" else 0
-    with np.errstate(invalid="ignore", over="ignore"):
-        starts = c_round(r[:, 1:5] * s).astype(np.float64)
-    finite = np.all(np.isfinite(starts), axis=1)
-    # keep the integer arithmetic in range for absurd boxes (they are clipped to the map anyway)
-    starts = np.clip(np.where(np.isfinite(starts), starts, 0.0), -(2.0**52), 2.0**52)
-    sw, sh, ew, eh = (starts[:, i] for i in range(4))
-    roi_w = np.maximum(ew - sw + extra, 1.0)
-    roi_h = np.maximum(eh - sh + extra, 1.0)
-    bin_h = roi_h.astype(dt) / dt.type(PH)
-    bin_w = roi_w.astype(dt) / dt.type(PW)
-    ph = np.arange(PH, dtype=dt)
-    pw = np.arange(PW, dtype=dt)
-    hs = np.floor(ph[None, :] * bin_h[:, None]).astype(np.float64) + sh[:, None]
-    he = np.ceil((ph[None, :] + 1) * bin_h[:, None]).astype(np.float64) + sh[:, None]
-    ws = np.floor(pw[None, :] * bin_w[:, None]).astype(np.float64) + sw[:, None]
-    we = np.ceil((pw[None, :] + 1) * bin_w[:, None]).astype(np.float64) + sw[:, None]
-    hs, he = (np.clip(a, 0, H).astype(np.int64) for a in (hs, he))
-    ws, we = (np.clip(a, 0, W).astype(np.int64) for a in (ws, we))
-    he[~finite] = 0
-    hs[~finite] = 0
-    batch = r[:, 0].astype(np.int64)
+    _pool_bins(r, dt.type(spatial_scale), extra, H, W, batch, hs, he, ws, we)
     return batch, hs, he, ws, we
+
+
+@njit(cache=True)
+def _box_coordinate(v, s):
+    """(round(v * s), finite): C's round, the product and the rounding in v's type; the result
+    as a float64 clipped to +-2**52 (absurd boxes are clipped to the map anyway), 0 when it is
+    not finite."""
+    p = v * s
+    t = np.trunc(p)
+    if abs(p - t) >= 0.5:
+        t = t + np.sign(p)
+    c = np.float64(t)
+    if not np.isfinite(c):
+        return 0.0, False
+    return min(max(c, -(2.0**52)), 2.0**52), True
+
+
+@njit(cache=True)
+def _bin_edges(start, extent, n, size, ft, lo, hi):
+    """lo[p], hi[p] = floor(p*bin) + start, ceil((p+1)*bin) + start clipped to [0, size], with
+    bin = extent / n computed in ``ft`` (the box's ``extent`` already at least 1)."""
+    bin_ = ft(extent) / ft(n)
+    for p in range(n):
+        a = np.float64(np.floor(ft(p) * bin_)) + start
+        b = np.float64(np.ceil((ft(p) + ft(1)) * bin_)) + start
+        lo[p] = np.int64(min(max(a, 0.0), float(size)))
+        hi[p] = np.int64(min(max(b, 0.0), float(size)))
+
+
+@njit(cache=True)
+def _pool_bins(r, s, extra, H, W, batch, hs, he, ws, we):
+    """``pool_bins`` box by box (``s`` is of r's dtype; a NumPy version of the same formulas
+    took 0.25 ms for 512 boxes, a tenth of ps_roi_pool's forward at the bench's reference
+    size). A non-finite coordinate counts as 0 in the other axis and empties the box's bins."""
+    ft = r.dtype.type
+    for k in range(r.shape[0]):
+        batch[k] = np.int64(r[k, 0])
+        x1, f1 = _box_coordinate(r[k, 1], s)
+        y1, f2 = _box_coordinate(r[k, 2], s)
+        x2, f3 = _box_coordinate(r[k, 3], s)
+        y2, f4 = _box_coordinate(r[k, 4], s)
+        finite = f1 and f2 and f3 and f4
+        _bin_edges(x1, max(x2 - x1 + extra, 1.0), ws.shape[1], W, ft, ws[k], we[k])
+        if finite:
+            _bin_edges(y1, max(y2 - y1 + extra, 1.0), hs.shape[1], H, ft, hs[k], he[k])
+        else:
+            hs[k, :] = 0
+            he[k, :] = 0
 
 
 def deform_ps_geometry(
