@@ -193,6 +193,31 @@ def test_non_contiguous_inputs(rng):
 # ------------------------------------------------------------------ validation
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("idx_t", [np.int32, np.int64])
+def test_vector_plan_loop_gives_the_scalar_plans(rng, dtype, idx_t):
+    """The forwards of bilinear_interpolate (border "zero") and grid_sample (padding "zeros")
+    compute their plans in a loop LLVM vectorizes (``_zero_fade_plans``); every plan equals, bit
+    for bit, the one the scalar ``_plan`` gives the same point (the backward's): corners on and
+    off the map, on whole pixels and edges, NaN and inf, both align_corners."""
+    from deformnp.kernels.cpu import bilinear as kernel
+
+    H, W, m = 6, 9, 60
+    src = np.stack([rng.uniform(-2.5, H + 1.5, (2, m)), rng.uniform(-2.5, W + 1.5, (2, m))], -1)
+    src[0, :12] = [[-1, -1], [0, 0], [H - 1, W - 1], [H, W], [-1.0000001, 0.5], [0.5, W - 0.5],
+                   [np.nan, 1], [1, np.inf], [-np.inf, 2], [2.5, 3.0], [H - 0.5, -0.9], [3, -1]]  # fmt: skip
+    src = src.astype(dtype)
+    for kind, scale in ((kernel.POINTS, 1.0), (kernel.GRID, 0.4)):
+        pts = (src * scale).astype(dtype)  # GRID: normalized values around [-1, 1]
+        for align in (False, True):
+            pidx, pw = np.empty((4, m), idx_t), np.empty((4, m), dtype)
+            kernel._zero_fade_plans(pts, kind, 0, 0, m, H, W, align, idx_t, pidx, pw)
+            for q in range(m):
+                idx, w, _, _, _, _ = kernel._plan(pts, kind, 0, 0, align, 0, q, H, W)
+                assert pidx[:, q].tolist() == list(idx)
+                np.testing.assert_array_equal(pw[:, q], np.array(w, dtype))
+
+
 def test_validation_messages():
     x = np.zeros((2, 3, 4, 4))
     p = np.zeros((2, 5, 2))

@@ -225,31 +225,43 @@ def _sample_lanes(typingctx: Any, out: Any, at: Any, v: Any, plane: Any, idx: An
 
 
 @njit(inline="always", cache=True)
-def _grid_zeros_plans(src, n, p0, m, H, W, align, idx_t, pidx, pw):
-    """The plans of points p0 .. p0 + m - 1 of image n of a grid (``GRID``, padding "zeros")
-    into pidx / pw[:, :m]: ``_plan``'s plans, bit for bit, in a loop that LLVM vectorizes
-    (several float64 points a vector instruction): the grid values are first copied into two contiguous
-    arrays, and the corners are computed in ``idx_t`` (``zero_fade_plan_ft``'s integer type:
-    the same plan). The general loop stays scalar (the padding modes' and border rules'
-    branches); this one took the plans of the reference-size forward from 0.069 to 0.028 ms
-    (one thread, benches/RESULTS.md)."""
-    gx = np.empty(m, src.dtype)
-    gy = np.empty(m, src.dtype)
+def _zero_fade_plans(src, kind, n, p0, m, H, W, align, idx_t, pidx, pw):
+    """The zero-fade plans of points p0 .. p0 + m - 1 of image n (grid_sample with padding
+    "zeros": ``GRID``; bilinear_interpolate with border "zero": ``POINTS``) into pidx / pw[:, :m]:
+    ``_plan``'s plans, bit for bit, in a loop that LLVM vectorizes (several float64 points a
+    vector instruction): the source's two columns are first copied into contiguous arrays, and
+    the corners are computed in ``idx_t`` (``zero_fade_plan_ft``'s integer type: the same plan).
+    The general loop stays scalar (the padding modes' and border rules' branches); this one
+    took the plans of grid_sample's reference-size forward from 0.069 to 0.028 ms (one thread,
+    benches/RESULTS.md)."""
+    a = np.empty(m, src.dtype)  # GRID: x (normalized); POINTS: y (pixels)
+    b = np.empty(m, src.dtype)  # GRID: y; POINTS: x
     for q in range(m):
-        gx[q] = src[n, p0 + q, 0]
-        gy[q] = src[n, p0 + q, 1]
-    for q in range(m):
-        x, _ = grid_coordinate(float64(gx[q]), W, align, 0)
-        y, _ = grid_coordinate(float64(gy[q]), H, align, 0)
-        idx, w, _, _ = zero_fade_plan_ft(y, x, H, W, np.float64, idx_t)
-        pidx[0, q] = idx[0]
-        pidx[1, q] = idx[1]
-        pidx[2, q] = idx[2]
-        pidx[3, q] = idx[3]
-        pw[0, q] = w[0]
-        pw[1, q] = w[1]
-        pw[2, q] = w[2]
-        pw[3, q] = w[3]
+        a[q] = src[n, p0 + q, 0]
+        b[q] = src[n, p0 + q, 1]
+    if kind == GRID:
+        for q in range(m):
+            x, _ = grid_coordinate(float64(a[q]), W, align, 0)
+            y, _ = grid_coordinate(float64(b[q]), H, align, 0)
+            _store_plan(zero_fade_plan_ft(y, x, H, W, np.float64, idx_t), q, pidx, pw)
+    else:
+        for q in range(m):
+            plan = zero_fade_plan_ft(float64(a[q]), float64(b[q]), H, W, np.float64, idx_t)
+            _store_plan(plan, q, pidx, pw)
+
+
+@njit(inline="always", cache=True)
+def _store_plan(plan, q, pidx, pw):
+    """Column q of pidx / pw: a plan's corner indices and weights."""
+    idx, w, _, _ = plan
+    pidx[0, q] = idx[0]
+    pidx[1, q] = idx[1]
+    pidx[2, q] = idx[2]
+    pidx[3, q] = idx[3]
+    pw[0, q] = w[0]
+    pw[1, q] = w[1]
+    pw[2, q] = w[2]
+    pw[3, q] = w[3]
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
@@ -272,8 +284,9 @@ def _sample_forward(inp, src, kind, rule, padding, align, pblock, idx_t, out):
         m = p1 - p0
         pidx = np.empty((4, m), idx_t)
         pw = np.empty((4, m), out.dtype)
-        if kind == GRID and padding == 0:  # grid_sample's default: plans in vector code
-            _grid_zeros_plans(src, n, p0, m, H, W, align, idx_t, pidx, pw)
+        if (kind == GRID and padding == 0) or (kind == POINTS and rule == ZERO_FADE):
+            # grid_sample's and bilinear_interpolate's defaults: plans in vector code
+            _zero_fade_plans(src, kind, n, p0, m, H, W, align, idx_t, pidx, pw)
         else:
             for p in range(p0, p1):
                 pi, w, _, _, _, _ = _plan(src, kind, rule, padding, align, n, p, H, W)
