@@ -421,6 +421,21 @@ def test_backward_deterministic_row_block_tasks(rng, monkeypatch):
         assert u.tobytes() == w.tobytes() == z.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nj, C, P", [(1, 5, 7), (2, 3, 33), (3, 17, 50), (4, 64, 16)])
+def test_row_block_buffers_sum_channels_first(rng, dtype, nj, C, P):
+    """An image's input gradient is the sum of its row blocks' channels-last buffers in block
+    order, transposed to channels-first (``_sum_channels_first``, tiles of pixels): bit for bit
+    the elementwise sum in that order, for pixel counts that do and do not fill the last tile."""
+    accs = rng.standard_normal((nj, P * C)).astype(dtype)
+    expected = accs[0].reshape(P, C).copy()
+    for j in range(1, nj):
+        expected += accs[j].reshape(P, C)
+    gi = np.empty((C, P), dtype)
+    kernels._sum_channels_first(accs, gi)
+    assert gi.tobytes() == np.ascontiguousarray(expected.T).tobytes()
+
+
 def test_concurrent_calls_match_and_restore_blas_threads(rng):
     """Calls from two Python threads at once give the results of one call, and NumPy's BLAS
     thread count is what it was before (the kernels run BLAS on one thread inside a call)."""

@@ -215,23 +215,32 @@ def _backward_points(
                         gmsk[b, og * K + k, oy, ox] = accm
 
 
+_TILE_PIXELS = 16  # pixels of an input-gradient tile in _sum_channels_first
+
+
 @njit(nogil=True, cache=True)
 def _sum_channels_first(accs, gi):
     """gi[c, pix] = sum_j accs[j, pix*C + c], j in order: the channels-last input gradients of
-    an image's row blocks (flat), summed into the image's (C, H*W) gradient, in tiles of 16
-    channels by 64 pixels."""
+    an image's row blocks (flat), summed into the image's (C, H*W) gradient. Sixteen pixels at a
+    time: their channel rows (contiguous in every buffer) summed into a small tile, in vector
+    code, then written out channel by channel. The same sums in the same order as summing each
+    element alone; reading each buffer a channel at a time (strided) took 2.5x as long (5.8 ms
+    an image at deform_conv2d's large bench size, three row blocks, one thread)."""
     C, P = gi.shape
     nj = accs.shape[0]
-    for c0 in range(0, C, 16):
-        c1 = min(c0 + 16, C)
-        for p0 in range(0, P, 64):
-            p1 = min(p0 + 64, P)
-            for c in range(c0, c1):
-                for p in range(p0, p1):
-                    a = accs[0, p * C + c]
-                    for j in range(1, nj):
-                        a += accs[j, p * C + c]
-                    gi[c, p] = a
+    t = np.empty((_TILE_PIXELS, C), accs.dtype)
+    for p0 in range(0, P, _TILE_PIXELS):
+        n = min(_TILE_PIXELS, P - p0)
+        for i in range(n):
+            row = (p0 + i) * C
+            for c in range(C):
+                t[i, c] = accs[0, row + c]
+            for j in range(1, nj):
+                for c in range(C):
+                    t[i, c] += accs[j, row + c]
+        for c in range(C):
+            for i in range(n):
+                gi[c, p0 + i] = t[i, c]
 
 
 @njit(nogil=True, cache=True)
