@@ -563,16 +563,24 @@ def _ps_bin_taps(fgeo, igeo, k, ph, pw, H, W, si, sw, ry, wy, cx, wx):
 
 
 @njit(inline="always", cache=True)
-def _ps_grid_max(igeo, order, starts, b):
-    """The largest sample grid (rows, columns) of image b's RoIs, at least 1 x 1: the size of a
-    task's tap scratch (taps at most 2 gh x 2 gw)."""
+def _ps_tap_scratch(igeo, order, starts, b):
+    """A task's scratch for ``_ps_bin_taps`` over image b's RoIs, sized by their largest sample
+    grid gh x gw: tap pixels and weights (at most 2 gh x 2 gw), a bin's rows and their weights
+    (at most 2 gh), its columns and theirs (2 gw)."""
     gh = 1
     gw = 1
     for r in range(starts[b], starts[b + 1]):
         k = order[r]
         gh = max(gh, igeo[k, 1])
         gw = max(gw, igeo[k, 2])
-    return gh, gw
+    return (
+        np.empty(4 * gh * gw, np.int64),
+        np.empty(4 * gh * gw, np.float64),
+        np.empty(2 * gh, np.int64),
+        np.empty(2 * gh, np.float64),
+        np.empty(2 * gw, np.int64),
+        np.empty(2 * gw, np.float64),
+    )
 
 
 @njit(parallel=True, cache=True)
@@ -593,13 +601,7 @@ def _ps_align_forward(x, fgeo, igeo, order, starts, out):
         q = task - b * NB
         ph = q // PW
         pw = q - ph * PW
-        gh, gw = _ps_grid_max(igeo, order, starts, b)
-        si = np.empty(4 * gh * gw, np.int64)
-        sw = np.empty(4 * gh * gw, np.float64)
-        ry = np.empty(2 * gh, np.int64)
-        wy = np.empty(2 * gh, np.float64)
-        cx = np.empty(2 * gw, np.int64)
-        wx = np.empty(2 * gw, np.float64)
+        si, sw, ry, wy, cx, wx = _ps_tap_scratch(igeo, order, starts, b)
         base = np.uint64((b * C + q) * H * W)  # plane co*NB + q of image b: base + co*cs
         cs = np.uint64(NB * H * W)
         for r in range(starts[b], starts[b + 1]):
@@ -660,13 +662,7 @@ def _ps_align_backward(gout, fgeo, igeo, order, starts, gin):
         q = task - b * NB
         ph = q // PW
         pw = q - ph * PW
-        gh, gw = _ps_grid_max(igeo, order, starts, b)
-        si = np.empty(4 * gh * gw, np.int64)
-        sw = np.empty(4 * gh * gw, np.float64)
-        ry = np.empty(2 * gh, np.int64)
-        wy = np.empty(2 * gh, np.float64)
-        cx = np.empty(2 * gw, np.int64)
-        wx = np.empty(2 * gw, np.float64)
+        si, sw, ry, wy, cx, wx = _ps_tap_scratch(igeo, order, starts, b)
         acc = np.zeros((Cout, HW), np.float64)
         af = acc.reshape(-1)
         for r in range(starts[b], starts[b + 1]):
