@@ -29,7 +29,8 @@ False):
 How the work is laid out:
 
 * The per-RoI geometry (bin starts and sizes, sampling grids, integer pooling bins) is computed
-  once in NumPy, in the formulas' own words, by ``kernels/roi_geometry.py`` (shared with CUDA).
+  once on the host, in the formulas' own words, by ``kernels/roi_geometry.py`` (NumPy, the
+  pooling bins in a Numba loop; shared with CUDA).
 * A bin of the RoI Align family samples through its *taps*: the distinct pixels its samples
   touch, each with the summed weight of the shared ``clamp_plan`` corners that hit it divided by
   the bin's sample count (and, for offset gradients, the summed d/dy and d/dx coefficients times
