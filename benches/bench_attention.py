@@ -11,6 +11,13 @@ torch.set_num_threads(numba.get_num_threads()).
     python -m pytest benches/bench_attention.py --benchmark-enable
     python benches/bench_attention.py            # peak-memory table (and a quick timing table)
     python benches/bench_attention.py --locality # encoder: uniform against local locations
+    python benches/bench_attention.py --floor    # the kernels against their row-traffic floor
+
+Floor (``--floor``): the forward and backward kernels beside a few lines of Numba that do only
+their row traffic (each point's four corner rows of D channels, gathered, and in the backward also
+multiplied with the query's gradient row and added into the value gradient), the corner offsets
+and weights computed beforehand in NumPy (``corner_plans``), at the reference and the encoder
+size: how much of each kernel's time is the bilinear rows themselves on this machine.
 
 Peak memory (``peak_memory``): each case runs in a fresh subprocess; after two warm-up calls
 (Numba cache load, torch initialisation) the kernel's high-water mark is reset by writing 5 to
@@ -24,6 +31,7 @@ same call (NumPy allocations; the kernels allocate nothing large) is printed bes
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -32,12 +40,14 @@ import time
 import numba
 import numpy as np
 import pytest
+from numba import njit, prange, uint64
 from suite import parametrize, run
 
 import deformnp as dn
 from deformnp.cases.bench import torch_ms_deform_attn_core
 from deformnp.cases.inputs import ENCODER_LEVELS, attention_inputs
 from deformnp.cases.inputs import reference_attention as reference_inputs
+from deformnp.kernels.cpu import attention as cpu_attention
 from deformnp.ops import ms_deform_attn, ms_deform_attn_forward
 
 SIZE = "N=1, levels (32,32),(16,16),(8,8),(4,4), Lq=S=1360, M=8, D=32, P=4, float32"
@@ -284,9 +294,200 @@ def locality(repeat: int = 4) -> None:
         print(f"{name:<8} deformnp {a:8.1f} ms   torch {b:8.1f} ms   {b / a:5.1f}x")
 
 
+# ---------------------------------------------------------------------------- floor
+
+
+def corner_plans(d) -> tuple[np.ndarray, np.ndarray]:
+    """Every sampling point's four corners and weights, computed beforehand in NumPy (float64,
+    the zero-fade rule, times the attention weight), task by task: offsets (N, M, L, Lq * P, 4)
+    into the head-major value (level start included, in elements) and weights of the same
+    shape (float32). The points of one (n, m, level) are contiguous, query by query."""
+    shapes, starts = d["spatial_shapes"], d["level_start_index"]
+    loc, attn = d["sampling_locations"], d["attention_weights"]
+    N, Lq, M, L, P, _ = loc.shape
+    D = d["value"].shape[3]
+    off = np.zeros((N, M, L, Lq * P, 4), np.int32)
+    wt = np.zeros((N, M, L, Lq * P, 4), np.float32)
+    for lev, (H, W) in enumerate(shapes.tolist()):
+        x = loc[:, :, :, lev, :, 0].astype(np.float64) * W - 0.5  # (N, Lq, M, P)
+        y = loc[:, :, :, lev, :, 1].astype(np.float64) * H - 0.5
+        x0, y0 = np.floor(x), np.floor(y)
+        lx, ly = x - x0, y - y0
+        x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
+        corners = ((0, 0, (1 - ly) * (1 - lx)), (0, 1, (1 - ly) * lx), (1, 0, ly * (1 - lx)))
+        for k, (dy, dx, w) in enumerate((*corners, (1, 1, ly * lx))):
+            r, c = y0 + dy, x0 + dx
+            inside = (r >= 0) & (r < H) & (c >= 0) & (c < W)
+            pixel = np.where(inside, np.clip(r, 0, H - 1) * W + np.clip(c, 0, W - 1), 0)
+            weight = np.where(inside, w, 0.0) * attn[:, :, :, lev, :]
+            off[:, :, lev, :, k] = (
+                ((starts[lev] + pixel) * D).transpose(0, 2, 1, 3).reshape(N, M, Lq * P)
+            )
+            wt[:, :, lev, :, k] = weight.transpose(0, 2, 1, 3).reshape(N, M, Lq * P)
+    return off, wt
+
+
+@functools.cache
+def floor_kernels(D: int):
+    """(gather, gather_scatter): the row traffic of the forward and of the backward kernels with
+    the plans read from :func:`corner_plans` instead of computed, D compiled in as there.
+
+    ``gather``: tasks (n, m, a chunk of 64 queries), the levels inside, each query's output row
+    the sum of its points' four weighted corner rows (the forward). ``gather_scatter``: tasks
+    (n, m, level), each point's four channel sums with its query's gradient row read and four
+    corner rows of the value gradient added into (the backward's value and weight parts)."""
+    Q = 64
+
+    @njit(parallel=True, fastmath={"contract"}, cache=False)
+    def gather(value_hm, off, wt, P, out):
+        N, M = value_hm.shape[:2]
+        L = off.shape[2]
+        Lq = off.shape[3] // P
+        chunks = (Lq + Q - 1) // Q
+        for task in prange(N * M * chunks):
+            nm = task // chunks
+            n = nm // M
+            m = nm - n * M
+            q0 = (task - nm * chunks) * Q
+            nq = min(Lq, q0 + Q) - q0
+            v = value_hm[n, m].reshape(-1)
+            acc = np.zeros((Q, D), value_hm.dtype)
+            for lev in range(L):
+                o = off[n, m, lev]
+                w = wt[n, m, lev]
+                for qq in range(nq):
+                    for p in range((q0 + qq) * P, (q0 + qq + 1) * P):
+                        o0, o1 = uint64(o[p, 0]), uint64(o[p, 1])
+                        o2, o3 = uint64(o[p, 2]), uint64(o[p, 3])
+                        a0, a1, a2, a3 = w[p, 0], w[p, 1], w[p, 2], w[p, 3]
+                        for d in range(D):
+                            ud = uint64(d)
+                            acc[qq, d] += (
+                                a0 * v[o0 + ud]
+                                + a1 * v[o1 + ud]
+                                + a2 * v[o2 + ud]
+                                + a3 * v[o3 + ud]
+                            )
+            for qq in range(nq):
+                out[n, q0 + qq, m] = acc[qq]
+
+    @njit(parallel=True, fastmath={"contract", "reassoc"}, cache=False)
+    def gather_scatter(value_hm, off, wt, P, grad_hm, grad_value_hm, grad_weight):
+        N, M = value_hm.shape[:2]
+        L = off.shape[2]
+        Lq = off.shape[3] // P
+        for task in prange(N * M * L):
+            nm = task // L
+            lev = task - nm * L
+            n = nm // M
+            m = nm - n * M
+            v = value_hm[n, m].reshape(-1)
+            gv = grad_value_hm[n, m].reshape(-1)
+            o = off[n, m, lev]
+            w = wt[n, m, lev]
+            for q in range(Lq):
+                g = grad_hm[n, m, q]
+                for p in range(q * P, (q + 1) * P):
+                    o0, o1 = uint64(o[p, 0]), uint64(o[p, 1])
+                    o2, o3 = uint64(o[p, 2]), uint64(o[p, 3])
+                    a0, a1, a2, a3 = w[p, 0], w[p, 1], w[p, 2], w[p, 3]
+                    t0 = t1 = t2 = t3 = value_hm.dtype.type(0.0)
+                    for d in range(D):
+                        ud = uint64(d)
+                        gd = g[d]
+                        t0 += gd * v[o0 + ud]
+                        t1 += gd * v[o1 + ud]
+                        t2 += gd * v[o2 + ud]
+                        t3 += gd * v[o3 + ud]
+                    grad_weight[n, m, lev, p] = a0 * t0 + a1 * t1 + a2 * t2 + a3 * t3
+                    for d in range(D):
+                        ud = uint64(d)
+                        gd = g[d]
+                        gv[o0 + ud] += a0 * gd
+                        gv[o1 + ud] += a1 * gd
+                        gv[o2 + ud] += a2 * gd
+                        gv[o3 + ud] += a3 * gd
+
+    return gather, gather_scatter
+
+
+def test_floor_gather_is_the_forward(data):
+    """The floor's gather, fed :func:`corner_plans`, computes ms_deform_attn's forward: the same
+    rows with the same weights (plans in float64 there, float32 in the kernel)."""
+    N, Lq, M, L, P, _ = data["sampling_locations"].shape
+    D = data["value"].shape[3]
+    off, wt = corner_plans(data)
+    gather, _ = floor_kernels(D)
+    out = np.empty((N, Lq, M, D), np.float32)
+    gather(cpu_attention.head_major(data["value"]), off, wt, P, out)
+    ref = _ours_forward(data)()
+    assert np.abs(out.reshape(ref.shape) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def floor(repeat: int = 20) -> None:
+    """The forward and backward kernels against the same row traffic with the plans precomputed
+    (:func:`floor_kernels`), at the reference and the encoder size: how much of a kernel's time
+    is the bilinear rows themselves, on this machine. Medians and bests of alternating runs."""
+    threads = numba.get_num_threads()
+    print(f"ms_deform_attn kernels against their row-traffic floor; {threads} threads")
+    print(f"{'size':<10} {'what':<34} {'median ms':>10} {'best ms':>8} {'G ch-samples/s':>15}")
+    _floor_size("reference", reference_inputs(np.float32), repeat)
+    _floor_size("encoder", attention_inputs(ENCODER_LEVELS, 2, np.float32), max(3, repeat // 4))
+
+
+def _floor_size(label: str, d: dict, repeat: int) -> None:
+    value, loc, attn = d["value"], d["sampling_locations"], d["attention_weights"]
+    shapes, starts, grad = d["spatial_shapes"], d["level_start_index"], d["grad_output"]
+    N, Lq, M, L, P, _ = loc.shape
+    D = value.shape[3]
+    off, wt = corner_plans(d)
+    gather, gather_scatter = floor_kernels(D)
+    value_hm = cpu_attention.head_major(value)
+    grad_hm = np.ascontiguousarray(grad.reshape(N, Lq, M, D).transpose(0, 2, 1, 3))
+    forward, backward = cpu_attention._kernels_for(D, loc.size // 2, shapes)
+    slots = cpu_attention._level_slots(shapes, starts, P)
+    out_floor = np.empty((N, Lq, M, D), value.dtype)
+    out = np.empty((N, Lq, M * D), value.dtype)
+    gv_floor = np.zeros_like(value_hm)
+    gw_floor = np.empty(off.shape[:4], value.dtype)
+    gv, gl, ga = np.empty_like(value_hm), np.empty_like(loc), np.empty_like(attn)
+    no_extra = np.empty((0, 0), value.dtype)  # one query chunk: no extra gradient buffers
+    runs = {
+        "forward kernel": lambda: forward(value_hm, *slots, loc, attn, out),
+        "floor: forward's gather": lambda: gather(value_hm, off, wt, P, out_floor),
+        "backward kernel": lambda: backward(
+            grad, value_hm, *slots, loc, attn, 1, True, True, gv, no_extra, gl, ga
+        ),
+        "floor: backward's gather + scatter": lambda: gather_scatter(
+            value_hm, off, wt, P, grad_hm, gv_floor, gw_floor
+        ),
+    }
+    for fn in runs.values():
+        fn()
+    # the floor's gather computes the forward (its plans in float64, the kernel's in float32)
+    err = float(np.abs(out_floor.reshape(out.shape) - out).max() / np.abs(out).max())
+    times: dict[str, list] = {k: [] for k in runs}
+    for _ in range(repeat):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    samples = N * Lq * M * L * P * D
+    for k, t in times.items():
+        best = min(t)
+        rate = samples / best / 1e9
+        print(f"{label:<10} {k:<34} {1e3 * np.median(t):>10.3f} {1e3 * best:>8.3f} {rate:>15.2f}")
+    print(
+        f"{label:<10} (the floor's forward against the kernel's: max error {err:.1e} of max |out|)"
+    )
+
+
 def main() -> None:
     if "--locality" in sys.argv[1:]:
         locality()
+        return
+    if "--floor" in sys.argv[1:]:
+        floor()
         return
     d = reference_inputs(np.float32)
     fwd_io, bwd_io = io_megabytes(d)
