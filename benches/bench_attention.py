@@ -11,13 +11,16 @@ torch.set_num_threads(numba.get_num_threads()).
     python -m pytest benches/bench_attention.py --benchmark-enable
     python benches/bench_attention.py            # peak-memory table (and a quick timing table)
     python benches/bench_attention.py --locality # encoder: uniform against local locations
-    python benches/bench_attention.py --floor    # the kernels against their row-traffic floor
+    python benches/bench_attention.py --rows     # the kernels beside their bare row traffic
 
-Floor (``--floor``): the forward and backward kernels beside a few lines of Numba that do only
+Rows (``--rows``): the forward and backward kernels beside a few lines of Numba that do only
 their row traffic (each point's four corner rows of D channels, gathered, and in the backward also
-multiplied with the query's gradient row and added into the value gradient), the corner offsets
-and weights computed beforehand in NumPy (``corner_plans``), at the reference and the encoder
-size: how much of each kernel's time is the bilinear rows themselves on this machine.
+dotted with the query's gradient row and added into the value gradient), the corner offsets and
+weights computed beforehand in NumPy (``corner_plans``) and read contiguously, at the reference
+and the encoder size. A baseline, not a lower bound: it reads 32 bytes of plan a point where the
+kernels read 12 of locations and weights (strided, in Deformable-DETR's layout), and it leaves
+out the location gradients and the zeroing of the value gradient. It tells whether computing
+the plans costs more than reading them would, and how much of each kernel's time the rows take.
 
 Peak memory (``peak_memory``): each case runs in a fresh subprocess; after two warm-up calls
 (Numba cache load, torch initialisation) the kernel's high-water mark is reset by writing 5 to
@@ -294,7 +297,7 @@ def locality(repeat: int = 4) -> None:
         print(f"{name:<8} deformnp {a:8.1f} ms   torch {b:8.1f} ms   {b / a:5.1f}x")
 
 
-# ---------------------------------------------------------------------------- floor
+# ---------------------------------------------------------------------------- rows
 
 
 def corner_plans(d) -> tuple[np.ndarray, np.ndarray]:
@@ -306,6 +309,7 @@ def corner_plans(d) -> tuple[np.ndarray, np.ndarray]:
     loc, attn = d["sampling_locations"], d["attention_weights"]
     N, Lq, M, L, P, _ = loc.shape
     D = d["value"].shape[3]
+    assert d["value"].shape[1] * D < 2**31, "offsets are int32"
     off = np.zeros((N, M, L, Lq * P, 4), np.int32)
     wt = np.zeros((N, M, L, Lq * P, 4), np.float32)
     for lev, (H, W) in enumerate(shapes.tolist()):
@@ -328,15 +332,15 @@ def corner_plans(d) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def floor_kernels(D: int):
+def row_kernels(D: int):
     """(gather, gather_scatter): the row traffic of the forward and of the backward kernels with
     the plans read from :func:`corner_plans` instead of computed, D compiled in as there.
 
-    ``gather``: tasks (n, m, a chunk of 64 queries), the levels inside, each query's output row
+    ``gather``: tasks (n, m, a chunk of queries, as many as the forward's), the levels inside, each query's output row
     the sum of its points' four weighted corner rows (the forward). ``gather_scatter``: tasks
     (n, m, level), each point's four channel sums with its query's gradient row read and four
     corner rows of the value gradient added into (the backward's value and weight parts)."""
-    Q = 64
+    Q = max(1, cpu_attention.ACC_ELEMENTS // D)  # the forward's queries per task
 
     @njit(parallel=True, fastmath={"contract"}, cache=False)
     def gather(value_hm, off, wt, P, out):
@@ -411,61 +415,61 @@ def floor_kernels(D: int):
     return gather, gather_scatter
 
 
-def test_floor_gather_is_the_forward(data):
-    """The floor's gather, fed :func:`corner_plans`, computes ms_deform_attn's forward: the same
+def test_rows_gather_is_the_forward(data):
+    """The row baseline's gather, fed :func:`corner_plans`, computes ms_deform_attn's forward: the same
     rows with the same weights (plans in float64 there, float32 in the kernel)."""
     N, Lq, M, L, P, _ = data["sampling_locations"].shape
     D = data["value"].shape[3]
     off, wt = corner_plans(data)
-    gather, _ = floor_kernels(D)
+    gather, _ = row_kernels(D)
     out = np.empty((N, Lq, M, D), np.float32)
     gather(cpu_attention.head_major(data["value"]), off, wt, P, out)
     ref = _ours_forward(data)()
     assert np.abs(out.reshape(ref.shape) - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-def floor(repeat: int = 20) -> None:
-    """The forward and backward kernels against the same row traffic with the plans precomputed
-    (:func:`floor_kernels`), at the reference and the encoder size: how much of a kernel's time
+def rows(repeat: int = 20) -> None:
+    """The forward and backward kernels beside the same row traffic with the plans precomputed
+    (:func:`row_kernels`), at the reference and the encoder size: how much of a kernel's time
     is the bilinear rows themselves, on this machine. Medians and bests of alternating runs."""
     threads = numba.get_num_threads()
-    print(f"ms_deform_attn kernels against their row-traffic floor; {threads} threads")
-    print(f"{'size':<10} {'what':<34} {'median ms':>10} {'best ms':>8} {'G ch-samples/s':>15}")
-    _floor_size("reference", reference_inputs(np.float32), repeat)
-    _floor_size("encoder", attention_inputs(ENCODER_LEVELS, 2, np.float32), max(3, repeat // 4))
+    print(f"ms_deform_attn kernels beside their bare row traffic; {threads} threads")
+    print(f"{'size':<10} {'what':<38} {'median ms':>10} {'best ms':>8} {'G ch-samples/s':>15}")
+    _rows_size("reference", reference_inputs(np.float32), repeat)
+    _rows_size("encoder", attention_inputs(ENCODER_LEVELS, 2, np.float32), max(3, repeat // 4))
 
 
-def _floor_size(label: str, d: dict, repeat: int) -> None:
+def _rows_size(label: str, d: dict, repeat: int) -> None:
     value, loc, attn = d["value"], d["sampling_locations"], d["attention_weights"]
     shapes, starts, grad = d["spatial_shapes"], d["level_start_index"], d["grad_output"]
     N, Lq, M, L, P, _ = loc.shape
     D = value.shape[3]
     off, wt = corner_plans(d)
-    gather, gather_scatter = floor_kernels(D)
+    gather, gather_scatter = row_kernels(D)
     value_hm = cpu_attention.head_major(value)
     grad_hm = np.ascontiguousarray(grad.reshape(N, Lq, M, D).transpose(0, 2, 1, 3))
     forward, backward = cpu_attention._kernels_for(D, loc.size // 2, shapes)
     slots = cpu_attention._level_slots(shapes, starts, P)
-    out_floor = np.empty((N, Lq, M, D), value.dtype)
+    out_rows = np.empty((N, Lq, M, D), value.dtype)
     out = np.empty((N, Lq, M * D), value.dtype)
-    gv_floor = np.zeros_like(value_hm)
-    gw_floor = np.empty(off.shape[:4], value.dtype)
+    gv_rows = np.zeros_like(value_hm)
+    gw_rows = np.empty(off.shape[:4], value.dtype)
     gv, gl, ga = np.empty_like(value_hm), np.empty_like(loc), np.empty_like(attn)
     no_extra = np.empty((0, 0), value.dtype)  # one query chunk: no extra gradient buffers
     runs = {
         "forward kernel": lambda: forward(value_hm, *slots, loc, attn, out),
-        "floor: forward's gather": lambda: gather(value_hm, off, wt, P, out_floor),
+        "rows only: forward's gather": lambda: gather(value_hm, off, wt, P, out_rows),
         "backward kernel": lambda: backward(
             grad, value_hm, *slots, loc, attn, 1, True, True, gv, no_extra, gl, ga
         ),
-        "floor: backward's gather + scatter": lambda: gather_scatter(
-            value_hm, off, wt, P, grad_hm, gv_floor, gw_floor
+        "rows only: backward's gather+scatter": lambda: gather_scatter(
+            value_hm, off, wt, P, grad_hm, gv_rows, gw_rows
         ),
     }
     for fn in runs.values():
         fn()
-    # the floor's gather computes the forward (its plans in float64, the kernel's in float32)
-    err = float(np.abs(out_floor.reshape(out.shape) - out).max() / np.abs(out).max())
+    # the baseline's gather computes the forward (its plans in float64, the kernel's in float32)
+    err = float(np.abs(out_rows.reshape(out.shape) - out).max() / np.abs(out).max())
     times: dict[str, list] = {k: [] for k in runs}
     for _ in range(repeat):
         for k, fn in runs.items():
@@ -476,9 +480,9 @@ def _floor_size(label: str, d: dict, repeat: int) -> None:
     for k, t in times.items():
         best = min(t)
         rate = samples / best / 1e9
-        print(f"{label:<10} {k:<34} {1e3 * np.median(t):>10.3f} {1e3 * best:>8.3f} {rate:>15.2f}")
+        print(f"{label:<10} {k:<38} {1e3 * np.median(t):>10.3f} {1e3 * best:>8.3f} {rate:>15.2f}")
     print(
-        f"{label:<10} (the floor's forward against the kernel's: max error {err:.1e} of max |out|)"
+        f"{label:<10} (the baseline's forward against the kernel's: max error {err:.1e} of max |out|)"
     )
 
 
@@ -486,8 +490,8 @@ def main() -> None:
     if "--locality" in sys.argv[1:]:
         locality()
         return
-    if "--floor" in sys.argv[1:]:
-        floor()
+    if "--rows" in sys.argv[1:]:
+        rows()
         return
     d = reference_inputs(np.float32)
     fwd_io, bwd_io = io_megabytes(d)
