@@ -198,7 +198,8 @@ def test_forward_64bit_plan_indices_equal_32bit(rng, dtype, padding_mode):
     outs = []
     for idx_t in (np.int32, np.int64):
         out = np.empty((2, 3, 37), dtype)
-        kernel._sample_forward(x, src, kernel.GRID, 0, padding_mode, False, 16, idx_t, out)
+        idx_like = np.empty(0, idx_t)  # the index dtype, passed as an empty array
+        kernel._sample_forward(x, src, kernel.GRID, 0, padding_mode, False, 16, idx_like, out)
         outs.append(out)
     np.testing.assert_array_equal(outs[0], outs[1])
 
