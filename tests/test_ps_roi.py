@@ -191,12 +191,14 @@ def _dense_taps(n, si, sw, H, W):
 
 @pytest.mark.parametrize("ratio", [0, 1, 2, 3])
 def test_bin_taps_are_the_clamp_rule_samples(rng, ratio):
-    """ps_roi_align's taps, built from a bin's rows and columns (``_ps_bin_taps``), are the
-    taps of its samples' 2-D clamp plans (``_align_bin``) up to float64 rounding: the same
-    pixels with the same summed weights, each pixel once and none of zero weight. Boxes partly
-    or wholly off the map, tiny, reversed (x2 < x1: ps_roi_align has no minimum size), on whole
-    and half pixels (integer coordinates: zero-weight corners), larger than the map."""
-    from deformnp.kernels.cpu.roi import _align_bin, _ps_bin_taps
+    """ps_roi_align's taps, built from a bin's rows and columns (``ps_axes``' runs, combined by
+    ``_ps_bin_taps``), are the taps of its samples' 2-D clamp plans (``_align_bin``) up to
+    float64 rounding: the same pixels with the same summed weights, each pixel once and none of
+    zero weight, each run within its slot and each bin within the scratch size ``ps_axes``
+    returns. Boxes partly or wholly off the map, tiny, reversed (x2 < x1: ps_roi_align has no
+    minimum size), on whole and half pixels (integer coordinates: zero-weight corners), larger
+    than the map."""
+    from deformnp.kernels.cpu.roi import _align_bin, _ps_bin_taps, ps_axes
     from deformnp.kernels.roi_geometry import align_geometry
 
     h, w, ph, pw = 6, 8, 3, 2
@@ -208,18 +210,22 @@ def test_bin_taps_are_the_clamp_rule_samples(rng, ratio):
         ]
     )
     fgeo, igeo = align_geometry("ps_roi_align", boxes, (ph, pw), 0.5, ratio, True)
-    cap = 4 * max(1, int(igeo[:, 1].max())) * max(1, int(igeo[:, 2].max()))
+    axes, cap = ps_axes(fgeo, igeo, (ph, pw), h, w)
+    rs, _, _, rn, cs, _, _, cn = axes
+    assert np.all(rn <= np.diff(rs)) and np.all(cn <= np.diff(cs))
+    assert np.all(np.diff(rs) <= h) and np.all(np.diff(cs) <= w)
     si, sw = np.empty(cap, np.int64), np.empty(cap)
-    ai, aw = np.empty(cap, np.int64), np.empty(cap)
-    axes = [np.empty(cap, t) for t in (np.int64, np.float64, np.int64, np.float64)]
+    big = 4 * max(1, int(igeo[:, 1].max())) * max(1, int(igeo[:, 2].max()))
+    ai, aw = np.empty(big, np.int64), np.empty(big)
     slot, off, none = np.empty(32, np.int64), np.zeros((1, 2, 1, 1)), np.zeros(1)
     seen = 0
     for k in range(len(boxes)):
         count = max(int(igeo[k, 1] * igeo[k, 2]), 1)
         for i in range(ph):
             for j in range(pw):
-                n = _ps_bin_taps(fgeo, igeo, k, i, j, h, w, si, sw, *axes)
+                n = _ps_bin_taps(igeo, k, i, j, ph, pw, w, axes, si, sw)
                 m = _align_bin(fgeo, igeo, off, False, k, i, j, h, w, False, slot, ai, aw, none, none)  # fmt: skip
+                assert n <= cap
                 assert len(set(si[:n].tolist())) == n and np.all(sw[:n] != 0.0)
                 expected = _dense_taps(m, ai, aw, h, w) / count
                 np.testing.assert_allclose(
