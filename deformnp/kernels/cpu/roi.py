@@ -532,55 +532,56 @@ def _clamp_axis(start, step, g, size, along_y, pos, wt):
     return n
 
 
+@njit(inline="always", cache=True)
+def _axis_runs(start, step, g, size, along_y, nb, k, s, pos, wt, cnt):
+    """RoI k's runs along one axis (``_clamp_axis``): run i = k*nb + t (bin t, starting at
+    start + t*step, g samples) in pos / wt [s[i], s[i] + cnt[i])."""
+    for t in range(nb):
+        i = k * nb + t
+        a = s[i]
+        e = s[i + 1]
+        cnt[i] = _clamp_axis(start + t * step, step, g, size, along_y, pos[a:e], wt[a:e])
+
+
 @njit(parallel=True, cache=True)
-def _ps_axes(fgeo, igeo, PH, PW, H, W, rs, rpos, rw, rn, cs, cpos, cw, cn):
-    """Each RoI's rows and columns (``_clamp_axis``): row run i = k*PH + ph (bin row ph of RoI
-    k) in rpos / rw [rs[i], rs[i] + rn[i]), column run j = k*PW + pw in cpos / cw [cs[j],
-    cs[j] + cn[j]). A bin's taps are products of one row run and one column run; built here once
-    per RoI (PH + PW runs), not once per bin (2*PH*PW)."""
-    K = fgeo.shape[0]
-    for k in prange(K):
-        bh = fgeo[k, 2]
-        bw = fgeo[k, 3]
-        for ph in range(PH):
-            i = k * PH + ph
-            a = rs[i]
-            e = rs[i + 1]
-            y = fgeo[k, 0] + ph * bh
-            rn[i] = _clamp_axis(y, bh, igeo[k, 1], H, True, rpos[a:e], rw[a:e])
-        for pw in range(PW):
-            j = k * PW + pw
-            a = cs[j]
-            e = cs[j + 1]
-            x = fgeo[k, 1] + pw * bw
-            cn[j] = _clamp_axis(x, bw, igeo[k, 2], W, False, cpos[a:e], cw[a:e])
+def _ps_axes(fgeo, igeo, PH, PW, H, W, rows, cols):
+    """Every RoI's row runs (bin row ph: run k*PH + ph) and column runs (k*PW + pw)."""
+    rs, rpos, rw, rn = rows
+    cs, cpos, cw, cn = cols
+    for k in prange(fgeo.shape[0]):
+        _axis_runs(fgeo[k, 0], fgeo[k, 2], igeo[k, 1], H, True, PH, k, rs, rpos, rw, rn)
+        _axis_runs(fgeo[k, 1], fgeo[k, 3], igeo[k, 2], W, False, PW, k, cs, cpos, cw, cn)
+
+
+def _run_slots(g: np.ndarray, nb: int, size: int) -> tuple[np.ndarray, ...]:
+    """Empty runs (s, pos, wt, cnt) for nb bins a RoI along an axis of ``size`` pixels, g
+    samples a bin: each run's slot takes min(2*g, size) entries."""
+    width = np.minimum(2 * np.minimum(g, size), size)  # no overflow for any g >= 0
+    s = np.zeros(len(g) * nb + 1, np.int64)
+    np.cumsum(np.repeat(width, nb), out=s[1:])
+    pos, wt = np.empty(s[-1], np.int32), np.empty(s[-1], np.float64)
+    return s, pos, wt, np.empty(len(g) * nb, np.int32)
 
 
 def ps_axes(
     fgeo: np.ndarray, igeo: np.ndarray, output_size: tuple[int, int], H: int, W: int
 ) -> tuple[tuple[np.ndarray, ...], int]:
-    """The row and column runs of every RoI (``_ps_axes``) and ``cap``, a bound on any bin's
-    taps (the longest row run times the longest column run over all RoIs: the kernels' scratch
-    size).
+    """Each RoI's row runs (bin row ph: run k*PH + ph) and column runs (k*PW + pw), built once
+    per RoI (PH + PW runs, not 2*PH*PW), as (rs, rpos, rw, rn, cs, cpos, cw, cn) (``_ps_axes``),
+    and ``cap``, a bound on any bin's taps (the longest row run times the longest column run
+    over all RoIs: the kernels' scratch size). A bin's taps are products of one row run and one
+    column run (``_ps_bin_taps``).
 
     A run holds distinct pixels of one axis, at most 2 per sample and at most the axis length,
     so RoI k's runs take PH*min(2*gh, H) + PW*min(2*gw, W) entries (int32 pixel, float64
     weight). For 512 RoIs of 7 x 7 bins of 2 x 2 samples: 0.33 MiB of runs, 0.41 MiB with the
     offsets and counts. Requires H, W > 0."""
     PH, PW = output_size
-    K = fgeo.shape[0]
-    wr = np.minimum(2 * np.minimum(igeo[:, 1], H), H)  # no overflow for any gh >= 0
-    wc = np.minimum(2 * np.minimum(igeo[:, 2], W), W)
-    rs = np.zeros(K * PH + 1, np.int64)
-    np.cumsum(np.repeat(wr, PH), out=rs[1:])
-    cs = np.zeros(K * PW + 1, np.int64)
-    np.cumsum(np.repeat(wc, PW), out=cs[1:])
-    rpos, rw = np.empty(rs[-1], np.int32), np.empty(rs[-1], np.float64)
-    cpos, cw = np.empty(cs[-1], np.int32), np.empty(cs[-1], np.float64)
-    rn, cn = np.empty(K * PH, np.int32), np.empty(K * PW, np.int32)
-    _ps_axes(fgeo, igeo, PH, PW, H, W, rs, rpos, rw, rn, cs, cpos, cw, cn)
-    cap = int(rn.max(initial=0)) * int(cn.max(initial=0))
-    return (rs, rpos, rw, rn, cs, cpos, cw, cn), max(cap, 1)
+    rows = _run_slots(igeo[:, 1], PH, H)
+    cols = _run_slots(igeo[:, 2], PW, W)
+    _ps_axes(fgeo, igeo, PH, PW, H, W, rows, cols)
+    cap = int(rows[3].max(initial=0)) * int(cols[3].max(initial=0))
+    return rows + cols, max(cap, 1)
 
 
 @njit(inline="always", cache=True)
